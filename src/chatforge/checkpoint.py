@@ -1,0 +1,172 @@
+"""The checkpoint directory: the one owner of its layout.
+
+    DIR/model.safetensors      weights (names as in model.py)
+    DIR/config.json            GPTConfig
+    DIR/tokenizer.json         HF tokenizer file
+    DIR/tokenizer_config.json  chat template and special tokens (tokenizer.py)
+    DIR/meta.json              stage, parent checkpoint, data, step, metrics, created, snapshot id
+    DIR/train_state.pt         optional: optimizer, RNG, dataloader position, step (for --resume)
+    DIR/extra.safetensors      optional: tensors a stage adds (e.g. a reward or value head)
+
+A directory is written to DIR.tmp-<pid> and renamed into place, so a crash never leaves a
+half-written checkpoint; an existing DIR is replaced only after the new one is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import from_dict, load_json, save_json, to_dict
+from .model import GPT, GPTConfig
+from .tokenizer import Tokenizer
+
+REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
+
+
+@dataclass
+class Checkpoint:
+    model: GPT
+    tokenizer: Tokenizer
+    meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.cfg
+
+
+def _state_for_save(model: GPT) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage: the tied output head is tok_emb, saved once.
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def snapshot_id(path: str | Path) -> str:
+    """A short content hash of the weights: `name@sha` pins the exact snapshot a server offers."""
+    h = hashlib.sha256()
+    with open(Path(path) / "model.safetensors", "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def save(
+    directory: str | Path,
+    model: GPT,
+    tokenizer: Tokenizer,
+    meta: dict[str, Any],
+    train_state: dict[str, Any] | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a checkpoint atomically and return its path."""
+    final = Path(directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file(_state_for_save(model), str(tmp / "model.safetensors"))
+    save_json(to_dict(model.cfg), tmp / "config.json")
+    tokenizer.save(tmp)
+    if extra_tensors:
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
+    if train_state is not None:
+        torch.save(train_state, tmp / "train_state.pt")
+    meta = dict(meta)
+    meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    meta["snapshot"] = snapshot_id(tmp)
+    save_json(meta, tmp / "meta.json")
+    _fsync_dir(tmp)
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, final)
+    return final
+
+
+def _fsync_dir(d: Path) -> None:
+    for p in d.iterdir():
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    p = Path(path)
+    return p.is_dir() and all((p / f).is_file() for f in REQUIRED)
+
+
+def load_config(directory: str | Path) -> GPTConfig:
+    p = Path(directory) / "config.json"
+    return from_dict(GPTConfig, load_json(p), source=str(p))
+
+
+def load(
+    directory: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+) -> Checkpoint:
+    """Load a checkpoint directory into a GPT (eval mode) and its tokenizer."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ValueError(f"{d}: no such checkpoint directory")
+    missing = [f for f in REQUIRED if not (d / f).is_file()]
+    if missing:
+        raise ValueError(f"{d}: not a chatforge checkpoint (missing {', '.join(missing)})")
+    cfg = load_config(d)
+    tokenizer = Tokenizer.load(d)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"{d}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size} embeddings")
+    with torch.device("meta"):
+        model = GPT(cfg)
+    state = load_file(str(d / "model.safetensors"))
+    load_weights(model, state, source=str(d / "model.safetensors"))
+    model.to(device=device)
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.eval()
+    return Checkpoint(model=model, tokenizer=tokenizer, meta=load_json(d / "meta.json"), path=d)
+
+
+def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model` (which may live on the meta device), checking names and shapes."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: weights do not match the config (missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''})"
+        )
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(expected[k].shape):
+            raise ValueError(f"{source}: {k} has shape {tuple(v.shape)}, the config expects {tuple(expected[k].shape)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    # Buffers that are not saved (RoPE tables) were built on the meta device: rebuild them.
+    if model.cfg.block == "llama":
+        from .model import rope_tables
+
+        cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta)
+        model.rope_cos, model.rope_sin = cos, sin
+
+
+def load_extra(directory: str | Path) -> dict[str, torch.Tensor]:
+    p = Path(directory) / "extra.safetensors"
+    return load_file(str(p)) if p.is_file() else {}
+
+
+def load_train_state(directory: str | Path) -> dict[str, Any]:
+    p = Path(directory) / "train_state.pt"
+    if not p.is_file():
+        raise ValueError(f"{directory}: no train_state.pt to resume from (was it saved with --save-every?)")
+    return torch.load(p, map_location="cpu", weights_only=False)

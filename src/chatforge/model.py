@@ -1,0 +1,285 @@
+"""The GPT: a decoder-only transformer (Radford et al. 2018/2019; Brown et al. 2020; Touvron et al. 2023).
+
+One config describes both block families chatforge needs:
+- "gpt2":  learned positions, LayerNorm, GELU MLP, biases (GPT-2/GPT-3);
+- "llama": rotary positions (RoPE), RMSNorm, SwiGLU MLP, grouped-query attention (Llama, Qwen2,
+           SmolLM2). `qkv_bias` adds Qwen2's q/k/v biases.
+
+This file is only the architecture: no optimizer, no I/O, no name mapping for other formats
+(that lives in convert/). Shapes are in suffixes: B batch, T new positions, S attended positions,
+H query heads, K kv heads, D head dim, C model width, V vocab.
+
+The KV cache is the caller's (engine.py). Attention calls `kv_cache.update(layer, k, v)` and gets
+back every key/value that the new queries may attend to; the caller passes matching positions and
+a boolean mask (True = may attend). Without a cache or mask, attention is plainly causal.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BLOCKS = ("gpt2", "llama")
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 32768  # rows of the embedding; at least the tokenizer's vocabulary
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # query heads
+    n_kv_head: int = 0  # key/value heads for grouped-query attention; 0 means n_head
+    d_model: int = 384  # residual stream width
+    d_ff: int = 0  # MLP hidden width; 0 derives 4*d_model (gpt2) or 8/3*d_model rounded to 64 (llama)
+    head_dim: int = 0  # 0 derives d_model // n_head
+    max_seq_len: int = 1024  # context window (positions the model was built for)
+    block: str = "llama"  # "gpt2" or "llama" (see module docstring)
+    norm_eps: float = 1e-5  # epsilon of LayerNorm / RMSNorm
+    rope_theta: float = 10000.0  # RoPE base (llama blocks only)
+    tie_embeddings: bool = True  # share the token embedding with the output head
+    qkv_bias: bool = False  # biases on q/k/v projections (Qwen2); gpt2 blocks always have biases
+
+    def __post_init__(self) -> None:
+        if self.block not in BLOCKS:
+            raise ValueError(f"GPTConfig.block={self.block!r}; expected one of {BLOCKS}")
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be positive")
+        if self.n_kv_head == 0:
+            self.n_kv_head = self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig: n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.head_dim == 0:
+            if self.d_model % self.n_head:
+                raise ValueError(f"GPTConfig: d_model={self.d_model} is not divisible by n_head={self.n_head}")
+            self.head_dim = self.d_model // self.n_head
+        if self.block == "llama" and self.head_dim % 2:
+            raise ValueError(f"GPTConfig: RoPE needs an even head_dim, got {self.head_dim}")
+        if self.d_ff == 0:
+            self.d_ff = 4 * self.d_model if self.block == "gpt2" else 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def bias(self) -> bool:
+        return self.block == "gpt2"
+
+
+# Sizes from the GPT-3 paper (Brown et al. 2020, table 2.1) and small sizes for a 2-core CPU.
+# Width/heads come from the table; vocab and context come from the tokenizer and the run.
+PRESETS: dict[str, dict] = {
+    "cpu-tiny": dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, max_seq_len=256),
+    "cpu-small": dict(n_layer=4, d_model=256, n_head=4, max_seq_len=256),
+    "cpu-10m": dict(n_layer=6, d_model=384, n_head=6, max_seq_len=256),
+    "cpu-50m": dict(n_layer=10, d_model=640, n_head=10, max_seq_len=256),
+    "gpt3-125m": dict(n_layer=12, d_model=768, n_head=12, max_seq_len=2048),
+    "gpt3-350m": dict(n_layer=24, d_model=1024, n_head=16, max_seq_len=2048),
+    "gpt3-760m": dict(n_layer=24, d_model=1536, n_head=16, max_seq_len=2048),
+    "gpt3-1.3b": dict(n_layer=24, d_model=2048, n_head=16, max_seq_len=2048),
+    "gpt3-2.7b": dict(n_layer=32, d_model=2560, n_head=32, max_seq_len=2048),
+    "gpt3-6.7b": dict(n_layer=32, d_model=4096, n_head=32, max_seq_len=2048),
+    "gpt3-13b": dict(n_layer=40, d_model=5120, n_head=40, max_seq_len=2048),
+    "gpt3-175b": dict(n_layer=96, d_model=12288, n_head=96, max_seq_len=2048),
+}
+
+
+def preset(name: str, **overrides) -> GPTConfig:
+    """A GPTConfig from a named preset; keyword overrides win (e.g. vocab_size, block)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+class KVCache(Protocol):
+    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys/values of `layer`; return all keys/values to attend to (B,K,S,D)."""
+        ...
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Llama does) and cast back: bf16 variance is too coarse.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def make_norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.block == "gpt2":
+        return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+    return RMSNorm(cfg.d_model, cfg.norm_eps)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (max_pos, head_dim) in the rotate-half layout used by HF Llama checkpoints."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+    d = x_BHTD.shape[-1] // 2
+    x1, x2 = x_BHTD[..., :d], x_BHTD[..., d:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x_BHTD * cos_BTD[:, None] + rotated * sin_BTD[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        qkv_out = (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim
+        # One fused q|k|v projection: a single larger matmul is faster than three small ones.
+        self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
+        self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.rope = cfg.block == "llama"
+
+    def forward(self, x_BTC, cos_BTD, sin_BTD, mask, kv_cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x_BTC.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x_BTC).split([H * D, K * D, K * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k = k.view(B, T, K, D).transpose(1, 2)
+        v = v.view(B, T, K, D).transpose(1, 2)
+        if self.rope:
+            q, k = apply_rope(q, cos_BTD, sin_BTD), apply_rope(k, cos_BTD, sin_BTD)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer, k, v)
+        y = attend(q, k, v, mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def attend(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
+    """Scaled dot-product attention with grouped-query heads; `mask` None means causal over T=S."""
+    H, K = q_BHTD.shape[1], k_BKSD.shape[1]
+    if H != K:
+        if q_BHTD.shape[2] == 1:
+            # Decoding one token: fold the query heads of a group into the time axis instead of
+            # copying the whole cache n_rep times. A (B,1,1,S) mask broadcasts over the fold.
+            B, _, _, D = q_BHTD.shape
+            q = q_BHTD.view(B, K, H // K, D)
+            y = F.scaled_dot_product_attention(q, k_BKSD, v_BKSD, attn_mask=mask)
+            return y.reshape(B, H, 1, D)
+        k_BKSD = k_BKSD.repeat_interleave(H // K, dim=1)
+        v_BKSD = v_BKSD.repeat_interleave(H // K, dim=1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, is_causal=q_BHTD.shape[2] > 1)
+    return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask)
+
+
+class MLP(nn.Module):
+    """GELU MLP (gpt2) or SwiGLU (llama), the latter with gate and up fused into one matmul."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.swiglu = cfg.block == "llama"
+        self.fc = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            return self.proj(F.silu(gate) * up)
+        return self.proj(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer: int):
+        super().__init__()
+        self.norm1 = make_norm(cfg)
+        self.attn = Attention(cfg, layer)
+        self.norm2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, kv_cache):
+        x = x + self.attn(self.norm1(x), cos, sin, mask, kv_cache)
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.block == "gpt2":
+            self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.block == "llama":
+            cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """GPT-2 initialisation: N(0, 0.02); residual output projections scaled by 1/sqrt(2L)."""
+        gen = None if seed is None else torch.Generator().manual_seed(seed)
+        std_res = 0.02 / math.sqrt(2 * self.cfg.n_layer)
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                std = std_res if name.endswith("proj.weight") else 0.02
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(
+        self,
+        input_ids_BT: torch.Tensor,
+        pos_ids_BT: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B,T,C): the LM head and the reward/value heads read these."""
+        B, T = input_ids_BT.shape
+        if pos_ids_BT is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
+            pos_ids_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+        x = self.tok_emb(input_ids_BT)
+        cos = sin = None
+        if self.cfg.block == "gpt2":
+            x = x + self.pos_emb(pos_ids_BT)
+        else:
+            cos, sin = self.rope_cos[pos_ids_BT].to(x.dtype), self.rope_sin[pos_ids_BT].to(x.dtype)
+        for block in self.blocks:
+            x = block(x, cos, sin, mask, kv_cache)
+        return self.norm_f(x)
+
+    def forward(self, input_ids_BT, pos_ids_BT=None, mask=None, kv_cache=None) -> torch.Tensor:
+        """Logits (B,T,V)."""
+        h = self.hidden(input_ids_BT, pos_ids_BT, mask, kv_cache)
+        return F.linear(h, self.output_weight())
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the (position and untied token) embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel() if self.lm_head is not None else 0
+            n -= self.pos_emb.weight.numel() if self.cfg.block == "gpt2" else 0
+        return n
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the weights plus 12*L*C*T for attention (Kaplan et al. 2020;
+    PaLM appendix B). N counts the matmul weights including the output head."""
+    d = cfg.d_model
+    attn = d * (cfg.n_head + 2 * cfg.n_kv_head) * cfg.head_dim + cfg.n_head * cfg.head_dim * d
+    mlp = (3 if cfg.block == "llama" else 2) * d * cfg.d_ff
+    n_matmul = cfg.n_layer * (attn + mlp) + d * cfg.vocab_size
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
