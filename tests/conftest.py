@@ -1,0 +1,56 @@
+"""Shared fixtures: a throwaway bilingual tokenizer, token shards and tiny models, built in-test."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from chatforge.tokenizer import train_tokenizer
+
+EN = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A journey of a thousand miles begins with a single step.",
+    "To be or not to be, that is the question.",
+    "All that glitters is not gold; all who wander are not lost.",
+    "Python is a programming language that lets you work quickly.",
+    "The capital of France is Paris, and the capital of Japan is Tokyo.",
+]
+ZH = ["床前明月光，疑是地上霜。举头望明月，低头思故乡。", "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。", "学而时习之，不亦说乎？有朋自远方来，不亦乐乎？"]
+
+
+def corpus_docs(n: int = 300, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        parts = [rng.choice(EN + ZH) for _ in range(rng.randint(2, 6))]
+        docs.append(" ".join(parts) + f" {rng.randint(0, 999)}")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tok():
+    return train_tokenizer(iter(corpus_docs()), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def shards_dir(tmp_path_factory, tok):
+    """Token shards of a small bilingual corpus, made by the real `prepare`."""
+    from chatforge.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("shards")
+    tok.save(root / "tok")
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for d in corpus_docs(400, seed=1):
+            f.write(json.dumps({"text": d}, ensure_ascii=False) + "\n")
+    prepare([str(root / "corpus.jsonl")], root / "tok", root / "shards", val_fraction=0.1, seed=0)
+    return root / "shards"
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    # Keep tests deterministic and polite on a 2-core machine.
+    torch.set_num_threads(2)
+    yield

@@ -1,0 +1,93 @@
+"""Model: causality, grouped-query attention, parameter counts, config validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chatforge.model import GPT, GPTConfig, flops_per_token, preset
+
+
+def tiny(block: str, **kw) -> GPT:
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2 if block == "llama" else 0, d_model=32, max_seq_len=64, block=block, **kw)
+    m = GPT(cfg)
+    m.init_weights(0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("block", ["gpt2", "llama"])
+def test_causal(block):
+    """Guards attention leaking the future: changing tokens after position t leaves logits <= t unchanged."""
+    m = tiny(block)
+    x = torch.randint(0, 97, (2, 20))
+    y = x.clone()
+    y[:, 12:] = torch.randint(0, 97, (2, 8))
+    with torch.no_grad():
+        a, b = m(x), m(y)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert (a[:, 12:] - b[:, 12:]).abs().max() > 1e-4
+
+
+def test_gqa_single_token_fold_matches_repeat():
+    """Guards the decode fast path (query heads folded into time) against plain repeated K/V heads."""
+    from chatforge.model import attend
+
+    torch.manual_seed(0)
+    q = torch.randn(3, 8, 1, 16)
+    k = torch.randn(3, 2, 10, 16)
+    v = torch.randn(3, 2, 10, 16)
+    mask = torch.rand(3, 1, 1, 10) > 0.3
+    mask[..., 0] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask)
+    torch.testing.assert_close(attend(q, k, v, mask), ref)
+
+
+def test_explicit_mask_equals_causal():
+    """Guards the masked path (used by packing and the engine) diverging from plain causal attention."""
+    m = tiny("llama")
+    x = torch.randint(0, 97, (1, 10))
+    causal = torch.ones(10, 10, dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m(x, mask=causal), atol=1e-5, rtol=1e-5)
+
+
+def test_param_count_by_hand():
+    """Guards num_params (used for MFU and reports) against a hand count of a GPT-2 block."""
+    cfg = GPTConfig(vocab_size=100, n_layer=1, n_head=2, d_model=8, max_seq_len=16, block="gpt2")
+    m = GPT(cfg)
+    d, f = 8, 32
+    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d) + 4 * d
+    assert m.num_params(non_embedding=False) == 100 * d + 16 * d + block + 2 * d
+    assert m.num_params() == block + 2 * d + 100 * d  # tied head: token embedding counts as the output matrix
+
+
+def test_flops_per_token_dominated_by_6n():
+    cfg = preset("gpt3-125m", vocab_size=50257)
+    f = flops_per_token(cfg, 2048)
+    assert 6 * 110e6 < f < 6 * 200e6
+
+
+@pytest.mark.parametrize(
+    "kw, msg",
+    [
+        (dict(block="rnn"), "block"),
+        (dict(n_head=6, n_kv_head=4), "multiple"),
+        (dict(d_model=30, n_head=4), "divisible"),
+        (dict(n_layer=0), "positive"),
+    ],
+)
+def test_config_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        GPTConfig(**{**dict(vocab_size=10, n_layer=1, n_head=2, d_model=8), **kw})
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("gpt5")
+
+
+def test_too_long_sequence():
+    m = tiny("llama")
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        m(torch.zeros(1, 65, dtype=torch.long))
