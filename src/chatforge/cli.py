@@ -167,6 +167,68 @@ def _run_speedrun(a) -> None:
     main(config_from_args(SpeedrunConfig, a))
 
 
+def _add_import(sub) -> None:
+    p = sub.add_parser("import", help="import a GGUF file or a Hugging Face folder as a chatforge checkpoint")
+    isub = p.add_subparsers(dest="import_cmd", required=True)
+    g = isub.add_parser("gguf", help="llama/qwen2 GGUF (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_x, Q2_K..Q6_K)")
+    g.add_argument("path")
+    g.add_argument("--out", required=True)
+    g.set_defaults(func=_run_import)
+    h = isub.add_parser("hf", help="Hugging Face folder: config.json + *.safetensors + tokenizer.json (GPT-2, Llama, Qwen2)")
+    h.add_argument("path")
+    h.add_argument("--out", required=True)
+    h.set_defaults(func=_run_import)
+
+
+def _run_import(a) -> None:
+    if a.import_cmd == "gguf":
+        from .convert.gguf import import_gguf as run
+    else:
+        from .convert.hf import import_hf as run
+    print(f"imported {a.path} -> {run(a.path, a.out)}")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint as a Hugging Face folder or a GGUF file")
+    esub = p.add_subparsers(dest="export_cmd", required=True)
+    h = esub.add_parser("hf", help="folder loadable by transformers' AutoModelForCausalLM (and vLLM)")
+    h.add_argument("model", help="checkpoint folder or known model name")
+    h.add_argument("--out", required=True)
+    h.set_defaults(func=_run_export)
+    g = esub.add_parser("gguf", help="llama-architecture GGUF file for llama.cpp")
+    g.add_argument("model", help="checkpoint folder or known model name")
+    g.add_argument("--out", required=True)
+    g.add_argument("--dtype", choices=["f16", "q8_0", "f32"], default="f16")
+    g.set_defaults(func=_run_export)
+
+
+def _run_export(a) -> None:
+    src = resolve_model(a.model)
+    if a.export_cmd == "hf":
+        from .convert.hf import export_hf
+
+        print(f"exported {src} -> {export_hf(src, a.out)}")
+    else:
+        from .convert.gguf import export_gguf
+
+        print(f"exported {src} -> {export_gguf(src, a.out, a.dtype)}")
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser("models", help="list known model names")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(a) -> None:
+    from .checkpoint import is_checkpoint
+    from .config import cache_dir
+    from .convert.registry import KNOWN
+
+    for m in KNOWN.values():
+        state = "imported" if is_checkpoint(cache_dir() / "models" / m.name) else f"needs {m.package}"
+        print(f"{m.name:24s} {state:24s} {m.description}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatforge", description="An open, end-to-end ChatGPT system.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun]
+ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_models]
 
 
 def main(argv: list[str] | None = None) -> int:

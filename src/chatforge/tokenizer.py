@@ -33,11 +33,13 @@ N_RESERVED = 8  # spare special tokens so later features need no new vocabulary
 SPECIAL_TOKENS = [EOT_DOC, IM_START, IM_END] + [f"<|reserved_{i}|>" for i in range(N_RESERVED)]
 ROLES = ("system", "user", "assistant")
 
-# GPT-4-style pre-tokenisation: letters runs (a whole run of Han characters is one "word", which
-# BPE then splits), numbers in groups of at most 3 digits, punctuation runs, newlines, spaces.
+# Pre-tokenisation of GPT-4's cl100k (also Llama 3's, "llama-bpe" in GGUF files, so exported
+# models tokenise identically in llama.cpp): letter runs (a run of Han characters is one "word",
+# which BPE then splits), numbers in groups of at most 3 digits, punctuation runs, newlines, spaces.
 SPLIT_PATTERN = (
-    r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+GGUF_PRE = "llama-bpe"  # the name llama.cpp knows SPLIT_PATTERN by
 
 CHATML_JINJA = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"

@@ -1,0 +1,112 @@
+"""Training throughput: chatforge's pretraining step vs HF transformers' LlamaForCausalLM.
+
+Same config (mapped field by field), same micro-batch, same dtype policy (fp32 weights, bf16
+autocast), same AdamW settings, 2 threads, in one process; the two systems are timed in
+alternation (A B A B ...) so machine noise hits both. MFU is against this machine's bf16 matmul
+peak, measured here. Run: python benchmarks/train_throughput.py [--sizes cpu-10m cpu-50m]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def hf_model(cfg):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hc = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
+    )
+    return LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", nargs="+", default=["cpu-10m", "cpu-50m"])
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per system")
+    ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from chatforge.model import GPT, flops_per_token, preset
+    from chatforge.train import common as C
+
+    dist = C.Dist()
+    peak = C.peak_flops(dist.device, "bf16")
+    print(f"bf16 matmul peak here: {peak / 1e9:.0f} GFLOP/s ({a.threads} threads)")
+    rows = []
+    for size in a.sizes:
+        cfg = preset(size, vocab_size=a.vocab, max_seq_len=a.seq)
+        torch.manual_seed(0)
+        ours = GPT(cfg)
+        ours.init_weights(0)
+        theirs = hf_model(cfg)
+        fpt = flops_per_token(cfg, a.seq)
+        x = torch.randint(0, a.vocab, (a.batch, a.seq))
+        y = torch.randint(0, a.vocab, (a.batch, a.seq))
+
+        opt_ours = C.make_optimizer(ours, 1e-4, 0.1)
+        opt_theirs = C.make_optimizer(theirs, 1e-4, 0.1)
+        compiled = torch.compile(ours)  # what `chatforge pretrain --compile` trains
+
+        def loss_fn(m, b):
+            return C.token_loss_sum(m(b[0]), b[1])
+
+        def step_ours():
+            C.train_step(ours, [(x, y)], loss_fn, opt_ours, dist, "bf16", 1.0)
+
+        def step_compiled():
+            C.train_step(compiled, [(x, y)], loss_fn, opt_ours, dist, "bf16", 1.0)
+
+        def step_theirs():
+            with C.autocast(dist.device, "bf16"):
+                logits = theirs(input_ids=x).logits
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+            opt_theirs.step()
+            opt_theirs.zero_grad(set_to_none=True)
+
+        t0 = time.perf_counter()
+        step_compiled()
+        step_compiled()
+        compile_s = time.perf_counter() - t0
+        for f in (step_ours, step_theirs):  # warm up allocator and kernels
+            f()
+        times = {"chatforge": [], "compiled": [], "hf": []}
+        systems = (("chatforge", step_ours), ("compiled", step_compiled), ("hf", step_theirs))
+        for _ in range(a.rounds):
+            for name, f in systems:
+                t0 = time.perf_counter()
+                for _ in range(a.steps):
+                    f()
+                times[name].append((time.perf_counter() - t0) / a.steps)
+        tokens = a.batch * a.seq
+        r = {name: tokens / statistics.median(t) for name, t in times.items()}
+        rows.append((size, ours.num_params() / 1e6, r["chatforge"], r["compiled"], r["hf"], fpt, compile_s))
+        del ours, theirs, opt_ours, opt_theirs, compiled
+
+    print(f"\nbatch {a.batch}x{a.seq}, vocab {a.vocab}, fp32 weights + bf16 autocast, AdamW, {a.threads} threads, median of {a.rounds} rounds")
+    print("chatforge = eager; +compile = torch.compile (pretrain --compile; compile time excluded, shown); HF = eager LlamaForCausalLM, sdpa")
+    print(f"{'size':10s} {'params':>8s} {'chatforge':>10s} {'MFU':>6s} {'+compile':>9s} {'MFU':>6s} {'HF':>8s} {'MFU':>6s} {'eager/HF':>9s} {'compile/HF':>11s} {'compile s':>9s}")
+    for size, n, ours, comp, hf, fpt, cs in rows:
+        mfu = lambda t: 100 * t * fpt / peak  # noqa: E731
+        print(
+            f"{size:10s} {n:7.1f}M {ours:10,.0f} {mfu(ours):5.1f}% {comp:9,.0f} {mfu(comp):5.1f}% {hf:8,.0f} {mfu(hf):5.1f}% "
+            f"{ours / hf:8.2f}x {comp / hf:10.2f}x {cs:9.0f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
