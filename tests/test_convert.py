@@ -126,3 +126,23 @@ def test_hf_unsupported_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
         import_hf(tmp_path, tmp_path / "o")
+
+
+def test_llama_cpp_loads_export(tmp_path, tok):
+    """Guards GGUF exports that llama.cpp refuses or reads differently (metadata, tokenizer, q/k order)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a benchmark dependency; builds from source)")
+    cfg = GPTConfig(vocab_size=576, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64)
+    m = GPT(cfg)
+    m.init_weights(5)
+    checkpoint.save(tmp_path / "ck", m, tok, {})
+    f = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", "f16")
+    llm = llama_cpp.Llama(model_path=str(f), n_threads=2, n_ctx=64, logits_all=True, verbose=False)
+    text = "Hello 世界 12345 🎉"
+    ids = tok.encode(text)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
+    with torch.no_grad():
+        ours = m.eval()(torch.tensor([ids]))[0]
+    assert (ours - theirs).abs().max() < 5e-2
+    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
