@@ -30,11 +30,11 @@ def prompt_ids(tok) -> list[int]:
     return ids[:PROMPT_TOKENS]
 
 
-def bench_chatforge(model, tok, ids, streams):
+def bench_chatforge(model, tok, ids, streams, int8=False):
     from chatforge.engine import Engine, SamplingParams
 
     sp = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    eng = Engine(model, tok, max_batch=max(streams), max_seq_len=PROMPT_TOKENS + NEW_TOKENS + 8)
+    eng = Engine(model, tok, max_batch=max(streams), max_seq_len=PROMPT_TOKENS + NEW_TOKENS + 8, int8=int8)
     list(eng.generate([ids], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)))  # warm up
     out = {}
     t0 = time.perf_counter()
@@ -119,6 +119,9 @@ def main() -> None:
         ids = prompt_ids(ck.tokenizer)
         rows.append((f"chatforge {dt_name}", bench_chatforge(ck.model, ck.tokenizer, ids, a.streams)))
         print(rows[-1], flush=True)
+        if dt_name == "bf16":  # the --int8 option: int8 weight copies for decode steps
+            rows.append(("chatforge bf16+int8", bench_chatforge(ck.model, ck.tokenizer, ids, a.streams, int8=True)))
+            print(rows[-1], flush=True)
         del ck
         if not a.skip_hf:
             import transformers
@@ -150,9 +153,14 @@ def main() -> None:
         ours, hf = by.get(f"chatforge {dt_name}"), by.get(f"HF generate {dt_name}")
         if ours and hf:
             print(f"{dt_name}: single-stream decode chatforge/HF = {ours['decode'] / hf['decode']:.2f}x")
+            q = by.get(f"chatforge {dt_name}+int8")
+            if q:
+                print(f"{dt_name}: single-stream decode chatforge --int8 / HF {dt_name} = {q['decode'] / hf['decode']:.2f}x")
         lc = by.get("llama.cpp Q4_1")
-        if ours and lc and f"agg{max(a.streams)}" in ours:
-            print(f"{dt_name}: chatforge aggregate at {max(a.streams)} streams / llama.cpp single stream = {ours[f'agg{max(a.streams)}'] / lc['decode']:.2f}x")
+        for name in (f"chatforge {dt_name}", f"chatforge {dt_name}+int8"):
+            r, key = by.get(name), f"agg{max(a.streams)}"
+            if r and lc and key in r:
+                print(f"{name}: aggregate at {max(a.streams)} streams / llama.cpp single stream = {r[key] / lc['decode']:.2f}x")
 
 
 if __name__ == "__main__":

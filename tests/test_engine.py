@@ -221,3 +221,30 @@ def test_engine_loop_concurrent_submitters(tok):
         t.join(30)
     loop.close()
     assert [results[i] for i in range(6)] == expected
+
+
+def test_int8_decode_linear():
+    """Guards the int8 decode path: per-channel quantization error bound and the many-rows fallback."""
+    from chatforge.quantize import Int8DecodeLinear, int8_weights
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    q, scale = int8_weights(lin.weight)
+    assert (q.float() * scale[:, None] - lin.weight.float()).abs().max() <= scale.max() / 2 + 1e-6
+    layer = Int8DecodeLinear(lin.weight, lin.bias)
+    x1 = torch.randn(1, 64).to(torch.bfloat16)
+    ref = x1.float() @ (q.float() * scale[:, None]).t() + lin.bias.float()
+    torch.testing.assert_close(layer(x1).float(), ref, atol=0.05, rtol=0.02)
+    x8 = torch.randn(8, 64).to(torch.bfloat16)
+    assert torch.equal(layer(x8), lin(x8))  # more rows than max_rows: the original weights, exactly
+
+
+def test_int8_engine_close_to_bf16(tok):
+    """Guards the engine's int8 option wiring (all linears and the head) on a whole decode."""
+    import copy
+
+    m = copy.deepcopy(tiny(tok)).to(torch.bfloat16)
+    p = tok.encode("The capital of France")
+    ref = sample_tokens(m, p, 1, temperature=0)
+    ev = next(iter(Engine(copy.deepcopy(m), tok, int8=True).generate([p], SamplingParams(temperature=0, max_new_tokens=1, logprobs=True))))
+    assert ev.token_id == ref[0]

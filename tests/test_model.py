@@ -91,3 +91,17 @@ def test_too_long_sequence():
     m = tiny("llama")
     with pytest.raises(ValueError, match="longer than the model's context"):
         m(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_batched_decode_attention_matches_reference():
+    """Guards the matmul decode path (4+ rows) against the fused kernel with repeated K/V heads."""
+    from chatforge.model import attend
+
+    torch.manual_seed(1)
+    q = torch.randn(6, 8, 1, 16)
+    k = torch.randn(6, 2, 12, 16)
+    v = torch.randn(6, 2, 12, 16)
+    mask = torch.rand(6, 1, 1, 12) > 0.4
+    mask[..., 0] = True
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask)
+    torch.testing.assert_close(attend(q, k, v, mask), ref)

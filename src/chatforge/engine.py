@@ -143,7 +143,10 @@ class Engine:
         max_batch: int = 16,
         max_seq_len: int | None = None,
         device: str | torch.device | None = None,
+        int8: bool = False,
     ):
+        """`int8=True` gives the model's linear layers int8 copies for decode steps (quantize.py;
+        CPU only; changes `model` in place, so use it for serving, not for a model in training)."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
         self.model, self.tok = model.eval(), tokenizer
@@ -152,6 +155,11 @@ class Engine:
         if p.device != self.device:
             self.model.to(self.device)
         self.dtype = p.dtype
+        self.head = lambda h: torch.nn.functional.linear(h, self.model.output_weight())
+        if int8:
+            from .quantize import int8_decode
+
+            self.head = int8_decode(self.model).int8_head
         self.max_len = min(max_seq_len or 2048, model.cfg.max_seq_len)
         self.cache = SlotCache(model, max_batch, self.max_len, self.device, self.dtype)
         self.max_batch = max_batch
@@ -231,10 +239,12 @@ class Engine:
         valid = torch.arange(T)[None, :] < lens[:, None]  # (n, S): keys that are real tokens
         mask = (causal[None] & valid[:, None, :])[:, None]
         mask |= torch.eye(T, dtype=torch.bool)[None, None]  # padded queries attend to themselves: no NaN rows
+        if bool((lens == T).all()):
+            mask = None  # no padding: plain causal attention takes the faster kernel
         self.cache.prefill(start, n)
-        h = self.model.hidden(ids.to(self.device), pos.to(self.device), mask.to(self.device), self.cache)
+        h = self.model.hidden(ids.to(self.device), pos.to(self.device), None if mask is None else mask.to(self.device), self.cache)
         last = h[torch.arange(n), (lens - 1).to(self.device)]
-        logits = torch.nn.functional.linear(last, self.model.output_weight()).float()
+        logits = self.head(last).float()
         self.active += reqs
         return self._sample(reqs, logits)
 
@@ -246,7 +256,7 @@ class Engine:
         read = int(pos.max()) + 1
         mask = (torch.arange(read, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
         self.cache.decode(n, pos, read)
-        logits = self.model(last, pos[:, None], mask, self.cache)[:, -1].float()
+        logits = self.head(self.model.hidden(last, pos[:, None], mask, self.cache)[:, -1]).float()
         return self._sample(list(reqs), logits)
 
     def _sample(self, reqs: list[_Request], logits_BV: torch.Tensor) -> list[Event]:

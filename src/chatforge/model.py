@@ -106,9 +106,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32 (as Llama does) and cast back: bf16 variance is too coarse.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (xf * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
 def make_norm(cfg: GPTConfig) -> nn.Module:
@@ -146,12 +144,12 @@ class Attention(nn.Module):
     def forward(self, x_BTC, cos_BTD, sin_BTD, mask, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x_BTC.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv(x_BTC).split([H * D, K * D, K * D], dim=-1)
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k = k.view(B, T, K, D).transpose(1, 2)
+        qk, v = self.qkv(x_BTC).split([(H + K) * D, K * D], dim=-1)
+        qk = qk.view(B, T, H + K, D).transpose(1, 2)
+        if self.rope:  # one rotation for the query and key heads together: half the small ops
+            qk = apply_rope(qk, cos_BTD, sin_BTD)
+        q, k = qk.split([H, K], dim=1)
         v = v.view(B, T, K, D).transpose(1, 2)
-        if self.rope:
-            q, k = apply_rope(q, cos_BTD, sin_BTD), apply_rope(k, cos_BTD, sin_BTD)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
         y = attend(q, k, v, mask)
@@ -166,8 +164,16 @@ def attend(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
             # Decoding one token: fold the query heads of a group into the time axis instead of
             # copying the whole cache n_rep times. A (B,1,1,S) mask broadcasts over the fold.
             B, _, _, D = q_BHTD.shape
-            q = q_BHTD.view(B, K, H // K, D)
-            y = F.scaled_dot_product_attention(q, k_BKSD, v_BKSD, attn_mask=mask)
+            q = q_BHTD.reshape(B, K, H // K, D)
+            if B >= 4:
+                # Batched decode: plain matmuls beat the fused CPU kernel at these shapes (measured
+                # 383 vs 646 us for 16 rows, 3 kv heads, 384 positions).
+                scores = torch.matmul(q, k_BKSD.transpose(-1, -2)).float() / math.sqrt(D)
+                if mask is not None:
+                    scores = scores.masked_fill(~mask, float("-inf"))
+                y = torch.matmul(torch.softmax(scores, dim=-1).to(v_BKSD.dtype), v_BKSD)
+            else:
+                y = F.scaled_dot_product_attention(q, k_BKSD, v_BKSD, attn_mask=mask)
             return y.reshape(B, H, 1, D)
         k_BKSD = k_BKSD.repeat_interleave(H // K, dim=1)
         v_BKSD = v_BKSD.repeat_interleave(H // K, dim=1)
