@@ -58,16 +58,14 @@ def main() -> None:
 
         opt_ours = C.make_optimizer(ours, 1e-4, 0.1)
         opt_theirs = C.make_optimizer(theirs, 1e-4, 0.1)
-        compiled = torch.compile(ours)  # what `chatforge pretrain --compile` trains
-
-        def loss_fn(m, b):
-            return C.token_loss_sum(m(b[0]), b[1])
+        eager = C.LMLoss(ours)  # exactly what `chatforge pretrain` steps
+        compiled = torch.compile(C.LMLoss(ours))  # and `chatforge pretrain --compile`
 
         def step_ours():
-            C.train_step(ours, [(x, y)], loss_fn, opt_ours, dist, "bf16", 1.0)
+            C.train_step(eager, [(x, y)], C.lm_loss, opt_ours, dist, "bf16", 1.0)
 
         def step_compiled():
-            C.train_step(compiled, [(x, y)], loss_fn, opt_ours, dist, "bf16", 1.0)
+            C.train_step(compiled, [(x, y)], C.lm_loss, opt_ours, dist, "bf16", 1.0)
 
         def step_theirs():
             with C.autocast(dist.device, "bf16"):
@@ -95,7 +93,7 @@ def main() -> None:
         tokens = a.batch * a.seq
         r = {name: tokens / statistics.median(t) for name, t in times.items()}
         rows.append((size, ours.num_params() / 1e6, r["chatforge"], r["compiled"], r["hf"], fpt, compile_s))
-        del ours, theirs, opt_ours, opt_theirs, compiled
+        del ours, theirs, opt_ours, opt_theirs, compiled, eager
 
     print(f"\nbatch {a.batch}x{a.seq}, vocab {a.vocab}, fp32 weights + bf16 autocast, AdamW, {a.threads} threads, median of {a.rounds} rounds")
     print("chatforge = eager; +compile = torch.compile (pretrain --compile; compile time excluded, shown); HF = eager LlamaForCausalLM, sdpa")

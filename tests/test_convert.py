@@ -51,15 +51,32 @@ def test_hf_import_logit_parity(tmp_path, tok, kind):
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
-@pytest.mark.parametrize("block", ["llama", "gpt2"])
-def test_round_trip_hf(tmp_path, tok, block):
-    """Guards export_hf writing a folder transformers misreads, and import undoing it exactly."""
-    cfg = GPTConfig(vocab_size=576, n_layer=2, n_head=4, n_kv_head=2 if block == "llama" else 0, d_model=32, max_seq_len=64, block=block)
+def _tiny(arch: str, seed: int, **kw) -> GPT:
+    """A random chatforge model: arch "llama", "qwen2" (llama blocks + q/k/v biases) or "gpt2"."""
+    base = dict(vocab_size=576, n_layer=2, n_head=4, d_model=64, max_seq_len=64)
+    if arch == "gpt2":
+        cfg = GPTConfig(**{**base, "block": "gpt2", **kw})
+    else:
+        cfg = GPTConfig(**{**base, "n_kv_head": 2, "qkv_bias": arch == "qwen2", **kw})
     m = GPT(cfg)
-    m.init_weights(3)
+    m.init_weights(seed)
+    if cfg.qkv_bias:  # init_weights zeroes biases: make them matter so a dropped bias shows
+        with torch.no_grad():
+            for b in m.blocks:
+                b.attn.qkv.bias.normal_(0, 0.5)
+    return m.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_round_trip_hf(tmp_path, tok, arch):
+    """Guards export_hf writing a folder transformers misreads (names, Conv1D, q/k/v biases, config), and
+    import undoing it exactly."""
+    m = _tiny(arch, 3, d_model=32)
     checkpoint.save(tmp_path / "ck", m, tok, {"stage": "test"})
     export_hf(tmp_path / "ck", tmp_path / "hf")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    expected = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel", "qwen2": "Qwen2ForCausalLM"}[arch]
+    assert type(hf).__name__ == expected
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     text = "Hello 世界 42"
     assert hf_tok(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
@@ -72,11 +89,10 @@ def test_round_trip_hf(tmp_path, tok, block):
     assert back.tokenizer.render([{"role": "user", "content": "hi"}], True) == tok.render([{"role": "user", "content": "hi"}], True)
 
 
-def test_round_trip_gguf(tmp_path, tok):
-    """Guards the GGUF q/k permutation, tokenizer metadata and f16/q8_0 tensors."""
-    cfg = GPTConfig(vocab_size=576, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64, tie_embeddings=False)
-    m = GPT(cfg)
-    m.init_weights(4)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_round_trip_gguf(tmp_path, tok, arch):
+    """Guards the GGUF q/k permutation, q/k/v biases (qwen2), tokenizer metadata and f16/q8_0 tensors."""
+    m = _tiny(arch, 4, tie_embeddings=False)
     checkpoint.save(tmp_path / "ck", m, tok, {})
     ids = torch.tensor([tok.encode("round trip 往返 🎉")])
     with torch.no_grad():
@@ -87,6 +103,61 @@ def test_round_trip_gguf(tmp_path, tok):
             assert (back.model(ids) - base).abs().max() < tol, dtype
             assert back.tokenizer.encode("round trip 往返 🎉 123") == tok.encode("round trip 往返 🎉 123")
             assert back.tokenizer.eot_id == tok.eot_id
+            assert back.meta["architecture"] == arch
+
+
+# Relative error ||w' - w|| / ||w|| a correct import of each type stays under (random normal weights).
+DTYPE_TOL = {"f32": 1e-7, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2, "q5_0": 5e-2, "q5_1": 5e-2, "q4_0": 0.1, "q4_1": 0.1}
+
+
+def _rel_errors(a: GPT, b: GPT) -> dict[str, float]:
+    sb = b.state_dict()
+    return {k: ((sb[k] - v).norm() / v.norm()).item() for k, v in a.state_dict().items() if v.ndim == 2}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_TOL))
+def test_gguf_dtypes(tmp_path, tok, dtype):
+    """Guards each tensor type's byte layout and shape on the way out and back (F32, F16, BF16, Q8_0,
+    Q4_0, Q4_1, Q5_0, Q5_1): a wrong shape or block order gives errors of order 1, not quantization noise."""
+    import gguf
+
+    m = _tiny("llama", 6, d_ff=128, tie_embeddings=False)
+    checkpoint.save(tmp_path / "ck", m, tok, {})
+    f = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", dtype)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(f)).tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == dtype.upper()
+    assert types["output_norm.weight"] == "F32"
+    back = checkpoint.load(import_gguf(f, tmp_path / "back"))
+    errors = _rel_errors(m, back)
+    assert max(errors.values()) < DTYPE_TOL[dtype], errors
+    assert back.meta["quantization"] == sorted({"F32", dtype.upper()})
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K"])
+def test_gguf_k_quants_from_llama_cpp(tmp_path, tok, ftype):
+    """Guards reading the K-quant types (Q2_K..Q6_K) that only llama.cpp writes: llama.cpp's own
+    quantizer makes the file, our import must land near the original weights."""
+    import ctypes
+
+    import gguf
+
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (needed to write K-quants)")
+    m = _tiny("llama", 7, d_model=256, d_ff=512, tie_embeddings=False)  # K-quant rows come in blocks of 256
+    checkpoint.save(tmp_path / "ck", m, tok, {})
+    f32 = export_gguf(tmp_path / "ck", tmp_path / "f32.gguf", "f32")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    q = tmp_path / "q.gguf"
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(q).encode(), ctypes.byref(params)) == 0
+    types = {t.tensor_type.name for t in gguf.GGUFReader(str(q)).tensors}
+    assert any(t.endswith("_K") for t in types), types
+    back = checkpoint.load(import_gguf(q, tmp_path / "back"))
+    errors = _rel_errors(m, back)
+    assert max(errors.values()) < {"Q2_K": 0.5, "Q3_K_M": 0.3}.get(ftype, 0.15), (types, errors)
+    ids = torch.tensor([tok.encode("K quants 往返")])
+    with torch.no_grad():
+        assert (back.model(ids) - m(ids)).abs().max() < 0.5
 
 
 def test_gguf_refuses_gpt2_blocks(tmp_path, tok):
@@ -122,18 +193,33 @@ def test_gguf_bad_inputs(tmp_path, tok):
         import_gguf(tmp_path / "junk.gguf", tmp_path / "o3")
 
 
+def test_gguf_unsupported_quant_type(tmp_path):
+    """Guards a GGUF with a quantization type we cannot dequantize failing deep inside with a numpy error
+    instead of naming the type found and the types supported."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "iq.gguf"), "llama")
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.IQ4_NL][1]
+    w.add_tensor("token_embd.weight", np.zeros((4, 2 * block), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"iq.gguf: quantization type\(s\) IQ4_NL are not supported; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
+        import_gguf(tmp_path / "iq.gguf", tmp_path / "o")
+
+
 def test_hf_unsupported_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
         import_hf(tmp_path, tmp_path / "o")
 
 
-def test_llama_cpp_loads_export(tmp_path, tok):
-    """Guards GGUF exports that llama.cpp refuses or reads differently (metadata, tokenizer, q/k order)."""
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_llama_cpp_loads_export(tmp_path, tok, arch):
+    """Guards GGUF exports that llama.cpp refuses or reads differently (metadata, tokenizer, q/k order, biases)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a benchmark dependency; builds from source)")
-    cfg = GPTConfig(vocab_size=576, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=64)
-    m = GPT(cfg)
-    m.init_weights(5)
+    m = _tiny(arch, 5)
     checkpoint.save(tmp_path / "ck", m, tok, {})
     f = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", "f16")
     llm = llama_cpp.Llama(model_path=str(f), n_threads=2, n_ctx=64, logits_all=True, verbose=False)

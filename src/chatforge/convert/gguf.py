@@ -3,7 +3,10 @@ dequantizers, quantizers and writer.
 
 Import reads the llama and qwen2 architectures and dequantizes F32, F16, BF16, Q8_0, Q4_0, Q4_1,
 Q5_0, Q5_1, Q2_K..Q6_K to fp32; the tokenizer (tokens, merges, special tokens, chat template)
-comes from the file's metadata. Export writes the llama architecture in f16 or q8_0.
+comes from the file's metadata. Export writes the llama architecture (qwen2 when the checkpoint
+has q/k/v biases) with matrices in one of EXPORT_DTYPES; GPT-2 block checkpoints are refused
+(llama.cpp's gpt2 graph has learned position embeddings and LayerNorm biases we would have to map
+separately; export those with `chatforge export hf`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,12 @@ from . import names
 
 ARCHITECTURES = ("llama", "qwen2")
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# --dtype of `chatforge export gguf` -> (ggml tensor type, general.file_type): the types the gguf
+# package can quantize to; K-quants need llama.cpp's own `llama-quantize` on an f16 export.
+EXPORT_DTYPES = {
+    "f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
+    "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9),
+}
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -58,27 +67,55 @@ def open_reader(path: str | Path):
         raise ValueError(f"{p}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
 
-def config_from_gguf(reader, source: str) -> GPTConfig:
+def check_supported(reader, source: str) -> None:
+    """Refuse, before any work, files whose architecture or tensor types we cannot read."""
     arch = _field(reader, "general.architecture")
     if arch not in ARCHITECTURES:
         raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported; supported: {', '.join(ARCHITECTURES)}")
+    bad = sorted({t.tensor_type.name for t in reader.tensors} - set(QUANT_TYPES))
+    if bad:
+        raise ValueError(f"{source}: quantization type(s) {', '.join(bad)} are not supported; supported: {', '.join(QUANT_TYPES)}")
+
+
+def _f32(v) -> float:
+    """GGUF stores floats as f32: 1e-5 reads back as 9.99999974e-06; keep the short decimal."""
+    return float(str(np.float32(v)))
+
+
+def config_from_gguf(reader, source: str) -> GPTConfig:
+    check_supported(reader, source)
+    arch = _field(reader, "general.architecture")
     g = lambda k, d=None: _field(reader, f"{arch}.{k}", d)  # noqa: E731
-    n_head = int(g("attention.head_count"))
-    d_model = int(g("embedding_length"))
+
+    def need(key: str) -> int:
+        v = g(key)
+        if v is None:
+            raise ValueError(f"{source}: metadata key {arch}.{key} is missing")
+        return int(v)
+
+    n_head = need("attention.head_count")
+    d_model = need("embedding_length")
+    head_dim = int(g("attention.key_length", d_model // n_head))
+    rope_dims = g("rope.dimension_count")
+    if rope_dims is not None and int(rope_dims) != head_dim:
+        raise ValueError(f"{source}: partial RoPE ({arch}.rope.dimension_count={rope_dims}, head_dim={head_dim}) is not supported")
+    scaling = g("rope.scaling.type")
+    if scaling not in (None, "none") and float(g("rope.scaling.factor", 1.0)) != 1.0:
+        raise ValueError(f"{source}: RoPE scaling {scaling!r} is not supported (plain RoPE only)")
     tensor_names = {t.name for t in reader.tensors}
     tokens = _field(reader, "tokenizer.ggml.tokens")
     return GPTConfig(
-        vocab_size=len(tokens) if tokens else int(g("vocab_size")),
-        n_layer=int(g("block_count")),
+        vocab_size=len(tokens) if tokens else need("vocab_size"),
+        n_layer=need("block_count"),
         n_head=n_head,
         n_kv_head=int(g("attention.head_count_kv", n_head)),
         d_model=d_model,
-        d_ff=int(g("feed_forward_length")),
-        head_dim=int(g("attention.key_length", d_model // n_head)),
+        d_ff=need("feed_forward_length"),
+        head_dim=head_dim,
         max_seq_len=int(g("context_length", 2048)),
         block="llama",
-        norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(g("rope.freq_base", 10000.0)),
+        norm_eps=_f32(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32(g("rope.freq_base", 10000.0)),
         tie_embeddings="output.weight" not in tensor_names,
         qkv_bias=arch == "qwen2",
     )
@@ -87,9 +124,7 @@ def config_from_gguf(reader, source: str) -> GPTConfig:
 def _dequantize(t, source: str) -> np.ndarray:
     from gguf import quants
 
-    name = t.tensor_type.name
-    if name not in QUANT_TYPES:
-        raise ValueError(f"{source}: tensor {t.name} has quantization type {name}; supported: {', '.join(QUANT_TYPES)}")
+    assert t.tensor_type.name in QUANT_TYPES, t.tensor_type  # check_supported ran first
     shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions fastest-first
     try:
         data = quants.dequantize(t.data, t.tensor_type)
@@ -169,15 +204,20 @@ def import_gguf(path: str | Path, out: str | Path) -> Path:
 
 
 def export_gguf(ckpt_dir: str | Path, out: str | Path, dtype: str = "f16") -> Path:
+    """Write a llama.cpp-loadable GGUF; matrices in `dtype`, norms and biases in f32 (as llama.cpp
+    keeps them). A matrix whose rows do not split into the type's blocks falls back to f16."""
     import gguf
 
-    if dtype not in ("f16", "q8_0", "f32"):
-        raise ValueError(f"dtype={dtype!r}; expected f16, q8_0 or f32")
+    if dtype not in EXPORT_DTYPES:
+        raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
     ck = ckpt_io.load(ckpt_dir)
     cfg, tok = ck.config, ck.tokenizer
     if cfg.block != "llama":
         raise ValueError(f"{ckpt_dir}: GGUF export writes the llama architecture; this checkpoint has {cfg.block} blocks (export it with `chatforge export hf`)")
     arch = "qwen2" if cfg.qkv_bias else "llama"
+    type_name, file_type = EXPORT_DTYPES[dtype]
+    qt = gguf.GGMLQuantizationType[type_name]
+    block_size = gguf.GGML_QUANT_SIZES[qt][0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -195,22 +235,21 @@ def export_gguf(ckpt_dir: str | Path, out: str | Path, dtype: str = "f16") -> Pa
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type({"f32": 0, "f16": 1, "q8_0": 7}[dtype])
+    w.add_file_type(file_type)
+    if qt not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_tokenizer(w, tok, cfg.vocab_size)
 
     sd = {k: v.float().numpy() for k, v in ck.model.state_dict().items()}
-    qt = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0}[dtype]
 
     def put(name: str, arr: np.ndarray, matrix: bool = True) -> None:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not matrix or arr.ndim == 1:
+        if not matrix or arr.ndim == 1 or qt == gguf.GGMLQuantizationType.F32:
             w.add_tensor(name, arr)  # norms and biases stay f32, as llama.cpp expects
-        elif qt == gguf.GGMLQuantizationType.F16:
+        elif qt == gguf.GGMLQuantizationType.F16 or arr.shape[-1] % block_size != 0:
             w.add_tensor(name, arr.astype(np.float16))
-        elif qt == gguf.GGMLQuantizationType.Q8_0 and arr.shape[-1] % 32 == 0:
-            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_shape=arr.shape[:-1] + (arr.shape[-1] // 32 * 34,), raw_dtype=qt)
-        else:
-            w.add_tensor(name, arr.astype(np.float16) if qt != gguf.GGMLQuantizationType.F32 else arr)
+        else:  # bytes; the writer derives the logical shape from the byte shape and type
+            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
 
     put("token_embd.weight", sd["tok_emb.weight"])
     put("output_norm.weight", sd["norm_f.weight"], matrix=False)
@@ -235,11 +274,14 @@ def export_gguf(ckpt_dir: str | Path, out: str | Path, dtype: str = "f16") -> Pa
         put(b + "ffn_gate.weight", gate.numpy())
         put(b + "ffn_up.weight", up.numpy())
         put(b + "ffn_down.weight", sd[q + "mlp.proj.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    tmp.replace(out)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 

@@ -27,27 +27,39 @@ SUPPORTED = LLAMA_TYPES + ("gpt2",)
 
 
 def config_from_hf(hc: dict, source: str) -> GPTConfig:
+    """chatforge's config for a transformers config.json; refuses features our model would silently
+    compute differently (other activations, scaled RoPE, sliding windows)."""
     mt = hc.get("model_type")
     if mt not in SUPPORTED:
         raise ValueError(f"{source}: model_type {mt!r} is not supported; supported: {', '.join(SUPPORTED)}")
     if mt == "gpt2":
+        act = hc.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):  # chatforge's GPT-2 MLP uses tanh-approximated GELU
+            raise ValueError(f"{source}: activation_function {act!r} is not supported; supported: gelu_new, gelu_pytorch_tanh")
+        if hc.get("scale_attn_by_inverse_layer_idx") or not hc.get("scale_attn_weights", True):
+            raise ValueError(f"{source}: non-standard attention scaling (scale_attn_*) is not supported")
         return GPTConfig(
             vocab_size=hc["vocab_size"], n_layer=hc["n_layer"], n_head=hc["n_head"], d_model=hc["n_embd"],
             d_ff=hc.get("n_inner") or 4 * hc["n_embd"], max_seq_len=hc["n_positions"], block="gpt2",
             norm_eps=hc.get("layer_norm_epsilon", 1e-5), tie_embeddings=hc.get("tie_word_embeddings", True),
         )
-    if hc.get("rope_scaling"):
-        raise ValueError(f"{source}: rope_scaling {hc['rope_scaling']} is not supported (plain RoPE only)")
-    if mt == "mistral" and hc.get("sliding_window"):
+    # transformers < 5 writes rope_theta (+ rope_scaling); 5.x writes rope_parameters {rope_type, rope_theta}.
+    rope = hc.get("rope_scaling") or hc.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type") or rope.get("type") or "default"
+    if rope_type != "default":
+        raise ValueError(f"{source}: RoPE type {rope_type!r} ({rope}) is not supported (plain RoPE only)")
+    if hc.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {hc['hidden_act']!r} is not supported; supported: silu")
+    if (mt == "mistral" and hc.get("sliding_window")) or hc.get("use_sliding_window"):
         raise ValueError(f"{source}: sliding-window attention is not supported")
     if hc.get("attention_bias") or hc.get("mlp_bias"):
         raise ValueError(f"{source}: attention_bias/mlp_bias on all projections is not supported")
-    rope = hc.get("rope_theta") or (hc.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    theta = hc.get("rope_theta") or rope.get("rope_theta") or 10000.0
     return GPTConfig(
         vocab_size=hc["vocab_size"], n_layer=hc["num_hidden_layers"], n_head=hc["num_attention_heads"],
         n_kv_head=hc.get("num_key_value_heads") or hc["num_attention_heads"], d_model=hc["hidden_size"],
         d_ff=hc["intermediate_size"], head_dim=hc.get("head_dim") or 0, max_seq_len=hc.get("max_position_embeddings", 2048),
-        block="llama", norm_eps=hc.get("rms_norm_eps", 1e-6), rope_theta=float(rope),
+        block="llama", norm_eps=hc.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
         tie_embeddings=hc.get("tie_word_embeddings", False), qkv_bias=mt == "qwen2",
     )
 

@@ -61,13 +61,12 @@ def resolve(name_or_path: str, install: bool = False) -> Path:
     p = Path(name_or_path)
     if is_checkpoint(p):
         return p
-    base, _, _ = name_or_path.partition("@")
-    if base in KNOWN:
-        dest = cache_dir() / "models" / base
+    if name_or_path in KNOWN:
+        dest = cache_dir() / "models" / name_or_path
         if not is_checkpoint(dest):
             from .gguf import import_gguf
 
-            src = package_file(KNOWN[base], install)
+            src = package_file(KNOWN[name_or_path], install)
             print(f"importing {src} -> {dest} (once)", file=sys.stderr, flush=True)
             import_gguf(src, dest)
         return dest

