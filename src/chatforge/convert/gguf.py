@@ -25,6 +25,9 @@ from ..tokenizer import CHATML_JINJA, GGUF_PRE, IM_END, SPLIT_PATTERN, ChatSpec,
 from . import names
 
 ARCHITECTURES = ("llama", "qwen2")
+# Written into an import's meta.json; bump it when import output changes so cached imports of
+# known models (registry.py) are redone instead of served stale.
+IMPORTER_VERSION = 2
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # --dtype of `chatforge export gguf` -> (ggml tensor type, general.file_type): the types the gguf
 # package can quantize to; K-quants need llama.cpp's own `llama-quantize` on an f16 export.
@@ -124,7 +127,9 @@ def config_from_gguf(reader, source: str) -> GPTConfig:
 def _dequantize(t, source: str) -> np.ndarray:
     from gguf import quants
 
-    assert t.tensor_type.name in QUANT_TYPES, t.tensor_type  # check_supported ran first
+    name = t.tensor_type.name
+    if name not in QUANT_TYPES:  # import_gguf checks the whole file first; this guards direct callers
+        raise ValueError(f"{source}: tensor {t.name} has quantization type {name}; supported: {', '.join(QUANT_TYPES)}")
     shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dimensions fastest-first
     try:
         data = quants.dequantize(t.data, t.tensor_type)
@@ -199,6 +204,7 @@ def import_gguf(path: str | Path, out: str | Path) -> Path:
     meta = {
         "stage": "import", "parent": None, "source": str(Path(path).resolve()), "format": "gguf",
         "architecture": _field(reader, "general.architecture"), "name": _field(reader, "general.name"), "quantization": types,
+        "importer": IMPORTER_VERSION,
     }
     return ckpt_io.save(out, model, tok, meta)
 

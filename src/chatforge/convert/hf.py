@@ -96,12 +96,18 @@ def tokenizer_from_hf(d: Path) -> Tokenizer:
     from ..tokenizer import _token_str
 
     template = tc.get("chat_template")
+    if template is None and (d / "chat_template.jinja").is_file():  # where transformers >= 4.43 saves it
+        template = (d / "chat_template.jinja").read_text(encoding="utf-8")
     if isinstance(template, list):  # several named templates: take the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
     eos = _token_str(tc.get("eos_token")) or "<|endoftext|>"
     doc = "<|endoftext|>" if hf.token_to_id("<|endoftext|>") is not None else eos
     eot = IM_END if hf.token_to_id(IM_END) is not None else eos
-    bos = _token_str(tc.get("bos_token")) if tc.get("add_bos_token") else None
+    bos = _token_str(tc.get("bos_token"))
+    add_bos = tc.get("add_bos_token")
+    if add_bos is None and bos is not None:  # Llama-3 style: tokenizer.json's post-processor prepends it
+        add_bos = hf.encode("a", add_special_tokens=True).ids[:1] == [hf.token_to_id(bos)]
+    bos = bos if add_bos else None
     keep = {k: v for k, v in tc.items() if k in ("model_max_length",)}
     return Tokenizer(hf, ChatSpec(chat_template=template or "chatml", bos_token=bos, eos_token=doc, eot_token=eot, extra=keep))
 
@@ -111,7 +117,10 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     if not (d / "config.json").is_file():
         raise ValueError(f"{d}: no config.json; expected a Hugging Face model folder")
     hc = load_json(d / "config.json")
-    cfg = config_from_hf(hc, str(d / "config.json"))
+    try:
+        cfg = config_from_hf(hc, str(d / "config.json"))
+    except KeyError as e:
+        raise ValueError(f"{d / 'config.json'}: required key {e} is missing") from None
     get = _tensor_getter(d)
     sd = names.gpt2_to_ours(get, cfg) if cfg.block == "gpt2" else names.llama_to_ours(get, cfg)
     with torch.device("meta"):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import is_checkpoint
-from ..config import cache_dir
+from ..config import cache_dir, load_json
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ def resolve(name_or_path: str, install: bool = False) -> Path:
         return p
     if name_or_path in KNOWN:
         dest = cache_dir() / "models" / name_or_path
-        if not is_checkpoint(dest):
-            from .gguf import import_gguf
+        from .gguf import IMPORTER_VERSION, import_gguf
 
+        if not is_checkpoint(dest) or load_json(dest / "meta.json").get("importer") != IMPORTER_VERSION:
             src = package_file(KNOWN[name_or_path], install)
             print(f"importing {src} -> {dest} (once)", file=sys.stderr, flush=True)
             import_gguf(src, dest)
