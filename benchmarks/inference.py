@@ -1,18 +1,27 @@
 """Inference speed on SmolLM2-135M-Instruct: chatforge's engine vs HF transformers `generate`
 (same weights, same dtype) vs llama.cpp (llama-cpp-python, on the same GGUF file), in one run.
 
-Prompt of 256 tokens, 128 new tokens, greedy, 2 threads. Reports time to first token, single-
-stream decode tokens/s, and aggregate tokens/s with 1, 4 and 16 concurrent streams.
-llama.cpp runs the Q4_1 weights natively (about 4x fewer bytes per token than bf16); chatforge and
-HF run the same weights dequantized. llama-cpp-python serves one sequence per model, so its
-aggregate is its single-stream figure.
+Prompts of 256 tokens (a different one per stream), 128 new tokens, greedy, the same thread count for everyone (2). Reports
+time to first token (prefill + one token), single-stream decode tokens/s (after the first
+token), and aggregate tokens/s with 1, 4 and 16 concurrent streams (all streams start together;
+the time includes every stream's prefill).
 
-Run: python benchmarks/inference.py [--dtypes bf16 fp32] [--streams 1 4 16]
+Peers:
+- HF `generate` on chatforge's HF export of the imported GGUF (the same weights, in the same
+  dtype), sdpa attention, a batch of n identical prompts.
+- llama.cpp on the GGUF shipped in the package (Q4_1: about 4x fewer weight bytes per token than
+  bf16), and on chatforge's own bf16 GGUF export of the same checkpoint (the same weights and
+  precision as chatforge bf16). llama-cpp-python runs one sequence per model, so its aggregate
+  is its single-stream figure; skipped with a message when llama_cpp is not importable.
+
+Run: python benchmarks/inference.py [--dtypes bf16 fp32] [--streams 1 4 16] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,41 +30,58 @@ import torch
 PROMPT_TOKENS, NEW_TOKENS = 256, 128
 
 
-def prompt_ids(tok) -> list[int]:
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.1f}/{five:.1f} on {os.cpu_count()} cores"
+
+
+def prompt_ids(tok, n: int = 1) -> list[list[int]]:
+    """n different prompts of PROMPT_TOKENS tokens (windows at different offsets of one text), so
+    that no system can share work between streams."""
     text = (
         "The history of the printing press begins in the fifteenth century, when movable type changed how books were made. "
         "Scholars, merchants and priests all found new uses for cheap printed pages, and within decades presses spread across Europe. "
+        "Printers in Venice, Lyon and Antwerp competed on type faces, paper and speed; censors, guilds and universities answered. "
     )
-    ids = tok.encode(text * 20)
-    return ids[:PROMPT_TOKENS]
+    ids = tok.encode(text * 40)
+    assert len(ids) >= PROMPT_TOKENS + 7 * n
+    return [ids[7 * i : 7 * i + PROMPT_TOKENS] for i in range(n)]
 
 
-def bench_chatforge(model, tok, ids, streams, int8=False):
+def bench_chatforge(model, tok, prompts, streams, int8=False, packed=None) -> tuple[dict, list[int]]:
     from chatforge.engine import Engine, SamplingParams
 
     sp = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    eng = Engine(model, tok, max_batch=max(streams), max_seq_len=PROMPT_TOKENS + NEW_TOKENS + 8, int8=int8)
-    list(eng.generate([ids], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)))  # warm up
+    eng = Engine(model, tok, max_batch=max(streams), max_seq_len=PROMPT_TOKENS + NEW_TOKENS + 8, int8=int8, packed=packed)
+    list(eng.generate(prompts[: max(streams)], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)))  # warm up
     out = {}
+    times, toks = [], []
     t0 = time.perf_counter()
-    times = []
-    for _ev in eng.generate([ids], sp):
+    for ev in eng.generate(prompts[:1], sp):
         times.append(time.perf_counter() - t0)
+        toks.append(ev.token_id)
     out["ttft"] = times[0]
     out["decode"] = (len(times) - 1) / (times[-1] - times[0])
     for n in streams:
         t0 = time.perf_counter()
-        count = sum(1 for ev in eng.generate([ids] * n, sp) if ev.token_id is not None)
-        out[f"agg{n}"] = count / (time.perf_counter() - t0)
-    return out
+        count, t_prefilled = 0, None
+        for ev in eng.generate(prompts[:n], sp):
+            count += ev.token_id is not None
+            if count == n and t_prefilled is None:  # every stream has its first token: prefill done
+                t_prefilled = time.perf_counter()
+        end = time.perf_counter()
+        out[f"agg{n}"] = count / (end - t0)
+        out[f"agg{n}_decode_only"] = (count - n) / (end - t_prefilled)  # steady state, for reference
+    return out, toks
 
 
-def bench_hf(hf, ids, streams):
-    x = torch.tensor([ids])
+def bench_hf(hf, prompts, streams) -> tuple[dict, list[int]]:
+    x = torch.tensor(prompts[:1])
+    ids = prompts[0]
 
     def gen(batch, new):
         with torch.inference_mode():
-            hf.generate(
+            return hf.generate(
                 input_ids=batch, attention_mask=torch.ones_like(batch), max_new_tokens=new, min_new_tokens=new,
                 do_sample=False, pad_token_id=0,
             )
@@ -66,7 +92,7 @@ def bench_hf(hf, ids, streams):
     gen(x, 1)
     out["ttft"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    gen(x, NEW_TOKENS)
+    toks = gen(x, NEW_TOKENS)[0, len(ids):].tolist()
     full = time.perf_counter() - t0
     out["decode"] = (NEW_TOKENS - 1) / max(1e-9, full - out["ttft"])
     out["agg1"] = NEW_TOKENS / full
@@ -74,93 +100,131 @@ def bench_hf(hf, ids, streams):
         if n == 1:
             continue
         t0 = time.perf_counter()
-        gen(x.repeat(n, 1), NEW_TOKENS)
+        gen(torch.tensor(prompts[:n]), NEW_TOKENS)  # equal lengths: no padding
         out[f"agg{n}"] = n * NEW_TOKENS / (time.perf_counter() - t0)
-    return out
+    return out, toks
 
 
-def bench_llama_cpp(gguf_path, ids):
+def bench_llama_cpp(gguf_path, ids, threads) -> tuple[dict, list[int]]:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf_path), n_threads=2, n_threads_batch=2, n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8, n_batch=512, verbose=False)
+    llm = Llama(model_path=str(gguf_path), n_threads=threads, n_threads_batch=threads, n_ctx=PROMPT_TOKENS + NEW_TOKENS + 8,
+                n_batch=512, verbose=False)
 
     def run(new):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        ttft = time.perf_counter() - t0
-        for _ in range(new):
-            tok = int(llm.sample(temp=0.0)) if hasattr(llm, "sample") else int(llm.scores[llm.n_tokens - 1].argmax())
-            llm.eval([tok])
-        return ttft, time.perf_counter() - t0
+        llm.reset()  # otherwise generate() reuses the cached prefix of the previous run: no prefill
+        toks, t0 = [], time.perf_counter()
+        for tok in llm.generate(ids, temp=0.0, top_k=1, reset=True):  # llama.cpp's own greedy sampler
+            if not toks:
+                ttft = time.perf_counter() - t0
+            toks.append(int(tok))
+            if len(toks) == new:
+                break
+        return ttft, time.perf_counter() - t0, toks
 
     run(4)  # warm up
-    ttft, total = run(NEW_TOKENS)
-    return {"ttft": ttft, "decode": NEW_TOKENS / (total - ttft), "agg1": NEW_TOKENS / total}
+    ttft, total, toks = run(NEW_TOKENS)
+    llm.close()
+    return {"ttft": ttft, "decode": (NEW_TOKENS - 1) / (total - ttft), "agg1": NEW_TOKENS / total}, toks
+
+
+def hf_model(ckpt, dtype):
+    """transformers' LlamaForCausalLM on chatforge's HF export of the checkpoint: plain weights in
+    `dtype`. (Loading the GGUF itself may keep its blocks packed behind a GGUF matmul kernel when
+    the `kernels` package is installed, which would no longer be the same computation.)"""
+    import transformers
+
+    from chatforge.convert.hf import export_hf
+
+    transformers.utils.logging.disable_progress_bar()
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(ckpt, tmp)
+        return transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def agree(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two greedy runs share (a sanity check that both ran the same model)."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"])
+    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
     ap.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-llama-cpp", action="store_true")
+    ap.add_argument("--ablations", action="store_true", help="also chatforge without oneDNN packing, and with --int8")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
     from chatforge import checkpoint
     from chatforge.convert.registry import KNOWN, package_file, resolve
 
-    gguf_path = package_file(KNOWN["smollm2-135m-instruct"], install=False)
-    rows = []
+    name = "smollm2-135m-instruct"
+    gguf_path = package_file(KNOWN[name], install=False)
+    ckpt = resolve(name)
+    print(f"{name}: {gguf_path}; torch {torch.__version__}, {a.threads} threads; {load()} at start", flush=True)
+    rows, tokens = [], {}
+
+    def record(label, result):
+        r, toks = result
+        r["load"] = os.getloadavg()[0]
+        rows.append((label, r))
+        tokens[label] = toks
+        print(f"{label:28s} " + ", ".join(f"{k}={v:.3f}" for k, v in r.items()), flush=True)
+
     for dt_name in a.dtypes:
         dt = {"bf16": torch.bfloat16, "fp32": torch.float32}[dt_name]
-        ck = checkpoint.load(resolve("smollm2-135m-instruct"), dtype=dt)
-        ids = prompt_ids(ck.tokenizer)
-        rows.append((f"chatforge {dt_name}", bench_chatforge(ck.model, ck.tokenizer, ids, a.streams)))
-        print(rows[-1], flush=True)
-        if dt_name == "bf16":  # the --int8 option: int8 weight copies for decode steps
-            rows.append(("chatforge bf16+int8", bench_chatforge(ck.model, ck.tokenizer, ids, a.streams, int8=True)))
-            print(rows[-1], flush=True)
+        ck = checkpoint.load(ckpt, dtype=dt)
+        prompts = prompt_ids(ck.tokenizer, max(a.streams))
+        record(f"chatforge {dt_name}", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams))
+        if a.ablations:
+            record(f"chatforge {dt_name} unpacked", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, packed=False))
+            if dt_name == "bf16":
+                record(f"chatforge {dt_name} +int8", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, int8=True))
         del ck
         if not a.skip_hf:
-            import transformers
-
-            hf = transformers.AutoModelForCausalLM.from_pretrained(
-                str(Path(gguf_path).parent), gguf_file=Path(gguf_path).name, torch_dtype=dt
-            ).eval()
-            rows.append((f"HF generate {dt_name}", bench_hf(hf, ids, a.streams)))
-            print(rows[-1], flush=True)
-            del hf
+            record(f"HF generate {dt_name}", bench_hf(hf_model(ckpt, dt), prompts, a.streams))
     try:
-        import llama_cpp  # noqa: F401
-
-        from chatforge.tokenizer import Tokenizer  # noqa: F401
-
-        tok = checkpoint.load(resolve("smollm2-135m-instruct")).tokenizer
-        rows.append(("llama.cpp Q4_1", bench_llama_cpp(gguf_path, prompt_ids(tok))))
+        import llama_cpp
     except ImportError:
-        print("llama.cpp: skipped (pip install llama-cpp-python; it builds from source, ~13 min on 2 cores)")
+        llama_cpp = None
+        print("llama.cpp: skipped, llama_cpp is not importable (pip install llama-cpp-python; it builds from source, ~13 min on 2 cores)")
+    if llama_cpp is not None and not a.skip_llama_cpp:
+        from chatforge.convert.gguf import export_gguf
 
-    print(f"\nSmolLM2-135M-Instruct, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new, greedy, {a.threads} threads")
-    cols = ["ttft"] + ["decode"] + [f"agg{n}" for n in a.streams]
-    print(f"{'system':22s} {'TTFT s':>7s} {'decode tok/s':>13s} " + " ".join(f"{'agg' + str(n):>8s}" for n in a.streams))
-    for name, r in rows:
-        cells = [f"{r['ttft']:7.3f}", f"{r['decode']:13.1f}"] + [f"{r[c]:8.1f}" if c in r else f"{'-':>8s}" for c in cols[2:]]
-        print(f"{name:22s} " + " ".join(cells))
+        ids = prompt_ids(checkpoint.load(ckpt).tokenizer)[0]
+        record("llama.cpp Q4_1 (package)", bench_llama_cpp(gguf_path, ids, a.threads))
+        with tempfile.TemporaryDirectory() as tmp:
+            f = export_gguf(ckpt, Path(tmp) / "smollm2-bf16.gguf", dtype="bf16")
+            record("llama.cpp bf16 (export)", bench_llama_cpp(f, ids, a.threads))
+
+    print(f"\n{name}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new, greedy, {a.threads} threads; {load()} at the end")
+    print(f"{'system':28s} {'TTFT s':>7s} {'decode tok/s':>13s} " + " ".join(f"{'agg' + str(n):>8s}" for n in a.streams)
+          + f" {'load':>5s}  same first tokens as chatforge")
+    for label, r in rows:
+        cells = [f"{r['ttft']:7.3f}", f"{r['decode']:13.1f}"] + [f"{r[f'agg{n}']:8.1f}" if f"agg{n}" in r else f"{'-':>8s}" for n in a.streams]
+        ref = tokens.get(f"chatforge {label.split()[-1]}") if label.startswith("HF") else tokens.get("chatforge bf16")
+        same = f"{agree(tokens[label], ref)}/{NEW_TOKENS}" if ref and not label.startswith("chatforge") else ""
+        print(f"{label:28s} " + " ".join(cells) + f" {r['load']:5.1f}  {same}")
     by = dict(rows)
+    top = f"agg{max(a.streams)}"
     for dt_name in a.dtypes:
         ours, hf = by.get(f"chatforge {dt_name}"), by.get(f"HF generate {dt_name}")
         if ours and hf:
-            print(f"{dt_name}: single-stream decode chatforge/HF = {ours['decode'] / hf['decode']:.2f}x")
-            q = by.get(f"chatforge {dt_name}+int8")
-            if q:
-                print(f"{dt_name}: single-stream decode chatforge --int8 / HF {dt_name} = {q['decode'] / hf['decode']:.2f}x")
-        lc = by.get("llama.cpp Q4_1")
-        for name in (f"chatforge {dt_name}", f"chatforge {dt_name}+int8"):
-            r, key = by.get(name), f"agg{max(a.streams)}"
-            if r and lc and key in r:
-                print(f"{name}: aggregate at {max(a.streams)} streams / llama.cpp single stream = {r[key] / lc['decode']:.2f}x")
+            print(f"{dt_name}: single-stream decode chatforge / HF generate = {ours['decode'] / hf['decode']:.2f}x (target >= 2x); "
+                  f"TTFT HF / chatforge = {hf['ttft'] / ours['ttft']:.2f}x; {top} chatforge / HF = {ours[top] / hf[top]:.2f}x")
+        for peer in ("llama.cpp Q4_1 (package)", "llama.cpp bf16 (export)"):
+            lc = by.get(peer)
+            if ours and lc and top in ours:
+                print(f"{dt_name}: chatforge {top} / {peer} single stream = {ours[top] / lc['decode']:.2f}x (target >= 2x); "
+                      f"single stream chatforge / {peer} = {ours['decode'] / lc['decode']:.2f}x")
 
 
 if __name__ == "__main__":

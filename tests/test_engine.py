@@ -7,7 +7,17 @@ import threading
 import pytest
 import torch
 
-from chatforge.engine import Engine, EngineLoop, SamplingParams, _Request, sample_next
+from chatforge.engine import (
+    Engine,
+    EngineLoop,
+    PackedLinears,
+    QueueFull,
+    SamplingParams,
+    _Request,
+    penalized_logits,
+    sample_next,
+    sampling_probs,
+)
 from chatforge.model import GPT, GPTConfig
 from chatforge.sample import sample_tokens
 
@@ -180,7 +190,7 @@ def test_penalties_by_hand():
 
 
 def test_sampling_params_validation():
-    for kw in (dict(temperature=-1), dict(top_p=0), dict(max_new_tokens=0), dict(top_logprobs=21), dict(stop=[""])):
+    for kw in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"top_logprobs": 21}, {"stop": [""]}):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
 
@@ -248,3 +258,245 @@ def test_int8_engine_close_to_bf16(tok):
     ref = sample_tokens(m, p, 1, temperature=0)
     ev = next(iter(Engine(copy.deepcopy(m), tok, int8=True).generate([p], SamplingParams(temperature=0, max_new_tokens=1, logprobs=True))))
     assert ev.token_id == ref[0]
+
+
+def test_equal_length_batch_equals_one_at_a_time(tok):
+    """Guards the unmasked decode path (every row at the same position: one slice write, no mask)."""
+    m = tiny(tok)
+    prompts = [tok.encode(t)[:5] for t in ["The quick brown fox jumps", "A journey of a thousand", "学而时习之，不亦说乎"]]
+    assert len({len(p) for p in prompts}) == 1
+    sp = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    alone = [run(Engine(m, tok, max_batch=1), [p], sp)[0][0] for p in prompts]
+    together, _, _ = run(Engine(m, tok, max_batch=3), prompts, sp)
+    assert [together[i] for i in range(3)] == alone
+
+
+def test_generate_stopped_early_frees_the_engine(tok):
+    """Guards a consumer that breaks out of generate() (Ctrl-C in chat, a caller that has enough)
+    leaving its requests in the slots, so that the next generate() refuses to run."""
+    m = tiny(tok)
+    eng = Engine(m, tok, max_batch=2)
+    sp = SamplingParams(temperature=0, max_new_tokens=30, ignore_eos=True)
+    for i, _ev in enumerate(eng.generate([tok.encode("hello"), tok.encode("world")], sp)):
+        if i == 3:
+            break
+    assert not eng.has_work
+    ref = sample_tokens(m, tok.encode("hello"), 5, temperature=0)
+    assert run(eng, [tok.encode("hello")], SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True))[0][0] == ref
+    with pytest.raises(ValueError, match="vocabulary"):  # a bad second prompt: nothing is left behind either
+        list(eng.generate([tok.encode("ok"), [10**6]], sp))
+    assert not eng.has_work
+
+
+def test_earliest_of_several_stop_strings():
+    """Guards picking the first stop string in list order instead of the earliest in the text."""
+    pieces = {1: b"x", 2: b"Hello ", 3: b"wor", 4: b"ld", 5: b"##", 6: b"EN", 7: b"D more"}
+    out, hit = _scripted(pieces, [2, 3, 4, 5, 6, 7], SamplingParams(stop=["##END", "world"]))
+    assert hit and out == "Hello "
+    out, hit = _scripted({1: b"x", 2: b"xx abcdef yy"}, [2], SamplingParams(stop=["ef", "bc"]))  # both in one token
+    assert hit and out == "xx a"
+
+
+def test_stop_string_end_to_end(tok):
+    """Guards stop strings on real tokens: a string that spans a token boundary ends the text
+    exactly before it, and no part of it is streamed."""
+    m = tiny(tok)
+    p = tok.encode("The capital of France")
+    sp = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    ids = run(Engine(m, tok), [p], sp)[0][0]
+    pieces = [tok.decode(ids[: i + 1]) for i in range(len(ids))]
+    # a stop string made of the last 2 characters of one token's text and the first 2 of the next
+    j = next(i for i in range(3, len(ids) - 1) if len(pieces[i]) - len(pieces[i - 1]) >= 2
+             and len(pieces[i + 1]) - len(pieces[i]) >= 2 and "\ufffd" not in pieces[i + 1])
+    stop = pieces[j + 1][len(pieces[j]) - 2 : len(pieces[j]) + 2]
+    full = tok.decode(ids)
+    _, texts, fin = run(Engine(m, tok), [p], SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True, stop=[stop]))
+    assert fin[0] == "stop" and texts[0] == full[: full.index(stop)]
+
+
+def test_utf8_stream_concatenates_to_the_decoded_text(tok):
+    """Guards streaming on a real byte-level tokenizer: random tokens split Chinese characters
+    and emoji across tokens; the deltas must never carry a replacement character that the full
+    decode does not have, and must add up to exactly the decoded text."""
+    m = tiny(tok)
+    p = tok.encode("床前明月光 🎉")
+    sps = [SamplingParams(temperature=1.5, max_new_tokens=60, seed=s, ignore_eos=True) for s in range(4)]
+    outs, texts, _ = run(Engine(m, tok, max_batch=4), [p] * 4, sps)
+    split = 0
+    for i in range(4):
+        assert texts[i] == tok.decode(outs[i]).rstrip("\ufffd")
+        split += sum(tok.decode([t]).endswith("\ufffd") for t in outs[i])
+    assert split > 0  # the test did exercise partial characters
+
+
+def test_packed_weights_match_and_follow_updates(tok):
+    """Guards the oneDNN-packed linears: same tokens as plain aten, repacked after an in-place weight
+    update (an optimizer step between rollouts), and the model left untouched (deepcopy works)."""
+    import copy
+
+    m = tiny(tok)
+    if not PackedLinears.available(torch.device("cpu"), torch.float32):
+        pytest.skip("oneDNN is not available in this torch build")
+    p = tok.encode("The quick brown fox")
+    sp = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=True)
+    packed, plain = Engine(m, tok, packed=True), Engine(m, tok, packed=False)
+    a = list(packed.generate([p], sp))
+    b = list(plain.generate([p], sp))
+    assert [e.token_id for e in a] == [e.token_id for e in b]
+    assert max(abs(x.logprob - y.logprob) for x, y in zip(a, b)) < 1e-4
+    assert all("forward" not in mod.__dict__ for mod in m.modules())
+    copy.deepcopy(m)
+    with torch.no_grad():  # an optimizer step: in place, new values
+        for prm in m.parameters():
+            prm.add_(torch.randn_like(prm) * 0.05)
+    ref = sample_tokens(m, p, 12, temperature=0)
+    assert [e.token_id for e in packed.generate([p], sp)] == ref
+
+
+def test_penalties_and_filters_by_hand():
+    """Guards the exact arithmetic of penalties (repetition divides positive / multiplies negative
+    logits of seen tokens; frequency and presence subtract per output count) and of temperature,
+    top-k and top-p on the sampling distribution."""
+    logits = torch.tensor([2.0, -1.0, 0.5, 0.0, 1.0])
+    r = _Request(0, [0, 3], SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), set(), "cpu")
+    r.counts = {1: 2, 4: 1}
+    want = torch.tensor([2.0 / 2, -1.0 * 2 - 0.5 * 2 - 0.25, 0.5, 0.0 / 2, 1.0 / 2 - 0.5 - 0.25])
+    torch.testing.assert_close(penalized_logits(logits, r), want)
+    x = torch.tensor([3.0, 2.0, 1.0, 0.0])
+    e = torch.exp(x / 2)
+    torch.testing.assert_close(sampling_probs(x, SamplingParams(temperature=2.0)), e / e.sum())
+    e2 = torch.exp(x[:2] / 2)
+    torch.testing.assert_close(sampling_probs(x, SamplingParams(temperature=2.0, top_k=2)), torch.cat([e2 / e2.sum(), torch.zeros(2)]))
+    full = e / e.sum()  # ~[0.46, 0.28, 0.17, 0.10]: top_p 0.6 keeps the first two, 0.4 only the first
+    torch.testing.assert_close(sampling_probs(x, SamplingParams(temperature=2.0, top_p=0.6)), torch.cat([full[:2], torch.zeros(2)]))
+    torch.testing.assert_close(sampling_probs(x, SamplingParams(temperature=2.0, top_p=0.4)), torch.cat([full[:1], torch.zeros(3)]))
+
+
+def test_logprobs_in_a_mixed_batch(tok):
+    """Guards logprob rows mixed up when only some requests in a batch ask for them, and greedy
+    rows beside sampled ones."""
+    m = tiny(tok)
+    prompts = [tok.encode(t) for t in ["Hello world", "白日依山尽", "To be or not"]]
+    sps = [SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True),
+           SamplingParams(temperature=0.8, seed=3, max_new_tokens=5, ignore_eos=True, top_logprobs=2),
+           SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True, logprobs=True)]
+    evs = list(Engine(m, tok, max_batch=3).generate(prompts, sps))
+    assert all(e.logprob is None for e in evs if e.request_id == 0)
+    for i in (1, 2):
+        mine = [e for e in evs if e.request_id == i]
+        ids = prompts[i] + [e.token_id for e in mine]
+        with torch.no_grad():
+            ref = torch.log_softmax(m(torch.tensor([ids]))[0].float(), -1)
+        for j, e in enumerate(mine):
+            assert e.logprob == pytest.approx(float(ref[len(prompts[i]) - 1 + j, e.token_id]), abs=1e-4)
+        assert (mine[0].top_logprobs is not None) == (i == 1)
+
+
+def test_engine_loop_asyncio_sink_close_and_bound(tok):
+    """Guards the server's side of the loop: `async for` over a handle on an event loop, events
+    to a sink callback, the waiting-queue bound, and close() ending requests that still wait
+    (no caller blocks forever)."""
+    import asyncio
+
+    m = tiny(tok)
+    sp = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    p = tok.encode("async prompt")
+    expected = run(Engine(m, tok, max_batch=1), [p], sp)[0][0]
+    loop = EngineLoop(Engine(m, tok, max_batch=2), max_waiting=2)
+
+    async def consume():
+        h = loop.submit(p, sp)
+        return [e.token_id async for e in h if e.token_id is not None]
+
+    assert asyncio.run(consume()) == expected
+    got = []
+    done = threading.Event()
+
+    def sink(ev):
+        got.append(ev)
+        if isinstance(ev, BaseException) or ev.finish_reason:
+            done.set()
+
+    loop.submit(p, sp, sink=sink)
+    assert done.wait(30) and [e.token_id for e in got if e.token_id is not None] == expected
+    loop.close()
+    with pytest.raises(RuntimeError):
+        loop.submit(p, sp)
+    # a loop whose engine is busy: the queue bound, then close() fails the waiting requests
+    eng = Engine(m, tok, max_batch=1)
+    busy = EngineLoop(eng, max_waiting=1)
+    long = SamplingParams(temperature=0, max_new_tokens=100, ignore_eos=True)
+    first = busy.submit(p, long)
+    while busy.active_slots == 0:
+        threading.Event().wait(0.01)
+    second = busy.submit(p, long)
+    with pytest.raises(QueueFull):
+        busy.submit(p, long)
+    busy.close()
+    for h in (first, second):
+        with pytest.raises(RuntimeError, match="closed"):
+            list(h)
+
+
+def test_chat_session(tok):
+    """Guards the terminal chat: commands, multi-turn history in the prompt, Chinese round trip,
+    and dropping the oldest turns (with a notice) when the context overflows."""
+    import io
+
+    from chatforge.chat import chat, fit_history
+
+    m = tiny(tok)
+    eng = Engine(m, tok, max_batch=1, max_seq_len=128)
+    sp = SamplingParams(temperature=0, max_new_tokens=8)
+    script = "你好，世界\n/system 你是助手\n/reset\n\nsecond question\n" + "a long line " * 8 + "\n" + "another long line " * 5 + "\n/exit\nnever read\n"
+    out = io.StringIO()
+    msgs = chat(eng, sp, system="be brief", inp=io.StringIO(script), out=out)
+    shown = out.getvalue()
+    assert "(system prompt set)" in shown and "(history cleared)" in shown and "oldest message(s)" in shown and "(error" not in shown
+    assert msgs[0] == {"role": "system", "content": "你是助手"}
+    assert msgs[-2]["content"].startswith("another long line") and msgs[-1]["role"] == "assistant"
+    assert not any(x["content"] in ("你好，世界", "second question") for x in msgs)
+    assert shown.count("bot> ") == 4 and "never read" not in shown
+    # whole turns go: the oldest user message together with its reply
+    conv = [{"role": "system", "content": "s"}] + [{"role": r, "content": "word " * 15} for r in ["user", "assistant"] * 3]
+    conv.append({"role": "user", "content": "last"})
+    ids, dropped = fit_history(eng, conv, 30)
+    assert dropped % 2 == 0 and dropped > 0 and conv[1]["role"] == "user" and len(ids) + 30 <= 128
+
+
+def test_generate_json(tok):
+    """Guards `chatforge generate --json`: one JSON object whose text and usage match the tokens."""
+    import io
+    import json
+
+    from chatforge.chat import generate
+
+    m = tiny(tok)
+    out = io.StringIO()
+    res = generate(Engine(m, tok, max_batch=1), "床前明月光", SamplingParams(temperature=0, max_new_tokens=7, ignore_eos=True),
+                   as_chat=True, system="sys", as_json=True, out=out)
+    data = json.loads(out.getvalue())
+    assert data["text"] == res["text"] and data["finish_reason"] == "length"
+    assert data["usage"]["completion_tokens"] == 7 and data["usage"]["prompt_tokens"] > 5
+    with pytest.raises(ValueError, match="--chat"):
+        generate(Engine(m, tok, max_batch=1), "x", SamplingParams(max_new_tokens=2), as_chat=False, system="s", as_json=True, out=out)
+
+
+def test_prefill_groups_bound_padding(tok):
+    """Guards one long prompt padding a whole prefill batch (16 short prompts computed at the long
+    one's length) and prefill steps without a size bound."""
+    import chatforge.engine as E
+
+    m = tiny(tok)
+    eng = Engine(m, tok, max_batch=8, max_seq_len=128)
+    for n in (5, 100, 6, 7, 8):
+        eng.add(list(range(20, 20 + n)), SamplingParams(max_new_tokens=2))
+    assert [len(r.prompt) for r in eng._joiners(8)] == [5, 100]  # 2 x 100 padded <= 2 x 105 real; a third would not be
+    assert [len(r.prompt) for r in eng._joiners(1)] == [5]
+    del eng.waiting[:2]
+    assert [len(r.prompt) for r in eng._joiners(8)] == [6, 7, 8]
+    old, E.PREFILL_TOKENS = E.PREFILL_TOKENS, 16
+    try:
+        assert [len(r.prompt) for r in eng._joiners(8)] == [6, 7]
+    finally:
+        E.PREFILL_TOKENS = old

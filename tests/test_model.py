@@ -64,7 +64,32 @@ def test_param_count_by_hand():
     assert m.num_params() == block + 2 * d + 100 * d  # tied head: token embedding counts as the output matrix
 
 
+def test_llama_gqa_shapes_and_count_by_hand():
+    """Guards grouped-query shapes (fused q|k|v rows = (H + 2K) * D) and the count of an untied
+    SwiGLU model: embeddings 2 * V*C, per block norm C + qkv (H+2K)*D*C + proj C*H*D + norm C
+    + gate|up 2*F*C + down C*F, then a final norm C."""
+    V, C, H, K, D, F = 100, 8, 2, 1, 4, 64  # llama d_ff = 64 * ceil(8/3 * 8 / 64) = 64
+    cfg = GPTConfig(vocab_size=V, n_layer=1, n_head=H, n_kv_head=K, d_model=C, max_seq_len=16, block="llama", tie_embeddings=False)
+    m = GPT(cfg)
+    assert m.blocks[0].attn.qkv.weight.shape == ((H + 2 * K) * D, C)
+    assert m.blocks[0].mlp.fc.weight.shape == (2 * F, C)
+    block = C + (H + 2 * K) * D * C + C * H * D + C + 2 * F * C + C * F
+    assert m.num_params(non_embedding=False) == 2 * V * C + block + C == 3352
+    assert m.num_params() == V * C + block + C  # the untied input table is not counted
+    # Logits come out whole: (B, T, V) with 2 query heads sharing 1 kv head.
+    assert m(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, V)
+
+
+def test_flops_per_token_by_hand():
+    """Guards the MFU numerator: 6 * (matmul weights incl. head) + 12 * L * H * D * T for attention
+    (PaLM appendix B), for the same tiny llama as above at T = 16."""
+    cfg = GPTConfig(vocab_size=100, n_layer=1, n_head=2, n_kv_head=1, d_model=8, max_seq_len=16, block="llama")
+    matmul = 8 * (2 + 2 * 1) * 4 + 2 * 4 * 8 + 3 * 8 * 64 + 8 * 100  # qkv + proj + gate|up|down + head
+    assert flops_per_token(cfg, 16) == 6 * matmul + 12 * 1 * 2 * 4 * 16 == 16704
+
+
 def test_flops_per_token_dominated_by_6n():
+    """Guards a gross error at a real size: GPT-3 125M at 2048 tokens is about 6 * 125M FLOPs/token."""
     cfg = preset("gpt3-125m", vocab_size=50257)
     f = flops_per_token(cfg, 2048)
     assert 6 * 110e6 < f < 6 * 200e6
@@ -80,16 +105,19 @@ def test_flops_per_token_dominated_by_6n():
     ],
 )
 def test_config_errors(kw, msg):
+    """Guards configs that would build a broken model (bad block, heads that do not divide) being accepted."""
     with pytest.raises(ValueError, match=msg):
         GPTConfig(**{**dict(vocab_size=10, n_layer=1, n_head=2, d_model=8), **kw})
 
 
 def test_unknown_preset():
+    """Guards a typo in --preset falling back to some default size."""
     with pytest.raises(ValueError, match="unknown preset"):
         preset("gpt5")
 
 
 def test_too_long_sequence():
+    """Guards positions past the context silently indexing beyond the RoPE/position tables."""
     m = tiny("llama")
     with pytest.raises(ValueError, match="longer than the model's context"):
         m(torch.zeros(1, 65, dtype=torch.long))

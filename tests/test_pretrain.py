@@ -5,8 +5,15 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 
+from chatforge import checkpoint
+from chatforge.cli import main as cli_main
+from chatforge.data.loader import Shards, TrainBatches, val_batches
+from chatforge.model import GPT, GPTConfig
 from chatforge.train import common as C
 from chatforge.train.pretrain import PretrainConfig, main
 
@@ -63,13 +70,30 @@ def test_resume_incompatible(shards_dir, tmp_path):
         main(cfg(shards_dir, tmp_path / "r", d_model=128, resume=True))
 
 
-def test_bits_per_byte_by_hand():
-    """val_bpb = loss / ln 2 / (bytes per token): 2 nats/token at 4 bytes/token is 0.7213 bits/byte."""
-    loss, bpt = 2.0, 4.0
-    assert math.isclose(loss / math.log(2) / bpt, 0.72135, rel_tol=1e-4)
+def test_bits_per_byte_by_hand(shards_dir, tmp_path):
+    """Guards the bits/byte formula (loss * tokens / (bytes * ln 2)) and that pretraining reports it
+    with the val split's bytes per token: 2 nats/token over 1000 tokens of 4000 bytes is 0.72135."""
+    assert C.bits_per_byte(2.0, 1000, 4000) == pytest.approx(2.0 / math.log(2) / 4.0) == pytest.approx(0.721348, rel=1e-6)
+    with pytest.raises(ValueError, match="positive"):
+        C.bits_per_byte(2.0, 0, 10)
+    main(cfg(shards_dir, tmp_path / "r", max_steps=2, eval_every=2, save_every=2))
+    m = json.loads((tmp_path / "r" / "meta.json").read_text())["metrics"]
+    val = json.loads((shards_dir / "meta.json").read_text())["splits"]["val"]
+    assert m["val_bpb"] == pytest.approx(m["val_loss"] * val["tokens"] / (val["bytes"] * math.log(2)), rel=1e-9)
+
+
+def test_max_tokens_and_time_budget(shards_dir, tmp_path):
+    """Guards the run-length knobs: max_tokens sets the step count (ceil of tokens / tokens per
+    step, here 4x32 = 128), and a spent time budget stops after the current step and still saves."""
+    main(cfg(shards_dir, tmp_path / "a", max_tokens=3 * 128 + 1, eval_every=100, save_every=100))
+    assert json.loads((tmp_path / "a" / "meta.json").read_text())["step"] == 4
+    main(cfg(shards_dir, tmp_path / "b", time_budget_s=1e-6))
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["step"] == 1
+    assert checkpoint.load_train_state(tmp_path / "b")["step"] == 1
 
 
 def test_bad_configs(shards_dir, tmp_path):
+    """Guards user mistakes reaching the training loop instead of a ValueError that names the field."""
     with pytest.raises(ValueError, match="data is required"):
         PretrainConfig()
     with pytest.raises(ValueError, match="preset"):
@@ -78,14 +102,190 @@ def test_bad_configs(shards_dir, tmp_path):
         main(cfg(shards_dir, tmp_path / "x", seq_len=4096))
     with pytest.raises(ValueError, match="dtype"):
         cfg(shards_dir, tmp_path, dtype="int8")
+    for field in ("max_tokens", "warmup_steps", "grad_clip", "time_budget_s", "d_model"):
+        with pytest.raises(ValueError, match=field):
+            cfg(shards_dir, tmp_path, **{field: -1})
+    with pytest.raises(ValueError, match="micro_batch"):
+        cfg(shards_dir, tmp_path, micro_batch=0)
+    with pytest.raises(ValueError, match="multiple of micro_batch"):
+        main(cfg(shards_dir, tmp_path / "z", total_batch_tokens=200))
     with pytest.raises(ValueError, match="no meta.json"):
         main(cfg(tmp_path, tmp_path / "y"))
+    with pytest.raises(ValueError, match="no train_state.pt"):
+        main(cfg(shards_dir, tmp_path / "never-trained", resume=True))
 
 
 def test_schedule_and_accum():
+    """Guards the warmup/cosine endpoints and the accumulation derived from the token budget."""
+    assert C.lr_at(55, 100, 1.0, 10, 0.1) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway down the cosine
     assert C.lr_at(0, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
     assert C.lr_at(10, 100, 1.0, 10, 0.1) == pytest.approx(1.0)
     assert C.lr_at(100, 100, 1.0, 10, 0.1) == pytest.approx(0.1)
     assert C.grad_accum_steps(4096, 4, 256, 2) == 2
     with pytest.raises(ValueError, match="multiple"):
         C.grad_accum_steps(5000, 4, 256, 2)
+
+
+# ---- the shared step: accumulation and token normalisation ------------------------------------
+
+
+def test_accumulation_equals_one_big_batch():
+    """Guards the loss normalisation of train_step: with masked targets and uneven valid tokens per
+    micro-batch, 2 micro-batches must give exactly the gradient of the mean over all valid tokens of
+    the whole batch (a per-micro-batch mean would weight the rows differently). SGD(lr=1) makes the
+    update equal the gradient, so the scale is checked too, not just the direction."""
+    torch.manual_seed(0)
+    cfg_m = GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=16)
+    x = torch.randint(0, 50, (4, 12))
+    y = torch.randint(0, 50, (4, 12))
+    y[0, :10] = -100  # rows 0-1 (micro-batch 0) keep 2 + 12 targets, rows 2-3 keep 24
+    ref = GPT(cfg_m)
+    ref.init_weights(0)
+    ref_loss = F.cross_entropy(ref(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+    ref_loss.backward()
+    expected = {n: p.detach() - p.grad for n, p in ref.named_parameters()}
+
+    dist = C.Dist()
+    for split in ([slice(0, 4)], [slice(0, 2), slice(2, 4)]):
+        m = GPT(cfg_m)
+        m.init_weights(0)
+        opt = torch.optim.SGD(m.parameters(), lr=1.0)
+        r = C.train_step(C.LMLoss(m), [(x[s], y[s]) for s in split], C.lm_loss, opt, dist, "fp32", grad_clip=0.0)
+        assert r["tokens"] == 38
+        assert r["loss"] == pytest.approx(ref_loss.item(), rel=1e-6)
+        for n, p in m.named_parameters():
+            torch.testing.assert_close(p.detach(), expected[n], rtol=1e-5, atol=1e-6, msg=f"{n} with {len(split)} micro-batches")
+
+
+def test_bf16_autocast_step_on_cpu():
+    """Guards the bf16 path on CPU: the step runs under autocast, weights stay fp32 for AdamW, and
+    the loss stays close to the fp32 loss of the same batch."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=32, max_seq_len=16))
+    m.init_weights(0)
+    x, y = torch.randint(0, 50, (2, 8)), torch.randint(0, 50, (2, 8))
+    with torch.no_grad():
+        fp32 = F.cross_entropy(m(x).flatten(0, 1), y.flatten()).item()
+    opt = C.make_optimizer(m, 1e-3, 0.1)
+    r = C.train_step(C.LMLoss(m), [(x, y)], C.lm_loss, opt, C.Dist(), "bf16", grad_clip=1.0)
+    assert r["loss"] == pytest.approx(fp32, rel=2e-2)
+    assert all(p.dtype == torch.float32 for p in m.parameters())
+
+
+def test_optimizer_groups():
+    """Guards the decay rule: every matrix (linear and embedding weights) decays, no bias or norm gain does."""
+    m = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=16, block="gpt2", tie_embeddings=False))
+    opt = C.make_optimizer(m, 1e-3, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    decay = sorted(names[id(p)] for p in opt.param_groups[0]["params"])
+    no_decay = sorted(names[id(p)] for p in opt.param_groups[1]["params"])
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert decay == sorted(["tok_emb.weight", "pos_emb.weight", "lm_head.weight", "blocks.0.attn.qkv.weight",
+                            "blocks.0.attn.proj.weight", "blocks.0.mlp.fc.weight", "blocks.0.mlp.proj.weight"])
+    assert no_decay and all(n.endswith(".bias") or ".norm" in n or n.startswith("norm_f") for n in no_decay)
+    assert len(decay) + len(no_decay) == len(list(m.parameters()))
+
+
+def test_progress_excludes_pauses(monkeypatch):
+    """Guards tokens/s and ETA counting evaluation/save pauses as training time, and the moving
+    window forgetting slow first steps."""
+    now = [100.0]
+    monkeypatch.setattr(C.time, "perf_counter", lambda: now[0])
+    p = C.Progress(flops_per_token=10.0, peak=2000.0, total_steps=10, start_step=0, window=2)
+    now[0] += 5.0  # a slow first step (warmup)
+    p.update(0, 100)
+    with p.paused():
+        now[0] += 50.0  # evaluation
+    now[0] += 1.0
+    p.update(1, 100)
+    now[0] += 1.0
+    r = p.update(2, 100)  # the window now holds two 1-second steps
+    assert r["tok_per_s"] == pytest.approx(100.0)
+    assert r["mfu"] == pytest.approx(10.0 * 100.0 / 2000.0)
+    assert r["eta_s"] == pytest.approx(7 * 1.0)
+
+
+# ---- the token-shard loader --------------------------------------------------------------------
+
+
+def write_shards(root, train, val, dtype="uint16"):
+    """Shards in the data/prepare.py format, by hand: meta.json + flat train.bin / val.bin."""
+    root.mkdir(parents=True, exist_ok=True)
+    np.asarray(train, dtype=dtype).tofile(root / "train.bin")
+    np.asarray(val, dtype=dtype).tofile(root / "val.bin")
+    splits = {k: {"tokens": len(v), "documents": 1, "bytes": 3 * len(v)} for k, v in (("train", train), ("val", val))}
+    meta = {"format": "chatforge-shards/1", "dtype": dtype, "vocab_size": 70000, "eos_id": 0, "tokenizer": "", "splits": splits}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def test_loader_windows_and_ranks(tmp_path):
+    """Guards the data stream: targets are inputs shifted by one, a step's batches depend only on
+    (seed, step) (exact resume needs no other state), and 2 ranks x 1 micro-batch see exactly the
+    rows of 1 rank x 2 micro-batches (DDP equivalence)."""
+    sh = Shards(write_shards(tmp_path / "s", np.arange(5000) + 65000, np.arange(1000), dtype="uint32"))
+    one = TrainBatches(sh, seq_len=16, micro_batch=3, accum=2, seed=7)
+    x, y = one.get(5, 0)
+    assert x.shape == y.shape == (3, 16) and x.dtype == torch.int64
+    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:], x[:, :-1] + 1) and int(x.min()) >= 65000
+    again = TrainBatches(sh, seq_len=16, micro_batch=3, accum=2, seed=7)
+    assert all(torch.equal(a, b) for a, b in zip(one.get(5, 1), again.get(5, 1)))
+    assert not torch.equal(one.get(5, 0)[0], one.get(6, 0)[0])
+    assert not torch.equal(one.get(5, 0)[0], TrainBatches(sh, 16, 3, 2, seed=8).get(5, 0)[0])
+    ranks = [TrainBatches(sh, 16, 3, accum=1, seed=7, rank=r, world=2).get(5, 0)[0] for r in range(2)]
+    assert torch.equal(torch.cat(ranks), torch.cat([one.get(5, 0)[0], one.get(5, 1)[0]]))
+
+
+def test_val_batches_deterministic_and_split_over_ranks(tmp_path):
+    """Guards validation drifting between evaluations or ranks double-counting windows: windows are
+    consecutive from the start of val.bin, capped at max_tokens, and dealt round-robin to ranks."""
+    sh = Shards(write_shards(tmp_path / "s", np.arange(500), np.arange(1000)))
+    xs = [x for x, _ in val_batches(sh, seq_len=10, batch=4, max_tokens=95)]
+    assert [x.shape[0] for x in xs] == [4, 4, 1]  # 95 // 10 = 9 windows
+    starts = torch.cat(xs)[:, 0].tolist()
+    assert starts == [10 * w for w in range(9)]
+    ranked = sorted(int(x[0]) for r in range(2) for xb, _ in val_batches(sh, 10, 4, 95, rank=r, world=2) for x in xb)
+    assert ranked == starts
+
+
+def test_loader_errors(tmp_path):
+    """Guards unreadable shard folders surfacing as numpy errors instead of a message naming the file."""
+    with pytest.raises(ValueError, match="no meta.json"):
+        Shards(tmp_path)
+    root = write_shards(tmp_path / "s", np.arange(20), np.arange(5))
+    with pytest.raises(ValueError, match="fewer than one window"):
+        TrainBatches(Shards(root), seq_len=32, micro_batch=1, accum=1, seed=0)
+    with pytest.raises(ValueError, match="val split"):
+        next(val_batches(Shards(root), seq_len=8, batch=1, max_tokens=100))
+    (root / "val.bin").unlink()
+    with pytest.raises(ValueError, match="val.bin: missing"):
+        Shards(root).split("val")
+    meta = json.loads((root / "meta.json").read_text())
+    (root / "meta.json").write_text(json.dumps({**meta, "format": "other/2"}))
+    with pytest.raises(ValueError, match="unknown shard format"):
+        Shards(root)
+
+
+# ---- `chatforge sample` -------------------------------------------------------------------------
+
+
+def test_sample_cli_greedy(tmp_path, tok, capsys):
+    """Guards `chatforge sample CKPT`: it prints the prompt and the greedy continuation that a
+    plain argmax loop over the checkpoint's model gives, and an unknown model name exits with 2."""
+    m = GPT(GPTConfig(vocab_size=576, n_layer=1, n_head=2, d_model=32, max_seq_len=64))
+    m.init_weights(3)
+    checkpoint.save(tmp_path / "ck", m, tok, {"stage": "test"})
+    prompt = "The quick brown 你好"
+    assert cli_main(["sample", str(tmp_path / "ck"), "--prompt", prompt, "--temperature", "0", "--max-new-tokens", "6"]) == 0
+    ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+    new = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(m.eval()(torch.tensor([ids]))[0, -1].argmax())
+            if nxt in tok.stop_ids():
+                break
+            ids.append(nxt)
+            new.append(nxt)
+    assert capsys.readouterr().out == prompt + tok.decode(new) + "\n"
+    assert cli_main(["sample", "no-such-model-xyz", "--prompt", "hi"]) == 2
+    assert "unknown model" in capsys.readouterr().err

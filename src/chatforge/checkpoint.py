@@ -137,11 +137,29 @@ def load(
         model = GPT(cfg)
     state = load_file(str(d / "model.safetensors"))
     load_weights(model, state, source=str(d / "model.safetensors"))
+    meta = load_json(d / "meta.json")
+    if meta.get("lora"):
+        # A LoRA run saved its frozen base weights plus adapters (train/lora.py): fold them in.
+        merge_lora(model, load_extra(d), meta["lora"]["alpha"] / meta["lora"]["rank"], source=str(d / "extra.safetensors"))
     model.to(device=device)
     if dtype is not None:
         model.to(dtype=dtype)
     model.eval()
-    return Checkpoint(model=model, tokenizer=tokenizer, meta=load_json(d / "meta.json"), path=d)
+    return Checkpoint(model=model, tokenizer=tokenizer, meta=meta, path=d)
+
+
+@torch.no_grad()
+def merge_lora(model: GPT, tensors: dict[str, torch.Tensor], scale: float, source: str = "adapters") -> None:
+    """W += scale * B @ A for every `<layer>.lora_A.weight` / `<layer>.lora_B.weight` pair (PEFT's names)."""
+    pairs = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
+    if not pairs:
+        raise ValueError(f"{source}: the checkpoint says it has LoRA adapters but holds none")
+    for name in pairs:
+        w = model.get_submodule(name).weight
+        a, b = tensors[f"{name}.lora_A.weight"], tensors.get(f"{name}.lora_B.weight")
+        if b is None or tuple((b @ a).shape) != tuple(w.shape):
+            raise ValueError(f"{source}: adapter {name} is incomplete or does not fit the weight {tuple(w.shape)}")
+        w += (scale * (b.float() @ a.float())).to(w.dtype)
 
 
 def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> None:

@@ -8,6 +8,7 @@ so a step divides by the valid tokens of the whole global batch, across micro-st
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import math
@@ -76,6 +77,16 @@ def all_reduce_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
     return x
 
 
+def any_rank(flag: bool, dist: Dist) -> bool:
+    """True on every rank if `flag` is true on any: decisions such as "the time budget is spent"
+    must be the same everywhere, or ranks run different collectives and hang."""
+    if dist.world == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=dist.device)
+    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -97,7 +108,9 @@ def autocast(device: torch.device, dtype: str):
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (linear and embedding weights) and none on biases and
-    norm gains, as in GPT-2/GPT-3 (decaying a gain pulls it toward 0, which changes the function)."""
+    norm gains, as in GPT-2/GPT-3 (decaying a gain pulls it toward 0, which changes the function).
+    Embeddings are decayed like the other matrices (nanoGPT does the same): with tied embeddings
+    the token table is also the output head, and the group rule stays "2-D or not", no name lists."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -276,19 +289,42 @@ class RunLog:
 
 
 class Progress:
-    """Tokens/s, MFU and ETA over a moving window of steps."""
+    """Tokens/s, MFU and ETA over the last `window` optimizer steps, counting training time only:
+    wrap evaluations, samples and saves in `with progress.paused():` so they do not read as a
+    slow-down, and so the first steps' warmup (or torch.compile) stops counting after `window` steps.
+    The ETA is for the remaining steps at the current speed (pauses not included)."""
 
-    def __init__(self, flops_per_token: float, peak: float, total_steps: int, start_step: int):
+    def __init__(self, flops_per_token: float, peak: float, total_steps: int, start_step: int, window: int = 20):
         self.fpt, self.peak, self.total = flops_per_token, peak, total_steps
-        self.t0, self.step0, self.tokens = time.perf_counter(), start_step, 0
+        self.t_last = time.perf_counter()
+        self.recent: collections.deque[tuple[float, float]] = collections.deque(maxlen=window)  # (seconds, tokens)
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.t_last += time.perf_counter() - t0
 
     def update(self, step: int, tokens: float) -> dict[str, float]:
-        self.tokens += tokens
-        dt = max(1e-9, time.perf_counter() - self.t0)
-        tps = self.tokens / dt
-        done = step + 1 - self.step0
-        eta = dt / max(1, done) * (self.total - step - 1)
+        """Record that optimizer step `step` (0-based) just finished, having trained on `tokens`."""
+        now = time.perf_counter()
+        self.recent.append((max(1e-9, now - self.t_last), tokens))
+        self.t_last = now
+        seconds = sum(s for s, _ in self.recent)
+        tps = sum(n for _, n in self.recent) / seconds
+        eta = seconds / len(self.recent) * max(0, self.total - step - 1)
         return {"tok_per_s": tps, "mfu": self.fpt * tps / self.peak if self.peak else 0.0, "eta_s": eta}
+
+
+def bits_per_byte(loss_nats: float, tokens: float, n_bytes: float) -> float:
+    """Mean loss (nats/token) over `tokens` tokens that encode `n_bytes` UTF-8 bytes, in bits per
+    byte: loss * tokens / (bytes * ln 2). Unlike the loss it does not depend on the tokenizer, so
+    models with different vocabularies compare on it."""
+    if tokens <= 0 or n_bytes <= 0:
+        raise ValueError(f"bits per byte needs positive token and byte counts, got tokens={tokens}, bytes={n_bytes}")
+    return loss_nats * tokens / (n_bytes * math.log(2))
 
 
 # ---- checkpoints that resume exactly --------------------------------------------------------

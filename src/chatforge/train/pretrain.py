@@ -36,6 +36,7 @@ class PretrainConfig:
     micro_batch: int = 16  # windows per forward/backward on each process
     total_batch_tokens: int = 0  # tokens per optimizer step over all processes; 0 = one micro-batch each
     max_steps: int = 1000  # optimizer steps; the cosine schedule ends here
+    max_tokens: int = 0  # if > 0, train on this many tokens instead: max_steps = ceil(max_tokens / tokens per step)
     time_budget_s: float = 0.0  # stop (and save) after this many seconds; 0 = no limit
     lr: float = 2e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
@@ -62,6 +63,12 @@ class PretrainConfig:
         for name in ("seq_len", "micro_batch", "max_steps", "eval_every", "save_every", "log_every", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PretrainConfig.{name}={getattr(self, name)} must be positive")
+        for name in ("max_tokens", "total_batch_tokens", "time_budget_s", "warmup_steps", "weight_decay", "grad_clip", "sample_every", "peak_flops"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig.{name}={getattr(self, name)} must be >= 0 (0 means off/default)")
+        for name in ("n_layer", "d_model", "n_head"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"PretrainConfig.{name}={getattr(self, name)} must be >= 0 (0 keeps the preset's value)")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"PretrainConfig: lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
         C.parse_dtype(self.dtype)
@@ -108,6 +115,8 @@ def main(cfg: PretrainConfig) -> Path:
         raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's context ({mcfg.max_seq_len})")
 
     accum = C.grad_accum_steps(cfg.total_batch_tokens or cfg.micro_batch * cfg.seq_len * dist.world, cfg.micro_batch, cfg.seq_len, dist.world)
+    step_tokens = cfg.micro_batch * cfg.seq_len * accum * dist.world
+    max_steps = math.ceil(cfg.max_tokens / step_tokens) if cfg.max_tokens else cfg.max_steps
     optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -121,15 +130,14 @@ def main(cfg: PretrainConfig) -> Path:
     fpt = flops_per_token(mcfg, cfg.seq_len)
     peak = C.peak_flops(dist.device, cfg.dtype, cfg.peak_flops) * dist.world
     log = C.RunLog(out, dist, resume_step=start_step if cfg.resume else None)
-    step_tokens = cfg.micro_batch * cfg.seq_len * accum * dist.world
     log.print(
         f"pretrain: {model.num_params() / 1e6:.2f}M params ({mcfg.block}, L{mcfg.n_layer} d{mcfg.d_model} "
         f"h{mcfg.n_head}/{mcfg.n_kv_head}, vocab {mcfg.vocab_size}), {fpt / 1e6:.1f} MFLOP/token, "
         f"{step_tokens:,} tokens/step = {cfg.micro_batch}x{cfg.seq_len} x {accum} accum x {dist.world} proc, "
-        f"{cfg.max_steps} steps, peak {peak / 1e9:.0f} GFLOP/s, device {dist.device}, {cfg.dtype}"
+        f"{max_steps} steps = {max_steps * step_tokens / 1e6:.1f}M tokens, peak {peak / 1e9:.0f} GFLOP/s, device {dist.device}, {cfg.dtype}"
         + (f", resuming at step {start_step}" if cfg.resume else "")
     )
-    val_bpt = shards.bytes_per_token("val")
+    val_bpt = shards.bytes_per_token("val")  # bits/byte uses the val split's average bytes per token
     meta = {"stage": "pretrain", "parent": None, "data": str(Path(cfg.data).resolve()), "params": model.num_params()}
 
     def evaluate() -> dict:
@@ -142,8 +150,9 @@ def main(cfg: PretrainConfig) -> Path:
                 loss_sum += s
                 count += n
         model.train()
-        loss = (C.all_reduce_sum(loss_sum, dist) / C.all_reduce_sum(count, dist)).item()
-        return {"val_loss": loss, "val_bpb": loss / math.log(2) / val_bpt}
+        n = C.all_reduce_sum(count, dist).item()
+        loss = C.all_reduce_sum(loss_sum, dist).item() / n
+        return {"val_loss": loss, "val_bpb": C.bits_per_byte(loss, n, n * val_bpt)}
 
     def show_samples(step: int) -> None:
         if not dist.main:
@@ -160,20 +169,21 @@ def main(cfg: PretrainConfig) -> Path:
         log.plot(out / "loss.png", title=f"pretrain {cfg.preset} ({mcfg.block})")
 
     model.train()
-    progress = C.Progress(fpt, peak, cfg.max_steps, start_step)
+    progress = C.Progress(fpt, peak, max_steps, start_step)
     t_start = time.time()
     metrics: dict = {}
     step = start_step
-    while step < cfg.max_steps:
-        if step > 0 and step % cfg.eval_every == 0 and step != start_step:
-            metrics.update(evaluate())
-            log.log({"step": step, **metrics})
-            log.print(f"step {step}: val loss {metrics['val_loss']:.4f}, {metrics['val_bpb']:.4f} bits/byte")
-        if (cfg.sample_every and step % cfg.sample_every == 0 or not cfg.sample_every and step % cfg.eval_every == 0) and step > start_step:
-            show_samples(step)
-        if step > start_step and step % cfg.save_every == 0:
-            save(step, metrics)
-        lr = C.lr_at(step, cfg.max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
+    while step < max_steps:
+        with progress.paused():
+            if step > start_step and step % cfg.eval_every == 0:
+                metrics.update(evaluate())
+                log.log({"step": step, **metrics})
+                log.print(f"step {step}: val loss {metrics['val_loss']:.4f}, {metrics['val_bpb']:.4f} bits/byte")
+            if step > start_step and step % (cfg.sample_every or cfg.eval_every) == 0:
+                show_samples(step)
+            if step > start_step and step % cfg.save_every == 0:
+                save(step, metrics)
+        lr = C.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for g in optimizer.param_groups:
             g["lr"] = lr
         micro = [tuple(t.to(dist.device) for t in batches.get(step, i)) for i in range(accum)]
@@ -181,13 +191,14 @@ def main(cfg: PretrainConfig) -> Path:
         p = progress.update(step, r["tokens"])
         step += 1
         rec = {"step": step, "loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"], "tok_per_s": p["tok_per_s"], "mfu": p["mfu"]}
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or step == max_steps:
             log.log(rec)
+            eta = min(p["eta_s"], cfg.time_budget_s - (time.time() - t_start)) if cfg.time_budget_s else p["eta_s"]
             log.print(
-                f"step {step}/{cfg.max_steps} | loss {r['loss']:.4f} | lr {lr:.2e} | {p['tok_per_s']:,.0f} tok/s | "
-                f"MFU {100 * p['mfu']:.1f}% | ETA {C.fmt_time(p['eta_s'])}"
+                f"step {step}/{max_steps} | loss {r['loss']:.4f} | lr {lr:.2e} | {p['tok_per_s']:,.0f} tok/s | "
+                f"MFU {100 * p['mfu']:.1f}% | ETA {C.fmt_time(eta)}"
             )
-        if cfg.time_budget_s and time.time() - t_start > cfg.time_budget_s:
+        if cfg.time_budget_s and C.any_rank(time.time() - t_start > cfg.time_budget_s, dist):
             log.print(f"pretrain: time budget of {cfg.time_budget_s:.0f}s reached at step {step}")
             break
     metrics.update(evaluate())
