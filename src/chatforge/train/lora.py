@@ -1,0 +1,100 @@
+"""LoRA: low-rank adapters (Hu et al. 2021). A frozen linear layer W gets a trainable update,
+y = W x + (alpha / r) * B A x, with A (r, in) random and B (out, r) zero, so training starts
+from the base model exactly and only r * (in + out) numbers per layer are learned.
+
+Why a small module of our own rather than PEFT (both give the same outputs for the same A and
+B; tests/test_lora.py checks that against PEFT when it is installed):
+- The adapters live beside the model and are attached with forward hooks, so the GPT keeps its
+  parameter names and module types. checkpoint.save/load, the engine, export and the optimizer
+  helpers see a plain GPT; PEFT would wrap every targeted nn.Linear in a LoraLayer and rename
+  its weight to `base_layer.weight`, which each of those would then have to undo.
+- chatforge's linear layers are fused (attn.qkv = q|k|v rows, mlp.fc = gate|up rows). One
+  adapter on a fused layer is LoRA on the concatenated output: the same as PEFT targeting that
+  module, slightly more expressive than separate rank-r adapters on q and v with shared rank.
+- No extra dependency for a feature that is ~60 lines.
+
+Adapters are saved as `<layer>.lora_A.weight` / `<layer>.lora_B.weight` (PEFT's names and
+shapes) in a checkpoint's extra.safetensors; checkpoint.load merges them (checkpoint.merge_lora),
+and `merge()` folds them into the weights for good.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..checkpoint import merge_lora
+
+DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+class LoRA(nn.Module):
+    """Rank-`rank` adapters on every nn.Linear of `model` whose name ends with one of `targets`.
+    Freezes the model's own parameters; the adapters are this module's only parameters."""
+
+    def __init__(self, model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets=DEFAULT_TARGETS, seed: int = 0):
+        super().__init__()
+        if rank <= 0:
+            raise ValueError(f"LoRA rank={rank} must be positive")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout={dropout} must be in [0, 1)")
+        self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(n.endswith(t) for t in targets)]
+        if not self.names:
+            raise ValueError(f"LoRA targets {list(targets)} match no linear layer (names look like blocks.0.attn.qkv)")
+        self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        self.scale = alpha / rank
+        gen = torch.Generator().manual_seed(seed)
+        self.A, self.B = nn.ParameterList(), nn.ParameterList()
+        for n in self.names:
+            lin = model.get_submodule(n)
+            a = torch.empty(rank, lin.in_features)
+            # PEFT's and the paper's init: A like a default nn.Linear (Kaiming uniform, a=sqrt(5)), B = 0.
+            bound = 1 / math.sqrt(lin.in_features)
+            a.uniform_(-bound, bound, generator=gen)
+            self.A.append(nn.Parameter(a.to(lin.weight.device)))
+            self.B.append(nn.Parameter(torch.zeros(lin.out_features, rank, device=lin.weight.device)))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self._hooks = [model.get_submodule(n).register_forward_hook(self._hook(i)) for i, n in enumerate(self.names)]
+
+    def _hook(self, i: int):
+        def add_update(module: nn.Linear, args, out: torch.Tensor) -> torch.Tensor:
+            # Dropout follows the layer's own train/eval state, which model.eval() sets.
+            x = F.dropout(args[0], self.dropout, training=module.training) if self.dropout else args[0]
+            return out + F.linear(F.linear(x, self.A[i]), self.B[i]) * self.scale
+
+        return add_update
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The adapters under PEFT's names, for a checkpoint's extra.safetensors."""
+        out = {}
+        for n, a, b in zip(self.names, self.A, self.B):
+            out[f"{n}.lora_A.weight"] = a.detach()
+            out[f"{n}.lora_B.weight"] = b.detach()
+        return out
+
+    @torch.no_grad()
+    def load(self, tensors: dict[str, torch.Tensor], source: str) -> None:
+        for n, a, b in zip(self.names, self.A, self.B):
+            for key, p in ((f"{n}.lora_A.weight", a), (f"{n}.lora_B.weight", b)):
+                if key not in tensors or tuple(tensors[key].shape) != tuple(p.shape):
+                    raise ValueError(f"{source}: adapter {key} is missing or has another shape (rank or targets changed?)")
+                p.copy_(tensors[key])
+
+    def remove(self) -> None:
+        """Detach the hooks: the model computes W x again."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    @torch.no_grad()
+    def merge(self, model: nn.Module) -> None:
+        """Fold W += scale * B A into the model's weights and detach the hooks (same function after)."""
+        self.remove()
+        merge_lora(model, self.tensors(), self.scale)
