@@ -1,0 +1,477 @@
+"""Stage 3: PPO against the reward model (InstructGPT step 3; Ouyang et al. 2022, section 3.5;
+Ziegler et al. 2019; Schulman et al. 2017).
+
+Each iteration:
+1. rollout  - the engine samples one answer per prompt from the current policy (KV cache,
+              batched, temperature 1 so the samples follow the policy's own distribution);
+2. scoring  - one forward each of the policy (old log-probs), the frozen SFT reference, the
+              value model and the frozen reward model over prompt + answer; per-token reward
+              = -beta * KL_t (k1 = log pi - log ref) with the RM score added on the last token;
+              GAE(gamma, lambda) gives advantages and returns; advantages are whitened;
+3. training - `ppo_epochs` passes over the rollouts in shuffled minibatches: PPO's clipped
+              policy loss plus the clipped value loss (policy and value are separate models,
+              each with its own gradient clipping), plus PPO-ptx: `ptx_coef` times the
+              pretraining loss on token shards (InstructGPT's gamma), which keeps the policy
+              from losing what pretraining taught it.
+beta is fixed, or adapted towards a target KL per answer (Ziegler et al. 2019, eq. 2).
+
+The value model starts as a copy of the reward model (InstructGPT). With `lora_rank` > 0 the
+policy and the value model train rank-r adapters (and the value head) with their bodies
+frozen, and the reference is the policy with its adapters switched off: one model fewer in
+memory, which is what lets this run on a CPU.
+
+Logged per iteration: RM score, reward, KL, entropy, clip fraction, value loss, answer length,
+the time split rollout / scoring / training, a few samples; plots of the curves and of RM
+score against KL. Checkpoints resume exactly (weights, value model, optimizer, RNG, KL
+controller; rollout seeds and minibatch order are functions of the iteration).
+
+Single process: rollouts and updates here are not split across ranks (a torchrun launch is
+refused rather than silently duplicating work).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import checkpoint as ckpt_io
+from ..config import to_dict
+from ..data.rankings import prompt_ids, read_prompts
+from ..engine import Engine, SamplingParams
+from ..model import GPT
+from . import common as C
+from . import rl_math as R
+from .lora import DEFAULT_TARGETS, LoRA
+from .reward import RewardModel, ShuffledBatches, load_policy, load_reward_model
+
+
+@dataclass
+class PPOConfig:
+    policy: str = ""  # SFT checkpoint folder (or known model name) to start from
+    rm: str = ""  # reward model checkpoint (`chatforge rm`); also initialises the value model
+    prompts: list[str] = field(default_factory=list)  # prompt JSONL files ({"messages"} or {"prompt"})
+    ref: str = ""  # KL reference checkpoint; empty = the policy checkpoint (the SFT model)
+    eval_prompts: list[str] = field(default_factory=list)  # held-out prompts: RM score of greedy answers at each eval
+    out: str = "runs/ppo"  # checkpoint folder (log.jsonl, plots)
+    iterations: int = 20  # rollout + update rounds
+    rollout_batch: int = 16  # prompts (one answer each) per iteration
+    max_new_tokens: int = 48  # answer length limit during rollouts
+    ppo_epochs: int = 4  # passes over each rollout batch
+    minibatch: int = 8  # answers per optimizer step
+    lr: float = 1e-5  # learning rate of the policy (constant)
+    value_lr: float = 0.0  # learning rate of the value model; 0 = same as lr
+    kl_coef: float = 0.02  # beta: weight of the per-token KL penalty (InstructGPT: 0.02)
+    kl_target: float = 0.0  # > 0: adapt beta so the KL per answer approaches this many nats
+    kl_horizon: int = 10000  # answers over which the adaptive controller can move beta by at most a fifth
+    gamma: float = 1.0  # discount over answer tokens
+    lam: float = 0.95  # GAE lambda
+    clip: float = 0.2  # PPO clip range of the probability ratio
+    value_clip: float = 0.2  # clip range of the value update
+    grad_clip: float = 1.0  # max gradient norm of each model; 0 disables
+    no_eot_penalty: float = 0.0  # subtracted from the RM score of answers cut at max_new_tokens
+    ptx_data: str = ""  # token-shard folder for PPO-ptx; empty = no pretraining mix
+    ptx_coef: float = 0.0  # gamma in InstructGPT's objective: weight of the pretraining loss
+    ptx_rows: int = 4  # pretraining windows per optimizer step
+    ptx_seq_len: int = 128  # tokens per pretraining window
+    lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters on policy and value
+    lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
+    dtype: str = "bf16"  # autocast for scoring and training: "bf16" or "fp32"
+    eval_every: int = 5  # iterations between held-out RM evaluations (and at the end)
+    save_every: int = 5  # iterations between checkpoints (and at the end)
+    log_every: int = 1  # iterations between progress lines
+    show_samples: int = 2  # answers printed with each progress line
+    resume: bool = False  # continue from out/'s train_state.pt
+    seed: int = 0  # prompt order, rollout seeds, minibatch order, adapter init
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+    def __post_init__(self) -> None:
+        for name, what in (("policy", "the SFT checkpoint"), ("rm", "a reward model from `chatforge rm`")):
+            if not getattr(self, name):
+                raise ValueError(f"PPOConfig.{name} is required: {what}")
+        if not self.prompts:
+            raise ValueError("PPOConfig.prompts is required: prompt JSONL files")
+        for name in ("iterations", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "eval_every", "save_every", "log_every", "kl_horizon", "ptx_rows", "ptx_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PPOConfig.{name}={getattr(self, name)} must be positive")
+        if self.rollout_batch % self.minibatch:
+            raise ValueError(f"PPOConfig.rollout_batch={self.rollout_batch} is not a multiple of minibatch={self.minibatch}")
+        if self.lr <= 0 or self.value_lr < 0 or self.kl_coef < 0 or self.kl_target < 0 or self.lora_rank < 0:
+            raise ValueError("PPOConfig: lr must be > 0; value_lr, kl_coef, kl_target, lora_rank >= 0")
+        if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1 and self.clip > 0 and self.value_clip > 0):
+            raise ValueError(f"PPOConfig: gamma={self.gamma} in (0,1], lam={self.lam} in [0,1], clip and value_clip > 0")
+        if self.ptx_coef < 0 or bool(self.ptx_coef) != bool(self.ptx_data):
+            raise ValueError(f"PPOConfig: PPO-ptx needs both ptx_data and ptx_coef > 0 (got {self.ptx_data!r}, {self.ptx_coef})")
+        C.parse_dtype(self.dtype)
+
+
+RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "seed")
+
+
+# ---- rollouts as tensors ----------------------------------------------------------------------
+
+
+@dataclass
+class Rollouts:
+    """A batch of prompt + answer sequences, right-padded, with per-token quantities aligned to
+    the answer tokens: position t of the (B, T-1) tensors is the prediction of token t+1."""
+
+    ids: torch.Tensor  # (B,T) prompt + answer tokens
+    amask: torch.Tensor  # (B,T-1) 1 where token t+1 is an answer token
+    last: torch.Tensor  # (B,) index in ids of each answer's last token
+    finished: torch.Tensor  # (B,) the answer ended with a stop token (not cut by the length limit)
+    texts: list[str]  # answers as text, for logs
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    old_values: torch.Tensor | None = None
+    score: torch.Tensor | None = None  # RM score (B,)
+    adv: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+def to_rollouts(prompts: list[list[int]], answers: list[list[int]], finished: list[bool], texts: list[str]) -> Rollouts:
+    B = len(prompts)
+    T = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    ids = torch.zeros(B, T, dtype=torch.long)
+    amask = torch.zeros(B, T - 1)
+    last = torch.zeros(B, dtype=torch.long)
+    for b, (p, a) in enumerate(zip(prompts, answers)):
+        assert a, "every rollout has at least one answer token"
+        ids[b, : len(p) + len(a)] = torch.tensor(p + a)
+        amask[b, len(p) - 1 : len(p) + len(a) - 1] = 1.0
+        last[b] = len(p) + len(a) - 1
+    return Rollouts(ids, amask, last, torch.tensor(finished), texts)
+
+
+def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> tuple[list[list[int]], list[bool], list[str]]:
+    """One sampled answer per prompt (temperature 1, no truncation of the distribution)."""
+    sps = [SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=s) for s in seeds]
+    toks: list[list[int]] = [[] for _ in prompts]
+    texts = [""] * len(prompts)
+    finished = [False] * len(prompts)
+    for ev in engine.generate(prompts, sps):
+        if ev.token_id is not None:
+            toks[ev.request_id].append(ev.token_id)
+        texts[ev.request_id] += ev.text
+        if ev.finish_reason:
+            finished[ev.request_id] = ev.finish_reason == "stop"
+    return toks, finished, texts
+
+
+def policy_logprobs(model: GPT, ids: torch.Tensor, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token t+1 | ids[:t+1]), and (when asked) the entropy of that distribution, (B,T-1) fp32."""
+    logp_all = torch.log_softmax(model(ids)[:, :-1].float(), dim=-1)  # one log-softmax serves both
+    logp = logp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logp, -(logp_all.exp() * logp_all).sum(-1) if entropy else None
+
+
+@contextlib.contextmanager
+def adapters_off(lora: LoRA | None):
+    """The model without its adapters (scale 0), i.e. the frozen model they were added to."""
+    if lora is None:
+        yield
+        return
+    scale, lora.scale = lora.scale, 0.0
+    try:
+        yield
+    finally:
+        lora.scale = scale
+
+
+# ---- the stage ---------------------------------------------------------------------------------
+
+
+def main(cfg: PPOConfig) -> Path:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("chatforge ppo runs in one process; launch it without torchrun")
+    dist = C.setup_dist(cfg.device)
+    dev = dist.device
+    out = Path(cfg.out)
+    C.seed_everything(cfg.seed)
+
+    state = None
+    if cfg.resume:
+        state = ckpt_io.load_train_state(out)
+        C.check_resume_config(state["config"], to_dict(cfg), RESUME_KEYS, out)
+
+    # Models: policy (trainable), reference (frozen), reward model (frozen), value (trainable, from the RM).
+    policy, tok, policy_path = load_policy(cfg.policy, dev)
+    rm, rm_tok, rm_meta = load_reward_model(cfg.rm, dev)
+    if rm_tok.hf.to_str() != tok.hf.to_str():
+        raise ValueError(f"{cfg.rm}: the reward model's tokenizer differs from the policy's; train the RM from this policy's SFT checkpoint")
+    value = RewardModel(copy.deepcopy(rm.gpt), copy.deepcopy(rm.value_head))
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    lora = LoRA(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed) if cfg.lora_rank else None
+    value_lora = LoRA(value.gpt, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed + 1) if cfg.lora_rank else None
+    ref_path = Path(cfg.ref) if cfg.ref else policy_path
+    ref: GPT | None = None
+    if lora is None or ref_path.resolve() != policy_path.resolve():
+        ref = load_policy(str(ref_path), dev)[0].eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+    if ref is not None and ref.cfg.vocab_size != policy.cfg.vocab_size:
+        raise ValueError(f"{ref_path}: the reference's vocabulary ({ref.cfg.vocab_size}) differs from the policy's ({policy.cfg.vocab_size})")
+    policy_snapshot = ckpt_io.snapshot_id(policy_path)
+
+    kl_ctl = R.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else R.FixedKL(cfg.kl_coef)
+    policy_params = list(lora.parameters()) if lora is not None else list(policy.parameters())
+    value_module = nn.ModuleList([value_lora, value.value_head]) if value_lora is not None else value
+    value_params = [p for p in value_module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": policy_params, "lr": cfg.lr}, {"params": value_params, "lr": cfg.value_lr or cfg.lr}],
+        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True,
+    )
+    start = 0
+    if state is not None:
+        saved = ckpt_io.load_json(out / "meta.json")
+        if saved.get("parent_snapshot") != policy_snapshot:
+            raise ValueError(f"{out}: was trained from policy snapshot {saved.get('parent_snapshot')}, but {policy_path} is now {policy_snapshot}")
+        with torch.no_grad():
+            if lora is not None:
+                lora.load(ckpt_io.load_extra(out), str(out / "extra.safetensors"))
+            else:
+                policy.load_state_dict(ckpt_io.load(out).model.state_dict())
+            value_module.load_state_dict(state["value"])
+        optimizer.load_state_dict(state["optimizer"])
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        C.set_rng_state(state["rng"])
+        start = state["step"]
+
+    # Prompts: all checked (and fitted to the context) before the first rollout.
+    prompts = read_prompts(cfg.prompts)
+    eval_prompts = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+    max_len = policy.cfg.max_seq_len
+    for lst in (prompts, eval_prompts):
+        for p in lst:
+            n = len(prompt_ids(tok, p.messages))
+            if n + cfg.max_new_tokens > max_len:
+                raise ValueError(f"{p.source}: prompt of {n} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the context ({max_len}); shorten it or lower --max-new-tokens")
+    prompt_tokens = [prompt_ids(tok, p.messages) for p in prompts]
+    order = ShuffledBatches(len(prompts), cfg.rollout_batch, 1, cfg.seed)
+    ptx = None
+    if cfg.ptx_data:
+        from ..data.loader import Shards, TrainBatches
+
+        shards = Shards(cfg.ptx_data)
+        if shards.meta["vocab_size"] > policy.cfg.vocab_size:
+            raise ValueError(f"{cfg.ptx_data}: shards use {shards.meta['vocab_size']} tokens, the policy has {policy.cfg.vocab_size}; use shards of its tokenizer")
+        ptx = TrainBatches(shards, min(cfg.ptx_seq_len, max_len), cfg.ptx_rows, 1, cfg.seed)
+
+    engine = Engine(policy, tok, max_batch=cfg.rollout_batch)
+    log = C.RunLog(out, dist, resume_step=start if cfg.resume else None)
+    n_train = sum(p.numel() for p in policy_params) + sum(p.numel() for p in value_params)
+    log.print(
+        f"ppo: policy {policy_path} ({policy.num_params() / 1e6:.1f}M), reward model {cfg.rm} (shift {rm_meta.get('reward_shift', 0):+.3f}), "
+        f"reference {'policy without adapters' if ref is None else ref_path}, "
+        + (f"LoRA r={cfg.lora_rank} " if lora is not None else "full ")
+        + f"({n_train / 1e6:.2f}M trainable incl. value), {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} rollouts, "
+        f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}, beta {kl_ctl.value}"
+        + (f" adaptive to KL {cfg.kl_target}" if cfg.kl_target else " fixed")
+        + (f", PPO-ptx gamma={cfg.ptx_coef}" if ptx else "")
+        + (f", resuming at iteration {start}" if cfg.resume else "")
+    )
+    meta = {
+        "stage": "ppo",
+        "parent": str(policy_path.resolve()),
+        "parent_snapshot": policy_snapshot,
+        "rm": str(Path(cfg.rm).resolve()),
+        "ref": str(ref_path.resolve()),
+        "prompts": [str(Path(p).resolve()) for p in cfg.prompts],
+        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(DEFAULT_TARGETS)} if lora is not None else None,
+    }
+
+    def ref_logprobs(ids: torch.Tensor) -> torch.Tensor:
+        if ref is not None:
+            return policy_logprobs(ref, ids)[0]
+        with adapters_off(lora):
+            return policy_logprobs(policy, ids)[0]
+
+    @torch.no_grad()
+    def score(ro: Rollouts, beta: float) -> None:
+        """Old log-probs, reference log-probs, values, RM scores; then rewards, GAE, whitening."""
+        policy.eval()
+        value.eval()
+        ids = ro.ids.to(dev)
+        with C.autocast(dev, cfg.dtype):
+            ro.old_logp = policy_logprobs(policy, ids)[0].cpu()
+            ro.ref_logp = ref_logprobs(ids).cpu()
+            ro.old_values = value.values(ids)[:, :-1].cpu()
+            ro.score = rm(ids, ro.last.to(dev)).cpu()
+        penalised = ro.score - cfg.no_eot_penalty * (~ro.finished).float()
+        kl = R.kl_k1(ro.old_logp, ro.ref_logp) * ro.amask
+        rewards = R.token_rewards(penalised, kl, ro.amask, beta)
+        adv, ro.returns = R.gae(rewards, ro.old_values * ro.amask, ro.amask, cfg.gamma, cfg.lam)
+        ro.adv = R.whiten(adv, ro.amask)
+
+    def train_on(ro: Rollouts, it: int) -> dict:
+        """ppo_epochs passes of shuffled minibatches; returns the mean statistics."""
+        policy.train()
+        value.train()
+        stats: dict[str, list[float]] = {}
+        gen = torch.Generator().manual_seed(seed_of(cfg.seed, it))
+        steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch)
+        n_steps = 0
+        for _ in range(cfg.ppo_epochs):
+            perm = torch.randperm(ro.ids.shape[0], generator=gen)
+            for i in range(0, len(perm), cfg.minibatch):
+                mb = perm[i : i + cfg.minibatch]
+                ids, m = ro.ids[mb].to(dev), ro.amask[mb].to(dev)
+                n = m.sum()
+                with C.autocast(dev, cfg.dtype):
+                    logp, ent = policy_logprobs(policy, ids, entropy=True)
+                    pg, clipfrac, approx_kl = R.policy_loss(logp, ro.old_logp[mb].to(dev), ro.adv[mb].to(dev), m, cfg.clip)
+                    v = value.values(ids)[:, :-1]
+                    vf, vf_clipfrac = R.value_loss(v, ro.old_values[mb].to(dev), ro.returns[mb].to(dev), m, cfg.value_clip)
+                    # Policy and value are separate models: their losses add without interacting.
+                    loss = (pg + vf) / n
+                    ptx_loss = torch.zeros((), device=dev)
+                    if ptx is not None:
+                        x, y = ptx.get(it * steps_per_iter + n_steps, 0)  # a function of the step: resumes exactly
+                        s, cnt = C.token_loss_sum(policy(x.to(dev)), y.to(dev))
+                        ptx_loss = s / cnt
+                        loss = loss + cfg.ptx_coef * ptx_loss
+                loss.backward()
+                if cfg.grad_clip > 0:
+                    gn = torch.nn.utils.clip_grad_norm_(policy_params, cfg.grad_clip)
+                    torch.nn.utils.clip_grad_norm_(value_params, cfg.grad_clip)
+                else:
+                    gn = torch.zeros(())
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                n_steps += 1
+                for k, val in (("pg_loss", pg.detach() / n), ("vf_loss", vf.detach() / n), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
+                               ("vf_clipfrac", vf_clipfrac), ("entropy", R.masked_mean(ent.detach(), m)), ("grad_norm", gn), ("ptx_loss", ptx_loss.detach())):
+                    stats.setdefault(k, []).append(float(val))
+        policy.eval()
+        value.eval()
+        return {k: sum(v) / len(v) for k, v in stats.items() if k != "ptx_loss" or ptx is not None}
+
+    @torch.no_grad()
+    def evaluate() -> dict:
+        """RM score of greedy answers to the held-out prompts (never the gold labeler's: PPO
+        does not see it; `chatforge label judge` measures gold scores afterwards)."""
+        if not eval_prompts:
+            return {}
+        ids = [prompt_ids(tok, p.messages) for p in eval_prompts]
+        scores, lengths = [], []
+        for i in range(0, len(ids), cfg.rollout_batch):
+            chunk = ids[i : i + cfg.rollout_batch]
+            sps = [SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)] * len(chunk)
+            toks: list[list[int]] = [[] for _ in chunk]
+            for ev in engine.generate(chunk, sps):
+                if ev.token_id is not None:
+                    toks[ev.request_id].append(ev.token_id)
+            ro = to_rollouts(chunk, toks, [True] * len(chunk), [""] * len(chunk))
+            with C.autocast(dev, cfg.dtype):
+                scores += rm(ro.ids.to(dev), ro.last.to(dev)).cpu().tolist()
+            lengths += [len(t) for t in toks]
+        return {"val_rm_score": sum(scores) / len(scores), "val_length": sum(lengths) / len(lengths)}
+
+    def save(it: int, metrics: dict) -> None:
+        meta.update(step=it, metrics=metrics, kl_coef=kl_ctl.value)
+        extra = lora.tensors() if lora is not None else None
+        value_state = {k: v.detach().cpu().clone() for k, v in value_module.state_dict().items()}
+        C.save_training(out, policy, tok, meta, optimizer, it, to_dict(cfg), dist,
+                        extra_state={"value": value_state, "kl_ctl": kl_ctl.state_dict()}, extra_tensors=extra)
+        log.plot(out / "ppo.png", keys=("rm_score", "reward", "kl", "val_rm_score"), title=f"PPO from {policy_path.name}")
+        plot_reward_vs_kl(log.records, out / "reward_vs_kl.png")
+
+    metrics: dict = {}
+    if start == 0:
+        metrics.update(evaluate())
+        if metrics:
+            log.log({"step": 0, **metrics})
+            log.print(f"iteration 0: held-out RM score {metrics['val_rm_score']:+.4f} (the policy before PPO)")
+    t_begin = time.time()
+    for it in range(start, cfg.iterations):
+        if it > start and it % cfg.eval_every == 0:
+            metrics.update(evaluate())
+            log.log({"step": it, **metrics})
+            log.print(f"iteration {it}: held-out RM score {metrics['val_rm_score']:+.4f}, length {metrics['val_length']:.1f}")
+        if it > start and it % cfg.save_every == 0:
+            save(it, metrics)
+        t0 = time.perf_counter()
+        idx = order.get(it, 0)
+        batch_prompts = [prompt_tokens[i] for i in idx]
+        policy.eval()
+        answers, finished, texts = generate(engine, batch_prompts, cfg.max_new_tokens, [seed_of(cfg.seed, it, j) for j in range(len(idx))])
+        ro = to_rollouts(batch_prompts, answers, finished, texts)
+        t1 = time.perf_counter()
+        beta = kl_ctl.value
+        score(ro, beta)
+        t2 = time.perf_counter()
+        train_stats = train_on(ro, it)
+        t3 = time.perf_counter()
+        kl_seq = (R.kl_k1(ro.old_logp, ro.ref_logp) * ro.amask).sum(1)
+        kl_ctl.update(kl_seq.mean().item(), len(idx))
+        n_tokens = int(ro.amask.sum())
+        rec = {
+            "step": it + 1,
+            "rm_score": ro.score.mean().item(),
+            "reward": (ro.score - beta * kl_seq).mean().item(),
+            "kl": kl_seq.mean().item(),
+            "kl_k3": (R.kl_k3(ro.old_logp, ro.ref_logp) * ro.amask).sum(1).mean().item(),
+            "beta": beta,
+            "length": n_tokens / len(idx),
+            "finished": ro.finished.float().mean().item(),
+            **train_stats,
+            "t_rollout": t1 - t0,
+            "t_score": t2 - t1,
+            "t_train": t3 - t2,
+            "rollout_tok_per_s": n_tokens / max(1e-9, t1 - t0),
+        }
+        log.log(rec)
+        if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
+            done = it + 1 - start
+            eta = (time.time() - t_begin) / done * (cfg.iterations - it - 1)
+            log.print(
+                f"iter {it + 1}/{cfg.iterations} | RM {rec['rm_score']:+.3f} | reward {rec['reward']:+.3f} | KL {rec['kl']:.3f} "
+                f"(beta {beta:.4f}) | entropy {rec['entropy']:.3f} | clip {rec['clipfrac']:.3f} | vf loss {rec['vf_loss']:.4f} | "
+                f"len {rec['length']:.1f} | time rollout/score/train {t1 - t0:.1f}/{t2 - t1:.1f}/{t3 - t2:.1f}s | ETA {C.fmt_time(eta)}"
+            )
+            for j in range(min(cfg.show_samples, len(idx))):
+                log.print(f"  sample | {prompts[idx[j]].messages[-1]['content'][:60]!r} -> {texts[j][:100]!r} (RM {ro.score[j].item():+.3f})")
+        metrics.update(rm_score=rec["rm_score"], kl=rec["kl"], reward=rec["reward"])
+    metrics.update(evaluate())
+    if eval_prompts:
+        log.log({"step": cfg.iterations, **{k: v for k, v in metrics.items() if k.startswith("val_")}})
+        log.print(f"iteration {cfg.iterations}: held-out RM score {metrics['val_rm_score']:+.4f}, length {metrics['val_length']:.1f}")
+    save(cfg.iterations, metrics)
+    log.print(f"ppo: checkpoint {out}, log {out / 'log.jsonl'}, plots {out / 'ppo.png'} and {out / 'reward_vs_kl.png'}, {time.time() - t_begin:.0f}s")
+    return out
+
+
+def seed_of(*parts: int) -> int:
+    """A seed for (seed, iteration, row): hashes of int tuples do not depend on PYTHONHASHSEED,
+    so a resumed run draws the same samples."""
+    return hash(parts) % (2**62)
+
+
+def plot_reward_vs_kl(records: list[dict], path: Path) -> None:
+    """RM score against KL to the reference, one point per iteration (coloured by iteration):
+    the trade-off PPO walks along, and where over-optimisation would show as a bend."""
+    pts = [(r["kl"], r["rm_score"], r["step"]) for r in records if "kl" in r and "rm_score" in r]
+    if not pts:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=18)
+    fig.colorbar(sc, ax=ax, label="iteration")
+    ax.set_xlabel("KL(policy || reference) per answer, nats")
+    ax.set_ylabel("reward model score")
+    ax.set_title("PPO: reward vs KL")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
