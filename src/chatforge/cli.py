@@ -89,14 +89,17 @@ def _add_tokenizer(sub) -> None:
     t.add_argument("--input", nargs="+", required=True, help="text files or folders (.txt/.jsonl/.parquet)")
     t.add_argument("--vocab-size", type=int, required=True)
     t.add_argument("--out", required=True)
-    t.add_argument("--max-chars", type=int, default=0, help="train on at most this many characters (0 = all)")
+    t.add_argument(
+        "--max-chars", type=int, default=0, help="train on about this many characters sampled across all inputs (0 = all)"
+    )
+    t.add_argument("--seed", type=int, default=0, help="seed of the --max-chars sample")
     t.set_defaults(func=_run_tokenizer_train)
 
 
 def _run_tokenizer_train(a) -> None:
     from .data.prepare import train_tokenizer_on_files
 
-    train_tokenizer_on_files(a.input, a.vocab_size, a.out, max_chars=a.max_chars)
+    train_tokenizer_on_files(a.input, a.vocab_size, a.out, max_chars=a.max_chars, seed=a.seed)
 
 
 def _add_pretrain(sub) -> None:
@@ -275,8 +278,11 @@ def _add_chat(sub) -> None:
 def _run_chat(a) -> None:
     from .chat import chat, load_engine
 
+    # Chinese (any UTF-8) in and out even under a C/POSIX locale; undecodable input bytes are replaced.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(encoding="utf-8", errors="replace")
     chat(load_engine(a.model, a.install, a.dtype, int8=a.int8), _sampling(a), a.system)
 
 
@@ -297,6 +303,243 @@ def _run_generate(a) -> None:
     generate(load_engine(a.model, a.install, a.dtype, int8=a.int8), a.prompt, _sampling(a), a.chat, a.system, a.json)
 
 
+def _add_serve(sub) -> None:
+    from .serve.config import ServeConfig
+
+    p = sub.add_parser("serve", help="OpenAI-compatible API server (chat completions, completions, models) with keys and usage")
+    p.add_argument("model", nargs="*", help="checkpoint folders or known model names (default: smollm2-135m-instruct)")
+    add_config_args(p, ServeConfig, skip=("models",))
+    p.set_defaults(func=_run_serve)
+
+
+def _run_serve(a) -> None:
+    from .serve.app import main
+    from .serve.config import ServeConfig
+
+    main(config_from_args(ServeConfig, a, models=a.model or ServeConfig().models))
+
+
+def _add_keys(sub) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke API keys")
+    ksub = p.add_subparsers(dest="keys_cmd", required=True)
+    c = ksub.add_parser("create", help="create a key and print its secret (shown once)")
+    c.add_argument("--name", required=True, help="who or what the key is for")
+    c.add_argument("--rpm", type=int, default=None, help="requests per minute (default: unlimited)")
+    c.add_argument("--tpm", type=int, default=None, help="tokens per minute, prompt + completion (default: unlimited)")
+    c.add_argument("--quota", type=int, default=None, help="lifetime token quota (default: unlimited)")
+    l_ = ksub.add_parser("list", help="list keys (never their secrets)")
+    r = ksub.add_parser("revoke", help="revoke a key by id, name or prefix; effective on the next request")
+    r.add_argument("key")
+    for q in (c, l_, r):
+        q.add_argument("--db", default="", help="SQLAlchemy URL of the store (default: SQLite at <cache>/chatforge.db)")
+        q.set_defaults(func=_run_keys)
+
+
+def _run_keys(a) -> None:
+    from .store import Store
+
+    store = Store(a.db or None)
+    if a.keys_cmd == "create":
+        k, secret = store.create_key(a.name, rpm=a.rpm, tpm=a.tpm, quota_tokens=a.quota)
+        print(f"created key {k.id} ({k.name}); store the secret now, it is not shown again:\n{secret}")
+    elif a.keys_cmd == "revoke":
+        k = store.revoke_key(a.key)
+        print(f"revoked key {k.id} ({k.name}, {k.prefix}...) at {k.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
+    else:
+        lim = lambda v: "-" if v is None else str(v)  # noqa: E731
+        print(f"{'id':>4s} {'name':20s} {'prefix':12s} {'rpm':>7s} {'tpm':>9s} {'quota':>12s} {'used':>12s} {'created (UTC)':19s} status")
+        for k in store.list_keys():
+            status = "active" if k.active else f"revoked {k.revoked_at:%Y-%m-%d %H:%M}"
+            print(f"{k.id:4d} {k.name[:20]:20s} {k.prefix:12s} {lim(k.rpm):>7s} {lim(k.tpm):>9s} {lim(k.quota_tokens):>12s} "
+                  f"{k.tokens_used:12d} {k.created_at:%Y-%m-%d %H:%M:%S} {status}")
+    store.close()
+
+
+def _add_usage(sub) -> None:
+    p = sub.add_parser("usage", help="tokens (and cost) per key and model from the usage ledger")
+    p.add_argument("--key", default=None, help="only this key (id, name or prefix)")
+    p.add_argument("--since", default=None, help="ISO date/time (UTC) or a span back from now: 30m, 24h, 7d")
+    p.add_argument("--price-per-1k-prompt", type=float, default=0.0, help="price of 1,000 prompt tokens")
+    p.add_argument("--price-per-1k-completion", type=float, default=0.0, help="price of 1,000 completion tokens")
+    p.add_argument("--db", default="", help="SQLAlchemy URL of the store (default: SQLite at <cache>/chatforge.db)")
+    p.set_defaults(func=_run_usage)
+
+
+def _run_usage(a) -> None:
+    from .serve.usage import report
+    from .store import Store
+
+    store = Store(a.db or None)
+    print(report(store, key=a.key, since=a.since, price_prompt=a.price_per_1k_prompt, price_completion=a.price_per_1k_completion))
+    store.close()
+
+
+def _add_sft(sub) -> None:
+    from .train.sft import SFTConfig
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA), loss on assistant turns only")
+    add_config_args(p, SFTConfig)
+    p.set_defaults(func=_run_sft)
+
+
+def _run_sft(a) -> None:
+    from .train.sft import SFTConfig, main
+
+    main(config_from_args(SFTConfig, a))
+
+
+def _add_sft_default(sub) -> None:
+    """`chatforge data sft-default`, attached to the `data` group that _add_data made."""
+    from .data.sft_default import SFTDefaultConfig
+
+    data = sub.choices["data"]
+    dsub = next(a for a in data._actions if isinstance(a, argparse._SubParsersAction))
+    d = dsub.add_parser("sft-default", help="build the default bilingual SFT demonstration set with a held-out split (cached)")
+    add_config_args(d, SFTDefaultConfig)
+    d.set_defaults(func=_run_sft_default)
+
+
+def _run_sft_default(a) -> None:
+    from .data.sft_default import SFTDefaultConfig, build_sft_default
+
+    build_sft_default(config_from_args(SFTDefaultConfig, a))
+
+
+def _add_eval(sub) -> None:
+    from .eval.tasks import TaskEvalConfig
+
+    p = sub.add_parser("eval", help="evaluate checkpoints")
+    esub = p.add_subparsers(dest="eval_cmd", required=True)
+    t = esub.add_parser("tasks", help="exact-match accuracy on held-out questions with known answers (e.g. from data sft-default)")
+    t.add_argument("model", help="checkpoint folder or known model name")
+    add_config_args(t, TaskEvalConfig, skip=("model",))
+    t.set_defaults(func=_run_eval_tasks)
+
+
+def _run_eval_tasks(a) -> None:
+    from .eval.tasks import TaskEvalConfig, main
+
+    main(config_from_args(TaskEvalConfig, a))
+
+
+def _add_label(sub) -> None:
+    from .label import ORACLES, SampleConfig
+
+    p = sub.add_parser("label", help="comparisons for the reward model: sample K answers, rank them, judge policies")
+    lsub = p.add_subparsers(dest="label_cmd", required=True)
+    s = lsub.add_parser("sample", help="K answers per prompt from a policy, for people (or the gold labeler) to rank")
+    add_config_args(s, SampleConfig)
+    s.set_defaults(func=_run_label_sample)
+    r = lsub.add_parser("rank", help="rank a samples file in the terminal (best first), or with a gold oracle")
+    r.add_argument("file", help="samples JSONL from `chatforge label sample`")
+    r.add_argument("--out", default=None, help="rankings JSONL (default: FILE with .ranked.jsonl); a session resumes from it")
+    r.add_argument("--oracle", default=None, choices=sorted(ORACLES), help="rank with a programmatic gold labeler (synthetic preferences)")
+    r.add_argument("--disagreement", type=float, default=None, help="oracle's share of pairs ordered against its gold score (0.27 ~ InstructGPT)")
+    r.add_argument("--seed", type=int, default=0, help="oracle tie-breaks and noise")
+    r.set_defaults(func=_run_label_rank)
+    j = lsub.add_parser("judge", help="gold score of policies' answers to held-out prompts (never a reward model's)")
+    j.add_argument("policies", nargs="+", help="checkpoint folders or known model names")
+    j.add_argument("--prompts", nargs="+", required=True, help="prompt JSONL files whose lines carry a 'gold' answer key")
+    j.add_argument("--samples", type=int, default=1, help="answers per prompt")
+    j.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    j.add_argument("--max-new-tokens", type=int, default=48)
+    j.add_argument("--max-prompts", type=int, default=0, help="judge at most this many prompts (0 = all)")
+    j.add_argument("--seed", type=int, default=1234, help="the same sampling seeds for every policy")
+    j.add_argument("--device", default="auto")
+    j.add_argument("--out", default=None, help="write the results to this JSON file")
+    j.set_defaults(func=_run_label_judge)
+    q = lsub.add_parser("prompts", help="RLHF prompts with answer keys from the default SFT set (+ requests to decline)")
+    q.add_argument("--sft-data", default=None, help="folder from `chatforge data sft-default` (default: <cache>/sft/default)")
+    q.add_argument("--out", required=True, help="folder for train.jsonl and heldout.jsonl")
+    q.add_argument("--per-task-train", type=int, default=100, help="at most this many train prompts per (language, task)")
+    q.add_argument("--per-task-heldout", type=int, default=30, help="at most this many held-out prompts per (language, task)")
+    q.add_argument("--seed", type=int, default=0)
+    q.set_defaults(func=_run_label_prompts)
+
+
+def _run_label_sample(a) -> None:
+    from .label import SampleConfig, sample
+
+    sample(config_from_args(SampleConfig, a))
+
+
+def _run_label_rank(a) -> None:
+    from .label import rank
+
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8")
+    rank(a.file, a.out, a.oracle, a.disagreement, a.seed)
+
+
+def _run_label_judge(a) -> None:
+    from .label import judge
+
+    judge(a.policies, a.prompts, a.samples, a.temperature, a.max_new_tokens, a.max_prompts, a.seed, a.device, a.out)
+
+
+def _run_label_prompts(a) -> None:
+    from .config import cache_dir
+    from .label import build_prompts
+
+    build_prompts(a.sft_data or str(cache_dir() / "sft" / "default"), a.out, a.per_task_train, a.per_task_heldout, a.seed)
+
+
+def _add_rm(sub) -> None:
+    from .train.reward import RewardConfig
+
+    p = sub.add_parser("rm", help="train a reward model from rankings (InstructGPT step 2)")
+    add_config_args(p, RewardConfig)
+    p.set_defaults(func=_run_rm)
+
+
+def _run_rm(a) -> None:
+    from .train.reward import RewardConfig, main
+
+    main(config_from_args(RewardConfig, a))
+
+
+def _add_ppo(sub) -> None:
+    from .train.ppo import PPOConfig
+
+    p = sub.add_parser("ppo", help="PPO against a reward model with a KL penalty to the SFT policy (InstructGPT step 3)")
+    add_config_args(p, PPOConfig)
+    p.set_defaults(func=_run_ppo)
+
+
+def _run_ppo(a) -> None:
+    from .train.ppo import PPOConfig, main
+
+    main(config_from_args(PPOConfig, a))
+
+
+def _add_dpo(sub) -> None:
+    from .train.dpo import DPOConfig
+
+    p = sub.add_parser("dpo", help="direct preference optimisation on rankings (no reward model, no sampling)")
+    add_config_args(p, DPOConfig)
+    p.set_defaults(func=_run_dpo)
+
+
+def _run_dpo(a) -> None:
+    from .train.dpo import DPOConfig, main
+
+    main(config_from_args(DPOConfig, a))
+
+
+def _add_rlhf(sub) -> None:
+    from .train.rlhf import RLHFConfig
+
+    p = sub.add_parser("rlhf", help="rounds of sample -> rank -> reward model -> PPO with the newest policy")
+    add_config_args(p, RLHFConfig)
+    p.set_defaults(func=_run_rlhf)
+
+
+def _run_rlhf(a) -> None:
+    from .train.rlhf import RLHFConfig, main
+
+    main(config_from_args(RLHFConfig, a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatforge", description="An open, end-to-end ChatGPT system.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -306,6 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_models, _add_chat, _add_generate]
+ADDERS += [_add_serve, _add_keys, _add_usage]
+ADDERS += [_add_sft, _add_sft_default, _add_eval]
+ADDERS += [_add_label, _add_rm, _add_ppo, _add_dpo, _add_rlhf]
 
 
 def main(argv: list[str] | None = None) -> int:

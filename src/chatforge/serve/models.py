@@ -1,0 +1,121 @@
+"""The models a server offers, each with its own engine loop, and the bridge from the engine's
+thread to asyncio (the engine calls a sink per event; the sink hands it to the event loop with
+`call_soon_threadsafe`, so awaiting tokens never ties up a thread per request).
+
+A model id is `name@snapshot`: the snapshot is the checkpoint's content hash, so a client that
+sends the full id is sure of the exact weights; the bare name is accepted too and means "the
+snapshot this server has loaded".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import calendar
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..engine import Engine, EngineLoop, Event
+from ..tokenizer import Tokenizer
+
+
+def asyncio_sink(queue: asyncio.Queue, tag: int) -> Callable[[Event | BaseException], None]:
+    """A thread-safe callback that puts (tag, event) on an asyncio queue of the running loop."""
+    loop = asyncio.get_running_loop()
+
+    def put(ev: Event | BaseException) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, (tag, ev))
+        except RuntimeError:  # the event loop has closed (server shutting down)
+            pass
+
+    return put
+
+
+@dataclass
+class ServedModel:
+    name: str
+    snapshot: str
+    engine: Engine
+    loop: EngineLoop
+    created: int
+    path: Path
+    max_waiting: int  # requests beyond the engine's slots before the server answers 503
+
+    @property
+    def capacity_left(self) -> int:
+        """Requests that can still be taken: free slots plus room in the waiting queue. Counted over
+        slots and queue together because the engine admits waiting requests only at its next step:
+        right after a step frees slots, the queue alone would look fuller than it is."""
+        return self.engine.max_batch + self.max_waiting - len(self.engine.active) - len(self.engine.waiting)
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.snapshot}"
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tok
+
+    @property
+    def context_len(self) -> int:
+        return self.engine.max_len
+
+    def close(self) -> None:
+        self.loop.close()
+
+
+def load_model(
+    name_or_path: str,
+    max_batch: int,
+    max_waiting: int,
+    max_seq_len: int | None = None,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    int8: bool = False,
+    install: bool = False,
+) -> ServedModel:
+    """Resolve a checkpoint folder or known model name, load it and start its engine loop."""
+    from .. import checkpoint
+    from ..convert.registry import KNOWN, resolve
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    if dt is None:
+        raise ValueError(f"dtype={dtype!r}; expected fp32, bf16 or fp16")
+    path = resolve(name_or_path, install=install)
+    ck = checkpoint.load(path, device=device, dtype=dt)
+    snapshot = ck.meta.get("snapshot") or checkpoint.snapshot_id(path)
+    name = name_or_path if name_or_path in KNOWN else Path(path).resolve().name
+    engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device, int8=int8)
+    created = int(calendar.timegm(time.strptime(ck.meta["created"], "%Y-%m-%dT%H:%M:%SZ"))) if "created" in ck.meta else int(time.time())
+    # The engine loop's own bound on its waiting list is only a backstop (capacity_left is checked first).
+    loop = EngineLoop(engine, max_waiting=max_batch + max_waiting)
+    return ServedModel(name=name, snapshot=snapshot, engine=engine, loop=loop, created=created, path=Path(path), max_waiting=max_waiting)
+
+
+class ModelRegistry:
+    """The loaded models, found by `name@snapshot` or by bare name."""
+
+    def __init__(self, models: list[ServedModel]):
+        if not models:
+            raise ValueError("serve: give at least one model")
+        self.models = models
+        ids = [m.id for m in models]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"serve: the same snapshot is loaded twice: {ids}")
+        names = [m.name for m in models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"serve: two models are named the same ({names}); give them distinct folder names")
+
+    def get(self, model_id: str) -> ServedModel | None:
+        for m in self.models:
+            if model_id in (m.id, m.name):
+                return m
+        return None
+
+    def close(self) -> None:
+        for m in self.models:
+            m.close()

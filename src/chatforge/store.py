@@ -1,0 +1,502 @@
+"""The store: API keys, the usage ledger, and what the data flywheel learns from.
+
+One SQLAlchemy 2 database holds
+- api_keys       random keys stored only as SHA-256 hashes, with rpm/tpm limits, a token quota
+                 and the running count of tokens used;
+- usage          one ledger row per request: key, model snapshot, prompt and completion tokens,
+                 latency, HTTP status (written before the response completes);
+- conversations, messages (a tree: `parent_id` lets regenerate/edit branch), generations (model
+                 snapshot, sampling parameters, token counts, finish reason, the raw output);
+- feedback       thumbs up/down with a reason, or a corrected answer (a demonstration);
+- rankings, ranking_items   K answers to one prompt ranked best first.
+
+SQLite is the embedded default (`<cache>/chatforge.db`, WAL mode, synchronous=FULL so an
+acknowledged row survives a crash of the process and of the machine); any SQLAlchemy URL
+(postgresql+psycopg://...) works for production. Times are naive UTC datetimes.
+
+Migrations: `schema_migrations` records which numbered migrations ran. `MIGRATIONS` is an
+append-only list; each entry's DDL is frozen (migration 1 builds its own MetaData rather than
+using the ORM classes below), so a database created by any older chatforge is upgraded step by
+step on start. tests/test_store.py checks that a database migrated from scratch has exactly the
+columns the ORM classes declare: change a class, add a migration.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from .config import cache_dir
+
+KEY_PREFIX = "cf-"  # every chatforge key starts with this, so a leaked key is recognisable
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def default_url() -> str:
+    return f"sqlite:///{cache_dir() / 'chatforge.db'}"
+
+
+# ---- API keys -----------------------------------------------------------------------------
+def generate_key() -> str:
+    """A new secret: 256 random bits, URL-safe."""
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def hash_key(secret: str) -> str:
+    # A fast hash is enough for 256-bit random secrets (no dictionary to try), and keeps the
+    # check on every request cheap; slow password hashes are for low-entropy passwords.
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+# ---- ORM classes: the current schema ------------------------------------------------------
+class Base(DeclarativeBase):
+    pass
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(100))
+    prefix: Mapped[str] = mapped_column(sa.String(16))  # the first characters, to tell keys apart in listings
+    key_hash: Mapped[str] = mapped_column(sa.String(64), unique=True)
+    rpm: Mapped[int | None] = mapped_column(sa.Integer)  # requests per minute; None = unlimited
+    tpm: Mapped[int | None] = mapped_column(sa.Integer)  # tokens (prompt + completion) per minute
+    quota_tokens: Mapped[int | None] = mapped_column(sa.BigInteger)  # lifetime token quota
+    tokens_used: Mapped[int] = mapped_column(sa.BigInteger, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)
+
+
+class Usage(Base):
+    __tablename__ = "usage"
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(sa.String(64), index=True)  # the response's `id`
+    key_id: Mapped[int | None] = mapped_column(sa.ForeignKey("api_keys.id"), index=True)
+    endpoint: Mapped[str] = mapped_column(sa.String(32))  # "chat.completions" | "completions"
+    model: Mapped[str] = mapped_column(sa.String(200))  # name@snapshot, or what was asked for if unknown
+    prompt_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(sa.Integer, default=0)
+    latency_ms: Mapped[float] = mapped_column(sa.Float)
+    ttft_ms: Mapped[float | None] = mapped_column(sa.Float)  # time to first token
+    status: Mapped[int] = mapped_column(sa.Integer)  # HTTP status; 499 = the client went away
+    error_code: Mapped[str | None] = mapped_column(sa.String(64))
+    user: Mapped[str | None] = mapped_column(sa.String(256))  # OpenAI's `user` field
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, index=True)
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    key_id: Mapped[int | None] = mapped_column(sa.ForeignKey("api_keys.id"), index=True)  # the owner
+    title: Mapped[str | None] = mapped_column(sa.String(200))
+    source: Mapped[str] = mapped_column(sa.String(16))  # "api" | "chat" | "label"
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
+    updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
+    deleted_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(sa.ForeignKey("conversations.id"), index=True)
+    parent_id: Mapped[str | None] = mapped_column(sa.ForeignKey("messages.id"))  # previous turn; siblings = alternatives
+    role: Mapped[str] = mapped_column(sa.String(16))  # system | user | assistant
+    content: Mapped[str] = mapped_column(sa.Text)
+    generation_id: Mapped[str | None] = mapped_column(sa.ForeignKey("generations.id"))  # set when a model wrote it
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
+
+
+class Generation(Base):
+    __tablename__ = "generations"
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    request_id: Mapped[str] = mapped_column(sa.String(64), index=True)  # shared by the n choices of a request
+    choice_index: Mapped[int] = mapped_column(sa.Integer)
+    key_id: Mapped[int | None] = mapped_column(sa.ForeignKey("api_keys.id"), index=True)
+    conversation_id: Mapped[str | None] = mapped_column(sa.ForeignKey("conversations.id"), index=True)
+    prompt_text: Mapped[str | None] = mapped_column(sa.Text)  # raw prompt of /v1/completions (chat prompts are messages)
+    model: Mapped[str] = mapped_column(sa.String(200))  # the model's name
+    snapshot: Mapped[str] = mapped_column(sa.String(64))  # checkpoint content hash (checkpoint.snapshot_id)
+    sampling: Mapped[dict] = mapped_column(sa.JSON)  # the engine's SamplingParams as a dict
+    output: Mapped[str] = mapped_column(sa.Text)  # what the model wrote (messages may later be edited)
+    prompt_tokens: Mapped[int] = mapped_column(sa.Integer)
+    completion_tokens: Mapped[int] = mapped_column(sa.Integer)
+    finish_reason: Mapped[str] = mapped_column(sa.String(16))  # stop | length | cancelled
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
+
+
+class Feedback(Base):
+    __tablename__ = "feedback"
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    message_id: Mapped[str] = mapped_column(sa.ForeignKey("messages.id"), index=True)  # the rated answer
+    key_id: Mapped[int | None] = mapped_column(sa.ForeignKey("api_keys.id"), index=True)  # who rated
+    rating: Mapped[int | None] = mapped_column(sa.SmallInteger)  # +1 thumbs up, -1 thumbs down
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    correction_id: Mapped[str | None] = mapped_column(sa.ForeignKey("messages.id"))  # the edited answer (a demonstration)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
+
+
+class Ranking(Base):
+    __tablename__ = "rankings"
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    key_id: Mapped[int | None] = mapped_column(sa.ForeignKey("api_keys.id"), index=True)  # who ranked
+    conversation_id: Mapped[str | None] = mapped_column(sa.ForeignKey("conversations.id"))
+    parent_id: Mapped[str | None] = mapped_column(sa.ForeignKey("messages.id"))  # the last prompt message
+    source: Mapped[str] = mapped_column(sa.String(16))  # "compare" (chat page) | "label" (labeling page)
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
+
+
+class RankingItem(Base):
+    __tablename__ = "ranking_items"
+    ranking_id: Mapped[str] = mapped_column(sa.ForeignKey("rankings.id"), primary_key=True)
+    message_id: Mapped[str] = mapped_column(sa.ForeignKey("messages.id"), primary_key=True)
+    rank: Mapped[int] = mapped_column(sa.Integer)  # 0 = best
+
+
+# ---- migrations ---------------------------------------------------------------------------
+def _migration_1(conn: sa.Connection) -> None:
+    """The initial schema, frozen: never edit; add a migration instead."""
+    md = sa.MetaData()
+    T, C, S, I, DT = sa.Table, sa.Column, sa.String, sa.Integer, sa.DateTime
+    T("api_keys", md, C("id", I, primary_key=True), C("name", S(100), nullable=False), C("prefix", S(16), nullable=False),
+      C("key_hash", S(64), nullable=False, unique=True), C("rpm", I), C("tpm", I), C("quota_tokens", sa.BigInteger),
+      C("tokens_used", sa.BigInteger, nullable=False), C("created_at", DT, nullable=False), C("revoked_at", DT))
+    T("usage", md, C("id", I, primary_key=True), C("request_id", S(64), nullable=False, index=True),
+      C("key_id", I, sa.ForeignKey("api_keys.id"), index=True), C("endpoint", S(32), nullable=False),
+      C("model", S(200), nullable=False), C("prompt_tokens", I, nullable=False), C("completion_tokens", I, nullable=False),
+      C("latency_ms", sa.Float, nullable=False), C("ttft_ms", sa.Float), C("status", I, nullable=False),
+      C("error_code", S(64)), C("user", S(256)), C("created_at", DT, nullable=False, index=True))
+    T("conversations", md, C("id", S(64), primary_key=True), C("key_id", I, sa.ForeignKey("api_keys.id"), index=True),
+      C("title", S(200)), C("source", S(16), nullable=False), C("created_at", DT, nullable=False),
+      C("updated_at", DT, nullable=False), C("deleted_at", DT))
+    T("generations", md, C("id", S(64), primary_key=True), C("request_id", S(64), nullable=False, index=True),
+      C("choice_index", I, nullable=False), C("key_id", I, sa.ForeignKey("api_keys.id"), index=True),
+      C("conversation_id", S(64), sa.ForeignKey("conversations.id"), index=True), C("prompt_text", sa.Text),
+      C("model", S(200), nullable=False), C("snapshot", S(64), nullable=False), C("sampling", sa.JSON, nullable=False),
+      C("output", sa.Text, nullable=False), C("prompt_tokens", I, nullable=False), C("completion_tokens", I, nullable=False),
+      C("finish_reason", S(16), nullable=False), C("created_at", DT, nullable=False))
+    T("messages", md, C("id", S(64), primary_key=True),
+      C("conversation_id", S(64), sa.ForeignKey("conversations.id"), nullable=False, index=True),
+      C("parent_id", S(64), sa.ForeignKey("messages.id")), C("role", S(16), nullable=False),
+      C("content", sa.Text, nullable=False), C("generation_id", S(64), sa.ForeignKey("generations.id")),
+      C("created_at", DT, nullable=False))
+    T("feedback", md, C("id", S(64), primary_key=True), C("message_id", S(64), sa.ForeignKey("messages.id"), nullable=False, index=True),
+      C("key_id", I, sa.ForeignKey("api_keys.id"), index=True), C("rating", sa.SmallInteger), C("reason", sa.Text),
+      C("correction_id", S(64), sa.ForeignKey("messages.id")), C("created_at", DT, nullable=False))
+    T("rankings", md, C("id", S(64), primary_key=True), C("key_id", I, sa.ForeignKey("api_keys.id"), index=True),
+      C("conversation_id", S(64), sa.ForeignKey("conversations.id")), C("parent_id", S(64), sa.ForeignKey("messages.id")),
+      C("source", S(16), nullable=False), C("created_at", DT, nullable=False))
+    T("ranking_items", md, C("ranking_id", S(64), sa.ForeignKey("rankings.id"), primary_key=True),
+      C("message_id", S(64), sa.ForeignKey("messages.id"), primary_key=True), C("rank", I, nullable=False))
+    md.create_all(conn)
+
+
+# (version, name, function): append only.
+MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
+    (1, "initial: keys, usage, conversations, messages, generations, feedback, rankings", _migration_1),
+]
+
+_migrations_table = sa.Table(
+    "schema_migrations",
+    sa.MetaData(),
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("name", sa.String(200), nullable=False),
+    sa.Column("applied_at", sa.DateTime, nullable=False),
+)
+
+
+# ---- records the server writes ------------------------------------------------------------
+@dataclass
+class KeyInfo:
+    """An API key as the server and the CLI see it (never the secret)."""
+
+    id: int
+    name: str
+    prefix: str
+    rpm: int | None
+    tpm: int | None
+    quota_tokens: int | None
+    tokens_used: int
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass
+class GenerationRecord:
+    """One choice of a request: what the model was asked and what it wrote."""
+
+    choice_index: int
+    output: str
+    completion_tokens: int
+    finish_reason: str
+    sampling: dict[str, Any]  # the engine's SamplingParams for this choice (seeds differ between choices)
+
+
+@dataclass
+class RequestRecord:
+    """Everything one API request leaves in the store, written in one transaction."""
+
+    request_id: str
+    endpoint: str
+    key_id: int | None
+    model: str  # name@snapshot (or the unknown name the client asked for)
+    status: int
+    latency_ms: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float | None = None
+    error_code: str | None = None
+    user: str | None = None
+    # What the flywheel keeps (empty for rejected requests or when the client asked store=false):
+    model_name: str | None = None
+    snapshot: str | None = None
+    messages: list[dict] | None = None  # chat prompt turns
+    prompt_text: str | None = None  # /v1/completions prompt
+    generations: list[GenerationRecord] = field(default_factory=list)
+
+
+@dataclass
+class UsageLine:
+    key_id: int | None
+    key_name: str | None
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Store:
+    """A handle on the database; thread-safe. Opening it creates or migrates the schema."""
+
+    def __init__(self, url: str | None = None, echo: bool = False):
+        self.url = url or default_url()
+        u = sa.engine.make_url(self.url)
+        self.is_sqlite = u.get_backend_name() == "sqlite"
+        kwargs: dict[str, Any] = {"echo": echo}
+        if self.is_sqlite:
+            db = u.database
+            if db and db != ":memory:":
+                Path(db).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+        try:
+            self.engine = sa.create_engine(self.url, **kwargs)
+        except (sa.exc.ArgumentError, sa.exc.NoSuchModuleError, ImportError) as e:
+            raise ValueError(f"--db {self.url!r}: not a usable SQLAlchemy URL ({e})") from None
+        if self.is_sqlite:
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        # SQLite allows one writer at a time; serialising our own writes in-process avoids
+        # busy-waiting on the file lock (other processes, like `chatforge keys`, still wait on it).
+        self._write_lock = threading.Lock() if self.is_sqlite else _NullLock()
+        self.migrate()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ---- schema ------------------------------------------------------------------------
+    def migrate(self) -> list[int]:
+        """Apply the migrations this database has not seen; returns the versions applied."""
+        applied = []
+        with self._write_lock, self.engine.begin() as conn:
+            _migrations_table.create(conn, checkfirst=True)
+            done = set(conn.execute(sa.select(_migrations_table.c.version)).scalars())
+            for version, name, fn in MIGRATIONS:
+                if version in done:
+                    continue
+                fn(conn)
+                conn.execute(_migrations_table.insert().values(version=version, name=name, applied_at=utcnow()))
+                applied.append(version)
+        return applied
+
+    @property
+    def version(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.max(_migrations_table.c.version))).scalar() or 0
+
+    def integrity_check(self) -> str:
+        """SQLite's `PRAGMA integrity_check` ("ok" when the file is sound); "ok" elsewhere."""
+        if not self.is_sqlite:
+            return "ok"
+        with self.engine.connect() as conn:
+            return "\n".join(r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check"))
+
+    def session(self) -> Session:
+        return Session(self.engine, expire_on_commit=False)
+
+    # ---- keys --------------------------------------------------------------------------
+    def create_key(self, name: str, rpm: int | None = None, tpm: int | None = None, quota_tokens: int | None = None) -> tuple[KeyInfo, str]:
+        """A new key; returns its record and the secret (shown once, never stored)."""
+        if not name or len(name) > 100:
+            raise ValueError(f"key name {name!r}: give 1-100 characters")
+        for flag, v in (("--rpm", rpm), ("--tpm", tpm), ("--quota", quota_tokens)):
+            if v is not None and v < 1:
+                raise ValueError(f"{flag}={v} must be >= 1 (leave it out for no limit)")
+        secret = generate_key()
+        row = ApiKey(name=name, prefix=secret[: len(KEY_PREFIX) + 6], key_hash=hash_key(secret), rpm=rpm, tpm=tpm,
+                     quota_tokens=quota_tokens, tokens_used=0, created_at=utcnow())
+        with self._write_lock, self.session() as s, s.begin():
+            s.add(row)
+        return _key_info(row), secret
+
+    def lookup_key(self, secret: str) -> KeyInfo | None:
+        """The key with this secret, revoked or not; None if there is none."""
+        with self.session() as s:
+            row = s.execute(sa.select(ApiKey).where(ApiKey.key_hash == hash_key(secret))).scalar_one_or_none()
+            return None if row is None else _key_info(row)
+
+    def list_keys(self) -> list[KeyInfo]:
+        with self.session() as s:
+            return [_key_info(r) for r in s.execute(sa.select(ApiKey).order_by(ApiKey.id)).scalars()]
+
+    def find_key(self, id_or_name: str) -> KeyInfo:
+        """A key by numeric id, name or prefix; ValueError if none or ambiguous."""
+        keys = self.list_keys()
+        hits = [k for k in keys if str(k.id) == id_or_name] or [k for k in keys if k.name == id_or_name or k.prefix == id_or_name]
+        if not hits:
+            raise ValueError(f"no API key with id, name or prefix {id_or_name!r} (see `chatforge keys list`)")
+        if len(hits) > 1:
+            raise ValueError(f"{len(hits)} keys are named {id_or_name!r}; give the numeric id: {', '.join(str(k.id) for k in hits)}")
+        return hits[0]
+
+    def revoke_key(self, id_or_name: str) -> KeyInfo:
+        k = self.find_key(id_or_name)
+        if k.revoked_at is not None:
+            return k
+        with self._write_lock, self.session() as s, s.begin():
+            row = s.get(ApiKey, k.id)
+            row.revoked_at = utcnow()
+        return _key_info(row)
+
+    # ---- the ledger ------------------------------------------------------------------------
+    def record(self, rec: RequestRecord) -> None:
+        """Write a request's usage row, its conversation and generations, and charge its tokens to
+        its key, all in one transaction (all of it is there after a crash, or none of it)."""
+        now = utcnow()
+        with self._write_lock, self.session() as s, s.begin():
+            s.add(Usage(request_id=rec.request_id, key_id=rec.key_id, endpoint=rec.endpoint, model=rec.model,
+                        prompt_tokens=rec.prompt_tokens, completion_tokens=rec.completion_tokens, latency_ms=rec.latency_ms,
+                        ttft_ms=rec.ttft_ms, status=rec.status, error_code=rec.error_code, user=rec.user, created_at=now))
+            used = rec.prompt_tokens + rec.completion_tokens
+            if rec.key_id is not None and used:
+                s.execute(sa.update(ApiKey).where(ApiKey.id == rec.key_id).values(tokens_used=ApiKey.tokens_used + used))
+            if rec.generations:
+                self._add_generations(s, rec, now)
+
+    def _add_generations(self, s: Session, rec: RequestRecord, now: dt.datetime) -> None:
+        assert rec.model_name is not None and rec.snapshot is not None
+        conv_id, parent = None, None
+        if rec.messages is not None:
+            conv_id = new_id("conv")
+            s.add(Conversation(id=conv_id, key_id=rec.key_id, title=_title(rec.messages), source="api", created_at=now, updated_at=now))
+            s.flush()
+            for m in rec.messages:
+                mid = new_id("msg")
+                s.add(Message(id=mid, conversation_id=conv_id, parent_id=parent, role=m["role"], content=m["content"], created_at=now))
+                s.flush()
+                parent = mid
+        for g in rec.generations:
+            gid = new_id("gen")
+            s.add(Generation(id=gid, request_id=rec.request_id, choice_index=g.choice_index, key_id=rec.key_id,
+                             conversation_id=conv_id, prompt_text=rec.prompt_text, model=rec.model_name, snapshot=rec.snapshot,
+                             sampling=g.sampling, output=g.output, prompt_tokens=rec.prompt_tokens,
+                             completion_tokens=g.completion_tokens, finish_reason=g.finish_reason, created_at=now))
+            if conv_id is not None:
+                s.flush()
+                s.add(Message(id=new_id("msg"), conversation_id=conv_id, parent_id=parent, role="assistant",
+                              content=g.output, generation_id=gid, created_at=now))
+
+    def usage(self, key_id: int | None = None, since: dt.datetime | None = None) -> list[UsageLine]:
+        """Requests and tokens per key and model (all statuses: a cancelled stream still used tokens)."""
+        q = (
+            sa.select(Usage.key_id, ApiKey.name, Usage.model, sa.func.count(Usage.id),
+                      sa.func.coalesce(sa.func.sum(Usage.prompt_tokens), 0), sa.func.coalesce(sa.func.sum(Usage.completion_tokens), 0))
+            .outerjoin(ApiKey, ApiKey.id == Usage.key_id)
+            .group_by(Usage.key_id, ApiKey.name, Usage.model)
+            .order_by(Usage.key_id, Usage.model)
+        )
+        if key_id is not None:
+            q = q.where(Usage.key_id == key_id)
+        if since is not None:
+            q = q.where(Usage.created_at >= since)
+        with self.session() as s:
+            return [UsageLine(*row) for row in s.execute(q)]
+
+    def usage_rows(self, request_id: str | None = None) -> list[Usage]:
+        q = sa.select(Usage).order_by(Usage.id)
+        if request_id is not None:
+            q = q.where(Usage.request_id == request_id)
+        with self.session() as s:
+            return list(s.execute(q).scalars())
+
+    def iter_generations(self, request_id: str | None = None) -> Iterator[Generation]:
+        q = sa.select(Generation).order_by(Generation.created_at, Generation.request_id, Generation.choice_index)
+        if request_id is not None:
+            q = q.where(Generation.request_id == request_id)
+        with self.session() as s:
+            yield from s.execute(q).scalars()
+
+    def conversation_messages(self, conversation_id: str) -> list[Message]:
+        with self.session() as s:
+            return list(s.execute(sa.select(Message).where(Message.conversation_id == conversation_id)).scalars())
+
+
+def _title(messages: list[dict]) -> str:
+    first = next((m["content"] for m in messages if m["role"] == "user"), messages[0]["content"] if messages else "")
+    return " ".join(first.split())[:200]
+
+
+def _key_info(r: ApiKey) -> KeyInfo:
+    return KeyInfo(r.id, r.name, r.prefix, r.rpm, r.tpm, r.quota_tokens, r.tokens_used, r.created_at, r.revoked_at)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL: readers never block the writer (the server reads keys while it writes the ledger).
+    cur.execute("PRAGMA journal_mode=WAL")
+    # FULL: a commit is on disk before the response that reports it goes out.
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+class _NullLock:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def parse_since(text: str) -> dt.datetime:
+    """`--since`: an ISO date/time (UTC) or a span back from now like 30m, 24h, 7d."""
+    t = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if t[:-1].isdigit() and t[-1:] in units:
+        return utcnow() - dt.timedelta(seconds=int(t[:-1]) * units[t[-1]])
+    try:
+        when = dt.datetime.fromisoformat(t)
+    except ValueError:
+        raise ValueError(f"--since {text!r}: give an ISO date like 2026-01-31 or 2026-01-31T12:00, or a span like 30m, 24h, 7d") from None
+    if when.tzinfo is not None:
+        when = when.astimezone(dt.timezone.utc).replace(tzinfo=None)
+    return when
