@@ -276,6 +276,19 @@ def test_missing_tool_is_named(monkeypatch, tmp_path):
         corpus.fetch_npm("chinese-poetry", tmp_path)
 
 
+def test_package_publish_keeps_the_first_copy(tmp_path):
+    """Guards two `data` commands fetching the same package at once: the second unpacked copy must
+    not replace (delete) the folder the first one published and may be reading."""
+    dest = tmp_path / "pkgs" / "p"
+    dest.parent.mkdir()
+    for i in (1, 2):
+        tmp = tmp_path / f"unpacked{i}"
+        tmp.mkdir()
+        (tmp / "file.txt").write_text(f"copy {i}")
+        assert corpus.publish_package(tmp, dest, f"1.{i}") == (dest, "1.1")
+    assert (dest / "file.txt").read_text() == "copy 1" and not (tmp_path / "unpacked2").exists()
+
+
 def _fake_sources(monkeypatch, tmp_path, calls):
     """Two tiny sources and a third that is unavailable, with fetchers that unpack nothing."""
     monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))

@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -44,6 +45,23 @@ def _need(tool: str, hint: str) -> str:
     return path
 
 
+def publish_package(tmp: Path, dest: Path, version: str) -> tuple[Path, str]:
+    """Move a freshly unpacked package folder into place. Another process (a second `data` command
+    fetching the same package) may have published it first; then its copy is kept, so a reader
+    never sees a folder that is being deleted or half unpacked."""
+    (tmp / ".chatforge-version").write_text(version)
+    done = dest / ".chatforge-version"
+    if dest.exists() and not done.is_file():  # left half-made by an older, interrupted version
+        shutil.rmtree(dest, ignore_errors=True)
+    try:
+        tmp.rename(dest)
+    except OSError:
+        if not done.is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest, done.read_text().strip()
+
+
 def fetch_deb(package: str, root: Path) -> tuple[Path, str]:
     """Download a Debian package with `apt-get download` and unpack it; returns (folder, version)."""
     dest = root / "deb" / package
@@ -52,25 +70,22 @@ def fetch_deb(package: str, root: Path) -> tuple[Path, str]:
         return dest, done.read_text().strip()
     _need("apt-get", "it comes with Debian and Ubuntu; on other systems build the corpus elsewhere and copy the folder")
     _need("dpkg-deb", "apt-get install dpkg")
-    dl = root / "deb" / "_download"
-    dl.mkdir(parents=True, exist_ok=True)
-    for old in dl.glob(f"{package}_*.deb"):
-        old.unlink()
-    r = subprocess.run(["apt-get", "download", package], cwd=dl, capture_output=True, text=True)
-    debs = sorted(dl.glob(f"{package}_*.deb"))
-    if r.returncode != 0 or not debs:
-        raise ValueError(
-            f"could not download Debian package {package!r}: {r.stderr.strip()[-300:] or 'no .deb produced'} "
-            "(try `apt-get update` first)"
-        )
-    version = debs[-1].name.split("_")[1].replace("%3a", ":")
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(dest)], check=True)
-    debs[-1].unlink()
-    done.write_text(version)
-    return dest, version
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=dest.parent))  # private to this process
+    try:
+        r = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = sorted(tmp.glob(f"{package}_*.deb"))
+        if r.returncode != 0 or not debs:
+            raise ValueError(
+                f"could not download Debian package {package!r}: {r.stderr.strip()[-300:] or 'no .deb produced'} "
+                "(try `apt-get update` first)"
+            )
+        version = debs[-1].name.split("_")[1].replace("%3a", ":")
+        unpacked = tmp / "root"
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)], check=True)
+        return publish_package(unpacked, dest, version)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fetch_npm(package: str, root: Path) -> tuple[Path, str]:
@@ -80,21 +95,19 @@ def fetch_npm(package: str, root: Path) -> tuple[Path, str]:
     if done.is_file():
         return dest, done.read_text().strip()
     _need("npm", "apt-get install npm")
-    dl = root / "npm" / "_download"
-    dl.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["npm", "pack", package, "--json"], cwd=dl, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise ValueError(f"could not download npm package {package!r}: {r.stderr.strip()[-300:]}")
-    info = json.loads(r.stdout)[0]
-    tgz = dl / info["filename"]
-    if dest.exists():
-        shutil.rmtree(dest)
-    dest.mkdir(parents=True)
-    with tarfile.open(tgz) as tf:
-        tf.extractall(dest, filter="data")
-    tgz.unlink()
-    done.write_text(info["version"])
-    return dest, info["version"]
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=dest.parent))  # private to this process
+    try:
+        r = subprocess.run(["npm", "pack", package, "--json"], cwd=tmp, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise ValueError(f"could not download npm package {package!r}: {r.stderr.strip()[-300:]}")
+        info = json.loads(r.stdout)[0]
+        unpacked = tmp / "root"
+        with tarfile.open(tmp / info["filename"]) as tf:
+            tf.extractall(unpacked, filter="data")
+        return publish_package(unpacked, dest, info["version"])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- text helpers ---------------------------------------------------------------------------

