@@ -154,7 +154,8 @@ def agree(a: list[int], b: list[int]) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp32"])
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["bf16", "fp32"],
+                    help="default: bf16 and fp32 where the CPU runs bf16 natively, else fp32 only (emulated bf16 is ~50x slower)")
     ap.add_argument("--streams", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
@@ -163,7 +164,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from chatforge import checkpoint
+    from chatforge import checkpoint, dtypes
+
+    if a.dtypes is None:
+        a.dtypes = ["bf16", "fp32"] if dtypes.fast_bf16("cpu") else ["fp32"]
     from chatforge.convert.registry import KNOWN, package_file, resolve
 
     name = "smollm2-135m-instruct"
@@ -202,15 +206,16 @@ def main() -> None:
         ids = prompt_ids(checkpoint.load(ckpt).tokenizer)[0]
         record("llama.cpp Q4_1 (package)", bench_llama_cpp(gguf_path, ids, a.threads))
         with tempfile.TemporaryDirectory() as tmp:
-            f = export_gguf(ckpt, Path(tmp) / "smollm2-bf16.gguf", dtype="bf16")
-            record("llama.cpp bf16 (export)", bench_llama_cpp(f, ids, a.threads))
+            half = "bf16" if "bf16" in a.dtypes else "f16"
+            f = export_gguf(ckpt, Path(tmp) / f"smollm2-{half}.gguf", dtype=half)
+            record(f"llama.cpp {half} (export)", bench_llama_cpp(f, ids, a.threads))
 
     print(f"\n{name}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new, greedy, {a.threads} threads; {load()} at the end")
     print(f"{'system':28s} {'TTFT s':>7s} {'decode tok/s':>13s} " + " ".join(f"{'agg' + str(n):>8s}" for n in a.streams)
           + f" {'load':>5s}  same first tokens as chatforge")
     for label, r in rows:
         cells = [f"{r['ttft']:7.3f}", f"{r['decode']:13.1f}"] + [f"{r[f'agg{n}']:8.1f}" if f"agg{n}" in r else f"{'-':>8s}" for n in a.streams]
-        ref = tokens.get(f"chatforge {label.split()[-1]}") if label.startswith("HF") else tokens.get("chatforge bf16")
+        ref = tokens.get(f"chatforge {label.split()[-1]}") if label.startswith("HF") else tokens.get(f"chatforge {a.dtypes[0]}")
         same = f"{agree(tokens[label], ref)}/{NEW_TOKENS}" if ref and not label.startswith("chatforge") else ""
         print(f"{label:28s} " + " ".join(cells) + f" {r['load']:5.1f}  {same}")
     by = dict(rows)
@@ -220,7 +225,7 @@ def main() -> None:
         if ours and hf:
             print(f"{dt_name}: single-stream decode chatforge / HF generate = {ours['decode'] / hf['decode']:.2f}x (target >= 2x); "
                   f"TTFT HF / chatforge = {hf['ttft'] / ours['ttft']:.2f}x; {top} chatforge / HF = {ours[top] / hf[top]:.2f}x")
-        for peer in ("llama.cpp Q4_1 (package)", "llama.cpp bf16 (export)"):
+        for peer in ("llama.cpp Q4_1 (package)", "llama.cpp bf16 (export)", "llama.cpp f16 (export)"):
             lc = by.get(peer)
             if ours and lc and top in ours:
                 print(f"{dt_name}: chatforge {top} / {peer} single stream = {ours[top] / lc['decode']:.2f}x (target >= 2x); "

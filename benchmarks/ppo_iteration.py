@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--minibatch", type=int, default=4)
     ap.add_argument("--ppo-epochs", type=int, default=2)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast for scoring and training")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="autocast for scoring and training (auto: dtypes.py)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
     a = ap.parse_args()
@@ -109,14 +109,18 @@ def main() -> None:
         tok = ck.tokenizer
         prompts = [tok.render([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in PROMPTS[: a.rollout_batch]]
         rates = {"chatforge engine fp32 (PPO rollouts)": engine_rollouts(ck.model.float(), tok, prompts, a.max_new_tokens)}
-        rates["chatforge engine bf16"] = engine_rollouts(ckpt_io.load(policy, dtype=torch.bfloat16).model, tok, prompts, a.max_new_tokens)
+        from chatforge import dtypes
+
+        names = (("fp32", torch.float32), ("bf16", torch.bfloat16)) if dtypes.fast_bf16("cpu") else (("fp32", torch.float32),)
+        if len(names) == 2:  # bf16 is emulated (and ~50x slower) on CPUs without native support; not worth timing there
+            rates["chatforge engine bf16"] = engine_rollouts(ckpt_io.load(policy, dtype=torch.bfloat16).model, tok, prompts, a.max_new_tokens)
         if not a.skip_hf:
             import transformers
 
             from chatforge.convert.hf import export_hf
 
             hf_dir = export_hf(policy, tmp / "hf")
-            for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            for name, dt in names:
                 hf = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dt).eval()
                 rates[f"HF generate {name}"] = hf_rollouts(hf, prompts, a.max_new_tokens)
                 del hf

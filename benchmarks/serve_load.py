@@ -209,7 +209,7 @@ def main() -> None:
     ap.add_argument("--clients", type=int, nargs="+", default=[64])
     ap.add_argument("--requests", type=int, default=0, help="requests per run (default: 4 per client, at least 16)")
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--dtype", default="bf16")
+    ap.add_argument("--dtype", default="auto", help="chatforge weights: auto, bf16 or fp32")
     ap.add_argument("--int8", action="store_true", help="serve chatforge with int8 decode weights")
     ap.add_argument("--int8-too", action="store_true", help="benchmark chatforge both without and with --int8")
     ap.add_argument("--max-batch", type=int, default=32)

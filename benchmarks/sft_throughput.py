@@ -2,7 +2,8 @@
 
 Both train the same Llama config (chatforge's GPT and HF's LlamaForCausalLM, mapped field by
 field) from the same init on the same single-turn conversations, loss on the answer only, with
-fp32 weights + bf16 autocast, AdamW, grad clipping, 2 threads, in one process. Two layouts:
+fp32 weights + bf16 autocast (or fp32 where the CPU has no native bf16: --dtype), AdamW, grad
+clipping, 2 threads, in one process. Two layouts:
 - padded: one conversation per row, padded to the longest in the batch (TRL's default);
 - packed: conversations packed into rows of --seq tokens without attention across them
   (chatforge: block-diagonal mask; TRL: packing=True, BFD, position ids, which transformers
@@ -68,7 +69,7 @@ def hf_model(cfg):
 
 
 class ChatforgeRunner:
-    def __init__(self, model, data, seq, batch, pack, lr):
+    def __init__(self, model, data, seq, batch, pack, lr, dtype):
         from chatforge.data.chat import ChatBatches
         from chatforge.train import common as C
         from chatforge.train.sft import SFTConfig, SFTLoss
@@ -77,7 +78,7 @@ class ChatforgeRunner:
         self.module = SFTLoss(model, None)
         self.opt = C.make_optimizer(model, lr, 0.0)
         self.batches = ChatBatches(data, seq, pack, batch, 1, seed=0)
-        self.cfg = SFTConfig(base="-", data=["-"], dtype="bf16", grad_clip=1.0)
+        self.cfg = SFTConfig(base="-", data=["-"], dtype=dtype, grad_clip=1.0)
         self.dist = C.Dist()
         self.step = 0
 
@@ -96,7 +97,7 @@ class ChatforgeRunner:
 
 
 class TRLRunner:
-    def __init__(self, model, tokenizer, convs, seq, batch, pack, lr, out):
+    def __init__(self, model, tokenizer, convs, seq, batch, pack, lr, out, dtype):
         import datasets
         from datasets import Dataset
         from transformers import TrainerCallback
@@ -106,7 +107,7 @@ class TRLRunner:
         ds = Dataset.from_list([{"prompt": c[:-1], "completion": c[-1:]} for c in convs])
         self.args = SFTConfig(
             output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=1, learning_rate=lr,
-            weight_decay=0.0, max_grad_norm=1.0, max_length=seq, packing=pack, bf16=True, use_cpu=True,
+            weight_decay=0.0, max_grad_norm=1.0, max_length=seq, packing=pack, bf16=dtype == "bf16", use_cpu=True,
             logging_steps=10_000, save_strategy="no", report_to="none", dataloader_num_workers=0, max_steps=1,
             lr_scheduler_type="constant", seed=0, dataset_num_proc=1, disable_tqdm=True,
         )
@@ -156,7 +157,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layouts", nargs="+", default=["padded", "packed"])
     ap.add_argument("--json", default="", help="also write the results here")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="autocast dtype for both; auto = bf16 where the CPU runs it natively (dtypes.py), else fp32")
     a = ap.parse_args()
+    from chatforge import dtypes
+
+    a.dtype = dtypes.resolve(a.dtype)
     torch.set_num_threads(a.threads)
 
     import tempfile
@@ -181,8 +187,8 @@ def main() -> None:
         theirs = hf_model(cfg)
         theirs.load_state_dict(hf_state(ours), strict=False)
         with tempfile.TemporaryDirectory() as tmp:
-            cf = ChatforgeRunner(ours, data, a.seq, a.batch, pack, 1e-4)
-            trl = TRLRunner(theirs, hf_tokenizer(tok), convs, a.seq, a.batch, pack, 1e-4, tmp)
+            cf = ChatforgeRunner(ours, data, a.seq, a.batch, pack, 1e-4, a.dtype)
+            trl = TRLRunner(theirs, hf_tokenizer(tok), convs, a.seq, a.batch, pack, 1e-4, tmp, a.dtype)
             cf.run(2)  # warmup
             rates = {"chatforge": [], "trl": []}
             for r in range(a.rounds):

@@ -36,15 +36,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per system")
     ap.add_argument("--steps", type=int, default=3, help="timed optimizer steps per round")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                    help="autocast dtype for both systems; auto = bf16 where the CPU runs it natively (dtypes.py), else fp32")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
     from chatforge.model import GPT, flops_per_token, preset
     from chatforge.train import common as C
 
+    from chatforge import dtypes
+
     dist = C.Dist()
-    peak = C.peak_flops(dist.device, "bf16")
-    print(f"bf16 matmul peak here: {peak / 1e9:.0f} GFLOP/s ({a.threads} threads)")
+    dt = dtypes.resolve(a.dtype, dist.device)
+    peak = C.peak_flops(dist.device, dt)
+    print(f"{dt} matmul peak here: {peak / 1e9:.0f} GFLOP/s ({a.threads} threads)")
     rows = []
     for size in a.sizes:
         cfg = preset(size, vocab_size=a.vocab, max_seq_len=a.seq)
@@ -62,13 +67,13 @@ def main() -> None:
         compiled = torch.compile(C.LMLoss(ours))  # and `chatforge pretrain --compile`
 
         def step_ours():
-            C.train_step(eager, [(x, y)], C.lm_loss, opt_ours, dist, "bf16", 1.0)
+            C.train_step(eager, [(x, y)], C.lm_loss, opt_ours, dist, dt, 1.0)
 
         def step_compiled():
-            C.train_step(compiled, [(x, y)], C.lm_loss, opt_ours, dist, "bf16", 1.0)
+            C.train_step(compiled, [(x, y)], C.lm_loss, opt_ours, dist, dt, 1.0)
 
         def step_theirs():
-            with C.autocast(dist.device, "bf16"):
+            with C.autocast(dist.device, dt):
                 logits = theirs(input_ids=x).logits
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
             loss.backward()
@@ -95,7 +100,7 @@ def main() -> None:
         rows.append((size, ours.num_params() / 1e6, r["chatforge"], r["compiled"], r["hf"], fpt, compile_s))
         del ours, theirs, opt_ours, opt_theirs, compiled, eager
 
-    print(f"\nbatch {a.batch}x{a.seq}, vocab {a.vocab}, fp32 weights + bf16 autocast, AdamW, {a.threads} threads, median of {a.rounds} rounds")
+    print(f"\nbatch {a.batch}x{a.seq}, vocab {a.vocab}, fp32 weights + {dt} autocast, AdamW, {a.threads} threads, median of {a.rounds} rounds")
     print("chatforge = eager; +compile = torch.compile (pretrain --compile; compile time excluded, shown); HF = eager LlamaForCausalLM, sdpa")
     print(f"{'size':10s} {'params':>8s} {'chatforge':>10s} {'MFU':>6s} {'+compile':>9s} {'MFU':>6s} {'HF':>8s} {'MFU':>6s} {'eager/HF':>9s} {'compile/HF':>11s} {'compile s':>9s}")
     for size, n, ours, comp, hf, fpt, cs in rows:

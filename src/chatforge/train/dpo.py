@@ -57,7 +57,7 @@ class DPOConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters with the base frozen
     lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
-    dtype: str = "bf16"  # "bf16" autocast or "fp32"
+    dtype: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device runs it natively (dtypes.py)
     eval_every: int = 50  # steps between held-out evaluations (and at the end)
     save_every: int = 100  # steps between checkpoints (and at the end)
     log_every: int = 10  # steps between progress lines

@@ -82,7 +82,7 @@ class PPOConfig:
     ptx_seq_len: int = 128  # tokens per pretraining window
     lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters on policy and value
     lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
-    dtype: str = "bf16"  # autocast for scoring and training: "bf16" or "fp32"
+    dtype: str = "auto"  # autocast for scoring and training: "bf16", "fp32" or "auto" (dtypes.py)
     eval_every: int = 5  # iterations between held-out RM evaluations (and at the end)
     save_every: int = 5  # iterations between checkpoints (and at the end)
     log_every: int = 1  # iterations between progress lines

@@ -43,7 +43,7 @@ class PretrainConfig:
     warmup_steps: int = 20  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decay on matrices
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    dtype: str = "bf16"  # "bf16" autocast or "fp32"
+    dtype: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device runs it natively (dtypes.py)
     compile: bool = False  # torch.compile the model
     eval_every: int = 100  # steps between validation runs (and at the end)
     eval_tokens: int = 65536  # validation tokens per evaluation

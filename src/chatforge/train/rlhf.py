@@ -45,7 +45,7 @@ class RLHFConfig:
     ptx_data: str = ""  # token shards for PPO-ptx; empty = none
     ptx_coef: float = 0.0  # PPO-ptx gamma
     lora_rank: int = 0  # LoRA rank for the reward model and PPO; 0 = full training
-    dtype: str = "bf16"  # autocast for training
+    dtype: str = "auto"  # autocast for training: "bf16", "fp32" or "auto" (dtypes.py)
     seed: int = 0  # everything random derives from it
     device: str = "auto"  # "auto", "cpu", "cuda"
 

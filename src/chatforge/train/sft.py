@@ -57,7 +57,7 @@ class SFTConfig:
     merge: bool = False  # LoRA: fold the adapters into the weights in the final checkpoint (no resume after)
     lm_data: str = ""  # token-shard folder for the pretraining-loss mix; empty = no mix
     lm_coef: float = 0.0  # lambda in L = L_sft + lambda * L_lm (GPT-1 used 0.5)
-    dtype: str = "bf16"  # "bf16" autocast or "fp32"
+    dtype: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device runs it natively (dtypes.py)
     compile: bool = False  # torch.compile the model
     eval_every: int = 50  # steps between validation runs (and at the end)
     sample_every: int = 0  # steps between printed samples; 0 = at each evaluation

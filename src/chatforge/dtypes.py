@@ -1,0 +1,48 @@
+"""Dtype names used by every command (`--dtype auto|bf16|fp32|fp16`) and the choice behind "auto".
+
+bf16 is only fast where the hardware has it: CUDA GPUs from Ampere on, and CPUs whose oneDNN
+kernels run bf16 natively (AVX-512 or AMX). On an AVX2-only CPU, torch falls back to a generic
+bf16 matmul that measured 0.5 GFLOP/s against fp32's 24 GFLOP/s on the same 2 cores, so "auto"
+(the default everywhere) picks fp32 there and bf16 where it pays.
+"""
+
+from __future__ import annotations
+
+import functools
+
+NAMES = ("auto", "bf16", "fp32", "fp16")  # torch is imported only when a dtype is resolved (fast --help)
+
+
+def check_name(name: str, field: str = "dtype") -> None:
+    if name not in NAMES:
+        raise ValueError(f"{field}={name!r}; expected one of {', '.join(NAMES)}")
+
+
+@functools.cache
+def fast_bf16(device_type: str) -> bool:
+    """Whether bf16 matmuls run natively (not emulated) on this kind of device."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):  # an older or slimmer torch build without the probe
+            return False
+    return False
+
+
+def resolve(name: str, device="cpu") -> str:
+    """The concrete dtype name for `name` on `device` (a torch.device or a string such as
+    "cuda:1"): "auto" becomes "bf16" or "fp32"."""
+    check_name(name)
+    if name != "auto":
+        return name
+    return "bf16" if fast_bf16(str(device).split(":")[0]) else "fp32"
+
+
+def torch_dtype(name: str, device="cpu"):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[resolve(name, device)]
