@@ -184,6 +184,15 @@ def test_one_iteration_changes_only_trainable(tok, tmp_path, monkeypatch):
     assert (out / "reward_vs_kl.png").is_file() and (out / "ppo.png").is_file()
 
 
+def test_periodic_eval_without_heldout_prompts(tok, tmp_path):
+    """Guards PPO without --eval-prompts (how `chatforge rlhf` runs it): the periodic evaluation
+    has nothing to score and must be skipped, not crash on a missing held-out metric."""
+    sft, rm, prompts = make_run(tok, tmp_path)
+    out = P.main(ppo_cfg(tmp_path, sft, rm, prompts, iterations=2, eval_every=1, save_every=1, rollout_batch=2, ppo_epochs=1))
+    recs = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs if "rm_score" in r] == [1, 2] and not any("val_rm_score" in r for r in recs)
+
+
 def test_lora_ptx_iteration_keeps_base_frozen(tok, tmp_path, shards_dir, monkeypatch):
     """Guards LoRA + PPO-ptx: the base weights stay bit-identical (the reference is the policy
     with adapters off), only adapters and the value head/adapters train, the pretraining loss

@@ -391,7 +391,7 @@ def main(cfg: PPOConfig) -> Path:
             log.print(f"iteration 0: held-out RM score {metrics['val_rm_score']:+.4f} (the policy before PPO)")
     t_begin = time.time()
     for it in range(start, cfg.iterations):
-        if it > start and it % cfg.eval_every == 0:
+        if it > start and it % cfg.eval_every == 0 and eval_prompts:  # without held-out prompts there is nothing to evaluate
             metrics.update(evaluate())
             log.log({"step": it, **metrics})
             log.print(f"iteration {it}: held-out RM score {metrics['val_rm_score']:+.4f}, length {metrics['val_length']:.1f}")
