@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from .. import checkpoint as ckpt_io
 from .. import dtypes
+from ..config import to_dict
 
 # ---- device, precision, processes -----------------------------------------------------------
 
@@ -375,6 +376,27 @@ def save_training(
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "config": config}
     state.update(extra_state or {})
     ckpt_io.save(out, unwrap(model), tokenizer, meta, train_state=state, extra_tensors=extra_tensors)
+
+
+def begin_run(cfg, resume_keys: Iterable[str]) -> tuple[Dist, Path, dict | None]:
+    """The start every training stage shares: processes and device, seeds, and with `cfg.resume`
+    the saved train state (refused if the config changed in one of `resume_keys`)."""
+    dist = setup_dist(cfg.device)
+    out = Path(cfg.out)
+    seed_everything(cfg.seed)
+    state = None
+    if cfg.resume:
+        state = ckpt_io.load_train_state(out)
+        check_resume_config(state["config"], to_dict(cfg), resume_keys, out)
+    return dist, out, state
+
+
+def check_parent(out: Path, snapshot: str, path: Path, what: str) -> None:
+    """A run resumed on top of a different parent checkpoint (retrained in place) would mix two
+    models: refuse. `what` names the parent in the message ("base", "policy")."""
+    saved = ckpt_io.load_json(out / "meta.json")
+    if saved.get("parent_snapshot") != snapshot:
+        raise ValueError(f"{out}: was trained from {what} snapshot {saved.get('parent_snapshot')}, but {path} is now {snapshot}")
 
 
 def check_resume_config(saved: dict, current: dict, keys: Iterable[str], source: Path) -> None:

@@ -158,13 +158,7 @@ def reference_logprobs(model: GPT, data: TokenizedRankings, batch: int, device, 
 
 
 def main(cfg: DPOConfig) -> Path:
-    dist = C.setup_dist(cfg.device)
-    out = Path(cfg.out)
-    C.seed_everything(cfg.seed)
-    state = None
-    if cfg.resume:
-        state = ckpt_io.load_train_state(out)
-        C.check_resume_config(state["config"], to_dict(cfg), RESUME_KEYS, out)
+    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
 
     # Data first: every line is checked before any model work.
     rankings = read_rankings(cfg.data)
@@ -191,9 +185,7 @@ def main(cfg: DPOConfig) -> Path:
     lora = LoRA(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed) if cfg.lora_rank else None
     start_step = 0
     if state is not None:
-        saved = ckpt_io.load_json(out / "meta.json")
-        if saved.get("parent_snapshot") != policy_snapshot:
-            raise ValueError(f"{out}: was trained from policy snapshot {saved.get('parent_snapshot')}, but {policy_path} is now {policy_snapshot}")
+        C.check_parent(out, policy_snapshot, policy_path, "policy")
         if lora is not None:
             lora.load(ckpt_io.load_extra(out), str(out / "extra.safetensors"))
         else:

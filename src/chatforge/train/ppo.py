@@ -190,15 +190,8 @@ def adapters_off(lora: LoRA | None):
 def main(cfg: PPOConfig) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("chatforge ppo runs in one process; launch it without torchrun")
-    dist = C.setup_dist(cfg.device)
+    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
     dev = dist.device
-    out = Path(cfg.out)
-    C.seed_everything(cfg.seed)
-
-    state = None
-    if cfg.resume:
-        state = ckpt_io.load_train_state(out)
-        C.check_resume_config(state["config"], to_dict(cfg), RESUME_KEYS, out)
 
     # Models: policy (trainable), reference (frozen), reward model (frozen), value (trainable, from the RM).
     policy, tok, policy_path = load_policy(cfg.policy, dev)
@@ -230,9 +223,7 @@ def main(cfg: PPOConfig) -> Path:
     )
     start = 0
     if state is not None:
-        saved = ckpt_io.load_json(out / "meta.json")
-        if saved.get("parent_snapshot") != policy_snapshot:
-            raise ValueError(f"{out}: was trained from policy snapshot {saved.get('parent_snapshot')}, but {policy_path} is now {policy_snapshot}")
+        C.check_parent(out, policy_snapshot, policy_path, "policy")
         with torch.no_grad():
             if lora is not None:
                 lora.load(ckpt_io.load_extra(out), str(out / "extra.safetensors"))

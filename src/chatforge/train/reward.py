@@ -276,23 +276,14 @@ def score_all(rm: RewardModel, seqs: list[list[int]], batch: int, device, dtype:
 
 
 def main(cfg: RewardConfig) -> Path:
-    dist = C.setup_dist(cfg.device)
-    out = Path(cfg.out)
-    C.seed_everything(cfg.seed)
-
-    state = None
-    if cfg.resume:
-        state = ckpt_io.load_train_state(out)
-        C.check_resume_config(state["config"], to_dict(cfg), RESUME_KEYS, out)
+    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
     gpt, tok, base_path = load_policy(cfg.base, dist.device)
     base_snapshot = ckpt_io.snapshot_id(base_path)
     lora = LoRA(gpt, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed) if cfg.lora_rank else None
     rm = RewardModel(gpt, seed=cfg.seed)
     start_step = 0
     if state is not None:
-        saved = ckpt_io.load_json(out / "meta.json")
-        if saved.get("parent_snapshot") != base_snapshot:
-            raise ValueError(f"{out}: was trained from base snapshot {saved.get('parent_snapshot')}, but {base_path} is now {base_snapshot}")
+        C.check_parent(out, base_snapshot, base_path, "base")
         extra = ckpt_io.load_extra(out)
         with torch.no_grad():
             if lora is not None:

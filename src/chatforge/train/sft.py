@@ -142,15 +142,9 @@ def load_base(cfg: SFTConfig, device: torch.device):
 
 
 def main(cfg: SFTConfig) -> Path:
-    dist = C.setup_dist(cfg.device)
-    out = Path(cfg.out)
-    C.seed_everything(cfg.seed)
+    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
 
     # Model: the base (plus adapters), then the saved state when resuming.
-    state = None
-    if cfg.resume:
-        state = ckpt_io.load_train_state(out)
-        C.check_resume_config(state["config"], to_dict(cfg), RESUME_KEYS, out)
     model, tok, base_path = load_base(cfg, dist.device)
     mcfg = model.cfg
     if cfg.seq_len > mcfg.max_seq_len:
@@ -159,9 +153,7 @@ def main(cfg: SFTConfig) -> Path:
     lora = LoRA(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed) if cfg.lora_rank else None
     start_step = 0
     if state is not None:
-        saved = ckpt_io.load_json(out / "meta.json")
-        if saved.get("parent_snapshot") != base_snapshot:
-            raise ValueError(f"{out}: was trained from base snapshot {saved.get('parent_snapshot')}, but {base_path} is now {base_snapshot}")
+        C.check_parent(out, base_snapshot, base_path, "base")
         if lora is not None:
             lora.load(ckpt_io.load_extra(out), str(out / "extra.safetensors"))
         else:
