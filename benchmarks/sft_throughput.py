@@ -110,6 +110,7 @@ class TRLRunner:
             weight_decay=0.0, max_grad_norm=1.0, max_length=seq, packing=pack, bf16=dtype == "bf16", use_cpu=True,
             logging_steps=10_000, save_strategy="no", report_to="none", dataloader_num_workers=0, max_steps=1,
             lr_scheduler_type="constant", seed=0, dataset_num_proc=1, disable_tqdm=True,
+            gradient_checkpointing=False,  # TRL's SFTConfig turns it on by default; chatforge does not recompute
         )
         self.trainer = SFTTrainer(model=model, args=self.args, train_dataset=ds, processing_class=tokenizer)
         self.counts: list[int] = []
