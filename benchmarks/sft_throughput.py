@@ -100,7 +100,6 @@ class TRLRunner:
     def __init__(self, model, tokenizer, convs, seq, batch, pack, lr, out, dtype):
         import datasets
         from datasets import Dataset
-        from transformers import TrainerCallback
         from trl import SFTConfig, SFTTrainer
 
         datasets.disable_progress_bars()
