@@ -90,7 +90,7 @@ def test_dpo_learns_preference(tok, tmp_path):
 def test_dpo_two_processes_match_one(tok, tmp_path):
     """Guards DPO under DDP (the policy wrapped so DDP sees its forward): 2 processes log the
     same losses and held-out accuracy as 1 process with the same global batch."""
-    from test_reward import preference_file, run_cli, tiny_sft
+    from test_reward import assert_same_logs, preference_file, run_cli, tiny_sft
 
     sft = tiny_sft(tok, tmp_path / "sft")
     data = preference_file(tmp_path / "rank.jsonl", 24, seed=2)
@@ -99,9 +99,4 @@ def test_dpo_two_processes_match_one(tok, tmp_path):
               "--peak-flops", "1e11"]
     run_cli(common + ["--out", str(tmp_path / "one")], 1, tmp_path)
     run_cli(common + ["--out", str(tmp_path / "two")], 2, tmp_path)
-    rows = lambda d: [(r.get("loss"), r.get("val_accuracy")) for r in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())]  # noqa: E731
-    a, b = rows("one"), rows("two")
-    assert len(a) == len(b) >= 5
-    for x, y in zip(a, b):  # a row has a loss or a held-out accuracy; the other field is None
-        assert [v is None for v in x] == [v is None for v in y]
-        assert [v for v in x if v is not None] == pytest.approx([v for v in y if v is not None], rel=1e-5, abs=1e-5)
+    assert_same_logs(tmp_path / "one", tmp_path / "two")

@@ -183,8 +183,13 @@ def test_reward_two_processes_match_one(tok, tmp_path):
               "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "2", "--log-every", "1", "--dtype", "fp32", "--device", "cpu", "--peak-flops", "1e11"]
     run_cli(common + ["--out", str(tmp_path / "one")], 1, tmp_path)
     run_cli(common + ["--out", str(tmp_path / "two")], 2, tmp_path)
-    rows = lambda d: [(r.get("loss"), r.get("val_accuracy")) for r in map(json.loads, (tmp_path / d / "log.jsonl").read_text().splitlines())]  # noqa: E731
-    a, b = rows("one"), rows("two")
+    assert_same_logs(tmp_path / "one", tmp_path / "two")
+
+
+def assert_same_logs(one, two) -> None:
+    """The loss and held-out accuracy rows of two runs' log.jsonl agree (>= 5 rows)."""
+    rows = lambda d: [(r.get("loss"), r.get("val_accuracy")) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines())]  # noqa: E731
+    a, b = rows(one), rows(two)
     assert len(a) == len(b) >= 5
     for x, y in zip(a, b):  # a row has a loss or a held-out accuracy; the other field is None
         assert [v is None for v in x] == [v is None for v in y]

@@ -399,6 +399,16 @@ def check_parent(out: Path, snapshot: str, path: Path, what: str) -> None:
         raise ValueError(f"{out}: was trained from {what} snapshot {saved.get('parent_snapshot')}, but {path} is now {snapshot}")
 
 
+@torch.no_grad()
+def restore_weights(out: Path, model: nn.Module, lora=None) -> None:
+    """Put a resumed run's trained weights back: its LoRA adapters (extra.safetensors) when it
+    trains adapters on a frozen base, else the whole model from its checkpoint."""
+    if lora is not None:
+        lora.load(ckpt_io.load_extra(out), str(out / "extra.safetensors"))
+    else:
+        model.load_state_dict(ckpt_io.load(out).model.state_dict())
+
+
 def check_resume_config(saved: dict, current: dict, keys: Iterable[str], source: Path) -> None:
     """Resuming with a different model or data config would silently train something else: refuse."""
     diff = [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]

@@ -186,10 +186,7 @@ def main(cfg: DPOConfig) -> Path:
     start_step = 0
     if state is not None:
         C.check_parent(out, policy_snapshot, policy_path, "policy")
-        if lora is not None:
-            lora.load(ckpt_io.load_extra(out), str(out / "extra.safetensors"))
-        else:
-            policy.load_state_dict(ckpt_io.load(out).model.state_dict())
+        C.restore_weights(out, policy, lora)
         start_step = state["step"]
 
     per_step = cfg.batch_rankings or cfg.micro_batch * dist.world

@@ -224,11 +224,8 @@ def main(cfg: PPOConfig) -> Path:
     start = 0
     if state is not None:
         C.check_parent(out, policy_snapshot, policy_path, "policy")
+        C.restore_weights(out, policy, lora)
         with torch.no_grad():
-            if lora is not None:
-                lora.load(ckpt_io.load_extra(out), str(out / "extra.safetensors"))
-            else:
-                policy.load_state_dict(ckpt_io.load(out).model.state_dict())
             value_module.load_state_dict(state["value"])
         optimizer.load_state_dict(state["optimizer"])
         kl_ctl.load_state_dict(state["kl_ctl"])

@@ -154,10 +154,7 @@ def main(cfg: SFTConfig) -> Path:
     start_step = 0
     if state is not None:
         C.check_parent(out, base_snapshot, base_path, "base")
-        if lora is not None:
-            lora.load(ckpt_io.load_extra(out), str(out / "extra.safetensors"))
-        else:
-            model.load_state_dict(ckpt_io.load(out).model.state_dict())
+        C.restore_weights(out, model, lora)
         start_step = state["step"]
 
     # Data: read and check everything first, so a bad line fails before any training.
