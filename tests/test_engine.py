@@ -500,3 +500,43 @@ def test_prefill_groups_bound_padding(tok):
         assert [len(r.prompt) for r in eng._joiners(8)] == [6, 7]
     finally:
         E.PREFILL_TOKENS = old
+
+
+@pytest.mark.parametrize("block", ["llama", "gpt2"])
+def test_prefix_cache_gives_the_same_answers(tok, block):
+    """Guards reused prefix keys/values (positions, offsets, masks after a cached prefix, padding)
+    changing any answer: prompts sharing a system-prompt-like start, in groups and one by one,
+    give the tokens and log-probs of an engine without the cache, and the cache is really used."""
+    m = tiny(tok, block)
+    head = "<system> You are a careful assistant who answers briefly. </system> "
+    prompts = [tok.encode(head + t) for t in ["Hi", "A journey of a thousand miles", "学而时习之，不亦说乎？", "x"]]
+    sp = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True, logprobs=True)
+
+    def answers(engine, groups):
+        toks, lps = [], []
+        for g in groups:
+            for ev in sorted((e for e in engine.generate(g, sp) if e.token_id is not None), key=lambda e: e.request_id):
+                toks.append((ev.request_id, ev.token_id))
+                lps.append(ev.logprob)
+        return toks, lps
+
+    groups = [prompts[:1], prompts[1:3], prompts[3:], prompts[:1]]  # the last one: the whole prompt cached but its last token
+    ref_toks, ref_lps = answers(Engine(m, tok, max_batch=4), groups)
+    eng = Engine(m, tok, max_batch=4, prefix_cache=64)
+    toks, lps = answers(eng, groups)
+    assert toks == ref_toks
+    torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), rtol=1e-4, atol=1e-4)
+    shared = len(tok.encode(head)) - 2
+    assert eng.prefix.hit_tokens >= 4 * shared  # every group after the first starts from the cache
+
+
+def test_prefix_cache_needs_a_common_start(tok):
+    """Guards reuse of a prefix that is not there: different prompts compute everything."""
+    m = tiny(tok)
+    eng = Engine(m, tok, max_batch=2, prefix_cache=64)
+    sp = SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True)
+    for text in ["The quick brown fox jumps over", "學而時習之 a wholly different beginning"]:
+        list(eng.generate([tok.encode(text)], sp))
+    assert eng.prefix.hit_tokens == 0
+    with pytest.raises(ValueError, match="prefix_cache"):
+        Engine(m, tok, prefix_cache=-1)

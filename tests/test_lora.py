@@ -83,6 +83,22 @@ def test_merge_equals_adapted(tok):
     torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)
 
 
+def test_adapter_on_the_output_head(tok):
+    """Guards the logits bypassing the lm_head module (and so its LoRA hook): an adapter on an
+    untied output head must change the logits, and merging it must keep them."""
+    model = GPT(preset("cpu-tiny", vocab_size=64 * ((tok.vocab_size + 63) // 64), tie_embeddings=False))
+    model.init_weights(0)
+    x = ids(tok)
+    with torch.no_grad():
+        before = model(x)
+        lora = LoRA(model, rank=4, alpha=8, targets=("lm_head",))
+        randomize(lora)
+        adapted = model(x)
+        assert not torch.allclose(before, adapted, atol=1e-3), "the head's adapter must change the logits"
+        lora.merge(model)
+        torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
+
+
 def test_checkpoint_with_adapters_loads_merged(tok, tmp_path):
     """Guards `chatforge chat` on an unmerged LoRA checkpoint silently serving the base model:
     checkpoint.load must fold the adapters in."""

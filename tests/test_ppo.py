@@ -105,6 +105,21 @@ def test_entropy_and_logprobs():
     assert R.token_logprobs(torch.tensor([[[0.0, math.log(3.0)]]]), torch.tensor([[1]])).item() == pytest.approx(math.log(0.75))
 
 
+def test_answer_logprobs_match_the_full_forward():
+    """Guards the answer-only output head (PPO's and DPO's log-probs) against the plain
+    log-softmax of the whole sequence's logits: same values at the answer, 0 elsewhere."""
+    model = GPT(preset("cpu-tiny", vocab_size=128))
+    model.init_weights(0)
+    ids = torch.randint(0, 128, (3, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(3, 11)
+    mask[0, 4:] = mask[1, 2:7] = mask[2, 10] = 1
+    with torch.no_grad():
+        logp, ent = R.answer_logprobs(model, ids, mask, entropy=True)
+        logits = model(ids)[:, :-1]
+    torch.testing.assert_close(logp, R.token_logprobs(logits, ids[:, 1:]) * mask, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ent, R.entropy_from_logits(logits) * mask, rtol=1e-5, atol=1e-5)
+
+
 def test_rollout_alignment():
     """Guards the off-by-one of per-token tensors: position t predicts token t+1, so an answer
     at ids[p:p+L] is selected at amask[p-1:p+L-1], and its last token index is p+L-1."""

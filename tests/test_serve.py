@@ -173,6 +173,7 @@ def test_models_health_metrics(server):
     text = httpx.get(server.base_url + "/metrics").text
     assert 'chatforge_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert f'chatforge_queue_depth{{model="{m.id}"}}' in text and "chatforge_active_slots" in text
+    assert f'chatforge_prefix_cache_hit_tokens{{model="{m.id}"}}' in text
     assert "chatforge_request_latency_seconds_bucket" in text and "chatforge_time_to_first_token_seconds_count" in text
     assert f'chatforge_tokens_total{{kind="completion",model="{m.id}"}}' in text
 

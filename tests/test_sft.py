@@ -218,6 +218,26 @@ def test_packed_loss_equals_unpacked(tok):
     assert sums[0][0] == pytest.approx(sums[1][0], rel=1e-5)
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_sft_loss_only_at_targets(tok, pack):
+    """Guards the SFT loss's shortcut (output head only where there is a target) changing the
+    loss or its gradient against the plain full-logits cross-entropy."""
+    from chatforge.train.sft import SFTLoss
+
+    model = tiny_model(tok).train()
+    data = tokenize([_conv(r["messages"]) for r in chats(8)], tok, 128)
+    x, y, *rest = next(iter(val_batches(data, 128, pack, batch=4)))
+    fast, _ = SFTLoss(model, None)(x, y, *rest)
+    fast.backward()
+    g_fast = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full, n = C.token_loss_sum(model(x, *rest), y)
+    full.backward()
+    assert int(n) > 0 and float(fast) == pytest.approx(float(full), rel=1e-5)
+    for a, p in zip(g_fast, model.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_batches_depend_on_step_only(tok):
     """Guards a data position that exact resume cannot restore: the batch of a step is a pure
     function of (seed, step, micro), and every conversation is seen once per epoch."""

@@ -20,7 +20,8 @@ def load_engine(
     from .convert.registry import resolve
 
     ck = checkpoint.load(resolve(model, install), dtype=dtypes.torch_dtype(dtype))
-    return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, int8=int8)
+    # Each turn sends the whole history again: the prefix cache computes only what is new.
+    return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, int8=int8, prefix_cache=ck.model.cfg.max_seq_len)
 
 
 def fit_history(engine: Engine, messages: list[dict], reserve: int) -> tuple[list[int], int]:

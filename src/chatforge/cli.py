@@ -16,7 +16,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
     """One --flag per field of a stage's config dataclass; help text is the field's comment."""
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
-    for f in dataclasses.fields(cls):
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    # A stage's own fields first (--policy before the shared --data ...), then the inherited ones.
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited):
         if f.name in skip:
             continue
         flag = "--" + f.name.replace("_", "-")
@@ -42,13 +44,16 @@ def _field_comments(cls) -> dict[str, str]:
     import inspect
 
     out = {}
-    try:
-        for line in inspect.getsource(cls).splitlines():
-            line = line.strip()
-            if ":" in line and "#" in line and not line.startswith("#"):
-                out[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
-    except (OSError, TypeError):
-        pass
+    for klass in reversed(cls.__mro__):  # a subclass's comment wins over the one it inherits
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            for line in inspect.getsource(klass).splitlines():
+                line = line.strip()
+                if ":" in line and "#" in line and not line.startswith("#"):
+                    out[line.split(":", 1)[0].strip()] = line.split("#", 1)[1].strip()
+        except (OSError, TypeError):
+            pass
     return out
 
 

@@ -129,13 +129,15 @@ class SlotCache:
         self.max_len = max_len
         self._rows = slice(0, 0)
         self._prefill = True
+        self._offset = 0  # prefill: positions before this are already in the rows (a cached prefix)
         self._at: int | None = None  # decode, every row at the same position: a plain slice write
         self._rows_idx: torch.Tensor | None = None  # decode, rows at different positions: (B,) indices
         self._pos: torch.Tensor | None = None  # and their (B,) write positions
         self._read = 0
 
-    def prefill(self, start: int, n: int) -> None:
-        self._rows, self._prefill = slice(start, start + n), True
+    def prefill(self, start: int, n: int, offset: int = 0) -> None:
+        """The next forward fills rows start..start+n from position `offset` on."""
+        self._rows, self._prefill, self._offset = slice(start, start + n), True, offset
 
     def decode(self, positions: list[int], device) -> None:
         """The next forward writes row i's new key at positions[i] and reads positions < max + 1."""
@@ -150,11 +152,13 @@ class SlotCache:
 
     def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor):
         kc, vc = self.k[layer, self._rows], self.v[layer, self._rows]
-        if self._prefill:  # prefill from position 0: attend to what was just computed
-            T = k_BKTD.shape[2]
-            kc[:, :, :T] = k_BKTD
-            vc[:, :, :T] = v_BKTD
-            return k_BKTD, v_BKTD
+        if self._prefill:
+            o, T = self._offset, k_BKTD.shape[2]
+            kc[:, :, o : o + T] = k_BKTD
+            vc[:, :, o : o + T] = v_BKTD
+            if o == 0:  # from position 0: attend to just what was computed
+                return k_BKTD, v_BKTD
+            return kc[:, :, : o + T], vc[:, :, : o + T]  # after a cached prefix: attend to it too
         if self._at is not None:
             kc[:, :, self._at] = k_BKTD[:, :, 0]
             vc[:, :, self._at] = v_BKTD[:, :, 0]
@@ -251,6 +255,54 @@ class PackedLinears:
                 m.__dict__.pop("forward", None)
 
 
+class PrefixCache:
+    """Keys and values of the most recent prompt's first `capacity` tokens, so the next prompts
+    that begin the same way skip computing that part: a chat template's system prompt shared by
+    every request, or the history a multi-turn chat sends again each turn.
+
+    Keys and values depend only on the tokens and their positions from 0, so a prefix computed
+    in one slot is valid in any other. They do depend on the weights: use this only for a model
+    that does not change while the engine lives (serving, chatting), never for PPO rollouts."""
+
+    def __init__(self, cache: SlotCache, capacity: int, min_tokens: int = 8):
+        L, _, K, _, D = cache.k.shape
+        self.capacity, self.min_tokens = min(capacity, cache.max_len), min_tokens
+        self.k = torch.zeros(L, K, self.capacity, D, device=cache.k.device, dtype=cache.k.dtype)
+        self.v = torch.zeros_like(self.k)
+        self.tokens: list[int] = []
+        self.hit_tokens = 0  # prompt tokens served from here rather than computed (a counter)
+
+    def match(self, prompts: list[list[int]]) -> int:
+        """Tokens every prompt shares with the stored prefix (each keeps at least its last token
+        to compute, for the first output's logits); 0 when fewer than `min_tokens`."""
+        n = min(min(_common_prefix(self.tokens, p) for p in prompts), min(map(len, prompts)) - 1)
+        return n if n >= self.min_tokens else 0
+
+    def store(self, prompt: list[int], cache: SlotCache, slot: int) -> None:
+        """Keep the prompt just prefilled into `slot`, unless the stored prefix covers it already."""
+        n = min(len(prompt), self.capacity)
+        if _common_prefix(self.tokens, prompt) >= n:
+            return
+        self.k[:, :, :n] = cache.k[:, slot, :, :n]
+        self.v[:, :, :n] = cache.v[:, slot, :, :n]
+        self.tokens = list(prompt[:n])
+
+    def load(self, cache: SlotCache, rows: slice, n: int) -> None:
+        """Copy the first n stored positions into cache rows `rows`."""
+        cache.k[:, rows, :, :n] = self.k[:, None, :, :n]
+        cache.v[:, rows, :, :n] = self.v[:, None, :, :n]
+        self.hit_tokens += n * (rows.stop - rows.start)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 PREFILL_TOKENS = 8192  # padded tokens per prefill step (a single longer prompt still goes alone)
 
 
@@ -264,13 +316,16 @@ class Engine:
         device: str | torch.device | None = None,
         int8: bool = False,
         packed: bool | None = None,
+        prefix_cache: int = 0,
     ):
         """`max_seq_len` bounds prompt + output per request (default: the model's context, at most
         2048); the KV cache holds max_batch x max_seq_len positions.
         `int8=True` gives the model's linear layers int8 copies for decode steps (quantize.py;
         CPU only; changes `model` in place, so use it for serving, not for a model in training).
         `packed` runs linear layers on oneDNN-packed weight copies (PackedLinears); None = wherever
-        available (CPU, fp32 or bf16)."""
+        available (CPU, fp32 or bf16).
+        `prefix_cache` > 0 keeps that many tokens of the latest prompt's keys/values to reuse for
+        prompts that start the same way (PrefixCache; only for weights that do not change)."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
         if max_seq_len is not None and max_seq_len < 2:
@@ -283,6 +338,9 @@ class Engine:
         self.dtype = p.dtype
         self.max_len = min(max_seq_len or 2048, model.cfg.max_seq_len)
         self.cache = SlotCache(model, max_batch, self.max_len, self.device, self.dtype)
+        if prefix_cache < 0:
+            raise ValueError(f"prefix_cache={prefix_cache} must be >= 0 tokens")
+        self.prefix = PrefixCache(self.cache, prefix_cache) if prefix_cache else None
         self.max_batch = max_batch
         self.stop_ids = set(tokenizer.stop_ids())
         self.int8_head = None
@@ -399,23 +457,29 @@ class Engine:
 
     def _prefill(self, reqs: list[_Request]) -> list[Event]:
         start, n, dev = len(self.active), len(reqs), self.device
-        lens = [len(r.prompt) for r in reqs]
+        # Positions 0..P-1 come from the prefix cache when every prompt of the group starts with it.
+        P = self.prefix.match([r.prompt for r in reqs]) if self.prefix is not None else 0
+        if P:
+            self.prefix.load(self.cache, slice(start, start + n), P)
+        lens = [len(r.prompt) - P for r in reqs]
         T = max(lens)
         ids = torch.zeros(n, T, dtype=torch.long)
         for i, r in enumerate(reqs):
-            ids[i, : lens[i]] = torch.tensor(r.prompt)
-        pos = torch.arange(T, device=dev).expand(n, T)
-        mask = None  # no padding: plain causal attention takes the faster kernel
-        if min(lens) != T:
-            lens_t = torch.tensor(lens, device=dev)
-            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-            valid = torch.arange(T, device=dev)[None, :] < lens_t[:, None]  # (n, S): keys that are real tokens
+            ids[i, : lens[i]] = torch.tensor(r.prompt[P:])
+        pos = torch.arange(P, P + T, device=dev).expand(n, T)
+        mask = None  # no padding and no prefix: plain causal attention takes the faster kernel
+        if P or min(lens) != T:
+            keys = torch.arange(P + T, device=dev)
+            causal = keys[None, :] <= pos[0][:, None]  # (T, P+T): query at P+t sees keys up to P+t
+            valid = keys[None, :] < P + torch.tensor(lens, device=dev)[:, None]  # (n, P+T): keys that are real tokens
             mask = (causal[None] & valid[:, None, :])[:, None]
-            mask |= torch.eye(T, dtype=torch.bool, device=dev)[None, None]  # padded queries attend to themselves: no NaN rows
-        self.cache.prefill(start, n)
+            mask |= (keys[None, :] == pos[0][:, None])[None, None]  # padded queries attend to themselves: no NaN rows
+        self.cache.prefill(start, n, offset=P)
         h = self.model.hidden(ids.to(dev), pos, mask, self.cache)
         last = h[torch.arange(n, device=dev), torch.tensor(lens, device=dev) - 1]
         logits = self.head(last).float()
+        if self.prefix is not None:
+            self.prefix.store(reqs[0].prompt, self.cache, start)
         self.active += reqs
         return self._sample(reqs, logits)
 

@@ -267,10 +267,14 @@ class GPT(nn.Module):
             x = block(x, cos, sin, mask, kv_cache)
         return self.norm_f(x)
 
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from final-norm hidden states of any shape (...,C). Calls the lm_head module
+        when there is one, so its forward hooks (LoRA on "lm_head") take part."""
+        return F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+
     def forward(self, input_ids_BT, pos_ids_BT=None, mask=None, kv_cache=None) -> torch.Tensor:
         """Logits (B,T,V)."""
-        h = self.hidden(input_ids_BT, pos_ids_BT, mask, kv_cache)
-        return F.linear(h, self.output_weight())
+        return self.head(self.hidden(input_ids_BT, pos_ids_BT, mask, kv_cache))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the (position and untied token) embeddings."""

@@ -116,7 +116,8 @@ class Job:
 def create_app(cfg: ServeConfig, models: ModelRegistry, store: Store) -> FastAPI:
     state = ServerState(cfg, models, store, RateLimiter(cfg.max_concurrent_per_key), Metrics())
     for m in models.models:
-        state.metrics.track_engine(m.id, lambda lp=m.loop: lp.queue_depth, lambda lp=m.loop: lp.active_slots)
+        state.metrics.track_engine(m.id, lambda lp=m.loop: lp.queue_depth, lambda lp=m.loop: lp.active_slots,
+                                   lambda e=m.engine: e.prefix.hit_tokens if e.prefix is not None else 0)
 
     app = FastAPI(
         title="chatforge",
@@ -730,7 +731,8 @@ def build(cfg: ServeConfig) -> tuple[FastAPI, ModelRegistry, Store]:
     try:
         for name in cfg.models:
             loaded.append(load_model(name, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting, max_seq_len=cfg.max_seq_len or None,
-                                     dtype=cfg.dtype, device=cfg.device, int8=cfg.int8, install=cfg.install))
+                                     dtype=cfg.dtype, device=cfg.device, int8=cfg.int8, install=cfg.install,
+                                     prefix_cache=cfg.prefix_cache))
         models = ModelRegistry(loaded)
     except BaseException:
         for m in loaded:

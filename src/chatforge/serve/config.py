@@ -21,6 +21,7 @@ class ServeConfig:
     max_batch: int = 32  # engine slots per model: requests generated together
     max_waiting: int = 64  # requests queued per model beyond the slots; more get 503 + Retry-After
     max_seq_len: int = 0  # context window cap in tokens; 0 = the model's own
+    prefix_cache: int = 1024  # tokens of the latest prompt kept to reuse for prompts that start the same way (the system prompt); 0 = off
     max_concurrent_per_key: int = 64  # requests one key may have running; more get 429
     max_n: int = 16  # largest `n` (choices per request)
     max_messages: int = 512  # messages per chat request

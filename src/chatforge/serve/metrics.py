@@ -31,11 +31,15 @@ class Metrics:
         self.cancelled = Counter("chatforge_cancelled_requests", "Generations cancelled because the client went away", ["model"], registry=r)
         self.queue_depth = Gauge("chatforge_queue_depth", "Requests waiting for an engine slot", ["model"], registry=r)
         self.active_slots = Gauge("chatforge_active_slots", "Requests being generated", ["model"], registry=r)
+        self.prefix_hits = Gauge("chatforge_prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache instead of computed, since start",
+                                 ["model"], registry=r)
 
-    def track_engine(self, model: str, queue_depth: Callable[[], float], active_slots: Callable[[], float]) -> None:
+    def track_engine(self, model: str, queue_depth: Callable[[], float], active_slots: Callable[[], float],
+                     prefix_hits: Callable[[], float] = lambda: 0.0) -> None:
         """Gauges read at scrape time from the engine loop."""
         self.queue_depth.labels(model).set_function(queue_depth)
         self.active_slots.labels(model).set_function(active_slots)
+        self.prefix_hits.labels(model).set_function(prefix_hits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

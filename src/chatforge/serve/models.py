@@ -77,6 +77,7 @@ def load_model(
     device: str = "cpu",
     int8: bool = False,
     install: bool = False,
+    prefix_cache: int = 1024,
 ) -> ServedModel:
     """Resolve a checkpoint folder or known model name, load it and start its engine loop."""
     from .. import checkpoint, dtypes
@@ -87,7 +88,8 @@ def load_model(
     ck = checkpoint.load(path, device=device, dtype=dt)
     snapshot = ck.meta.get("snapshot") or checkpoint.snapshot_id(path)
     name = name_or_path if name_or_path in KNOWN else Path(path).resolve().name
-    engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device, int8=int8)
+    engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device, int8=int8,
+                    prefix_cache=prefix_cache)
     created = int(calendar.timegm(time.strptime(ck.meta["created"], "%Y-%m-%dT%H:%M:%SZ"))) if "created" in ck.meta else int(time.time())
     # The engine loop's own bound on its waiting list is only a backstop (capacity_left is checked first).
     loop = EngineLoop(engine, max_waiting=max_batch + max_waiting)

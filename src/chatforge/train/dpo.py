@@ -17,9 +17,8 @@ orders them like the labeler), reward margin, on training and held-out rankings.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,62 +26,28 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..config import to_dict
-from ..data.rankings import read_rankings
 from ..model import GPT, flops_per_token
 from . import common as C
 from . import rl_math as R
 from .lora import DEFAULT_TARGETS, LoRA
-from .reward import ShuffledBatches, TokenizedRankings, load_policy, split_by_prompt, tokenize_rankings
+from .reward import RankingsTrainConfig, TokenizedRankings, load_policy, read_split, step_layout, tokenize_rankings
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RankingsTrainConfig):
     policy: str = ""  # SFT checkpoint folder (or known model name) to start from
-    data: list[str] = field(default_factory=list)  # rankings / pairwise JSONL files
-    val_data: list[str] = field(default_factory=list)  # held-out rankings; empty = hold out val_fraction of the prompts
-    val_fraction: float = 0.1  # share of prompts held out when val_data is empty
     ref: str = ""  # reference checkpoint; empty = the policy checkpoint
     out: str = "runs/dpo"  # checkpoint folder (also holds log.jsonl and loss.png)
     beta: float = 0.1  # strength of the implicit KL constraint (DPO paper: 0.1)
     label_smoothing: float = 0.0  # assumed share of flipped labels (conservative DPO); 0 = plain DPO
-    max_len: int = 512  # tokens per prompt + answer; longer ones are cut (and counted)
-    micro_batch: int = 4  # rankings per forward/backward on each process
-    batch_rankings: int = 0  # rankings per optimizer step over all processes; 0 = one micro-batch per process
-    epochs: float = 1.0  # passes over the training rankings
-    max_steps: int = 0  # optimizer steps; 0 derives them from epochs
     lr: float = 5e-6  # peak learning rate
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
-    warmup_steps: int = 5  # linear warmup steps
-    weight_decay: float = 0.0  # AdamW decay on matrices
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters with the base frozen
-    lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
-    dtype: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device runs it natively (dtypes.py)
-    eval_every: int = 50  # steps between held-out evaluations (and at the end)
-    save_every: int = 100  # steps between checkpoints (and at the end)
-    log_every: int = 10  # steps between progress lines
-    resume: bool = False  # continue from out/'s train_state.pt
-    seed: int = 0  # held-out split, data order, adapter init
-    device: str = "auto"  # "auto", "cpu", "cuda"
-    peak_flops: float = 0.0  # FLOP/s for MFU; 0 measures this device
 
     def __post_init__(self) -> None:
         if not self.policy:
             raise ValueError("DPOConfig.policy is required: the SFT checkpoint to start from")
-        if not self.data:
-            raise ValueError("DPOConfig.data is required: rankings or pairwise JSONL files")
-        for name in ("max_len", "micro_batch", "eval_every", "save_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"DPOConfig.{name}={getattr(self, name)} must be positive")
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"DPOConfig: beta={self.beta} must be > 0 and label_smoothing={self.label_smoothing} in [0, 0.5)")
-        if self.max_steps < 0 or self.batch_rankings < 0 or self.epochs <= 0:
-            raise ValueError("DPOConfig: max_steps and batch_rankings must be >= 0 and epochs > 0")
-        if not self.val_data and not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"DPOConfig.val_fraction={self.val_fraction} must be in (0, 1) when no val_data is given")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.lora_rank < 0:
-            raise ValueError(f"DPOConfig: lr={self.lr} > 0, min_lr_ratio={self.min_lr_ratio} in [0, 1], lora_rank={self.lora_rank} >= 0")
-        C.parse_dtype(self.dtype)
+        super().__post_init__()
 
 
 RESUME_KEYS = ("policy", "data", "val_data", "val_fraction", "ref", "beta", "label_smoothing", "max_len", "micro_batch", "batch_rankings",
@@ -109,7 +74,7 @@ def collate(data: TokenizedRankings, idx: list[int]) -> tuple[torch.Tensor, torc
 
 def sequence_logprobs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sum of log-probabilities of the answer tokens of each row, fp32 (N,)."""
-    return (R.token_logprobs(model(ids)[:, :-1], ids[:, 1:]) * mask).sum(1)
+    return R.answer_logprobs(model, ids, mask)[0].sum(1)
 
 
 class SequenceLogprobs(nn.Module):
@@ -161,11 +126,7 @@ def main(cfg: DPOConfig) -> Path:
     dist, out, state = C.begin_run(cfg, RESUME_KEYS)
 
     # Data first: every line is checked before any model work.
-    rankings = read_rankings(cfg.data)
-    if cfg.val_data:
-        train_r, val_r = rankings, read_rankings(cfg.val_data)
-    else:
-        train_r, val_r = split_by_prompt(rankings, cfg.val_fraction, cfg.seed)
+    train_r, val_r = read_split(cfg)
 
     # Reference log-probabilities, once; then the reference is dropped.
     ref_path = cfg.ref or cfg.policy
@@ -189,12 +150,7 @@ def main(cfg: DPOConfig) -> Path:
         C.restore_weights(out, policy, lora)
         start_step = state["step"]
 
-    per_step = cfg.batch_rankings or cfg.micro_batch * dist.world
-    if per_step % (cfg.micro_batch * dist.world):
-        raise ValueError(f"batch_rankings={per_step} is not a multiple of micro_batch*processes={cfg.micro_batch * dist.world}")
-    accum = per_step // (cfg.micro_batch * dist.world)
-    batches = ShuffledBatches(len(train), cfg.micro_batch, accum, cfg.seed, dist.rank, dist.world)
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
+    per_step, accum, batches, max_steps = step_layout(cfg, len(train), dist)
     optimizer = C.make_optimizer(lora if lora is not None else policy, cfg.lr, cfg.weight_decay)
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])

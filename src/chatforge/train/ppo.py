@@ -164,11 +164,10 @@ def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seed
     return toks, finished, texts
 
 
-def policy_logprobs(model: GPT, ids: torch.Tensor, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(token t+1 | ids[:t+1]), and (when asked) the entropy of that distribution, (B,T-1) fp32."""
-    logp_all = torch.log_softmax(model(ids)[:, :-1].float(), dim=-1)  # one log-softmax serves both
-    logp = logp_all.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return logp, -(logp_all.exp() * logp_all).sum(-1) if entropy else None
+def policy_logprobs(model: GPT, ids: torch.Tensor, amask: torch.Tensor, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(token t+1 | ids[:t+1]) at the answer tokens (amask), and (when asked) the entropy of
+    that distribution, (B,T-1) fp32, 0 outside the answers."""
+    return R.answer_logprobs(model, ids, amask, entropy)
 
 
 @contextlib.contextmanager
@@ -275,21 +274,21 @@ def main(cfg: PPOConfig) -> Path:
         "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(DEFAULT_TARGETS)} if lora is not None else None,
     }
 
-    def ref_logprobs(ids: torch.Tensor) -> torch.Tensor:
+    def ref_logprobs(ids: torch.Tensor, amask: torch.Tensor) -> torch.Tensor:
         if ref is not None:
-            return policy_logprobs(ref, ids)[0]
+            return policy_logprobs(ref, ids, amask)[0]
         with adapters_off(lora):
-            return policy_logprobs(policy, ids)[0]
+            return policy_logprobs(policy, ids, amask)[0]
 
     @torch.no_grad()
     def score(ro: Rollouts, beta: float) -> None:
         """Old log-probs, reference log-probs, values, RM scores; then rewards, GAE, whitening."""
         policy.eval()
         value.eval()
-        ids = ro.ids.to(dev)
+        ids, amask = ro.ids.to(dev), ro.amask.to(dev)
         with C.autocast(dev, cfg.dtype):
-            ro.old_logp = policy_logprobs(policy, ids)[0].cpu()
-            ro.ref_logp = ref_logprobs(ids).cpu()
+            ro.old_logp = policy_logprobs(policy, ids, amask)[0].cpu()
+            ro.ref_logp = ref_logprobs(ids, amask).cpu()
             ro.old_values = value.values(ids)[:, :-1].cpu()
             ro.score = rm(ids, ro.last.to(dev)).cpu()
         penalised = ro.score - cfg.no_eot_penalty * (~ro.finished).float()
@@ -313,7 +312,7 @@ def main(cfg: PPOConfig) -> Path:
                 ids, m = ro.ids[mb].to(dev), ro.amask[mb].to(dev)
                 n = m.sum()
                 with C.autocast(dev, cfg.dtype):
-                    logp, ent = policy_logprobs(policy, ids, entropy=True)
+                    logp, ent = policy_logprobs(policy, ids, m, entropy=True)
                     pg, clipfrac, approx_kl = R.policy_loss(logp, ro.old_logp[mb].to(dev), ro.adv[mb].to(dev), m, cfg.clip)
                     v = value.values(ids)[:, :-1]
                     vf, vf_clipfrac = R.value_loss(v, ro.old_values[mb].to(dev), ro.returns[mb].to(dev), m, cfg.value_clip)

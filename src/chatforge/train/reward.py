@@ -180,48 +180,80 @@ class ShuffledBatches:
 
 
 @dataclass
-class RewardConfig:
-    base: str = ""  # SFT checkpoint folder (or known model name) the reward model starts from
+class RankingsTrainConfig:
+    """What every stage that trains on rankings shares (the reward model here, DPO): the data,
+    the held-out split, the step layout, the schedule, LoRA and the run's bookkeeping."""
+
     data: list[str] = field(default_factory=list)  # rankings / pairwise JSONL files
     val_data: list[str] = field(default_factory=list)  # held-out rankings; empty = hold out val_fraction of the prompts
     val_fraction: float = 0.1  # share of prompts held out when val_data is empty
-    out: str = "runs/rm"  # checkpoint folder (also holds log.jsonl and loss.png)
+    out: str = ""  # checkpoint folder (also holds log.jsonl and loss.png)
     max_len: int = 512  # tokens per prompt + answer; longer ones are cut (and counted)
     micro_batch: int = 4  # rankings per forward/backward on each process
     batch_rankings: int = 0  # rankings per optimizer step over all processes; 0 = one micro-batch per process
-    epochs: float = 1.0  # passes over the training rankings (InstructGPT: 1; more overfits)
+    epochs: float = 1.0  # passes over the training rankings
     max_steps: int = 0  # optimizer steps; 0 derives them from epochs
     lr: float = 1e-5  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 5  # linear warmup steps
     weight_decay: float = 0.0  # AdamW decay on matrices
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    lora_rank: int = 0  # 0 = train the whole transformer; r > 0 = rank-r adapters (the head is always trained)
+    lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters with the base frozen
     lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
     dtype: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device runs it natively (dtypes.py)
     eval_every: int = 50  # steps between held-out evaluations (and at the end)
     save_every: int = 100  # steps between checkpoints (and at the end)
     log_every: int = 10  # steps between progress lines
     resume: bool = False  # continue from out/'s train_state.pt
-    seed: int = 0  # held-out split, data order, head init
+    seed: int = 0  # held-out split, data order, adapter and head init
     device: str = "auto"  # "auto", "cpu", "cuda"
     peak_flops: float = 0.0  # FLOP/s for MFU; 0 measures this device
 
     def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not self.data:
+            raise ValueError(f"{name}.data is required: rankings or pairwise JSONL files")
+        for key in ("max_len", "micro_batch", "eval_every", "save_every", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{name}.{key}={getattr(self, key)} must be positive")
+        if self.max_steps < 0 or self.batch_rankings < 0 or self.epochs <= 0:
+            raise ValueError(f"{name}: max_steps and batch_rankings must be >= 0 and epochs > 0")
+        if not self.val_data and not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"{name}.val_fraction={self.val_fraction} must be in (0, 1) when no val_data is given")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.lora_rank < 0:
+            raise ValueError(f"{name}: lr={self.lr} > 0, min_lr_ratio={self.min_lr_ratio} in [0, 1], lora_rank={self.lora_rank} >= 0")
+        C.parse_dtype(self.dtype)
+
+
+@dataclass
+class RewardConfig(RankingsTrainConfig):
+    base: str = ""  # SFT checkpoint folder (or known model name) the reward model starts from
+    out: str = "runs/rm"  # checkpoint folder (also holds log.jsonl and loss.png)
+    epochs: float = 1.0  # passes over the training rankings (InstructGPT: 1; more overfits)
+    lora_rank: int = 0  # 0 = train the whole transformer; r > 0 = rank-r adapters (the head is always trained)
+
+    def __post_init__(self) -> None:
         if not self.base:
             raise ValueError("RewardConfig.base is required: the SFT checkpoint to start from")
-        if not self.data:
-            raise ValueError("RewardConfig.data is required: rankings or pairwise JSONL files")
-        for name in ("max_len", "micro_batch", "eval_every", "save_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"RewardConfig.{name}={getattr(self, name)} must be positive")
-        if self.max_steps < 0 or self.batch_rankings < 0 or self.epochs <= 0:
-            raise ValueError("RewardConfig: max_steps and batch_rankings must be >= 0 and epochs > 0")
-        if not self.val_data and not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"RewardConfig.val_fraction={self.val_fraction} must be in (0, 1) when no val_data is given")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.lora_rank < 0:
-            raise ValueError(f"RewardConfig: lr={self.lr} > 0, min_lr_ratio={self.min_lr_ratio} in [0, 1], lora_rank={self.lora_rank} >= 0")
-        C.parse_dtype(self.dtype)
+        super().__post_init__()
+
+
+def read_split(cfg: RankingsTrainConfig) -> tuple[list[Ranking], list[Ranking]]:
+    """Train and held-out rankings: val_data when given, else a seeded split by prompt."""
+    rankings = read_rankings(cfg.data)
+    if cfg.val_data:
+        return rankings, read_rankings(cfg.val_data)
+    return split_by_prompt(rankings, cfg.val_fraction, cfg.seed)
+
+
+def step_layout(cfg: RankingsTrainConfig, n_train: int, dist: C.Dist) -> tuple[int, int, ShuffledBatches, int]:
+    """Rankings per optimizer step, micro-steps per step, the batch order and the step count."""
+    per_step = cfg.batch_rankings or cfg.micro_batch * dist.world
+    if per_step % (cfg.micro_batch * dist.world):
+        raise ValueError(f"batch_rankings={per_step} is not a multiple of micro_batch*processes={cfg.micro_batch * dist.world}")
+    accum = per_step // (cfg.micro_batch * dist.world)
+    batches = ShuffledBatches(n_train, cfg.micro_batch, accum, cfg.seed, dist.rank, dist.world)
+    return per_step, accum, batches, cfg.max_steps or max(1, math.ceil(cfg.epochs * n_train / per_step))
 
 
 RESUME_KEYS = ("base", "data", "val_data", "val_fraction", "max_len", "micro_batch", "batch_rankings", "epochs", "max_steps", "lora_rank", "lora_alpha", "seed")
@@ -295,19 +327,10 @@ def main(cfg: RewardConfig) -> Path:
         start_step = state["step"]
 
     # Data: every line checked before training starts.
-    rankings = read_rankings(cfg.data)
-    if cfg.val_data:
-        train_r, val_r = rankings, read_rankings(cfg.val_data)
-    else:
-        train_r, val_r = split_by_prompt(rankings, cfg.val_fraction, cfg.seed)
+    train_r, val_r = read_split(cfg)
     max_len = min(cfg.max_len, gpt.cfg.max_seq_len)
     train, val = tokenize_rankings(train_r, tok, max_len), tokenize_rankings(val_r, tok, max_len)
-    per_step = cfg.batch_rankings or cfg.micro_batch * dist.world
-    if per_step % (cfg.micro_batch * dist.world):
-        raise ValueError(f"batch_rankings={per_step} is not a multiple of micro_batch*processes={cfg.micro_batch * dist.world}")
-    accum = per_step // (cfg.micro_batch * dist.world)
-    batches = ShuffledBatches(len(train), cfg.micro_batch, accum, cfg.seed, dist.rank, dist.world)
-    max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(train) / per_step))
+    per_step, accum, batches, max_steps = step_layout(cfg, len(train), dist)
 
     trainable_module = nn.ModuleList([lora, rm.value_head]) if lora is not None else rm
     optimizer = C.make_optimizer(trainable_module, cfg.lr, cfg.weight_decay)

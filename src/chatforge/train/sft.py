@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .. import checkpoint as ckpt_io
 from ..config import to_dict
@@ -110,7 +111,10 @@ class SFTLoss(nn.Module):
         self.model, self.lora = model, lora  # lora registered so DDP syncs the adapters' gradients
 
     def forward(self, x, y, pos=None, mask=None, lm_x=None, lm_y=None) -> tuple[torch.Tensor, torch.Tensor]:
-        sft, _ = C.token_loss_sum(self.model(x, pos, mask), y)
+        # The output head and softmax run only where there is a target (the assistant tokens):
+        # prompts, system turns and padding cost the transformer body but not the (wide) head.
+        keep = y != -100
+        sft = F.cross_entropy(self.model.head(self.model.hidden(x, pos, mask)[keep]).float(), y[keep], reduction="sum")
         if lm_x is None:
             return sft, torch.zeros((), device=sft.device)
         lm, _ = C.token_loss_sum(self.model(lm_x), lm_y)
