@@ -142,16 +142,6 @@ def hf_model(ckpt, dtype):
         return transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype, attn_implementation="sdpa").eval()
 
 
-def agree(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two greedy runs share (a sanity check that both ran the same model)."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtypes", nargs="+", default=None, choices=["bf16", "fp32"],
@@ -165,6 +155,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from chatforge import checkpoint, dtypes
+    from chatforge.engine import common_prefix
 
     if a.dtypes is None:
         a.dtypes = ["bf16", "fp32"] if dtypes.fast_bf16("cpu") else ["fp32"]
@@ -216,7 +207,7 @@ def main() -> None:
     for label, r in rows:
         cells = [f"{r['ttft']:7.3f}", f"{r['decode']:13.1f}"] + [f"{r[f'agg{n}']:8.1f}" if f"agg{n}" in r else f"{'-':>8s}" for n in a.streams]
         ref = tokens.get(f"chatforge {label.split()[-1]}") if label.startswith("HF") else tokens.get(f"chatforge {a.dtypes[0]}")
-        same = f"{agree(tokens[label], ref)}/{NEW_TOKENS}" if ref and not label.startswith("chatforge") else ""
+        same = f"{common_prefix(tokens[label], ref)}/{NEW_TOKENS}" if ref and not label.startswith("chatforge") else ""
         print(f"{label:28s} " + " ".join(cells) + f" {r['load']:5.1f}  {same}")
     by = dict(rows)
     top = f"agg{max(a.streams)}"

@@ -138,9 +138,10 @@ def main() -> None:
     print(f"\nrollout sampling, {a.rollout_batch} prompts x {a.max_new_tokens} tokens, temperature 1")
     for k, v in rates.items():
         print(f"  {k:38s} {v:8.1f} tok/s")
-    if "HF generate fp32" in rates:
-        print(f"  ratio engine/HF: fp32 {rates['chatforge engine fp32 (PPO rollouts)'] / rates['HF generate fp32']:.2f}x, "
-              f"bf16 {rates['chatforge engine bf16'] / rates['HF generate bf16']:.2f}x")
+    for name, _ in names:  # only the dtypes measured here (bf16 is skipped where the CPU emulates it)
+        ours = next((v for k, v in rates.items() if k.startswith(f"chatforge engine {name}")), None)
+        if ours is not None and f"HF generate {name}" in rates:
+            print(f"  ratio engine/HF, {name}: {ours / rates[f'HF generate {name}']:.2f}x")
 
 
 if __name__ == "__main__":

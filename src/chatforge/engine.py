@@ -166,11 +166,11 @@ class SlotCache:
             kc[self._rows_idx, :, self._pos] = k_BKTD[:, :, 0]
             vc[self._rows_idx, :, self._pos] = v_BKTD[:, :, 0]
         k, v = kc[:, :, : self._read], vc[:, :, : self._read]
-        if k.shape[0] >= 4:
-            # model.attend decodes 4+ rows with plain matmuls, which run ~4x slower on this strided
-            # slice of the cache than on a contiguous copy (measured 1.33 ms vs 0.35 ms for 16 rows,
-            # 320 positions, bf16; the copy costs 0.05 ms). The fused kernel used for fewer rows
-            # reads strides fine.
+        if k.shape[0] >= 4 and k.dtype == torch.bfloat16:
+            # model.attend decodes 4+ bf16 rows with plain matmuls, which run ~4x slower on this
+            # strided slice of the cache than on a contiguous copy (measured 1.33 ms vs 0.35 ms for
+            # 16 rows, 320 positions; the copy costs 0.05 ms). The fused kernel used otherwise reads
+            # strides fine.
             k, v = k.contiguous(), v.contiguous()
         return k, v
 
@@ -275,13 +275,13 @@ class PrefixCache:
     def match(self, prompts: list[list[int]]) -> int:
         """Tokens every prompt shares with the stored prefix (each keeps at least its last token
         to compute, for the first output's logits); 0 when fewer than `min_tokens`."""
-        n = min(min(_common_prefix(self.tokens, p) for p in prompts), min(map(len, prompts)) - 1)
+        n = min(min(common_prefix(self.tokens, p) for p in prompts), min(map(len, prompts)) - 1)
         return n if n >= self.min_tokens else 0
 
     def store(self, prompt: list[int], cache: SlotCache, slot: int) -> None:
         """Keep the prompt just prefilled into `slot`, unless the stored prefix covers it already."""
         n = min(len(prompt), self.capacity)
-        if _common_prefix(self.tokens, prompt) >= n:
+        if common_prefix(self.tokens, prompt) >= n:
             return
         self.k[:, :, :n] = cache.k[:, slot, :, :n]
         self.v[:, :, :n] = cache.v[:, slot, :, :n]
@@ -294,7 +294,8 @@ class PrefixCache:
         self.hit_tokens += n * (rows.stop - rows.start)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:

@@ -19,6 +19,7 @@ format. SFT, the reward model, PPO, the engine and the server all call it. Templ
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,7 @@ class Tokenizer:
         """The conversation as the template's text (for display and for Jinja templates)."""
         check_messages(messages)
         template = CHATML_JINJA if self.spec.chat_template == "chatml" else self.spec.chat_template
-        return _jinja_env().from_string(template).render(
+        return _compiled_template(template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.spec.bos_token or "",
@@ -231,6 +232,12 @@ def _token_str(v) -> str | None:
     if isinstance(v, dict):
         return v.get("content")
     return v
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_template(template: str):
+    """Compiling a template takes milliseconds; SFT renders each conversation several times."""
+    return _jinja_env().from_string(template)
 
 
 def _jinja_env():

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..tokenizer import Tokenizer, check_messages
+from .text import expand_inputs
 
 SUFFIXES = (".jsonl", ".parquet")
 
@@ -138,25 +139,7 @@ def is_hf_dataset(path: Path) -> bool:
 
 def expand_chat_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     """Files and HF dataset folders named directly, plus every .jsonl/.parquet under other folders."""
-    found: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if is_hf_dataset(p):
-            found.append(p)
-        elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
-            if not files:
-                raise ValueError(f"{p}: folder holds no {'/'.join(SUFFIXES)} files and is not a `datasets` save_to_disk folder")
-            found += files
-        elif p.is_file():
-            if p.suffix not in SUFFIXES:
-                raise ValueError(f"{p}: unsupported file type {p.suffix!r}; use .jsonl, .parquet or a `datasets` folder")
-            found.append(p)
-        else:
-            raise ValueError(f"{p}: no such file or folder")
-    if not found:
-        raise ValueError("no conversation files given")
-    return found
+    return expand_inputs(inputs, SUFFIXES, whole=is_hf_dataset, what="conversation")
 
 
 def read_conversations(inputs: Iterable[str | Path]) -> list[Conversation]:

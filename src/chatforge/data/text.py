@@ -15,24 +15,28 @@ from typing import Iterable, Iterator
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files named directly, plus every file with a known suffix under named folders (sorted)."""
+def expand_inputs(inputs: Iterable[str | Path], suffixes: tuple[str, ...] = SUFFIXES, whole=None, what: str = "input") -> list[Path]:
+    """Files named directly, plus every file with one of `suffixes` under named folders (sorted).
+    A folder for which `whole(folder)` is true counts as one input (a `datasets` save_to_disk folder)."""
+    also = " or a `datasets` folder" if whole else ""
     files: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        if whole is not None and whole(p):
+            files.append(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
             if not found:
-                raise ValueError(f"{p}: folder holds no {'/'.join(SUFFIXES)} files")
+                raise ValueError(f"{p}: folder holds no {'/'.join(suffixes)} files" + (" and is not a `datasets` save_to_disk folder" if whole else ""))
             files += found
         elif p.is_file():
-            if p.suffix not in SUFFIXES:
-                raise ValueError(f"{p}: unsupported file type {p.suffix!r}; use one of {SUFFIXES}")
+            if p.suffix not in suffixes:
+                raise ValueError(f"{p}: unsupported file type {p.suffix!r}; use one of {suffixes}{also}")
             files.append(p)
         else:
             raise ValueError(f"{p}: no such file or folder")
     if not files:
-        raise ValueError("no input files given")
+        raise ValueError(f"no {what} files given")
     return files
 
 

@@ -26,11 +26,11 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..config import to_dict
-from ..model import GPT, flops_per_token
+from ..model import GPT
 from . import common as C
 from . import rl_math as R
 from .lora import DEFAULT_TARGETS, LoRA
-from .reward import RankingsTrainConfig, TokenizedRankings, load_policy, read_split, step_layout, tokenize_rankings
+from .reward import RankingsTrainConfig, TokenizedRankings, load_policy, read_split, run_log, step_layout, tokenize_rankings
 
 
 @dataclass
@@ -158,11 +158,7 @@ def main(cfg: DPOConfig) -> Path:
     train_model: nn.Module = SequenceLogprobs(policy, lora)
     if dist.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
-    mean_len = sum(len(s) for row in train.seqs for s in row) / max(1, sum(len(row) for row in train.seqs))
-    fpt = flops_per_token(policy.cfg, int(mean_len)) * (4 / 6 if lora is not None else 1.0)
-    peak = C.peak_flops(dist.device, cfg.dtype, cfg.peak_flops) * dist.world
-    log = C.RunLog(out, dist, resume_step=start_step if cfg.resume else None)
-    n_pairs = sum(len(r) * (len(r) - 1) // 2 for r in train.rankings)
+    fpt, peak, log, n_pairs = run_log(cfg, policy, train, lora, dist, out, start_step)
     log.print(
         f"dpo: policy {policy_path} ({policy.num_params() / 1e6:.1f}M"
         + (f", LoRA r={cfg.lora_rank}: {lora.num_params() / 1e6:.2f}M trainable" if lora is not None else ", all trained")

@@ -256,6 +256,15 @@ def step_layout(cfg: RankingsTrainConfig, n_train: int, dist: C.Dist) -> tuple[i
     return per_step, accum, batches, cfg.max_steps or max(1, math.ceil(cfg.epochs * n_train / per_step))
 
 
+def run_log(cfg: RankingsTrainConfig, model: GPT, train: TokenizedRankings, lora, dist: C.Dist, out: Path, start_step: int):
+    """FLOPs per token (for MFU), the peak to divide by, the run's log and its training pair count."""
+    mean_len = sum(len(s) for row in train.seqs for s in row) / max(1, sum(len(row) for row in train.seqs))
+    fpt = flops_per_token(model.cfg, int(mean_len)) * (4 / 6 if lora is not None else 1.0)  # LoRA: no weight gradients
+    peak = C.peak_flops(dist.device, cfg.dtype, cfg.peak_flops) * dist.world
+    n_pairs = sum(len(r) * (len(r) - 1) // 2 for r in train.rankings)
+    return fpt, peak, C.RunLog(out, dist, resume_step=start_step if cfg.resume else None), n_pairs
+
+
 RESUME_KEYS = ("base", "data", "val_data", "val_fraction", "max_len", "micro_batch", "batch_rankings", "epochs", "max_steps", "lora_rank", "lora_alpha", "seed")
 
 
@@ -340,12 +349,8 @@ def main(cfg: RewardConfig) -> Path:
     train_model: nn.Module = rm
     if dist.world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(rm)
-    mean_len = sum(len(s) for row in train.seqs for s in row) / max(1, sum(len(row) for row in train.seqs))
-    fpt = flops_per_token(gpt.cfg, int(mean_len)) * (4 / 6 if lora is not None else 1.0)
-    peak = C.peak_flops(dist.device, cfg.dtype, cfg.peak_flops) * dist.world
-    log = C.RunLog(out, dist, resume_step=start_step if cfg.resume else None)
+    fpt, peak, log, n_pairs = run_log(cfg, gpt, train, lora, dist, out, start_step)
     ks = sorted({len(r) for r in train.rankings})
-    n_pairs = sum(len(r) * (len(r) - 1) // 2 for r in train.rankings)
     log.print(
         f"rm: base {base_path} ({gpt.num_params() / 1e6:.1f}M params"
         + (f", LoRA r={cfg.lora_rank}: {lora.num_params() / 1e6:.2f}M trainable + head" if lora is not None else ", all trained")
