@@ -423,15 +423,22 @@ def next_label_item(store: Store, key_id: int, kind: str | None = None) -> dict 
     return None
 
 
+def _label_item(s, item_id: object, kind: str, asks_instead: str) -> LabelItem:
+    """The label item `item_id` of `kind` ("rank" or "demo"): 404 if there is none, 400 if it is
+    the other kind (`asks_instead` says what it asks for)."""
+    item = s.get(LabelItem, item_id) if isinstance(item_id, str) else None
+    if item is None:
+        raise Refused(404, f"no label item {item_id!r}")
+    if item.kind != kind:
+        raise Refused(400, f"label item {item_id!r} asks for {asks_instead}")
+    return item
+
+
 def attach_samples(store: Store, key_id: int, item_id: str, request_id: str) -> dict:
     """The K samples of a rank item: the answers of a request made for it (once per item, so every
     labeler ranks the same samples and their agreement can be measured)."""
     with store.transaction() as s:
-        item = s.get(LabelItem, item_id) if isinstance(item_id, str) else None
-        if item is None:
-            raise Refused(404, f"no label item {item_id!r}")
-        if item.kind != "rank":
-            raise Refused(400, f"label item {item_id!r} asks for a demonstration, not samples")
+        item = _label_item(s, item_id, "rank", "a demonstration, not samples")
         view = _item_view(s, item)
         if view["samples"]:
             raise Refused(409, f"label item {item_id!r} already has its samples")
@@ -449,11 +456,7 @@ def add_demonstration(store: Store, key_id: int, item_id: str, content: object, 
     names it (so the export knows who wrote it and when)."""
     content = _text(content, "demonstration", max_chars)
     with store.transaction() as s:
-        item = s.get(LabelItem, item_id) if isinstance(item_id, str) else None
-        if item is None:
-            raise Refused(404, f"no label item {item_id!r}")
-        if item.kind != "demo":
-            raise Refused(400, f"label item {item_id!r} asks for a ranking, not a demonstration")
+        item = _label_item(s, item_id, "demo", "a ranking, not a demonstration")
         view = _item_view(s, item)
         now = utcnow()
         mid = new_id("msg")

@@ -2,7 +2,7 @@
 // /v1/chat/completions and are then attached to the conversation by their response id, so the
 // store keeps exactly what the model wrote.
 
-import { api, el, forgetKey, signIn, streamChat } from "./common.js";
+import { api, el, forgetKey, signIn, streamChat, paintRanking } from "./common.js";
 import { renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -124,14 +124,7 @@ function comparePanel(answers) {
   });
   const save = el("button", { class: "save-ranking", disabled: true, onclick: () => saveRanking(order) }, "Save ranking");
   const reset = el("button", { class: "link", onclick: () => { order.length = 0; paint(); } }, "Reset");
-  function paint() {
-    cards.forEach((c) => {
-      const i = order.indexOf(c.dataset.id);
-      c.querySelector(".rank-badge").textContent = i >= 0 ? `#${i + 1}` : "";
-      c.classList.toggle("ranked", i >= 0);
-    });
-    save.disabled = order.length !== answers.length;
-  }
+  const paint = () => paintRanking(cards, order, save);
   panel.append(el("div", { class: "compare-head" }, ranking ? "Your ranking (best first)" : "Rank the answers: click \u201cNext best\u201d in order, or drag one onto another"));
   panel.append(el("div", { class: "cards" }, ...cards));
   if (!ranking) panel.append(el("div", { class: "compare-foot" }, save, reset));

@@ -101,3 +101,14 @@ export function el(tag, attrs = {}, ...children) {
   for (const c of children) if (c !== null && c !== undefined) node.append(c);
   return node;
 }
+
+// A ranking's state on its cards: each card (by data-id) shows its place in `order` ("#1" = best)
+// and looks ranked; `save` is enabled once every card has a place.
+export function paintRanking(cards, order, save) {
+  cards.forEach((c) => {
+    const i = order.indexOf(c.dataset.id);
+    c.querySelector(".rank-badge").textContent = i >= 0 ? `#${i + 1}` : "";
+    c.classList.toggle("ranked", i >= 0);
+  });
+  save.disabled = order.length !== cards.length;
+}

@@ -3,7 +3,7 @@
 // a demo item asks for a written answer. Progress and agreement between labelers come from
 // /web/label/stats.
 
-import { api, el, savedKey, signIn } from "./common.js";
+import { api, el, savedKey, signIn, paintRanking } from "./common.js";
 import { renderMarkdown } from "./markdown.js";
 
 const $ = (id) => document.getElementById(id);
@@ -66,14 +66,7 @@ function rankView(item) {
     } catch (e) { setStatus(e.message); }
   } }, "Save ranking");
   const reset = el("button", { class: "link", onclick: () => { order.length = 0; paint(); } }, "Reset");
-  function paint() {
-    cards.forEach((c) => {
-      const i = order.indexOf(c.dataset.id);
-      c.querySelector(".rank-badge").textContent = i >= 0 ? `#${i + 1}` : "";
-      c.classList.toggle("ranked", i >= 0);
-    });
-    save.disabled = order.length !== cards.length;
-  }
+  const paint = () => paintRanking(cards, order, save);
   return el("div", { class: "compare" }, el("div", { class: "compare-head" }, "Rank the samples from best to worst: click \u201cNext best\u201d in order."),
     el("div", { class: "cards" }, ...cards), el("div", { class: "compare-foot" }, save, reset));
 }
