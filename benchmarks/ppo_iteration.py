@@ -8,7 +8,7 @@ and the split comes from its log (the first iteration is reported separately: it
 warm-up). The rollout comparison samples the same prompts with temperature 1 and exactly
 `--max-new-tokens` tokens per answer (end-of-turn ignored on both sides), batch = rollout batch.
 
-Run: python benchmarks/ppo_iteration.py [--policy CKPT] [--lora-rank 8] [--iterations 3]
+Run: python benchmarks/ppo_iteration.py [--policy CKPT] [--lora-rank 8] [--lora-layers N] [--iterations 3]
          [--rollout-batch 8] [--max-new-tokens 32] [--threads 2]
 """
 
@@ -72,6 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--policy", default="smollm2-135m-instruct", help="checkpoint folder or known model name")
     ap.add_argument("--lora-rank", type=int, default=8, help="0 = full PPO (policy, value, reference, RM all full models)")
+    ap.add_argument("--lora-layers", type=int, default=0, help="adapters only in the last N blocks (0 = every block)")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--rollout-batch", type=int, default=8)
     ap.add_argument("--minibatch", type=int, default=4)
@@ -99,7 +100,7 @@ def main() -> None:
         (tmp / "p.jsonl").write_text("\n".join(json.dumps({"prompt": p}) for p in PROMPTS) + "\n")
         cfg = PPOConfig(policy=str(policy), rm=str(tmp / "rm"), prompts=[str(tmp / "p.jsonl")], out=str(tmp / "ppo"),
                         iterations=a.iterations, rollout_batch=a.rollout_batch, minibatch=a.minibatch, ppo_epochs=a.ppo_epochs,
-                        max_new_tokens=a.max_new_tokens, lora_rank=a.lora_rank, dtype=a.dtype, device="cpu", save_every=10**6,
+                        max_new_tokens=a.max_new_tokens, lora_rank=a.lora_rank, lora_layers=a.lora_layers, dtype=a.dtype, device="cpu", save_every=10**6,
                         eval_every=10**6, show_samples=0)
         t0 = time.perf_counter()
         ppo_main(cfg)
@@ -125,7 +126,8 @@ def main() -> None:
                 rates[f"HF generate {name}"] = hf_rollouts(hf, prompts, a.max_new_tokens)
                 del hf
 
-    print(f"\nPPO, policy {Path(policy).name}, LoRA r={a.lora_rank}, {a.rollout_batch} rollouts x {a.max_new_tokens} tokens, "
+    layers = f" in the last {a.lora_layers} blocks" if a.lora_layers else ""
+    print(f"\nPPO, policy {Path(policy).name}, LoRA r={a.lora_rank}{layers}, {a.rollout_batch} rollouts x {a.max_new_tokens} tokens, "
           f"{a.ppo_epochs} epochs of minibatches of {a.minibatch}, autocast {a.dtype}; {load()} at the end; total {wall:.0f}s")
     print(f"{'iteration':>9s} {'rollout s':>10s} {'scoring s':>10s} {'training s':>11s} {'total s':>8s} {'rollout tok/s':>14s} {'answer len':>11s}")
     for r in recs:

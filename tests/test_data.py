@@ -531,3 +531,29 @@ def test_failed_download_names_package(monkeypatch, tmp_path):
         corpus.fetch_deb("no-such-pkg", tmp_path)
     with pytest.raises(ValueError, match=r"npm package 'no-such-pkg'"):
         corpus.fetch_npm("no-such-pkg", tmp_path)
+
+
+def test_status_line_in_a_log_and_on_a_terminal():
+    """Guards progress output: in a log file, whole lines at most once per interval (plus the
+    last one), never carriage returns; on a terminal, one line rewritten in place."""
+    import io
+
+    from chatforge.console import StatusLine
+
+    log = io.StringIO()
+    s = StatusLine(every_s=3600, stream=log)
+    for i in range(100):
+        s.update(f"step {i}")
+    s.done("finished")
+    assert log.getvalue() == "step 0\nfinished\n"
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty = Tty()
+    s = StatusLine(every_s=3600, stream=tty)
+    s.update("a")
+    s.update("b")
+    s.done()
+    assert tty.getvalue() == "\ra\rb\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import random
 
@@ -147,3 +148,58 @@ def test_interactive_ranking_resumes(tmp_path):
     replies2 = iter(["2 1 0", "012"])
     done = L.rank_interactive(samples, done, lambda d: write_jsonl(out, [d[i] for i in sorted(d)]), ask=lambda p: next(replies2), show=lambda s: None)
     assert [r.ranking for r in read_rankings([out])] == [[1, 0, 2], [2, 1, 0], [0, 1, 2]]
+
+
+def test_paired_difference_by_hand():
+    """Guards the paired judge comparison: per-prompt means, their differences, the paired standard
+    error, and a refusal to pair results over other prompts or sample counts."""
+    from chatforge.data.rankings import Prompt
+    from chatforge.label import judge_answers, paired_difference
+
+    prompts = [Prompt([{"role": "user", "content": f"q{i}"}], {"gold": {"task": "t", "answers": ["42"], "lang": "en"}}, "f") for i in range(3)]
+    base = judge_answers(prompts, [["42", "no"], ["no", "no"], ["42", "42"]])
+    new = judge_answers(prompts, [["42", "42"], ["42", "no"], ["42", "42"]])
+    assert base["samples"] == 2 and len(base["per_prompt"]) == 3
+    right, wrong = (L.gold_score(prompts[0].messages, a, prompts[0].extra["gold"]) for a in ("42", "no"))
+    half = (right - wrong) / 2
+    d = paired_difference(new, base)
+    assert d["mean"] == pytest.approx(2 * half / 3)
+    assert d["stderr"] == pytest.approx(math.sqrt(((half - 2 * half / 3) ** 2 * 2 + (2 * half / 3) ** 2) / 2) / math.sqrt(3))
+    assert (d["better"], d["worse"], d["n"]) == (2, 0, 3)
+    with pytest.raises(ValueError, match="same prompts"):
+        paired_difference(judge_answers(prompts[:2], [["42"], ["no"]]), base)
+
+
+def test_rm_gold_agreement_by_hand(monkeypatch):
+    """Guards the reward model's check against the noise-free gold order: only pairs whose gold
+    scores differ count, and a pair counts as agreeing when the RM orders it the same way."""
+    import torch
+
+    from chatforge.data.rankings import Ranking
+    from chatforge.train import reward
+
+    class FakeRM:
+        gpt = type("G", (), {"cfg": type("C", (), {"max_seq_len": 64})()})()
+
+    monkeypatch.setattr(reward, "load_reward_model", lambda path, device: (FakeRM(), _ByteTok(), {}))
+    # RM scores in answer order: 3 answers of ranking 1, then 2 of ranking 2.
+    monkeypatch.setattr(reward, "score_all", lambda rm, seqs, batch, dev, dtype: torch.tensor([0.9, 0.1, 0.5, 0.2, 0.3]))
+    gold = {"task": "arithmetic", "answers": ["42"], "lang": "en"}
+    rankings = [Ranking([{"role": "user", "content": "6 x 7?"}], ["42", "no", "also no"], [], {"gold": gold}),
+                Ranking([{"role": "user", "content": "6 x 7?"}], ["42", "no"], [], {"gold": gold})]
+    # Ranking 1: 42 > no (RM agrees), 42 > also no (agrees), no vs also no: same gold, skipped.
+    # Ranking 2: 42 > no, RM 0.2 < 0.3: disagrees.
+    r = L.rm_gold_agreement("rm", rankings, device="cpu")
+    assert r["pairs"] == 3 and r["accuracy"] == pytest.approx(2 / 3) and r["rankings"] == 2
+
+
+class _ByteTok:
+    """Just enough tokenizer for prompt_ids/response_ids."""
+
+    eot_id = 0
+
+    def render(self, messages, add_generation_prompt=False):
+        return [1, 2], None
+
+    def encode(self, text):
+        return list(text.encode())

@@ -169,3 +169,22 @@ def test_sft_lora_and_merge(tok, tmp_path):
     x = ids(tok)
     with torch.no_grad():
         torch.testing.assert_close(ckpt_io.load(merged).model(x), ckpt_io.load(out).model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_top_layers_only(tok):
+    """Guards the top-blocks option: adapters only in the last N blocks, the lower blocks get no
+    activations kept for a backward pass, and a count outside [0, n_layer] is refused."""
+    model = tiny(tok)
+    n = len(model.blocks)
+    lora = LoRA(model, rank=4, alpha=8, top_layers=1)
+    assert lora.names and all(name.startswith(f"blocks.{n - 1}.") for name in lora.names)
+    assert lora.meta()["top_layers"] == 1 and lora.meta()["layers"] == len(lora.names)
+    seen = []
+    hook = model.blocks[0].register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    top = model.blocks[n - 1].register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    model(ids(tok)).sum().backward()
+    hook.remove(), top.remove()
+    assert seen == [False, True]
+    assert all(a.grad is not None for a in lora.A)
+    with pytest.raises(ValueError, match="top_layers"):
+        LoRA(tiny(tok), rank=4, alpha=8, top_layers=n + 1)

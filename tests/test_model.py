@@ -122,3 +122,26 @@ def test_too_long_sequence():
     with pytest.raises(ValueError, match="longer than the model's context"):
         m(torch.zeros(1, 65, dtype=torch.long))
 
+
+
+@pytest.mark.parametrize("block", ["gpt2", "llama"])
+def test_stem_continues_exactly(block):
+    """Guards the shared stem: hidden states computed from another model's first blocks equal a
+    full forward, and shared_depth counts only identical, frozen, hook-free lowest blocks."""
+    from chatforge.model import shared_depth
+
+    a, b = tiny(block), tiny(block)
+    x = torch.randint(0, 97, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(b.hidden(x, stem=a.stem(x, 1)), b.hidden(x), rtol=0, atol=0)
+    for p in list(a.parameters()) + list(b.parameters()):
+        p.requires_grad_(False)
+    assert shared_depth([a, b]) == 2
+    with torch.no_grad():
+        b.blocks[1].mlp.proj.weight.add_(1e-3)
+    assert shared_depth([a, b]) == 1
+    hook = a.blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: o)
+    assert shared_depth([a, b]) == 0
+    hook.remove()
+    b.blocks[0].attn.qkv.weight.requires_grad_(True)
+    assert shared_depth([a, b]) == 0

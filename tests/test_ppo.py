@@ -227,6 +227,31 @@ def test_lora_ptx_iteration_keeps_base_frozen(tok, tmp_path, shards_dir, monkeyp
     assert any("val_rm_score" in r for r in recs)
 
 
+def test_shared_blocks_change_nothing(tok, tmp_path, monkeypatch):
+    """Guards running the lowest blocks once for policy, reference, value and reward model (LoRA
+    in the top block only, a reward model with the SFT body): the iteration logs the same numbers
+    as one that runs every model in full."""
+    gpt = GPT(preset("cpu-tiny", vocab_size=512, max_seq_len=96))
+    gpt.init_weights(0)
+    sft = ckpt_io.save(tmp_path / "sft", gpt, tok, {"stage": "sft"})
+    rm = RewardModel(gpt, seed=3)
+    ckpt_io.save(tmp_path / "rm", gpt, tok, {"stage": "rm"}, extra_tensors=rm.head_tensors())
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": f"Tell me about number {i}."}) for i in range(8)) + "\n")
+    depths = []
+    real = P.shared_depth
+    monkeypatch.setattr(P, "shared_depth", lambda models: depths.append(real(models)) or depths[-1])
+    kw = dict(lora_rank=4, lora_alpha=8.0, lora_layers=1, iterations=2)
+    shared = P.main(ppo_cfg(tmp_path, sft, tmp_path / "rm", prompts, out=str(tmp_path / "shared"), **kw))
+    assert depths == [gpt.cfg.n_layer - 1] and depths[0] > 0
+    monkeypatch.setattr(P, "shared_depth", lambda models: 0)
+    full = P.main(ppo_cfg(tmp_path, sft, tmp_path / "rm", prompts, out=str(tmp_path / "full"), **kw))
+    recs = [[r for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "rm_score" in r] for d in (shared, full)]
+    for a, b in zip(*recs):
+        for k in ("rm_score", "kl", "pg_loss", "vf_loss", "entropy", "approx_kl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
+
+
 def test_ppo_resume_exact(tok, tmp_path, monkeypatch):
     """Guards exact resume: killed during iteration 3 after the iteration-2 checkpoint, resumed,
     the run logs the same numbers as an uninterrupted one (rollouts, losses, KL coefficient)."""
@@ -278,6 +303,7 @@ def test_rlhf_rounds_with_oracle_and_human_stop(tok, tmp_path):
     out = tmp_path / "o"
     report = rlhf_main(RLHFConfig(out=str(out), oracle="gold", eval_prompts=[str(tmp_path / "q.jsonl")], **common))
     assert len(report["rounds"]) == 2 and "gold_score" in report["sft"] and all("gold" in r for r in report["rounds"])
+    assert all(r["gold_vs_sft"]["n"] == 8 and 0 <= r["rm_gold_accuracy"]["pairs"] for r in report["rounds"])
     samples2 = [json.loads(x) for x in (out / "round2/samples.jsonl").read_text().splitlines()]
     assert samples2[0]["policy"] == str(out / "round1/ppo")
     rm2 = json.loads((out / "round2/rm/meta.json").read_text())

@@ -142,7 +142,7 @@ def evaluate(policies: dict[str, str], rm_dir: Path, eval_prompts: list[str], sa
     out = {}
     for role, path in policies.items():
         ck = ckpt_io.load(path, device=dev, dtype=torch.float32)
-        answers = sample_answers(ck.model, ck.tokenizer, prompts, samples, max_new_tokens, 1.0, 1.0, seed, 32)
+        answers = sample_answers(ck.model, ck.tokenizer, prompts, samples, max_new_tokens, 1.0, 1.0, seed, 32, f"evaluate {role}")
         r = judge_answers(prompts, answers)
         seqs = []
         for p, ans in zip(prompts, answers):
@@ -166,6 +166,7 @@ def main(cfg: FlywheelConfig) -> dict:
     from . import checkpoint as ckpt_io
     from . import feedback
     from .config import save_json
+    from .label import paired_difference
     from .convert.registry import KNOWN
     from .store import Store, parse_since
     from .train.ppo import PPOConfig
@@ -219,19 +220,20 @@ def main(cfg: FlywheelConfig) -> dict:
         result = evaluate({"current": policy, "candidate": str(cand)}, rm_dir, cfg.eval_prompts, cfg.eval_samples, cfg.sample_tokens,
                           cfg.max_eval_prompts, cfg.seed + 1000, cfg.device)
         better, gain = decide(result, cfg.min_gain)
+        paired = paired_difference(result["candidate"], result["current"])
         report = {"round": n, "export": new.as_dict(), "all": everything.as_dict(), "sft": start if start != policy else None,
                   "rm": str(rm_dir), "candidate": str(cand), "evaluation": {k: {x: v for x, v in r.items() if x != "examples"}
                                                                          for k, r in result.items()},
-                  "gold_gain": gain, "min_gain": cfg.min_gain, "registered": better}
+                  "gold_gain": gain, "gold_gain_paired": paired, "min_gain": cfg.min_gain, "registered": better}
         # 6. register
         if better:
             snap = _snapshot(cand)
             feedback.register_snapshot(store, name, snap, str(cand.resolve()), _snapshot(policy), cfg.traffic, report)
             report["snapshot"] = snap
-            say(f"round {n}: candidate {name}@{snap} beats the current policy by {gain:+.4f} gold; registered for "
+            say(f"round {n}: candidate {name}@{snap} beats the current policy by {gain:+.4f} ± {paired['stderr']:.4f} gold; registered for "
                 f"{cfg.traffic:.0%} of new chats. Serve it next to the current one: chatforge serve {cfg.policy} {cand}")
         else:
-            say(f"round {n}: candidate gains {gain:+.4f} gold (needs > {cfg.min_gain:+.4f}); not registered")
+            say(f"round {n}: candidate gains {gain:+.4f} ± {paired['stderr']:.4f} gold (needs > {cfg.min_gain:+.4f}); not registered")
         save_json(report, d / "report.json")
         return report
     finally:

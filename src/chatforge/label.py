@@ -338,15 +338,31 @@ class SampleConfig:
             raise ValueError("max_new_tokens and max_batch must be >= 1")
 
 
-def generate_texts(engine, prompts: list[list[int]], sampling: list) -> list[str]:
-    """Answer texts for token prompts through the engine (stop tokens are not part of the text)."""
+def generate_texts(engine, prompts: list[list[int]], sampling: list, label: str = "") -> list[str]:
+    """Answer texts for token prompts through the engine (stop tokens are not part of the text).
+    With a `label`, shows answers done, tokens/s and ETA on stderr."""
+    import time
+
+    from .console import StatusLine
+
     texts = [""] * len(prompts)
+    status, t0 = StatusLine(), time.perf_counter()
+    done = tokens = 0
     for ev in engine.generate(prompts, sampling):
         texts[ev.request_id] += ev.text
+        tokens += ev.token_id is not None
+        if ev.finish_reason is not None:
+            done += 1
+            if label:
+                el = time.perf_counter() - t0
+                status.update(f"{label}: {done}/{len(prompts)} answers, {tokens / el:.1f} tok/s, ETA {el / done * (len(prompts) - done) / 60:.1f} min")
+    if label:
+        status.done()
     return texts
 
 
-def sample_answers(model, tok, prompts: list[Prompt], k: int, max_new_tokens: int, temperature: float, top_p: float, seed: int, max_batch: int) -> list[list[str]]:
+def sample_answers(model, tok, prompts: list[Prompt], k: int, max_new_tokens: int, temperature: float, top_p: float, seed: int, max_batch: int,
+                   label: str = "") -> list[list[str]]:
     """K sampled answers for every prompt; answer j of prompt i uses the seed (seed, i, j)."""
     from .engine import Engine, SamplingParams
 
@@ -359,7 +375,7 @@ def sample_answers(model, tok, prompts: list[Prompt], k: int, max_new_tokens: in
         for j in range(k):
             ids.append(pid)
             sps.append(SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=_seed(seed, i, j)))
-    texts = generate_texts(engine, ids, sps)
+    texts = generate_texts(engine, ids, sps, label)
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 
@@ -386,7 +402,7 @@ def sample(cfg: SampleConfig) -> Path:
     ck = ckpt_io.load(_resolve(cfg.policy), device=pick_device(cfg.device), dtype=torch.float32)
     t0 = time.time()
     print(f"label sample: {len(prompts)} prompts x {cfg.k} answers from {cfg.policy}", file=sys.stderr, flush=True)
-    answers = sample_answers(ck.model, ck.tokenizer, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.max_batch)
+    answers = sample_answers(ck.model, ck.tokenizer, prompts, cfg.k, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.seed, cfg.max_batch, "label sample")
     records = [{"messages": p.messages, "responses": a, **p.extra, "policy": str(cfg.policy)} for p, a in zip(prompts, answers)]
     out = write_jsonl(cfg.out, records)
     n = len(prompts) * cfg.k
@@ -509,14 +525,64 @@ def judge_answers(prompts: list[Prompt], answers: list[list[str]]) -> dict:
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
     n = len(scores)
     std = math.sqrt(sum((s - mean(scores)) ** 2 for s in scores) / max(1, n - 1))
+    per_prompt = [mean(scores[i * len(ans):(i + 1) * len(ans)]) for i, ans in enumerate(answers)] if len({len(a) for a in answers}) == 1 else []
     return {
         "gold_score": mean(scores),
         "stderr": std / math.sqrt(max(1, n)),
         "n": n,
+        "samples": len(answers[0]) if answers else 0,
         "parts": {k: mean(v) for k, v in parts_sum.items()},
         "by_task": {k: mean(v) for k, v in sorted(by_task.items())},
         "mean_chars": mean([len(a) for ans in answers for a in ans]),
+        "per_prompt": per_prompt,
     }
+
+
+def paired_difference(new: dict, base: dict) -> dict:
+    """Gold score of `new` minus `base` over the same held-out prompts, prompt by prompt: the mean
+    difference, its standard error (paired, so prompt difficulty cancels) and how many prompts
+    got better / worse. Both are `judge_answers` results for the same prompts and sample count."""
+    a, b = new.get("per_prompt") or [], base.get("per_prompt") or []
+    if not a or len(a) != len(b) or new.get("samples") != base.get("samples"):
+        raise ValueError(f"paired difference needs per-prompt scores of the same prompts and samples per prompt "
+                         f"(have {len(a)} x {new.get('samples')} vs {len(b)} x {base.get('samples')}); judge both again")
+    d = [x - y for x, y in zip(a, b)]
+    m = sum(d) / len(d)
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(1, len(d) - 1))
+    return {"mean": m, "stderr": sd / math.sqrt(len(d)), "n": len(d), "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
+
+
+def rm_gold_agreement(rm_dir: str, rankings: list[Ranking], min_gap: float = 0.01, device: str = "auto") -> dict:
+    """How often a reward model orders two answers like the noise-free gold score, over the pairs
+    whose gold scores differ by more than `min_gap` (ties and near-ties carry no preference). The
+    labeler's rankings are noisy (gold-73 flips ~27% of pairs), so accuracy against them is capped
+    well below 1; this is the reward model's accuracy against what the rankings were noisy
+    readings of. For evaluation only: nothing trains on it."""
+    import itertools
+
+    from .data.rankings import fit, prompt_ids, response_ids
+    from .train.common import pick_device
+    from .train.reward import load_reward_model, score_all
+
+    dev = pick_device(device)
+    rm, tok, _ = load_reward_model(rm_dir, device=dev)
+    seqs, golds = [], []
+    for r in rankings:
+        p = prompt_ids(tok, r.messages)
+        for text in r.responses:
+            pp, rr, _ = fit(p, response_ids(tok, text), rm.gpt.cfg.max_seq_len)
+            seqs.append(pp + rr)
+            golds.append(gold_score(r.messages, text, r.extra.get("gold")))
+    scores = score_all(rm, seqs, 16, dev, "fp32").tolist()
+    agree = pairs = 0
+    base = 0
+    for r in rankings:
+        for i, j in itertools.combinations(range(base, base + len(r.responses)), 2):
+            if abs(golds[i] - golds[j]) > min_gap:
+                pairs += 1
+                agree += (golds[i] > golds[j]) == (scores[i] > scores[j])
+        base += len(r.responses)
+    return {"accuracy": agree / pairs if pairs else float("nan"), "pairs": pairs, "rankings": len(rankings)}
 
 
 def judge(policies: list[str], prompts_files: list[str], samples: int = 1, temperature: float = 1.0, max_new_tokens: int = 64,
@@ -537,12 +603,16 @@ def judge(policies: list[str], prompts_files: list[str], samples: int = 1, tempe
     results = {}
     for pol in policies:
         ck = ckpt_io.load(_resolve(pol), device=pick_device(device), dtype=torch.float32)
-        answers = sample_answers(ck.model, ck.tokenizer, prompts, samples, max_new_tokens, temperature, 1.0, seed, 32)
+        answers = sample_answers(ck.model, ck.tokenizer, prompts, samples, max_new_tokens, temperature, 1.0, seed, 32, f"judge {pol}")
         r = judge_answers(prompts, answers)
         r["examples"] = [{"prompt": p.messages[-1]["content"], "answer": a[0]} for p, a in list(zip(prompts, answers))[:5]]
         results[pol] = r
         print(f"{pol}: gold {r['gold_score']:.4f} ± {r['stderr']:.4f} (n={r['n']}), "
               + ", ".join(f"{k} {v:.3f}" for k, v in r["parts"].items()) + f", {r['mean_chars']:.0f} chars", flush=True)
+        if pol != policies[0]:
+            r["vs_first"] = d = paired_difference(r, results[policies[0]])
+            print(f"  vs {policies[0]}: {d['mean']:+.4f} ± {d['stderr']:.4f} per prompt (paired), better on {d['better']}, "
+                  f"worse on {d['worse']} of {d['n']} prompts", flush=True)
     if out:
         save_json(results, out)
     return results

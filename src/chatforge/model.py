@@ -214,6 +214,36 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+@dataclass
+class Stem:
+    """The residual stream (B,T,C) after a model's first `depth` blocks."""
+
+    x: torch.Tensor
+    depth: int
+
+
+def shared_depth(models: list[GPT]) -> int:
+    """How many of the lowest blocks (with the embeddings) these models hold with identical
+    weights and no trainable parameter or forward hook (a LoRA adapter): the blocks whose output
+    one `stem` can stand in for in all of them. 0 when the embeddings differ."""
+    first = models[0]
+    if any(m.cfg != first.cfg for m in models):
+        return 0
+    def frozen_same(mods: list[nn.Module]) -> bool:
+        for group in zip(*(list(m.named_parameters()) for m in mods)):
+            if any(p.requires_grad for _, p in group) or any(not torch.equal(group[0][1], p) for _, p in group[1:]):
+                return False
+        return not any(getattr(sub, "_forward_hooks", None) for m in mods for sub in m.modules())
+
+    emb = [[m.tok_emb] + ([m.pos_emb] if m.cfg.block == "gpt2" else []) for m in models]
+    if not all(frozen_same([e[i] for e in emb]) for i in range(len(emb[0]))):
+        return 0
+    depth = 0
+    while depth < first.cfg.n_layer and frozen_same([m.blocks[depth] for m in models]):
+        depth += 1
+    return depth
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -252,22 +282,45 @@ class GPT(nn.Module):
         pos_ids_BT: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        stem: Stem | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states (B,T,C): the LM head and the reward/value heads read these."""
+        """Final-norm hidden states (B,T,C): the LM head and the reward/value heads read these.
+        With a `stem` (from `self.stem` or another model whose lowest blocks hold the same
+        weights) the first `stem.depth` blocks are not run again."""
         B, T = input_ids_BT.shape
         if pos_ids_BT is None:
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
             pos_ids_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+        if stem is not None:
+            x, start = stem.x, stem.depth
+        else:
+            x, start = self.tok_emb(input_ids_BT), 0
+            if self.cfg.block == "gpt2":
+                x = x + self.pos_emb(pos_ids_BT)
+        cos = sin = None
+        if self.cfg.block == "llama":
+            cos, sin = self.rope_cos[pos_ids_BT].to(x.dtype), self.rope_sin[pos_ids_BT].to(x.dtype)
+        for block in self.blocks[start:]:
+            x = block(x, cos, sin, mask, kv_cache)
+        return self.norm_f(x)
+
+    def stem(self, input_ids_BT: torch.Tensor, depth: int) -> Stem:
+        """The residual stream after the first `depth` blocks (full-length sequences from 0, no
+        cache), for `hidden(..., stem=)` of this model or of any model that shares those blocks."""
+        T = input_ids_BT.shape[1]
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
+        pos = torch.arange(T, device=input_ids_BT.device).expand_as(input_ids_BT)
         x = self.tok_emb(input_ids_BT)
         cos = sin = None
         if self.cfg.block == "gpt2":
-            x = x + self.pos_emb(pos_ids_BT)
+            x = x + self.pos_emb(pos)
         else:
-            cos, sin = self.rope_cos[pos_ids_BT].to(x.dtype), self.rope_sin[pos_ids_BT].to(x.dtype)
-        for block in self.blocks:
-            x = block(x, cos, sin, mask, kv_cache)
-        return self.norm_f(x)
+            cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
+        for block in self.blocks[:depth]:
+            x = block(x, cos, sin, None, None)
+        return Stem(x, depth)
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits from final-norm hidden states of any shape (...,C). Calls the lm_head module

@@ -28,14 +28,11 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from ..config import save_json
+from ..console import StatusLine
 from ..tokenizer import Tokenizer, train_tokenizer
 from .text import expand_inputs, iter_documents
 
 FORMAT = "chatforge-shards/1"
-
-
-def _progress(msg: str) -> None:
-    print("\r" + msg, end="", file=sys.stderr, flush=True)
 
 
 def shard_dtype(vocab_size: int) -> type:
@@ -93,6 +90,7 @@ def train_tokenizer_on_files(
     files = expand_inputs(inputs)
     t0 = time.time()
     seen = {"chars": 0, "docs": 0}
+    status = StatusLine()
     if max_chars:
         print(f"tokenizer: counting characters to sample {max_chars / 1e6:.1f}M of them evenly", file=sys.stderr)
 
@@ -101,9 +99,9 @@ def train_tokenizer_on_files(
             seen["chars"] += len(doc)
             seen["docs"] += 1
             if seen["docs"] % 2000 == 0:
-                _progress(f"tokenizer: read {seen['docs']:,} documents, {seen['chars'] / 1e6:.1f}M chars")
+                status.update(f"tokenizer: read {seen['docs']:,} documents, {seen['chars'] / 1e6:.1f}M chars")
             yield doc
-        _progress(f"tokenizer: read {seen['docs']:,} documents, {seen['chars'] / 1e6:.1f}M chars; merging ...")
+        status.done(f"tokenizer: read {seen['docs']:,} documents, {seen['chars'] / 1e6:.1f}M chars; merging ...")
 
     tok = train_tokenizer(texts(), vocab_size)
     if seen["docs"] == 0:
@@ -112,7 +110,7 @@ def train_tokenizer_on_files(
     tok.save(out)
     bpt = bytes_per_token(tok, files)
     print(
-        f"\ntokenizer: {tok.vocab_size} tokens from {seen['docs']:,} documents ({seen['chars'] / 1e6:.1f}M chars) "
+        f"tokenizer: {tok.vocab_size} tokens from {seen['docs']:,} documents ({seen['chars'] / 1e6:.1f}M chars) "
         f"in {seconds:.1f}s; {bpt.pop('all'):.2f} bytes/token on a sample; saved to {out}",
         file=sys.stderr,
     )
@@ -152,6 +150,7 @@ def prepare(
     eos = tok.eos_id
     t0 = last_report = time.time()
     n_docs = 0
+    status = StatusLine()
 
     def write_batch(batch: list[str], handles: dict) -> None:
         nonlocal n_docs, last_report
@@ -167,7 +166,7 @@ def prepare(
         if time.time() - last_report > 0.5:
             last_report = time.time()
             mb = (stats["train"]["bytes"] + stats["val"]["bytes"]) / 1e6
-            _progress(f"prepare: {n_docs:,} documents, {mb:.1f} MB, {mb / max(1e-9, last_report - t0):.2f} MB/s")
+            status.update(f"prepare: {n_docs:,} documents, {mb:.1f} MB, {mb / max(1e-9, last_report - t0):.2f} MB/s")
 
     try:
         with open(tmp["train"], "wb") as f_train, open(tmp["val"], "wb") as f_val:
@@ -213,8 +212,9 @@ def prepare(
     save_json(meta, out / "meta.json")
     total_tokens = stats["train"]["tokens"] + stats["val"]["tokens"]
     total_bytes = stats["train"]["bytes"] + stats["val"]["bytes"]
+    status.done()
     print(
-        f"\nprepare: {n_docs:,} documents -> {total_tokens:,} tokens "
+        f"prepare: {n_docs:,} documents -> {total_tokens:,} tokens "
         f"(train {stats['train']['tokens']:,}, val {stats['val']['tokens']:,}), "
         f"{total_bytes / max(1, total_tokens):.2f} bytes/token, {meta['seconds']:.1f}s -> {out}",
         file=sys.stderr,

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import cache_dir, save_json
+from ..console import StatusLine
 from .corpus import publish_package, fetch_deb, fetch_npm
 
 CHATTERBOT = "chatterbot-corpus==1.3.3"
@@ -403,6 +404,7 @@ def run_teacher(prompts: list[str], cache_file: Path, max_tokens: int, install: 
     ids = [ck.tokenizer.render([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in todo]
     texts: list[str] = [""] * len(todo)
     n = 0
+    status = StatusLine()
     # All prompts at once: the engine refills a finished request's slot, so the batch stays full.
     with open(cache_file, "a", encoding="utf-8") as f:
         for ev in engine.generate(ids, sp):
@@ -417,9 +419,8 @@ def run_teacher(prompts: list[str], cache_file: Path, max_tokens: int, install: 
             f.flush()
             n += 1
             el = time.time() - t0
-            print(f"\rdata sft-default: teacher answered {n}/{len(todo)} prompts ({el:.0f}s, ETA {el / n * (len(todo) - n):.0f}s)",
-                  end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+            status.update(f"data sft-default: teacher answered {n}/{len(todo)} prompts ({el:.0f}s, ETA {el / n * (len(todo) - n):.0f}s)")
+    status.done()
     return done
 
 

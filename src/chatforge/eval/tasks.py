@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import dtypes
+from ..console import StatusLine
 from ..data.chat import read_conversations
 
 
@@ -108,6 +109,7 @@ def answer_all(engine, items: list[TaskItem], max_new_tokens: int, batch: int) -
     sp = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     out: list[str] = []
     t0 = time.time()
+    status = StatusLine()
     for start in range(0, len(items), batch):
         chunk = items[start : start + batch]
         prompts = [tok.render(it.messages, add_generation_prompt=True)[0] for it in chunk]
@@ -116,9 +118,8 @@ def answer_all(engine, items: list[TaskItem], max_new_tokens: int, batch: int) -
             texts[ev.request_id] += ev.text
         out += texts
         el = time.time() - t0
-        print(f"\reval tasks: {len(out)}/{len(items)} answered ({el:.0f}s, ETA {el / len(out) * (len(items) - len(out)):.0f}s)",
-              end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+        status.update(f"eval tasks: {len(out)}/{len(items)} answered ({el:.0f}s, ETA {el / len(out) * (len(items) - len(out)):.0f}s)")
+    status.done()
     return out
 
 

@@ -411,6 +411,7 @@ def restore_weights(out: Path, model: nn.Module, lora=None) -> None:
 
 def check_resume_config(saved: dict, current: dict, keys: Iterable[str], source: Path) -> None:
     """Resuming with a different model or data config would silently train something else: refuse."""
-    diff = [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    # A key the saved run predates (an option added since) counts as unchanged.
+    diff = [f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k, current.get(k)) != current.get(k)]
     if diff:
         raise ValueError(f"{source}: cannot resume with a different config ({'; '.join(diff)}); use a new --out")

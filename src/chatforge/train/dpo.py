@@ -51,7 +51,7 @@ class DPOConfig(RankingsTrainConfig):
 
 
 RESUME_KEYS = ("policy", "data", "val_data", "val_fraction", "ref", "beta", "label_smoothing", "max_len", "micro_batch", "batch_rankings",
-               "epochs", "max_steps", "lora_rank", "lora_alpha", "seed")
+               "epochs", "max_steps", "lora_rank", "lora_alpha", "lora_layers", "seed")
 
 
 def collate(data: TokenizedRankings, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
@@ -143,7 +143,7 @@ def main(cfg: DPOConfig) -> Path:
     if ptok.hf.to_str() != tok.hf.to_str():
         raise ValueError(f"{ref_path}: the reference's tokenizer differs from the policy's")
     policy_snapshot = ckpt_io.snapshot_id(policy_path)
-    lora = LoRA(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed) if cfg.lora_rank else None
+    lora = LoRA(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed, cfg.lora_layers) if cfg.lora_rank else None
     start_step = 0
     if state is not None:
         C.check_parent(out, policy_snapshot, policy_path, "policy")
@@ -176,7 +176,7 @@ def main(cfg: DPOConfig) -> Path:
         "ref": str(Path(ref_dir).resolve()),
         "data": [str(Path(d).resolve()) for d in cfg.data],
         "beta": cfg.beta,
-        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(DEFAULT_TARGETS)} if lora is not None else None,
+        "lora": lora.meta() if lora is not None else None,
     }
 
     def run_batch(module: nn.Module, ids, mask, groups, ref_lp) -> tuple[torch.Tensor, dict]:

@@ -21,6 +21,7 @@ and `merge()` folds them into the weights for good.
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -31,20 +32,39 @@ from ..checkpoint import merge_lora
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 
-class LoRA(nn.Module):
-    """Rank-`rank` adapters on every nn.Linear of `model` whose name ends with one of `targets`.
-    Freezes the model's own parameters; the adapters are this module's only parameters."""
+def _block_index(name: str, n_blocks: int) -> int:
+    """The transformer block a layer name lies in (`blocks.<i>.`); layers outside the blocks
+    (the output head) count as above the top one."""
+    m = re.match(r"blocks\.(\d+)\.", name)
+    return int(m.group(1)) if m else n_blocks
 
-    def __init__(self, model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets=DEFAULT_TARGETS, seed: int = 0):
+
+class LoRA(nn.Module):
+    """Rank-`rank` adapters on every nn.Linear of `model` whose name ends with one of `targets`
+    (only in the last `top_layers` transformer blocks when that is > 0). Freezes the model's own
+    parameters; the adapters are this module's only parameters.
+
+    With adapters in the top blocks only, nothing below them needs a gradient, so autograd keeps
+    no activations there and the backward pass stops at the lowest adapted block: a reward model
+    or PPO step on the top third of SmolLM2's 30 blocks skips two thirds of the backward."""
+
+    def __init__(self, model: nn.Module, rank: int, alpha: float, dropout: float = 0.0, targets=DEFAULT_TARGETS, seed: int = 0,
+                 top_layers: int = 0):
         super().__init__()
         if rank <= 0:
             raise ValueError(f"LoRA rank={rank} must be positive")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"LoRA dropout={dropout} must be in [0, 1)")
-        self.names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and any(n.endswith(t) for t in targets)]
+        n_blocks = len(getattr(model, "blocks", ()))
+        if top_layers < 0 or (top_layers and top_layers > n_blocks):
+            raise ValueError(f"LoRA top_layers={top_layers} must be in [0, {n_blocks}] (0 = every block)")
+        lowest = n_blocks - top_layers if top_layers else 0
+        self.names = [n for n, m in model.named_modules()
+                      if isinstance(m, nn.Linear) and any(n.endswith(t) for t in targets) and _block_index(n, n_blocks) >= lowest]
         if not self.names:
             raise ValueError(f"LoRA targets {list(targets)} match no linear layer (names look like blocks.0.attn.qkv)")
         self.rank, self.alpha, self.dropout = rank, alpha, dropout
+        self.targets, self.top_layers = list(targets), top_layers
         self.scale = alpha / rank
         gen = torch.Generator().manual_seed(seed)
         self.A, self.B = nn.ParameterList(), nn.ParameterList()
@@ -67,6 +87,10 @@ class LoRA(nn.Module):
             return out + F.linear(F.linear(x, self.A[i]), self.B[i]) * self.scale
 
         return add_update
+
+    def meta(self) -> dict:
+        """What a checkpoint's meta.json records about the adapters (checkpoint.load reads rank and alpha)."""
+        return {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, "top_layers": self.top_layers, "layers": len(self.names)}
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -43,9 +43,10 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..config import to_dict
+from ..convert.registry import resolve
 from ..data.rankings import prompt_ids, read_prompts
 from ..engine import Engine, SamplingParams
-from ..model import GPT
+from ..model import GPT, shared_depth
 from . import common as C
 from . import rl_math as R
 from .lora import DEFAULT_TARGETS, LoRA
@@ -82,6 +83,7 @@ class PPOConfig:
     ptx_seq_len: int = 128  # tokens per pretraining window
     lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters on policy and value
     lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
+    lora_layers: int = 0  # adapters only in the last N transformer blocks (0 = every block); the backward stops below them
     dtype: str = "auto"  # autocast for scoring and training: "bf16", "fp32" or "auto" (dtypes.py)
     eval_every: int = 5  # iterations between held-out RM evaluations (and at the end)
     save_every: int = 5  # iterations between checkpoints (and at the end)
@@ -111,7 +113,7 @@ class PPOConfig:
         C.parse_dtype(self.dtype)
 
 
-RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "seed")
+RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "lora_layers", "seed")
 
 
 # ---- rollouts as tensors ----------------------------------------------------------------------
@@ -164,10 +166,10 @@ def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seed
     return toks, finished, texts
 
 
-def policy_logprobs(model: GPT, ids: torch.Tensor, amask: torch.Tensor, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def policy_logprobs(model: GPT, ids: torch.Tensor, amask: torch.Tensor, entropy: bool = False, stem=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(token t+1 | ids[:t+1]) at the answer tokens (amask), and (when asked) the entropy of
     that distribution, (B,T-1) fp32, 0 outside the answers."""
-    return R.answer_logprobs(model, ids, amask, entropy)
+    return R.answer_logprobs(model, ids, amask, entropy, stem)
 
 
 @contextlib.contextmanager
@@ -200,9 +202,9 @@ def main(cfg: PPOConfig) -> Path:
     value = RewardModel(copy.deepcopy(rm.gpt), copy.deepcopy(rm.value_head))
     for p in rm.parameters():
         p.requires_grad_(False)
-    lora = LoRA(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed) if cfg.lora_rank else None
-    value_lora = LoRA(value.gpt, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed + 1) if cfg.lora_rank else None
-    ref_path = Path(cfg.ref) if cfg.ref else policy_path
+    lora = LoRA(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed, cfg.lora_layers) if cfg.lora_rank else None
+    value_lora = LoRA(value.gpt, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed + 1, cfg.lora_layers) if cfg.lora_rank else None
+    ref_path = resolve(cfg.ref) if cfg.ref else policy_path  # a known model name resolves to its cached folder
     ref: GPT | None = None
     if lora is None or ref_path.resolve() != policy_path.resolve():
         ref = load_policy(str(ref_path), dev)[0].eval()
@@ -271,14 +273,26 @@ def main(cfg: PPOConfig) -> Path:
         "rm": str(Path(cfg.rm).resolve()),
         "ref": str(ref_path.resolve()),
         "prompts": [str(Path(p).resolve()) for p in cfg.prompts],
-        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(DEFAULT_TARGETS)} if lora is not None else None,
+        "lora": lora.meta() if lora is not None else None,
     }
 
-    def ref_logprobs(ids: torch.Tensor, amask: torch.Tensor) -> torch.Tensor:
+    def ref_logprobs(ids: torch.Tensor, amask: torch.Tensor, stem) -> torch.Tensor:
         if ref is not None:
-            return policy_logprobs(ref, ids, amask)[0]
+            return policy_logprobs(ref, ids, amask, stem=stem)[0]
         with adapters_off(lora):
-            return policy_logprobs(policy, ids, amask)[0]
+            return policy_logprobs(policy, ids, amask, stem=stem)[0]
+
+    # Blocks that policy, reference, value model and reward model hold alike and frozen (LoRA in
+    # the top blocks only, a reward model trained the same way): run once per batch, not 4 times.
+    shared = shared_depth([policy, value.gpt, rm.gpt] + ([ref] if ref is not None else []))
+    log.print(f"ppo: the lowest {shared} of {policy.cfg.n_layer} blocks are shared by policy, reference, value and reward model"
+              if shared else "ppo: no block is shared by policy, reference, value and reward model")
+
+    def stem_of(ids: torch.Tensor):
+        if not shared:
+            return None
+        with torch.no_grad():
+            return policy.stem(ids, shared)
 
     @torch.no_grad()
     def score(ro: Rollouts, beta: float) -> None:
@@ -287,10 +301,11 @@ def main(cfg: PPOConfig) -> Path:
         value.eval()
         ids, amask = ro.ids.to(dev), ro.amask.to(dev)
         with C.autocast(dev, cfg.dtype):
-            ro.old_logp = policy_logprobs(policy, ids, amask)[0].cpu()
-            ro.ref_logp = ref_logprobs(ids, amask).cpu()
-            ro.old_values = value.values(ids)[:, :-1].cpu()
-            ro.score = rm(ids, ro.last.to(dev)).cpu()
+            stem = stem_of(ids)
+            ro.old_logp = policy_logprobs(policy, ids, amask, stem=stem)[0].cpu()
+            ro.ref_logp = ref_logprobs(ids, amask, stem).cpu()
+            ro.old_values = value.values(ids, stem=stem)[:, :-1].cpu()
+            ro.score = rm(ids, ro.last.to(dev), stem=stem).cpu()
         penalised = ro.score - cfg.no_eot_penalty * (~ro.finished).float()
         kl = R.kl_k1(ro.old_logp, ro.ref_logp) * ro.amask
         rewards = R.token_rewards(penalised, kl, ro.amask, beta)
@@ -312,9 +327,10 @@ def main(cfg: PPOConfig) -> Path:
                 ids, m = ro.ids[mb].to(dev), ro.amask[mb].to(dev)
                 n = m.sum()
                 with C.autocast(dev, cfg.dtype):
-                    logp, ent = policy_logprobs(policy, ids, m, entropy=True)
+                    stem = stem_of(ids)
+                    logp, ent = policy_logprobs(policy, ids, m, entropy=True, stem=stem)
                     pg, clipfrac, approx_kl = R.policy_loss(logp, ro.old_logp[mb].to(dev), ro.adv[mb].to(dev), m, cfg.clip)
-                    v = value.values(ids)[:, :-1]
+                    v = value.values(ids, stem=stem)[:, :-1]
                     vf, vf_clipfrac = R.value_loss(v, ro.old_values[mb].to(dev), ro.returns[mb].to(dev), m, cfg.value_clip)
                     # Policy and value are separate models: their losses add without interacting.
                     loss = (pg + vf) / n

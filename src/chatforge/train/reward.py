@@ -57,13 +57,13 @@ class RewardModel(nn.Module):
             head.to(next(gpt.parameters()).device)
         self.value_head = head
 
-    def values(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor | None = None, mask=None) -> torch.Tensor:
-        """The head at every position, (B,T), fp32."""
-        return self.value_head(self.gpt.hidden(ids_BT, pos_BT, mask)).squeeze(-1).float()
+    def values(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor | None = None, mask=None, stem=None) -> torch.Tensor:
+        """The head at every position, (B,T), fp32. `stem`: see GPT.hidden."""
+        return self.value_head(self.gpt.hidden(ids_BT, pos_BT, mask, stem=stem)).squeeze(-1).float()
 
-    def forward(self, ids_BT: torch.Tensor, last_B: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids_BT: torch.Tensor, last_B: torch.Tensor, stem=None) -> torch.Tensor:
         """Reward of each right-padded sequence, read at its last real token `last_B`, (B,)."""
-        h = self.gpt.hidden(ids_BT)
+        h = self.gpt.hidden(ids_BT, stem=stem)
         return self.value_head(h[torch.arange(ids_BT.shape[0], device=ids_BT.device), last_B]).squeeze(-1).float()
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
@@ -200,6 +200,7 @@ class RankingsTrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters with the base frozen
     lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
+    lora_layers: int = 0  # adapters only in the last N transformer blocks (0 = every block); the backward stops below them
     dtype: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device runs it natively (dtypes.py)
     eval_every: int = 50  # steps between held-out evaluations (and at the end)
     save_every: int = 100  # steps between checkpoints (and at the end)
@@ -265,7 +266,7 @@ def run_log(cfg: RankingsTrainConfig, model: GPT, train: TokenizedRankings, lora
     return fpt, peak, C.RunLog(out, dist, resume_step=start_step if cfg.resume else None), n_pairs
 
 
-RESUME_KEYS = ("base", "data", "val_data", "val_fraction", "max_len", "micro_batch", "batch_rankings", "epochs", "max_steps", "lora_rank", "lora_alpha", "seed")
+RESUME_KEYS = ("base", "data", "val_data", "val_fraction", "max_len", "micro_batch", "batch_rankings", "epochs", "max_steps", "lora_rank", "lora_alpha", "lora_layers", "seed")
 
 
 def load_policy(name_or_path: str, device: torch.device) -> tuple[GPT, Tokenizer, Path]:
@@ -320,7 +321,7 @@ def main(cfg: RewardConfig) -> Path:
     dist, out, state = C.begin_run(cfg, RESUME_KEYS)
     gpt, tok, base_path = load_policy(cfg.base, dist.device)
     base_snapshot = ckpt_io.snapshot_id(base_path)
-    lora = LoRA(gpt, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed) if cfg.lora_rank else None
+    lora = LoRA(gpt, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed, cfg.lora_layers) if cfg.lora_rank else None
     rm = RewardModel(gpt, seed=cfg.seed)
     start_step = 0
     if state is not None:
@@ -366,7 +367,7 @@ def main(cfg: RewardConfig) -> Path:
         "parent_snapshot": base_snapshot,
         "data": [str(Path(d).resolve()) for d in cfg.data],
         "rankings": {"train": len(train), "val": len(val), "train_pairs": n_pairs},
-        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": list(DEFAULT_TARGETS)} if lora is not None else None,
+        "lora": lora.meta() if lora is not None else None,
         "reward_shift": 0.0,
         "normalised": False,
     }

@@ -216,13 +216,13 @@ def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.
     return logp.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
 
 
-def answer_logprobs(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def answer_logprobs(model, ids_BT: torch.Tensor, mask_BT: torch.Tensor, entropy: bool = False, stem=None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log p(token t+1 | ids[:t+1]) where mask (B,T-1) is set, 0 elsewhere, fp32 (B,T-1); with
     `entropy`, the entropy of those distributions too. The output head and softmax run only at
     the masked positions: with a 49k vocabulary the prompt's logits would cost as much as the
-    answer's and are never used."""
+    answer's and are never used. `stem`: see GPT.hidden."""
     keep = mask_BT > 0
-    logp_NV = torch.log_softmax(model.head(model.hidden(ids_BT)[:, :-1][keep]).float(), dim=-1)
+    logp_NV = torch.log_softmax(model.head(model.hidden(ids_BT, stem=stem)[:, :-1][keep]).float(), dim=-1)
     logp = torch.zeros(keep.shape, device=ids_BT.device)
     logp[keep] = logp_NV.gather(-1, ids_BT[:, 1:][keep].unsqueeze(-1)).squeeze(-1)
     if not entropy:

@@ -45,6 +45,8 @@ class RLHFConfig:
     ptx_data: str = ""  # token shards for PPO-ptx; empty = none
     ptx_coef: float = 0.0  # PPO-ptx gamma
     lora_rank: int = 0  # LoRA rank for the reward model and PPO; 0 = full training
+    lora_layers: int = 0  # with lora_rank: adapters only in the last N transformer blocks (0 = every block)
+    judge_samples: int = 1  # answers per held-out prompt when judging (more = a tighter paired comparison)
     dtype: str = "auto"  # autocast for training: "bf16", "fp32" or "auto" (dtypes.py)
     seed: int = 0  # everything random derives from it
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -78,12 +80,13 @@ def _done(path: Path, stage_steps: int | None = None) -> bool:
 
 def main(cfg: RLHFConfig) -> dict:
     from ..data.rankings import read_prompts, write_jsonl
-    from ..label import SampleConfig, judge, rank_with_oracle, get_oracle, sample
+    from ..label import SampleConfig, get_oracle, judge, paired_difference, rank_with_oracle, rm_gold_agreement, sample
     from ..data.rankings import read_rankings
     from .ppo import PPOConfig
     from .ppo import main as ppo_main
     from .reward import RewardConfig
     from .reward import main as rm_main
+    from .reward import split_by_prompt
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,8 +94,8 @@ def main(cfg: RLHFConfig) -> dict:
     report: dict = {"rounds": []}
     if cfg.eval_prompts:
         j0 = out / "judge_sft.json"
-        if not j0.is_file():
-            judge([cfg.sft], cfg.eval_prompts, max_new_tokens=cfg.sample_tokens, device=cfg.device, out=str(j0))
+        if not j0.is_file() or load_json(j0).get(cfg.sft, {}).get("samples") != cfg.judge_samples:
+            judge([cfg.sft], cfg.eval_prompts, samples=cfg.judge_samples, max_new_tokens=cfg.sample_tokens, device=cfg.device, out=str(j0))
         report["sft"] = load_json(j0)[cfg.sft]
     policy = cfg.sft
     rankings_so_far: list[str] = []
@@ -126,7 +129,7 @@ def main(cfg: RLHFConfig) -> dict:
         if not _done(rm_dir):
             say(f"round {r}: reward model on {len(rankings_so_far)} round(s) of rankings")
             rm_main(RewardConfig(base=cfg.sft, data=list(rankings_so_far), out=str(rm_dir), epochs=cfg.rm_epochs, lr=cfg.rm_lr,
-                                 lora_rank=cfg.lora_rank, dtype=cfg.dtype, seed=cfg.seed, device=cfg.device, max_len=512,
+                                 lora_rank=cfg.lora_rank, lora_layers=cfg.lora_layers, dtype=cfg.dtype, seed=cfg.seed, device=cfg.device, max_len=512,
                                  resume=(rm_dir / "train_state.pt").is_file()))
         # 4. PPO from the newest policy, KL to the SFT model
         ppo_dir = d / "ppo"
@@ -135,21 +138,33 @@ def main(cfg: RLHFConfig) -> dict:
             ppo_main(PPOConfig(policy=policy, rm=str(rm_dir), prompts=list(cfg.prompts), ref=cfg.sft, out=str(ppo_dir),
                                iterations=cfg.ppo_iterations, rollout_batch=cfg.rollout_batch, minibatch=cfg.minibatch,
                                ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.sample_tokens, lr=cfg.lr, kl_coef=cfg.kl_coef,
-                               kl_target=cfg.kl_target, ptx_data=cfg.ptx_data, ptx_coef=cfg.ptx_coef, lora_rank=cfg.lora_rank,
+                               kl_target=cfg.kl_target, ptx_data=cfg.ptx_data, ptx_coef=cfg.ptx_coef, lora_rank=cfg.lora_rank, lora_layers=cfg.lora_layers,
                                dtype=cfg.dtype, seed=cfg.seed + r, device=cfg.device, resume=(ppo_dir / "train_state.pt").is_file()))
         policy = str(ppo_dir)
         rm_meta = load_json(rm_dir / "meta.json")
         ppo_meta = load_json(ppo_dir / "meta.json")
         row = {"round": r, "rm_val_accuracy": rm_meta["metrics"].get("val_accuracy"), "ppo_kl": ppo_meta["metrics"].get("kl"),
                "ppo_rm_score": ppo_meta["metrics"].get("rm_score")}
+        if cfg.oracle:
+            # The reward model against the noise-free gold order on its held-out prompts (evaluation only).
+            rg = d / "rm_gold.json"
+            if not rg.is_file():
+                all_samples = read_rankings([Path(x).parent / "samples.jsonl" for x in rankings_so_far], require_ranking=False)
+                held = split_by_prompt(all_samples, RewardConfig.val_fraction, cfg.seed)[1]
+                save_json(rm_gold_agreement(str(rm_dir), held, device=cfg.device), rg)
+            row["rm_gold_accuracy"] = load_json(rg)
         if cfg.eval_prompts:
             jr = d / "judge.json"
             if not jr.is_file():
-                judge([policy], cfg.eval_prompts, max_new_tokens=cfg.sample_tokens, device=cfg.device, out=str(jr))
+                judge([policy], cfg.eval_prompts, samples=cfg.judge_samples, max_new_tokens=cfg.sample_tokens, device=cfg.device, out=str(jr))
             row["gold"] = load_json(jr)[policy]
+            row["gold_vs_sft"] = paired_difference(row["gold"], report["sft"])
         report["rounds"].append(row)
-        say(f"round {r}: RM held-out accuracy {row['rm_val_accuracy']:.3f}, PPO KL {row['ppo_kl']:.3f}, RM score {row['ppo_rm_score']:+.3f}"
-            + (f", gold {row['gold']['gold_score']:.4f} (SFT {report['sft']['gold_score']:.4f})" if "gold" in row else ""))
+        say(f"round {r}: RM held-out accuracy {row['rm_val_accuracy']:.3f}"
+            + (f" (against the noise-free gold order {row['rm_gold_accuracy']['accuracy']:.3f})" if "rm_gold_accuracy" in row else "")
+            + f", PPO KL {row['ppo_kl']:.3f}, RM score {row['ppo_rm_score']:+.3f}"
+            + (f", gold {row['gold']['gold_score']:.4f} (SFT {report['sft']['gold_score']:.4f}, paired difference "
+               f"{row['gold_vs_sft']['mean']:+.4f} ± {row['gold_vs_sft']['stderr']:.4f})" if "gold" in row else ""))
     save_json(report, out / "report.json")
     say(f"done: {out / 'report.json'}")
     return report

@@ -53,6 +53,7 @@ class SFTConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables
     lora_rank: int = 0  # 0 = full fine-tuning; r > 0 trains rank-r adapters with the base frozen
     lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
+    lora_layers: int = 0  # adapters only in the last N transformer blocks (0 = every block); the backward stops below them
     lora_dropout: float = 0.0  # dropout on the adapters' input
     lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # linear layers that get adapters
     merge: bool = False  # LoRA: fold the adapters into the weights in the final checkpoint (no resume after)
@@ -97,7 +98,7 @@ class SFTConfig:
 # Fields that must match to resume: they decide the model, the adapters and the data stream.
 RESUME_KEYS = (
     "base", "data", "val_data", "val_fraction", "seq_len", "pack", "micro_batch", "batch_rows", "epochs", "max_steps",
-    "lora_rank", "lora_alpha", "lora_targets", "lm_data", "lm_coef", "seed",
+    "lora_rank", "lora_alpha", "lora_layers", "lora_targets", "lm_data", "lm_coef", "seed",
 )
 
 
@@ -154,7 +155,7 @@ def main(cfg: SFTConfig) -> Path:
     if cfg.seq_len > mcfg.max_seq_len:
         raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's context ({mcfg.max_seq_len})")
     base_snapshot = ckpt_io.snapshot_id(base_path)
-    lora = LoRA(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed) if cfg.lora_rank else None
+    lora = LoRA(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, cfg.seed, cfg.lora_layers) if cfg.lora_rank else None
     start_step = 0
     if state is not None:
         C.check_parent(out, base_snapshot, base_path, "base")
@@ -224,7 +225,7 @@ def main(cfg: SFTConfig) -> Path:
         "params": model.num_params(),
         "conversations": {"train": len(train), "val": len(val), "truncated": train.truncated + val.truncated,
                           "dropped": train.dropped + val.dropped},
-        "lora": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets} if lora is not None else None,
+        "lora": lora.meta() if lora is not None else None,
     }
 
     def evaluate() -> dict:
@@ -316,7 +317,7 @@ def main(cfg: SFTConfig) -> Path:
     save(step, metrics)
     if cfg.merge and lora is not None and dist.main:
         lora.merge(model)
-        meta.update(lora=None, merged_lora={"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets})
+        meta.update(lora=None, merged_lora=lora.meta())
         ckpt_io.save(out, model, tok, meta)  # a plain checkpoint: no adapters, no train_state
         log.print(f"sft: adapters merged into the weights of {out}")
     log.print(f"sft: checkpoint {out}, log {out / 'log.jsonl'}, plot {out / 'loss.png'}")
