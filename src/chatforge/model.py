@@ -276,6 +276,15 @@ class GPT(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
+    def _embed(self, input_ids_BT: torch.Tensor, pos_ids_BT: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(input_ids_BT)
+        return x + self.pos_emb(pos_ids_BT) if self.cfg.block == "gpt2" else x
+
+    def _rope(self, pos_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.cfg.block != "llama":
+            return None, None
+        return self.rope_cos[pos_ids_BT].to(dtype), self.rope_sin[pos_ids_BT].to(dtype)
+
     def hidden(
         self,
         input_ids_BT: torch.Tensor,
@@ -292,15 +301,8 @@ class GPT(nn.Module):
             if T > self.cfg.max_seq_len:
                 raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
             pos_ids_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
-        if stem is not None:
-            x, start = stem.x, stem.depth
-        else:
-            x, start = self.tok_emb(input_ids_BT), 0
-            if self.cfg.block == "gpt2":
-                x = x + self.pos_emb(pos_ids_BT)
-        cos = sin = None
-        if self.cfg.block == "llama":
-            cos, sin = self.rope_cos[pos_ids_BT].to(x.dtype), self.rope_sin[pos_ids_BT].to(x.dtype)
+        x, start = (stem.x, stem.depth) if stem is not None else (self._embed(input_ids_BT, pos_ids_BT), 0)
+        cos, sin = self._rope(pos_ids_BT, x.dtype)
         for block in self.blocks[start:]:
             x = block(x, cos, sin, mask, kv_cache)
         return self.norm_f(x)
@@ -312,12 +314,8 @@ class GPT(nn.Module):
         if T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
         pos = torch.arange(T, device=input_ids_BT.device).expand_as(input_ids_BT)
-        x = self.tok_emb(input_ids_BT)
-        cos = sin = None
-        if self.cfg.block == "gpt2":
-            x = x + self.pos_emb(pos)
-        else:
-            cos, sin = self.rope_cos[pos].to(x.dtype), self.rope_sin[pos].to(x.dtype)
+        x = self._embed(input_ids_BT, pos)
+        cos, sin = self._rope(pos, x.dtype)
         for block in self.blocks[:depth]:
             x = block(x, cos, sin, None, None)
         return Stem(x, depth)
