@@ -560,19 +560,13 @@ def rm_gold_agreement(rm_dir: str, rankings: list[Ranking], min_gap: float = 0.0
     readings of. For evaluation only: nothing trains on it."""
     import itertools
 
-    from .data.rankings import fit, prompt_ids, response_ids
     from .train.common import pick_device
-    from .train.reward import load_reward_model, score_all
+    from .train.reward import load_reward_model, score_all, tokenize_rankings
 
     dev = pick_device(device)
     rm, tok, _ = load_reward_model(rm_dir, device=dev)
-    seqs, golds = [], []
-    for r in rankings:
-        p = prompt_ids(tok, r.messages)
-        for text in r.responses:
-            pp, rr, _ = fit(p, response_ids(tok, text), rm.gpt.cfg.max_seq_len)
-            seqs.append(pp + rr)
-            golds.append(gold_score(r.messages, text, r.extra.get("gold")))
+    seqs = [s for row in tokenize_rankings(rankings, tok, rm.gpt.cfg.max_seq_len).seqs for s in row]
+    golds = [gold_score(r.messages, text, r.extra.get("gold")) for r in rankings for text in r.responses]
     scores = score_all(rm, seqs, 16, dev, "fp32").tolist()
     agree = pairs = 0
     base = 0

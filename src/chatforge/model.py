@@ -276,6 +276,13 @@ class GPT(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
+    def _positions(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Positions 0..T-1 of full sequences (B,T), refusing ones longer than the context."""
+        B, T = input_ids_BT.shape
+        if T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
+        return torch.arange(T, device=input_ids_BT.device).expand(B, T)
+
     def _embed(self, input_ids_BT: torch.Tensor, pos_ids_BT: torch.Tensor) -> torch.Tensor:
         x = self.tok_emb(input_ids_BT)
         return x + self.pos_emb(pos_ids_BT) if self.cfg.block == "gpt2" else x
@@ -296,11 +303,8 @@ class GPT(nn.Module):
         """Final-norm hidden states (B,T,C): the LM head and the reward/value heads read these.
         With a `stem` (from `self.stem` or another model whose lowest blocks hold the same
         weights) the first `stem.depth` blocks are not run again."""
-        B, T = input_ids_BT.shape
         if pos_ids_BT is None:
-            if T > self.cfg.max_seq_len:
-                raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
-            pos_ids_BT = torch.arange(T, device=input_ids_BT.device).expand(B, T)
+            pos_ids_BT = self._positions(input_ids_BT)
         x, start = (stem.x, stem.depth) if stem is not None else (self._embed(input_ids_BT, pos_ids_BT), 0)
         cos, sin = self._rope(pos_ids_BT, x.dtype)
         for block in self.blocks[start:]:
@@ -310,10 +314,7 @@ class GPT(nn.Module):
     def stem(self, input_ids_BT: torch.Tensor, depth: int) -> Stem:
         """The residual stream after the first `depth` blocks (full-length sequences from 0, no
         cache), for `hidden(..., stem=)` of this model or of any model that shares those blocks."""
-        T = input_ids_BT.shape[1]
-        if T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {T} tokens is longer than the model's context ({self.cfg.max_seq_len})")
-        pos = torch.arange(T, device=input_ids_BT.device).expand_as(input_ids_BT)
+        pos = self._positions(input_ids_BT)
         x = self._embed(input_ids_BT, pos)
         cos, sin = self._rope(pos, x.dtype)
         for block in self.blocks[:depth]:
