@@ -43,6 +43,16 @@ def test_token_rewards_by_hand():
     assert torch.allclose(r, torch.tensor([[-0.05, -0.1, 1.85], [-0.25, -0.8, 0.0]]), atol=1e-6)
 
 
+def test_group_baseline_by_hand():
+    """Guards the per-prompt baseline: each answer minus the mean of its siblings' scores."""
+    s = torch.tensor([1.0, 2.0, 6.0, -1.0, 0.0, 4.0])
+    assert torch.allclose(R.group_baseline(s, 3), torch.tensor([-3.0, -1.5, 4.5, -3.0, -1.5, 4.5]))
+    assert torch.allclose(R.group_baseline(s, 2), torch.tensor([-1.0, 1.0, 7.0, -7.0, -4.0, 4.0]))
+    assert torch.equal(R.group_baseline(s, 1), s)
+    with pytest.raises(ValueError, match="groups of 4"):
+        R.group_baseline(s, 4)
+
+
 def test_gae_by_hand():
     """Guards GAE: gamma=0.9, lambda=0.8; rewards (0, 0, 1), values (0.5, 0.4, 0.3) give
     A = (0.12928, 0.374, 0.7), returns = A + V; a row whose answer spans positions 1..2 ignores
@@ -252,6 +262,33 @@ def test_shared_blocks_change_nothing(tok, tmp_path, monkeypatch):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k
 
 
+def test_samples_per_prompt_scores_against_siblings(tok, tmp_path, monkeypatch):
+    """Guards --samples-per-prompt: each prompt is rolled out G times side by side with different
+    seeds, and the reward that enters GAE is the RM score minus the siblings' mean (a constant
+    RM offset per prompt cancels)."""
+    sft, rm, prompts = make_run(tok, tmp_path)
+    seen_prompts, seen_scores = [], []
+    real_gen, real_gae = P.generate, R.gae
+
+    def gen(engine, batch, n, seeds):
+        seen_prompts.append((batch, seeds))
+        return real_gen(engine, batch, n, seeds)
+
+    def gae(rewards, values, mask, gamma, lam):
+        seen_scores.append(rewards.sum(1))  # beta=0: the row's reward is its baselined score
+        return real_gae(rewards, values, mask, gamma, lam)
+
+    monkeypatch.setattr(P, "generate", gen)
+    monkeypatch.setattr(R, "gae", gae)
+    out = P.main(ppo_cfg(tmp_path, sft, rm, prompts, samples_per_prompt=2, kl_coef=0.0))
+    (batch, seeds), (rewards,) = seen_prompts[0], seen_scores
+    assert len(batch) == 4 and batch[0] == batch[1] and batch[2] == batch[3] and batch[0] != batch[2]
+    assert len(set(seeds)) == 4
+    assert torch.allclose(rewards.view(2, 2).sum(1), torch.zeros(2), atol=1e-5)  # pairs: +d and -d
+    (rec,) = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "rm_score" in r]
+    assert math.isfinite(rec["rm_score"]) and rec["rm_score"] != 0.0  # the log keeps the raw RM score
+
+
 def test_ppo_resume_exact(tok, tmp_path, monkeypatch):
     """Guards exact resume: killed during iteration 3 after the iteration-2 checkpoint, resumed,
     the run logs the same numbers as an uninterrupted one (rollouts, losses, KL coefficient)."""
@@ -285,6 +322,8 @@ def test_ppo_config_errors(tmp_path):
         P.PPOConfig(policy="x", rm="y", prompts=["p"], rollout_batch=6, minibatch=4)
     with pytest.raises(ValueError, match="ptx"):
         P.PPOConfig(policy="x", rm="y", prompts=["p"], ptx_coef=1.0)
+    with pytest.raises(ValueError, match="samples_per_prompt=3"):
+        P.PPOConfig(policy="x", rm="y", prompts=["p"], rollout_batch=16, samples_per_prompt=3)
 
 
 def test_rlhf_rounds_with_oracle_and_human_stop(tok, tmp_path):

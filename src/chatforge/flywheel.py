@@ -126,10 +126,10 @@ def evaluate(policies: dict[str, str], rm_dir: Path, eval_prompts: list[str], sa
     import torch
 
     from . import checkpoint as ckpt_io
-    from .data.rankings import fit, prompt_ids, read_prompts, response_ids
+    from .data.rankings import Ranking, read_prompts
     from .label import judge_answers, sample_answers
     from .train.common import pick_device
-    from .train.reward import load_reward_model, score_all
+    from .train.reward import load_reward_model, score_all, tokenize_rankings
 
     dev = pick_device(device)
     prompts = read_prompts(eval_prompts)
@@ -144,11 +144,8 @@ def evaluate(policies: dict[str, str], rm_dir: Path, eval_prompts: list[str], sa
         ck = ckpt_io.load(path, device=dev, dtype=torch.float32)
         answers = sample_answers(ck.model, ck.tokenizer, prompts, samples, max_new_tokens, 1.0, 1.0, seed, 32, f"evaluate {role}")
         r = judge_answers(prompts, answers)
-        seqs = []
-        for p, ans in zip(prompts, answers):
-            for a in ans:
-                pr, resp, _ = fit(prompt_ids(rm_tok, p.messages), response_ids(rm_tok, a), max_len)
-                seqs.append(pr + resp)
+        tokenized = tokenize_rankings([Ranking(p.messages, ans, []) for p, ans in zip(prompts, answers)], rm_tok, max_len)
+        seqs = [s for row in tokenized.seqs for s in row]
         r["rm_score"] = float(score_all(rm, seqs, 16, dev, "fp32").mean())
         r["path"] = str(path)
         out[role] = r

@@ -2,11 +2,14 @@
 Ziegler et al. 2019; Schulman et al. 2017).
 
 Each iteration:
-1. rollout  - the engine samples one answer per prompt from the current policy (KV cache,
-              batched, temperature 1 so the samples follow the policy's own distribution);
+1. rollout  - the engine samples `samples_per_prompt` answers per prompt from the current
+              policy (KV cache, batched, temperature 1 so the samples follow the policy's own
+              distribution);
 2. scoring  - one forward each of the policy (old log-probs), the frozen SFT reference, the
               value model and the frozen reward model over prompt + answer; per-token reward
-              = -beta * KL_t (k1 = log pi - log ref) with the RM score added on the last token;
+              = -beta * KL_t (k1 = log pi - log ref) with the RM score added on the last token
+              (with several answers per prompt: minus the mean score of the prompt's other
+              answers, a baseline that removes the RM's per-prompt offsets);
               GAE(gamma, lambda) gives advantages and returns; advantages are whitened;
 3. training - `ppo_epochs` passes over the rollouts in shuffled minibatches: PPO's clipped
               policy loss plus the clipped value loss (policy and value are separate models,
@@ -62,7 +65,8 @@ class PPOConfig:
     eval_prompts: list[str] = field(default_factory=list)  # held-out prompts: RM score of greedy answers at each eval
     out: str = "runs/ppo"  # checkpoint folder (log.jsonl, plots)
     iterations: int = 20  # rollout + update rounds
-    rollout_batch: int = 16  # prompts (one answer each) per iteration
+    rollout_batch: int = 16  # answers per iteration
+    samples_per_prompt: int = 1  # answers per prompt in a rollout batch; > 1 scores each against its siblings (group_baseline)
     max_new_tokens: int = 48  # answer length limit during rollouts
     ppo_epochs: int = 4  # passes over each rollout batch
     minibatch: int = 8  # answers per optimizer step
@@ -104,6 +108,8 @@ class PPOConfig:
                 raise ValueError(f"PPOConfig.{name}={getattr(self, name)} must be positive")
         if self.rollout_batch % self.minibatch:
             raise ValueError(f"PPOConfig.rollout_batch={self.rollout_batch} is not a multiple of minibatch={self.minibatch}")
+        if self.samples_per_prompt < 1 or self.rollout_batch % self.samples_per_prompt:
+            raise ValueError(f"PPOConfig.samples_per_prompt={self.samples_per_prompt} must be >= 1 and divide rollout_batch={self.rollout_batch}")
         if self.lr <= 0 or self.value_lr < 0 or self.kl_coef < 0 or self.kl_target < 0 or self.lora_rank < 0:
             raise ValueError("PPOConfig: lr must be > 0; value_lr, kl_coef, kl_target, lora_rank >= 0")
         if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1 and self.clip > 0 and self.value_clip > 0):
@@ -113,7 +119,7 @@ class PPOConfig:
         C.parse_dtype(self.dtype)
 
 
-RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "lora_layers", "seed")
+RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "lora_layers", "seed")
 
 
 # ---- rollouts as tensors ----------------------------------------------------------------------
@@ -243,7 +249,8 @@ def main(cfg: PPOConfig) -> Path:
             if n + cfg.max_new_tokens > max_len:
                 raise ValueError(f"{p.source}: prompt of {n} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the context ({max_len}); shorten it or lower --max-new-tokens")
     prompt_tokens = [prompt_ids(tok, p.messages) for p in prompts]
-    order = ShuffledBatches(len(prompts), cfg.rollout_batch, 1, cfg.seed)
+    G = cfg.samples_per_prompt
+    order = ShuffledBatches(len(prompts), cfg.rollout_batch // G, 1, cfg.seed)
     ptx = None
     if cfg.ptx_data:
         from ..data.loader import Shards, TrainBatches
@@ -260,7 +267,8 @@ def main(cfg: PPOConfig) -> Path:
         f"ppo: policy {policy_path} ({policy.num_params() / 1e6:.1f}M), reward model {cfg.rm} (shift {rm_meta.get('reward_shift', 0):+.3f}), "
         f"reference {'policy without adapters' if ref is None else ref_path}, "
         + (f"LoRA r={cfg.lora_rank} " if lora is not None else "full ")
-        + f"({n_train / 1e6:.2f}M trainable incl. value), {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} rollouts, "
+        + f"({n_train / 1e6:.2f}M trainable incl. value), {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} rollouts"
+        + (f" ({cfg.rollout_batch // G} prompts x {G}, scored against their siblings)" if G > 1 else "") + ", "
         f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}, beta {kl_ctl.value}"
         + (f" adaptive to KL {cfg.kl_target}" if cfg.kl_target else " fixed")
         + (f", PPO-ptx gamma={cfg.ptx_coef}" if ptx else "")
@@ -306,7 +314,7 @@ def main(cfg: PPOConfig) -> Path:
             ro.ref_logp = ref_logprobs(ids, amask, stem).cpu()
             ro.old_values = value.values(ids, stem=stem)[:, :-1].cpu()
             ro.score = rm(ids, ro.last.to(dev), stem=stem).cpu()
-        penalised = ro.score - cfg.no_eot_penalty * (~ro.finished).float()
+        penalised = R.group_baseline(ro.score - cfg.no_eot_penalty * (~ro.finished).float(), G)
         kl = R.kl_k1(ro.old_logp, ro.ref_logp) * ro.amask
         rewards = R.token_rewards(penalised, kl, ro.amask, beta)
         adv, ro.returns = R.gae(rewards, ro.old_values * ro.amask, ro.amask, cfg.gamma, cfg.lam)
@@ -401,7 +409,7 @@ def main(cfg: PPOConfig) -> Path:
         if it > start and it % cfg.save_every == 0:
             save(it, metrics)
         t0 = time.perf_counter()
-        idx = order.get(it, 0)
+        idx = [i for i in order.get(it, 0) for _ in range(G)]  # each prompt G times, siblings adjacent
         batch_prompts = [prompt_tokens[i] for i in idx]
         policy.eval()
         answers, finished, texts = generate(engine, batch_prompts, cfg.max_new_tokens, [seed_of(cfg.seed, it, j) for j in range(len(idx))])

@@ -110,6 +110,22 @@ class AdaptiveKL:
 # ---- per-token rewards, advantages ------------------------------------------------------------
 
 
+def group_baseline(score_B: torch.Tensor, group: int) -> torch.Tensor:
+    """Scores minus a per-prompt baseline: rows come in consecutive groups of `group` answers to
+    the same prompt, and each answer's baseline is the mean score of the other answers in its
+    group (leave-one-out, so the baseline does not depend on the answer itself and the policy
+    gradient stays unbiased; Kool et al. 2019). What is left is how much better an answer is
+    than its siblings: a prompt the reward model scores high or low across the board (a
+    language it favours, a task it finds easy) no longer pushes the policy. group=1: unchanged."""
+    if group <= 1:
+        return score_B
+    if score_B.shape[0] % group:
+        raise ValueError(f"group_baseline: {score_B.shape[0]} scores are not groups of {group}")
+    s = score_B.view(-1, group)
+    others = (s.sum(1, keepdim=True) - s) / (group - 1)
+    return (s - others).reshape(-1)
+
+
 def token_rewards(score_B: torch.Tensor, kl_BT: torch.Tensor, mask_BT: torch.Tensor, beta: float) -> torch.Tensor:
     """InstructGPT's reward as per-token rewards: -beta * KL_t on every response token, plus the
     reward model's score on each response's last token. (B,T) with zeros outside the mask."""

@@ -36,7 +36,8 @@ class RLHFConfig:
     rm_epochs: float = 1.0  # reward model passes over the rankings
     rm_lr: float = 1e-5  # reward model learning rate
     ppo_iterations: int = 20  # PPO iterations per round
-    rollout_batch: int = 16  # PPO prompts per iteration
+    rollout_batch: int = 16  # PPO answers per iteration
+    samples_per_prompt: int = 1  # PPO answers per prompt, each scored against its siblings' mean (> 1)
     minibatch: int = 8  # PPO answers per optimizer step
     ppo_epochs: int = 4  # PPO passes over each rollout batch
     lr: float = 1e-5  # PPO policy learning rate
@@ -136,7 +137,7 @@ def main(cfg: RLHFConfig) -> dict:
         if not _done(ppo_dir, cfg.ppo_iterations):
             say(f"round {r}: PPO from {policy}")
             ppo_main(PPOConfig(policy=policy, rm=str(rm_dir), prompts=list(cfg.prompts), ref=cfg.sft, out=str(ppo_dir),
-                               iterations=cfg.ppo_iterations, rollout_batch=cfg.rollout_batch, minibatch=cfg.minibatch,
+                               iterations=cfg.ppo_iterations, rollout_batch=cfg.rollout_batch, samples_per_prompt=cfg.samples_per_prompt, minibatch=cfg.minibatch,
                                ppo_epochs=cfg.ppo_epochs, max_new_tokens=cfg.sample_tokens, lr=cfg.lr, kl_coef=cfg.kl_coef,
                                kl_target=cfg.kl_target, ptx_data=cfg.ptx_data, ptx_coef=cfg.ptx_coef, lora_rank=cfg.lora_rank, lora_layers=cfg.lora_layers,
                                dtype=cfg.dtype, seed=cfg.seed + r, device=cfg.device, resume=(ppo_dir / "train_state.pt").is_file()))
