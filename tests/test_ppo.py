@@ -136,7 +136,13 @@ def test_rollout_alignment():
     ro = P.to_rollouts([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], [True, False], ["", ""])
     assert ro.ids.tolist() == [[1, 2, 3, 7, 8], [4, 9, 10, 11, 0]]
     assert ro.amask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
-    assert ro.last.tolist() == [4, 3]
+    assert ro.last.tolist() == ro.rm_last.tolist() == [4, 3]
+    # With the end-of-turn id: the cut answer (row 1) gets it after its last token, outside amask,
+    # and the RM reads there; the finished one is unchanged.
+    ro = P.to_rollouts([[1, 2, 3], [4]], [[7, 8], [9, 10, 11]], [True, False], ["", ""], eot=99)
+    assert ro.ids.tolist() == [[1, 2, 3, 7, 8, 0], [4, 9, 10, 11, 99, 0]]
+    assert ro.amask.tolist() == [[0, 0, 1, 1, 0], [1, 1, 1, 0, 0]]
+    assert ro.last.tolist() == [4, 3] and ro.rm_last.tolist() == [4, 4]
 
 
 # ---- whole iterations on a tiny model ----------------------------------------------------------

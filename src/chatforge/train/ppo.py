@@ -135,6 +135,7 @@ class Rollouts:
     last: torch.Tensor  # (B,) index in ids of each answer's last token
     finished: torch.Tensor  # (B,) the answer ended with a stop token (not cut by the length limit)
     texts: list[str]  # answers as text, for logs
+    rm_last: torch.Tensor | None = None  # (B,) where the RM reads its score: the end-of-turn token after each answer
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
@@ -143,18 +144,28 @@ class Rollouts:
     returns: torch.Tensor | None = None
 
 
-def to_rollouts(prompts: list[list[int]], answers: list[list[int]], finished: list[bool], texts: list[str]) -> Rollouts:
+def to_rollouts(prompts: list[list[int]], answers: list[list[int]], finished: list[bool], texts: list[str], eot: int | None = None) -> Rollouts:
+    """Right-padded prompt + answer rows. With `eot`, an answer cut by the length limit gets the
+    end-of-turn token after it (outside amask: the policy did not sample it) and the RM reads its
+    score there: the reward model was trained on answers followed by that token, the cut ones as
+    labelers saw them included (data.rankings.response_ids), and a score read at a mid-answer
+    token it never learned to score rewards stopping early rather than a better answer."""
     B = len(prompts)
-    T = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    cut = eot is not None and not all(finished)
+    T = max(len(p) + len(a) for p, a in zip(prompts, answers)) + int(cut)
     ids = torch.zeros(B, T, dtype=torch.long)
     amask = torch.zeros(B, T - 1)
     last = torch.zeros(B, dtype=torch.long)
+    rm_last = torch.zeros(B, dtype=torch.long)
     for b, (p, a) in enumerate(zip(prompts, answers)):
         assert a, "every rollout has at least one answer token"
         ids[b, : len(p) + len(a)] = torch.tensor(p + a)
         amask[b, len(p) - 1 : len(p) + len(a) - 1] = 1.0
-        last[b] = len(p) + len(a) - 1
-    return Rollouts(ids, amask, last, torch.tensor(finished), texts)
+        last[b] = rm_last[b] = len(p) + len(a) - 1
+        if cut and not finished[b]:
+            rm_last[b] = last[b] + 1
+            ids[b, rm_last[b]] = eot
+    return Rollouts(ids, amask, last, torch.tensor(finished), texts, rm_last)
 
 
 def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> tuple[list[list[int]], list[bool], list[str]]:
@@ -313,7 +324,7 @@ def main(cfg: PPOConfig) -> Path:
             ro.old_logp = policy_logprobs(policy, ids, amask, stem=stem)[0].cpu()
             ro.ref_logp = ref_logprobs(ids, amask, stem).cpu()
             ro.old_values = value.values(ids, stem=stem)[:, :-1].cpu()
-            ro.score = rm(ids, ro.last.to(dev), stem=stem).cpu()
+            ro.score = rm(ids, ro.rm_last.to(dev), stem=stem).cpu()
         penalised = R.group_baseline(ro.score - cfg.no_eot_penalty * (~ro.finished).float(), G)
         kl = R.kl_k1(ro.old_logp, ro.ref_logp) * ro.amask
         rewards = R.token_rewards(penalised, kl, ro.amask, beta)
@@ -376,12 +387,15 @@ def main(cfg: PPOConfig) -> Path:
             chunk = ids[i : i + cfg.rollout_batch]
             sps = [SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)] * len(chunk)
             toks: list[list[int]] = [[] for _ in chunk]
+            finished = [False] * len(chunk)
             for ev in engine.generate(chunk, sps):
                 if ev.token_id is not None:
                     toks[ev.request_id].append(ev.token_id)
-            ro = to_rollouts(chunk, toks, [True] * len(chunk), [""] * len(chunk))
+                if ev.finish_reason:
+                    finished[ev.request_id] = ev.finish_reason == "stop"
+            ro = to_rollouts(chunk, toks, finished, [""] * len(chunk), tok.eot_id)
             with C.autocast(dev, cfg.dtype):
-                scores += rm(ro.ids.to(dev), ro.last.to(dev)).cpu().tolist()
+                scores += rm(ro.ids.to(dev), ro.rm_last.to(dev)).cpu().tolist()
             lengths += [len(t) for t in toks]
         return {"val_rm_score": sum(scores) / len(scores), "val_length": sum(lengths) / len(lengths)}
 
@@ -413,7 +427,7 @@ def main(cfg: PPOConfig) -> Path:
         batch_prompts = [prompt_tokens[i] for i in idx]
         policy.eval()
         answers, finished, texts = generate(engine, batch_prompts, cfg.max_new_tokens, [seed_of(cfg.seed, it, j) for j in range(len(idx))])
-        ro = to_rollouts(batch_prompts, answers, finished, texts)
+        ro = to_rollouts(batch_prompts, answers, finished, texts, tok.eot_id)
         t1 = time.perf_counter()
         beta = kl_ctl.value
         score(ro, beta)
