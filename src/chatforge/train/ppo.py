@@ -257,8 +257,8 @@ def main(cfg: PPOConfig) -> Path:
     for lst in (prompts, eval_prompts):
         for p in lst:
             n = len(prompt_ids(tok, p.messages))
-            if n + cfg.max_new_tokens > max_len:
-                raise ValueError(f"{p.source}: prompt of {n} tokens + max_new_tokens={cfg.max_new_tokens} exceeds the context ({max_len}); shorten it or lower --max-new-tokens")
+            if n + cfg.max_new_tokens + 1 > max_len:  # + the end-of-turn token the RM reads after a cut answer
+                raise ValueError(f"{p.source}: prompt of {n} tokens + max_new_tokens={cfg.max_new_tokens} + 1 end-of-turn token exceeds the context ({max_len}); shorten it or lower --max-new-tokens")
     prompt_tokens = [prompt_ids(tok, p.messages) for p in prompts]
     G = cfg.samples_per_prompt
     order = ShuffledBatches(len(prompts), cfg.rollout_batch // G, 1, cfg.seed)
