@@ -168,9 +168,10 @@ def to_rollouts(prompts: list[list[int]], answers: list[list[int]], finished: li
     return Rollouts(ids, amask, last, torch.tensor(finished), texts, rm_last)
 
 
-def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seeds: list[int]) -> tuple[list[list[int]], list[bool], list[str]]:
-    """One sampled answer per prompt (temperature 1, no truncation of the distribution)."""
-    sps = [SamplingParams(temperature=1.0, max_new_tokens=max_new_tokens, seed=s) for s in seeds]
+def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seeds: list[int], temperature: float = 1.0) -> tuple[list[list[int]], list[bool], list[str]]:
+    """One answer per prompt: its tokens, whether it ended with a stop token, its text.
+    Temperature 1 (no truncation of the distribution) samples the policy itself; 0 is greedy."""
+    sps = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=s) for s in seeds]
     toks: list[list[int]] = [[] for _ in prompts]
     texts = [""] * len(prompts)
     finished = [False] * len(prompts)
@@ -385,15 +386,8 @@ def main(cfg: PPOConfig) -> Path:
         scores, lengths = [], []
         for i in range(0, len(ids), cfg.rollout_batch):
             chunk = ids[i : i + cfg.rollout_batch]
-            sps = [SamplingParams(temperature=0.0, max_new_tokens=cfg.max_new_tokens)] * len(chunk)
-            toks: list[list[int]] = [[] for _ in chunk]
-            finished = [False] * len(chunk)
-            for ev in engine.generate(chunk, sps):
-                if ev.token_id is not None:
-                    toks[ev.request_id].append(ev.token_id)
-                if ev.finish_reason:
-                    finished[ev.request_id] = ev.finish_reason == "stop"
-            ro = to_rollouts(chunk, toks, finished, [""] * len(chunk), tok.eot_id)
+            toks, finished, texts = generate(engine, chunk, cfg.max_new_tokens, [0] * len(chunk), temperature=0.0)
+            ro = to_rollouts(chunk, toks, finished, texts, tok.eot_id)
             with C.autocast(dev, cfg.dtype):
                 scores += rm(ro.ids.to(dev), ro.rm_last.to(dev)).cpu().tolist()
             lengths += [len(t) for t in toks]
