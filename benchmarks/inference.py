@@ -6,9 +6,14 @@ time to first token (prefill + one token), single-stream decode tokens/s (after 
 token), and aggregate tokens/s with 1, 4 and 16 concurrent streams (all streams start together;
 the time includes every stream's prefill).
 
+chatforge runs as `--dtype fp32` does (exact) and, where "auto" picks fp32 (a CPU without native
+bf16), as "auto" does: fp32 prefills plus bf16 weight copies for decode steps of a few streams
+(`decode_weights`, engine.FastLinears); `--ablations` adds fp16 / int8 decode copies and no packing.
+
 Peers:
 - HF `generate` on chatforge's HF export of the imported GGUF (the same weights, in the same
-  dtype), sdpa attention, a batch of n identical prompts.
+  dtype), sdpa attention, a batch of n identical prompts; next to chatforge's bf16 decode copies
+  also HF in bf16 (single stream only where bf16 is emulated: its prefills take seconds there).
 - llama.cpp on the GGUF shipped in the package (Q4_1: about 4x fewer weight bytes per token than
   bf16), and on chatforge's own bf16 GGUF export of the same checkpoint (the same weights and
   precision as chatforge bf16). llama-cpp-python runs one sequence per model, so its aggregate
@@ -48,11 +53,12 @@ def prompt_ids(tok, n: int = 1) -> list[list[int]]:
     return [ids[7 * i : 7 * i + PROMPT_TOKENS] for i in range(n)]
 
 
-def bench_chatforge(model, tok, prompts, streams, int8=False, packed=None) -> tuple[dict, list[int]]:
+def bench_chatforge(model, tok, prompts, streams, decode_weights=None, packed=None) -> tuple[dict, list[int]]:
     from chatforge.engine import Engine, SamplingParams
 
     sp = SamplingParams(temperature=0, max_new_tokens=NEW_TOKENS, ignore_eos=True)
-    eng = Engine(model, tok, max_batch=max(streams), max_seq_len=PROMPT_TOKENS + NEW_TOKENS + 8, int8=int8, packed=packed)
+    eng = Engine(model, tok, max_batch=max(streams), max_seq_len=PROMPT_TOKENS + NEW_TOKENS + 8, decode_weights=decode_weights,
+                 packed=packed)
     list(eng.generate(prompts[: max(streams)], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)))  # warm up
     out = {}
     times, toks = [], []
@@ -150,7 +156,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llama-cpp", action="store_true")
-    ap.add_argument("--ablations", action="store_true", help="also chatforge without oneDNN packing, and with --int8")
+    ap.add_argument("--ablations", action="store_true", help="also chatforge without oneDNN packing, and with fp16 / int8 decode weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -179,13 +185,19 @@ def main() -> None:
         ck = checkpoint.load(ckpt, dtype=dt)
         prompts = prompt_ids(ck.tokenizer, max(a.streams))
         record(f"chatforge {dt_name}", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams))
+        auto = dtypes.decode_weights("auto", "auto") if dt_name == dtypes.resolve("auto") else None
+        if auto:  # what `--dtype auto` runs here: these weights plus decode copies
+            record(f"chatforge {dt_name}+{auto} decode", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, decode_weights=auto))
         if a.ablations:
             record(f"chatforge {dt_name} unpacked", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, packed=False))
-            if dt_name == "bf16":
-                record(f"chatforge {dt_name} +int8", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, int8=True))
+            for fmt in ("fp16", "int8") if dt_name == "fp32" else ("int8",):
+                record(f"chatforge {dt_name}+{fmt} decode", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, decode_weights=fmt))
         del ck
         if not a.skip_hf:
             record(f"HF generate {dt_name}", bench_hf(hf_model(ckpt, dt), prompts, a.streams))
+            if auto and "bf16" not in a.dtypes:
+                # the peer with the same decode precision; one stream only (its bf16 prefills are emulated here)
+                record("HF generate bf16", bench_hf(hf_model(ckpt, torch.bfloat16), prompts, [1]))
     try:
         import llama_cpp
     except ImportError:
@@ -203,25 +215,29 @@ def main() -> None:
 
     print(f"\n{name}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new, greedy, {a.threads} threads; {load()} at the end")
     print(f"{'system':28s} {'TTFT s':>7s} {'decode tok/s':>13s} " + " ".join(f"{'agg' + str(n):>8s}" for n in a.streams)
-          + f" {'load':>5s}  same first tokens as chatforge")
+          + f" {'load':>5s}  same first tokens as chatforge in that dtype")
     for label, r in rows:
         cells = [f"{r['ttft']:7.3f}", f"{r['decode']:13.1f}"] + [f"{r[f'agg{n}']:8.1f}" if f"agg{n}" in r else f"{'-':>8s}" for n in a.streams]
-        ref = tokens.get(f"chatforge {label.split()[-1]}") if label.startswith("HF") else tokens.get(f"chatforge {a.dtypes[0]}")
-        same = f"{common_prefix(tokens[label], ref)}/{NEW_TOKENS}" if ref and not label.startswith("chatforge") else ""
+        dt_word = next((w for w in ("bf16", "fp32") if w in label and f"chatforge {w}" in tokens), a.dtypes[0])
+        ref_label = f"chatforge {dt_word}"
+        same = f"{common_prefix(tokens[label], tokens[ref_label])}/{NEW_TOKENS}" if label != ref_label else ""
         print(f"{label:28s} " + " ".join(cells) + f" {r['load']:5.1f}  {same}")
     by = dict(rows)
     top = f"agg{max(a.streams)}"
-    for dt_name in a.dtypes:
-        ours, hf = by.get(f"chatforge {dt_name}"), by.get(f"HF generate {dt_name}")
-        if ours and hf:
-            print(f"{dt_name}: single-stream decode chatforge / HF generate = {ours['decode'] / hf['decode']:.2f}x (target >= 2x); "
-                  f"TTFT HF / chatforge = {hf['ttft'] / ours['ttft']:.2f}x; {top} chatforge / HF = {ours[top] / hf[top]:.2f}x")
+    ours_rows = [label for label, _ in rows if label.startswith("chatforge") and "unpacked" not in label]
+    for label in ours_rows:
+        ours = by[label]
+        for hf_label in ("HF generate fp32", "HF generate bf16"):
+            hf = by.get(hf_label)
+            if hf is None or (hf_label.split()[-1] not in label and "decode" not in label):
+                continue
+            line = f"{label} / {hf_label}: single-stream decode {ours['decode'] / hf['decode']:.2f}x (target >= 2x); TTFT {hf['ttft'] / ours['ttft']:.2f}x"
+            print(line + (f"; {top} {ours[top] / hf[top]:.2f}x" if top in hf else ""))
         for peer in ("llama.cpp Q4_1 (package)", "llama.cpp bf16 (export)", "llama.cpp f16 (export)"):
             lc = by.get(peer)
-            if ours and lc and top in ours:
-                print(f"{dt_name}: chatforge {top} / {peer} single stream = {ours[top] / lc['decode']:.2f}x (target >= 2x); "
-                      f"single stream chatforge / {peer} = {ours['decode'] / lc['decode']:.2f}x")
-
+            if lc and top in ours:
+                print(f"{label}: {top} / {peer} single stream = {ours[top] / lc['decode']:.2f}x (target >= 2x); "
+                      f"single stream = {ours['decode'] / lc['decode']:.2f}x")
 
 if __name__ == "__main__":
     main()

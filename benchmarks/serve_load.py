@@ -143,13 +143,11 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise SystemExit(f"{url} did not answer within {timeout} s")
 
 
-def start_chatforge(model: str, db: str, args, int8: bool) -> tuple[subprocess.Popen, str]:
+def start_chatforge(model: str, db: str, args, decode_weights: str) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "chatforge", "serve", model, "--port", str(port), "--db", db, "--dtype", args.dtype,
            "--max-batch", str(args.max_batch), "--max-waiting", str(max(64, args.requests)),
-           "--max-concurrent-per-key", str(max(64, max(args.clients) + 1))]
-    if int8:
-        cmd.append("--int8")
+           "--max-concurrent-per-key", str(max(64, max(args.clients) + 1)), "--decode-weights", decode_weights]
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _wait_http(url + "/health", proc)
@@ -210,8 +208,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=0, help="requests per run (default: 4 per client, at least 16)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="auto", help="chatforge weights: auto, bf16 or fp32")
-    ap.add_argument("--int8", action="store_true", help="serve chatforge with int8 decode weights")
-    ap.add_argument("--int8-too", action="store_true", help="benchmark chatforge both without and with --int8")
+    ap.add_argument("--decode-weights", nargs="+", default=["auto"], choices=["auto", "same", "bf16", "fp16", "int8"],
+                    help="chatforge's decode weight copies (serve --decode-weights); several: one run each")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--check-ledger", action="store_true", help="compare the usage ledger with what clients received")
     ap.add_argument("--llama-server", default=None, help="path to llama-server: also benchmark it on the same GGUF")
@@ -234,13 +232,11 @@ def main() -> None:
     store.close()
 
     results: dict[tuple[str, int], LoadResult] = {}
-    systems = [("chatforge+int8" if args.int8 else "chatforge", None, args.int8)]
-    if args.int8_too and not args.int8:
-        systems.append(("chatforge+int8", None, True))
+    systems = [("chatforge" if dw == "auto" else f"chatforge ({dw} decode)", None, dw) for dw in args.decode_weights]
     if args.llama_server:
-        systems.append(("llama-server", args.llama_server, False))
-    for system, binary, int8 in systems:
-        proc, url = start_chatforge(ckpt, db, args, int8) if binary is None else start_llama_server(binary, gguf, args)
+        systems.append(("llama-server", args.llama_server, ""))
+    for system, binary, decode_weights in systems:
+        proc, url = start_chatforge(ckpt, db, args, decode_weights) if binary is None else start_llama_server(binary, gguf, args)
         try:
             model = Path(ckpt).name if binary is None else "gguf"
             asyncio.run(run_load(url, key, model, 1, 2, 8))  # warm-up

@@ -10,7 +10,8 @@ import torch
 from chatforge.engine import (
     Engine,
     EngineLoop,
-    PackedLinears,
+    FEW_ROWS,
+    FastLinears,
     QueueFull,
     SamplingParams,
     _Request,
@@ -233,31 +234,74 @@ def test_engine_loop_concurrent_submitters(tok):
     assert [results[i] for i in range(6)] == expected
 
 
-def test_int8_decode_linear():
-    """Guards the int8 decode path: per-channel quantization error bound and the many-rows fallback."""
-    from chatforge.quantize import Int8DecodeLinear, int8_weights
+def test_int8_linear():
+    """Guards the int8 weight copies: per-channel quantization error bound, and the kernel call
+    computing x @ dequantized(W).T + b in the input's dtype."""
+    from chatforge.quantize import int8_linear, int8_weights
 
     torch.manual_seed(0)
-    lin = torch.nn.Linear(64, 96).to(torch.bfloat16)
+    lin = torch.nn.Linear(64, 96)
     q, scale = int8_weights(lin.weight)
     assert (q.float() * scale[:, None] - lin.weight.float()).abs().max() <= scale.max() / 2 + 1e-6
-    layer = Int8DecodeLinear(lin.weight, lin.bias)
-    x1 = torch.randn(1, 64).to(torch.bfloat16)
-    ref = x1.float() @ (q.float() * scale[:, None]).t() + lin.bias.float()
-    torch.testing.assert_close(layer(x1).float(), ref, atol=0.05, rtol=0.02)
-    x8 = torch.randn(8, 64).to(torch.bfloat16)
-    assert torch.equal(layer(x8), lin(x8))  # more rows than max_rows: the original weights, exactly
+    x = torch.randn(3, 1, 64)
+    ref = x @ (q.float() * scale[:, None]).t() + lin.bias
+    y = int8_linear(x, q, scale.to(torch.bfloat16), lin.bias.detach())
+    assert y.shape == (3, 1, 96) and y.dtype == torch.float32
+    torch.testing.assert_close(y, ref, atol=0.05, rtol=0.02)  # bf16 activations and scales
 
 
-def test_int8_engine_close_to_bf16(tok):
-    """Guards the engine's int8 option wiring (all linears and the head) on a whole decode."""
+@pytest.mark.parametrize("fmt", ["bf16", "fp16", "int8"])
+def test_decode_weights_round_only_decode_steps(tok, fmt):
+    """Guards the decode-weight copies: a prefill (more than FEW_ROWS rows) runs the exact weights;
+    decode steps (and the output layer on a prefill's last rows) run the copies, close to exact;
+    the model's own weights are untouched, and the copies follow in-place updates."""
     import copy
 
-    m = copy.deepcopy(tiny(tok)).to(torch.bfloat16)
-    p = tok.encode("The capital of France")
-    ref = sample_tokens(m, p, 1, temperature=0)
-    ev = next(iter(Engine(copy.deepcopy(m), tok, int8=True).generate([p], SamplingParams(temperature=0, max_new_tokens=1, logprobs=True))))
-    assert ev.token_id == ref[0]
+    m = tiny(tok)
+    before = copy.deepcopy(m.state_dict())
+    p = tok.encode("The quick brown fox jumps over the lazy dog, 床前明月光")
+    assert len(p) > max(FEW_ROWS.values())
+    sp = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True, logprobs=True)
+    engine = Engine(m, tok, decode_weights=fmt)
+    for update in range(2):  # the second time after an in-place weight update: the copies follow it
+        exact = list(Engine(m, tok, packed=False).generate([p], sp))
+        fast = list(engine.generate([p], sp))
+        with torch.no_grad():
+            plain = m.hidden(torch.tensor([p]))
+            with engine.fast.installed():  # a prefill's matmuls: the exact weights
+                torch.testing.assert_close(m.hidden(torch.tensor([p])), plain, atol=1e-5, rtol=1e-5)
+            with engine.fast.installed():  # a decode step's: the copies
+                assert not torch.allclose(m.hidden(torch.tensor([p[:1]])), plain[:, :1], atol=1e-7, rtol=0)
+        # teacher-forced: the exact model's log-probs of the tokens the copies chose stay close
+        seq = torch.tensor([p + [e.token_id for e in fast]])
+        with torch.no_grad():
+            logp = torch.log_softmax(m(seq)[0, len(p) - 1 : -1].float(), -1)
+        exact_lp = logp[torch.arange(len(fast)), seq[0, len(p) :]]
+        tol = 0.05 if fmt == "int8" else 0.02
+        assert max(abs(e.logprob - float(x)) for e, x in zip(fast, exact_lp)) < tol
+        assert all("forward" not in mod.__dict__ for mod in m.modules())
+        if update == 0:
+            assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+            with torch.no_grad():  # an optimizer step: in place, new values
+                for prm in m.parameters():
+                    prm.add_(torch.randn_like(prm) * 0.05)
+    with pytest.raises(ValueError, match="decode_weights='q4'"):
+        Engine(m, tok, decode_weights="q4")
+
+
+def test_bf16_model_prefills_in_fp32_where_bf16_is_not_native(tok):
+    """Guards the many-row copies of a bf16 model: fp32 on a CPU without native bf16 (bf16
+    otherwise); either way the answers match the plain bf16 model within bf16 rounding."""
+    m = tiny(tok).to(torch.bfloat16)
+    fast = FastLinears(m, pack=True)
+    native = FastLinears.available(torch.device("cpu"), torch.bfloat16)
+    assert fast.compute == (torch.bfloat16 if native else torch.float32)
+    assert fast.few_rows == (0 if native else FEW_ROWS["bf16"])  # decode steps: its own bf16 weights
+    p = tok.encode("学而时习之，不亦说乎")
+    sp = SamplingParams(temperature=0, max_new_tokens=1, logprobs=True)
+    a = next(iter(Engine(m, tok, packed=True).generate([p], sp)))
+    b = next(iter(Engine(m, tok, packed=False).generate([p], sp)))
+    assert a.token_id == b.token_id and abs(a.logprob - b.logprob) < 0.05
 
 
 def test_equal_length_batch_equals_one_at_a_time(tok):
@@ -335,7 +379,7 @@ def test_packed_weights_match_and_follow_updates(tok):
     import copy
 
     m = tiny(tok)
-    if not PackedLinears.available(torch.device("cpu"), torch.float32):
+    if not FastLinears.available(torch.device("cpu"), torch.float32):
         pytest.skip("oneDNN is not available in this torch build")
     p = tok.encode("The quick brown fox")
     sp = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=True)

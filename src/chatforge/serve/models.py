@@ -75,7 +75,7 @@ def load_model(
     max_seq_len: int | None = None,
     dtype: str = "fp32",
     device: str = "cpu",
-    int8: bool = False,
+    decode_weights: str = "same",
     install: bool = False,
     prefix_cache: int = 1024,
 ) -> ServedModel:
@@ -88,7 +88,8 @@ def load_model(
     ck = checkpoint.load(path, device=device, dtype=dt)
     snapshot = ck.meta.get("snapshot") or checkpoint.snapshot_id(path)
     name = name_or_path if name_or_path in KNOWN else Path(path).resolve().name
-    engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device, int8=int8,
+    engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
+                    decode_weights=dtypes.decode_weights(decode_weights, dtype, device),
                     prefix_cache=prefix_cache)
     created = int(calendar.timegm(time.strptime(ck.meta["created"], "%Y-%m-%dT%H:%M:%SZ"))) if "created" in ck.meta else int(time.time())
     # The engine loop's own bound on its waiting list is only a backstop (capacity_left is checked first).
