@@ -289,6 +289,22 @@ def test_decode_weights_round_only_decode_steps(tok, fmt):
         Engine(m, tok, decode_weights="q4")
 
 
+def test_fp16_overflow_falls_back_to_exact_weights(tok):
+    """Guards the fp16 copies' range check: a model whose weights overflow fp16 (here one MLP weight
+    past 65504) decodes the same tokens as the exact engine, with a warning, and the engine keeps
+    the model's own weights from then on."""
+    m = tiny(tok)
+    with torch.no_grad():
+        m.blocks[0].mlp.proj.weight[0, 0] = 1e5  # exact in fp32, inf in fp16
+    p = tok.encode("The quick brown fox jumps over the lazy dog, 床前明月光")
+    sp = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True)
+    exact = run(Engine(m, tok, packed=False), [p], sp)[0][0]
+    engine = Engine(m, tok, decode_weights="fp16")
+    with pytest.warns(UserWarning, match="overflowed"):
+        assert run(engine, [p], sp)[0][0] == exact
+    assert engine.fast.decode is None and engine.fast.few_rows == 0
+
+
 def test_bf16_model_prefills_in_fp32_where_bf16_is_not_native(tok):
     """Guards the many-row copies of a bf16 model: fp32 on a CPU without native bf16 (bf16
     otherwise); either way the answers match the plain bf16 model within bf16 rounding."""
@@ -584,3 +600,19 @@ def test_prefix_cache_needs_a_common_start(tok):
     assert eng.prefix.hit_tokens == 0
     with pytest.raises(ValueError, match="prefix_cache"):
         Engine(m, tok, prefix_cache=-1)
+
+
+def test_decode_weights_option_resolution(monkeypatch):
+    """Guards `--decode-weights`: auto gives fp16 copies only where --dtype auto chose fp32 on a CPU
+    (no native bf16); an explicit format is kept; same = the model's own; a bad name is refused."""
+    from chatforge import dtypes
+
+    monkeypatch.setattr(dtypes, "fast_bf16", lambda kind: False)
+    assert dtypes.decode_weights("auto", "auto", "cpu") == "fp16"
+    assert dtypes.decode_weights("auto", "fp32", "cpu") is None  # fp32 asked for: exact
+    assert dtypes.decode_weights("auto", "auto", "cuda:0") is None
+    assert dtypes.decode_weights("int8", "fp32") == "int8" and dtypes.decode_weights("same", "auto") is None
+    monkeypatch.setattr(dtypes, "fast_bf16", lambda kind: True)
+    assert dtypes.decode_weights("auto", "auto", "cpu") is None  # auto is bf16 there already
+    with pytest.raises(ValueError, match="decode_weights='q4'"):
+        dtypes.decode_weights("q4", "auto")

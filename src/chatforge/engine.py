@@ -28,6 +28,7 @@ import collections
 import functools
 import itertools
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -304,11 +305,22 @@ class FastLinears:
             self.head = self._linear(self.model.output_weight(), None)
             self._signature = sig
 
+    def drop_copies(self) -> None:
+        """Decode on the model's own weights from now on (the copies stay installed if they were)."""
+        self.decode, self.few_rows, self._signature = None, 0, None
+        installed = bool(self.linears) and "forward" in self.linears[0].__dict__
+        self.refresh()
+        if installed:
+            self._install()
+
+    def _install(self) -> None:
+        for m, fwd in zip(self.linears, self._forwards):
+            m.__dict__["forward"] = fwd  # an instance attribute shadows nn.Linear.forward
+
     @contextmanager
     def installed(self):
         self.refresh()
-        for m, fwd in zip(self.linears, self._forwards):
-            m.__dict__["forward"] = fwd  # an instance attribute shadows nn.Linear.forward
+        self._install()
         try:
             yield
         finally:
@@ -530,10 +542,13 @@ class Engine:
             valid = keys[None, :] < P + torch.tensor(lens, device=dev)[:, None]  # (n, P+T): keys that are real tokens
             mask = (causal[None] & valid[:, None, :])[:, None]
             mask |= (keys[None, :] == pos[0][:, None])[None, None]  # padded queries attend to themselves: no NaN rows
-        self.cache.prefill(start, n, offset=P)
-        h = self.model.hidden(ids.to(dev), pos, mask, self.cache)
-        last = h[torch.arange(n, device=dev), torch.tensor(lens, device=dev) - 1]
-        logits = self.head(last).float()
+
+        def forward() -> torch.Tensor:
+            self.cache.prefill(start, n, offset=P)
+            h = self.model.hidden(ids.to(dev), pos, mask, self.cache)
+            return self.head(h[torch.arange(n, device=dev), torch.tensor(lens, device=dev) - 1]).float()
+
+        logits = self._finite(forward)
         if self.prefix is not None:
             self.prefix.store(reqs[0].prompt, self.cache, start)
         self.active += reqs
@@ -544,12 +559,27 @@ class Engine:
         positions = [r.length - 1 for r in reqs]
         last = torch.tensor([[r.out[-1]] for r in reqs], device=self.device)
         pos = torch.tensor(positions, device=self.device)
-        self.cache.decode(positions, self.device)
-        mask = None  # every row at the same position attends to all of 0..pos: no mask needed
-        if self.cache._at is None:
-            mask = (torch.arange(self.cache._read, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
-        logits = self.head(self.model.hidden(last, pos[:, None], mask, self.cache)[:, -1]).float()
-        return self._sample(reqs, logits)
+
+        def forward() -> torch.Tensor:
+            self.cache.decode(positions, self.device)
+            mask = None  # every row at the same position attends to all of 0..pos: no mask needed
+            if self.cache._at is None:
+                mask = (torch.arange(self.cache._read, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+            return self.head(self.model.hidden(last, pos[:, None], mask, self.cache)[:, -1]).float()
+
+        return self._sample(reqs, self._finite(forward))
+
+    def _finite(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The logits of `forward()` (one step: it rewrites the same cache positions when run
+        again). fp16 decode copies can overflow (fp16 ends at 65504) where the model's own weights
+        do not; any inf or NaN reaches the logits through the residual stream and the norms. Then
+        the step runs again on the model's own weights, and the engine keeps those from now on."""
+        logits = forward()
+        if self.fast is not None and self.fast.decode == torch.float16 and not bool(torch.isfinite(logits).all()):
+            warnings.warn("fp16 decode weights overflowed (non-finite logits): this engine decodes with the model's own weights from now on")
+            self.fast.drop_copies()
+            logits = forward()
+        return logits
 
     def _sample(self, reqs: list[_Request], logits_BV: torch.Tensor) -> list[Event]:
         events = []
