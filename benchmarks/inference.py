@@ -8,12 +8,14 @@ the time includes every stream's prefill).
 
 chatforge runs as `--dtype fp32` does (exact) and, where "auto" picks fp32 (a CPU without native
 bf16), as "auto" does: fp32 prefills plus bf16 weight copies for decode steps of a few streams
-(`decode_weights`, engine.FastLinears); `--ablations` adds fp16 / int8 decode copies and no packing.
+(`decode_weights`, engine.FastLinears: fp16 there); `--ablations` adds the other decode copies
+(bf16, int8) and no packing.
 
 Peers:
 - HF `generate` on chatforge's HF export of the imported GGUF (the same weights, in the same
-  dtype), sdpa attention, a batch of n identical prompts; next to chatforge's bf16 decode copies
-  also HF in bf16 (single stream only where bf16 is emulated: its prefills take seconds there).
+  dtype), sdpa attention, a batch of n identical prompts; next to chatforge's half-precision
+  decode copies also HF in bf16 (single stream only where bf16 is emulated: its prefills take
+  seconds there).
 - llama.cpp on the GGUF shipped in the package (Q4_1: about 4x fewer weight bytes per token than
   bf16), and on chatforge's own bf16 GGUF export of the same checkpoint (the same weights and
   precision as chatforge bf16). llama-cpp-python runs one sequence per model, so its aggregate
@@ -186,18 +188,20 @@ def main() -> None:
         prompts = prompt_ids(ck.tokenizer, max(a.streams))
         record(f"chatforge {dt_name}", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams))
         auto = dtypes.decode_weights("auto", "auto") if dt_name == dtypes.resolve("auto") else None
-        if auto:  # what `--dtype auto` runs here: these weights plus decode copies
+        if auto:  # what `--dtype auto` runs here: these weights plus fp16 decode copies
             record(f"chatforge {dt_name}+{auto} decode", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, decode_weights=auto))
         if a.ablations:
             record(f"chatforge {dt_name} unpacked", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, packed=False))
-            for fmt in ("fp16", "int8") if dt_name == "fp32" else ("int8",):
+            for fmt in [f for f in (("bf16", "fp16", "int8") if dt_name == "fp32" else ("int8",)) if f != auto]:
                 record(f"chatforge {dt_name}+{fmt} decode", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, decode_weights=fmt))
         del ck
         if not a.skip_hf:
             record(f"HF generate {dt_name}", bench_hf(hf_model(ckpt, dt), prompts, a.streams))
-            if auto and "bf16" not in a.dtypes:
-                # the peer with the same decode precision; one stream only (its bf16 prefills are emulated here)
-                record("HF generate bf16", bench_hf(hf_model(ckpt, torch.bfloat16), prompts, [1]))
+            if auto:
+                # the peer at the precision of chatforge's decode copies; one stream only (its
+                # half-precision prefills run at ~1/6 of the fp32 rate here)
+                half = {"bf16": torch.bfloat16, "fp16": torch.float16}[auto]
+                record(f"HF generate {auto}", bench_hf(hf_model(ckpt, half), prompts, [1]))
     try:
         import llama_cpp
     except ImportError:
@@ -227,9 +231,9 @@ def main() -> None:
     ours_rows = [label for label, _ in rows if label.startswith("chatforge") and "unpacked" not in label]
     for label in ours_rows:
         ours = by[label]
-        for hf_label in ("HF generate fp32", "HF generate bf16"):
+        for hf_label in ("HF generate fp32", "HF generate bf16", "HF generate fp16"):
             hf = by.get(hf_label)
-            if hf is None or (hf_label.split()[-1] not in label and "decode" not in label):
+            if hf is None or (hf_label.split()[-1] not in label.split("+")[0] and hf_label.split()[-1] + " decode" not in label):
                 continue
             line = f"{label} / {hf_label}: single-stream decode {ours['decode'] / hf['decode']:.2f}x (target >= 2x); TTFT {hf['ttft'] / ours['ttft']:.2f}x"
             print(line + (f"; {top} {ours[top] / hf[top]:.2f}x" if top in hf else ""))
