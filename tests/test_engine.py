@@ -250,14 +250,14 @@ def test_int8_linear():
     torch.testing.assert_close(y, ref, atol=0.05, rtol=0.02)  # bf16 activations and scales
 
 
-@pytest.mark.parametrize("fmt", ["bf16", "fp16", "int8"])
-def test_decode_weights_round_only_decode_steps(tok, fmt):
+@pytest.mark.parametrize("fmt,block", [("bf16", "llama"), ("fp16", "llama"), ("int8", "llama"), ("fp16", "gpt2"), ("int8", "gpt2")])
+def test_decode_weights_round_only_decode_steps(tok, fmt, block):
     """Guards the decode-weight copies: a prefill (more than FEW_ROWS rows) runs the exact weights;
     decode steps (and the output layer on a prefill's last rows) run the copies, close to exact;
     the model's own weights are untouched, and the copies follow in-place updates."""
     import copy
 
-    m = tiny(tok)
+    m = tiny(tok, block)  # gpt2 blocks: linears with biases
     before = copy.deepcopy(m.state_dict())
     p = tok.encode("The quick brown fox jumps over the lazy dog, 床前明月光")
     assert len(p) > max(FEW_ROWS.values())

@@ -196,10 +196,11 @@ def _by_rows(x: torch.Tensor, many: Callable, few: Callable, few_rows: int) -> t
 
 
 DECODE_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
-# Matmuls of at most this many rows (decode steps of that many streams) use the decode copies. All
-# of SmolLM2-135M's linears, once each, cold caches, 2 AVX2 cores, ms for 1 / 2 / 4 / 8 rows: fp32
-# packed 44 / 48 / 44 / 53, fp16 23 / 35 / 61 / 98, bf16 22 / 40 / 61 / 116, int8 25 / 25 / 26 / 46.
-FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 8}
+# Matmuls of at most this many rows (decode steps of that many streams) use the decode copies:
+# where they stop paying. All of SmolLM2-135M's matmuls once, 2 AVX2 cores, ms for 1 / 2 / 4 / 8
+# rows (`python benchmarks/decode_matmuls.py`): fp32 packed 23.9 / 27.6 / 29.7 / 36.5, fp16
+# 14.8 / 25.3 / 47.5 / 92.2, bf16 18.3 / 30.3 / 56.7 / 111.8, int8 15.0 / 16.8 / 21.1 / 39.6.
+FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 4}
 
 
 class FastLinears:
@@ -214,9 +215,10 @@ class FastLinears:
       while its decode steps of a few streams keep its own bf16 weights (bandwidth-bound: fast).
     - Few rows (decode steps of at most FEW_ROWS streams), with `decode_weights`: copies in bf16,
       fp16 or int8 (one scale per output channel, quantize.py). One decode step reads every
-      weight once, so its time is the bytes read: on a 2-core AVX2 CPU, SmolLM2-135M's linears took
-      44 ms per token in packed fp32 against 22 (bf16), 23 (fp16) and 25 (int8). Answers of decode
-      steps then carry that rounding; prefills stay exact.
+      weight once, so its time is the bytes read: on a 2-core AVX2 CPU, SmolLM2-135M's matmuls took
+      23.9 ms per token in packed fp32 (38.8 in aten's fp32, which used one core) against 18.3
+      (bf16), 14.8 (fp16) and 15.0 (int8). Answers of decode steps then carry that rounding;
+      prefills stay exact.
 
     Memory: the packed copies hold as much as the weights they copy (fp32 ones for a bf16 model on
     AVX2: twice its weight memory), and decode copies half (fp16, bf16) or a quarter (int8) of the
