@@ -426,7 +426,7 @@ class Engine:
         self.stop_ids = set(tokenizer.stop_ids())
         can_pack = any(FastLinears.available(self.device, d) for d in (self.dtype, torch.float32))
         if packed and not can_pack:
-            raise ValueError(f"packed=True needs the CPU with fp32 or bf16 weights and oneDNN; got {self.device}, {self.dtype}")
+            raise ValueError(f"packed=True needs the CPU and a torch build with oneDNN; got {self.device}, {self.dtype}")
         pack = can_pack if packed is None else packed
         self.fast = FastLinears(self.model, pack, decode_weights) if pack or decode_weights is not None else None
         if self.fast is not None:
