@@ -7,15 +7,14 @@ token), and aggregate tokens/s with 1, 4 and 16 concurrent streams (all streams 
 the time includes every stream's prefill).
 
 chatforge runs as `--dtype fp32` does (exact) and, where "auto" picks fp32 (a CPU without native
-bf16), as "auto" does: fp32 prefills plus bf16 weight copies for decode steps of a few streams
-(`decode_weights`, engine.FastLinears: fp16 there); `--ablations` adds the other decode copies
-(bf16, int8) and no packing.
+bf16), as "auto" does: fp32 prefills plus fp16 weight copies for decode steps of a few streams
+(`decode_weights`, engine.FastLinears); `--ablations` adds the other decode copies (bf16, int8)
+and no packing.
 
 Peers:
 - HF `generate` on chatforge's HF export of the imported GGUF (the same weights, in the same
-  dtype), sdpa attention, a batch of n identical prompts; next to chatforge's half-precision
-  decode copies also HF in bf16 (single stream only where bf16 is emulated: its prefills take
-  seconds there).
+  dtype), sdpa attention, a batch of n identical prompts; next to chatforge's fp16 decode copies
+  also HF in fp16 (single stream only: its half-precision prefills take seconds on such a CPU).
 - llama.cpp on the GGUF shipped in the package (Q4_1: about 4x fewer weight bytes per token than
   bf16), and on chatforge's own bf16 GGUF export of the same checkpoint (the same weights and
   precision as chatforge bf16). llama-cpp-python runs one sequence per model, so its aggregate

@@ -22,9 +22,9 @@ NAMES = ("auto", "bf16", "fp32", "fp16")  # torch is imported only when a dtype 
 DECODE_NAMES = ("auto", "same", "bf16", "fp16", "int8")  # `--decode-weights`: see decode_weights()
 
 
-def check_name(name: str, field: str = "dtype") -> None:
-    if name not in NAMES:
-        raise ValueError(f"{field}={name!r}; expected one of {', '.join(NAMES)}")
+def check_name(name: str, field: str = "dtype", names: tuple[str, ...] = NAMES) -> None:
+    if name not in names:
+        raise ValueError(f"{field}={name!r}; expected one of {', '.join(names)}")
 
 
 @functools.cache
@@ -55,8 +55,7 @@ def decode_weights(name: str, dtype_name: str, device="cpu") -> str | None:
     """The engine's `decode_weights` for `--decode-weights name` with `--dtype dtype_name`:
     "same" = the model's own weights (None); "auto" = "fp16" where --dtype auto resolved to fp32
     on a CPU without native bf16, else the model's own weights."""
-    if name not in DECODE_NAMES:
-        raise ValueError(f"decode_weights={name!r}; expected one of {', '.join(DECODE_NAMES)}")
+    check_name(name, "decode_weights", DECODE_NAMES)
     if name == "same":
         return None
     if name != "auto":

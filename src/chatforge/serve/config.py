@@ -41,5 +41,4 @@ class ServeConfig:
         if self.max_waiting < 0 or self.max_seq_len < 0:
             raise ValueError("max_waiting and max_seq_len must be >= 0")
         dtypes.check_name(self.dtype, "ServeConfig.dtype")
-        if self.decode_weights not in dtypes.DECODE_NAMES:
-            raise ValueError(f"ServeConfig.decode_weights={self.decode_weights!r}; expected one of {', '.join(dtypes.DECODE_NAMES)}")
+        dtypes.check_name(self.decode_weights, "ServeConfig.decode_weights", dtypes.DECODE_NAMES)
