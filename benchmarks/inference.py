@@ -135,6 +135,35 @@ def bench_llama_cpp(gguf_path, ids, threads) -> tuple[dict, list[int]]:
     return {"ttft": ttft, "decode": (NEW_TOKENS - 1) / (total - ttft), "agg1": NEW_TOKENS / total}, toks
 
 
+def _llama_cpp_child(queue, gguf_path, ids, threads) -> None:
+    queue.put(bench_llama_cpp(gguf_path, ids, threads))
+
+
+def bench_llama_cpp_isolated(gguf_path, ids, threads) -> tuple[dict, list[int]] | None:
+    """bench_llama_cpp in a child process, so that a crash inside llama.cpp costs its rows, not
+    the run: llama-cpp-python 0.3.36 built with GGML_NATIVE on a CPU with AMX (a Sapphire Rapids
+    Xeon) segfaults in ggml_backend_amx_mul_mat at the first prefill (benchmarks/README.md has
+    the build without AMX). None, with a message, when the child dies."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child = ctx.Process(target=_llama_cpp_child, args=(results, str(gguf_path), ids, threads))
+    child.start()
+    result = None
+    while result is None and (child.is_alive() or not results.empty()):
+        try:
+            result = results.get(timeout=1)
+        except queue.Empty:  # still running
+            pass
+    child.join()
+    if result is None:
+        why = "SIGSEGV: on a CPU with AMX see benchmarks/README.md for a build without those kernels" if child.exitcode == -11 else "see above"
+        print(f"llama.cpp on {Path(gguf_path).name}: skipped, its process died (exit code {child.exitcode}; {why})", flush=True)
+    return result
+
+
 def hf_model(ckpt, dtype):
     """transformers' LlamaForCausalLM on chatforge's HF export of the checkpoint: plain weights in
     `dtype`. (Loading the GGUF itself may keep its blocks packed behind a GGUF matmul kernel when
@@ -210,11 +239,13 @@ def main() -> None:
         from chatforge.convert.gguf import export_gguf
 
         ids = prompt_ids(checkpoint.load(ckpt).tokenizer)[0]
-        record("llama.cpp Q4_1 (package)", bench_llama_cpp(gguf_path, ids, a.threads))
+        if (r := bench_llama_cpp_isolated(gguf_path, ids, a.threads)) is not None:
+            record("llama.cpp Q4_1 (package)", r)
         with tempfile.TemporaryDirectory() as tmp:
             half = "bf16" if "bf16" in a.dtypes else "f16"
             f = export_gguf(ckpt, Path(tmp) / f"smollm2-{half}.gguf", dtype=half)
-            record(f"llama.cpp {half} (export)", bench_llama_cpp(f, ids, a.threads))
+            if (r := bench_llama_cpp_isolated(f, ids, a.threads)) is not None:
+                record(f"llama.cpp {half} (export)", r)
 
     print(f"\n{name}, prompt {PROMPT_TOKENS} tokens, {NEW_TOKENS} new, greedy, {a.threads} threads; {load()} at the end")
     print(f"{'system':28s} {'TTFT s':>7s} {'decode tok/s':>13s} " + " ".join(f"{'agg' + str(n):>8s}" for n in a.streams)

@@ -172,6 +172,39 @@ def test_bf16_autocast_step_on_cpu():
     assert all(p.dtype == torch.float32 for p in m.parameters())
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_head_loss_matches_unfused(dtype, tie, monkeypatch):
+    """Guards HeadCrossEntropy (the eager LMLoss head): same loss, count and gradients of every
+    parameter as the plain head + token_loss_sum, with masked targets and rows over several chunks;
+    without grad it returns the loss alone."""
+    monkeypatch.setattr(C.HeadCrossEntropy, "CHUNK_BYTES", {"cpu": 48 * 70 * 4})  # 48 rows: 3 chunks, the last one short
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=70, n_layer=1, n_head=2, d_model=32, max_seq_len=64, tie_embeddings=tie))
+    m.init_weights(0)
+    x, y = torch.randint(0, 70, (4, 30)), torch.randint(0, 70, (4, 30))
+    y[0, :7] = -100
+    y[3, :] = -100
+    runs = []
+    for fused in (False, True):
+        m.zero_grad()
+        with C.autocast(torch.device("cpu"), dtype):
+            loss, n = C.LMLoss(m)(x, y) if fused else C.token_loss_sum(m(x), y)
+        (loss * 0.5).backward()
+        runs.append((loss.item(), n.item(), [p.grad.clone() for p in m.parameters()]))
+    (ref, n_ref, g_ref), (got, n_got, g_got) = runs
+    assert n_got == n_ref == 4 * 30 - 37
+    assert got == pytest.approx(ref, rel=1e-5)
+    for a, b in zip(g_ref, g_got):
+        if dtype == "fp32":
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        else:  # bf16 products summed in another order (chunks): within bf16 rounding (~0.006 of fp32 here)
+            assert (a - b).norm() <= 0.02 * a.norm()
+    with torch.no_grad(), C.autocast(torch.device("cpu"), dtype):
+        loss, _ = C.LMLoss(m)(x, y)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+
+
 def test_optimizer_groups():
     """Guards the decay rule: every matrix (linear and embedding weights) decays, no bias or norm gain does."""
     m = GPT(GPTConfig(vocab_size=50, n_layer=1, n_head=2, d_model=16, max_seq_len=16, block="gpt2", tie_embeddings=False))

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dtypes import fast_bf16
+from .dtypes import bf16_matmul_decode_attention
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -169,7 +169,7 @@ class SlotCache:
             kc[self._rows_idx, :, self._pos] = k_BKTD[:, :, 0]
             vc[self._rows_idx, :, self._pos] = v_BKTD[:, :, 0]
         k, v = kc[:, :, : self._read], vc[:, :, : self._read]
-        if k.shape[0] >= 4 and k.dtype == torch.bfloat16 and fast_bf16(k.device.type):
+        if k.shape[0] >= 4 and k.dtype == torch.bfloat16 and bf16_matmul_decode_attention(k.device.type):
             # model.attend decodes 4+ bf16 rows with plain matmuls, which run ~4x slower on this
             # strided slice of the cache than on a contiguous copy (measured 1.33 ms vs 0.35 ms for
             # 16 rows, 320 positions; the copy costs 0.05 ms). The fused kernel used otherwise reads

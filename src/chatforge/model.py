@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .dtypes import fast_bf16
+from .dtypes import bf16_matmul_decode_attention
 
 BLOCKS = ("gpt2", "llama")
 
@@ -169,12 +169,12 @@ def attend(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
             # copying the whole cache n_rep times. A (B,1,1,S) mask broadcasts over the fold.
             B, _, _, D = q_BHTD.shape
             q = q_BHTD.reshape(B, K, H // K, D)
-            if B >= 4 and q.dtype == torch.bfloat16 and fast_bf16(q.device.type):
-                # Batched bf16 decode: plain matmuls beat the fused CPU kernel at these shapes
-                # (measured 383 vs 646 us for 16 rows, 3 kv heads, 384 positions, AVX-512 BF16). In
-                # fp32 the fused kernel wins, and reads the cache slice without a copy (SmolLM2,
-                # 16 rows at ~310 positions, AVX2: 142-155 vs 191-212 ms per decode step); so does
-                # bf16 where its matmuls are emulated (AVX2).
+            if B >= 4 and q.dtype == torch.bfloat16 and bf16_matmul_decode_attention(q.device.type):
+                # Batched bf16 decode where plain matmuls beat the fused CPU kernel (no AMX:
+                # dtypes.bf16_matmul_decode_attention). In fp32 the fused kernel wins, and reads the
+                # cache slice without a copy (SmolLM2, 16 rows at ~310 positions, AVX2: 142-155 vs
+                # 191-212 ms per decode step); so does bf16 where its matmuls are emulated (AVX2)
+                # and where the CPU has AMX.
                 scores = torch.matmul(q, k_BKSD.transpose(-1, -2)).float() / math.sqrt(D)
                 if mask is not None:
                     scores = scores.masked_fill(~mask, float("-inf"))
@@ -292,10 +292,15 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids_BT)
         return x + self.pos_emb(pos_ids_BT) if self.cfg.block == "gpt2" else x
 
-    def _rope(self, pos_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _rope(self, pos_ids_BT: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """cos/sin for these positions in the dtype of the q/k heads they rotate: the residual
+        stream's, or under autocast the autocast dtype of the q|k|v matmul (else the rotation of
+        bf16 heads would run in fp32 and be cast back for attention: ~8% of an eager bf16
+        training step at cpu-10m)."""
         if self.cfg.block != "llama":
             return None, None
-        return self.rope_cos[pos_ids_BT].to(dtype), self.rope_sin[pos_ids_BT].to(dtype)
+        dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        return self.rope_cos[pos_ids_BT].to(dt), self.rope_sin[pos_ids_BT].to(dt)
 
     def hidden(
         self,
@@ -311,7 +316,7 @@ class GPT(nn.Module):
         if pos_ids_BT is None:
             pos_ids_BT = self._positions(input_ids_BT)
         x, start = (stem.x, stem.depth) if stem is not None else (self._embed(input_ids_BT, pos_ids_BT), 0)
-        cos, sin = self._rope(pos_ids_BT, x.dtype)
+        cos, sin = self._rope(pos_ids_BT, x)
         for block in self.blocks[start:]:
             x = block(x, cos, sin, mask, kv_cache)
         return self.norm_f(x)
@@ -321,7 +326,7 @@ class GPT(nn.Module):
         cache), for `hidden(..., stem=)` of this model or of any model that shares those blocks."""
         pos = self._positions(input_ids_BT)
         x = self._embed(input_ids_BT, pos)
-        cos, sin = self._rope(pos, x.dtype)
+        cos, sin = self._rope(pos, x)
         for block in self.blocks[:depth]:
             x = block(x, cos, sin, None, None)
         return Stem(x, depth)

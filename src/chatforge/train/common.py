@@ -149,17 +149,79 @@ def token_loss_sum(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> tuple[
     return loss, (targets_BT != -100).sum()
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """Sum of next-token cross-entropies of `h_NC @ w_VC.T` without the (N,V) fp32 logits: rows
+    go through in chunks, and each chunk's gradients for h and w are made in the forward pass
+    (softmax minus one-hot), while its logits are still in cache; backward only scales them by
+    the incoming gradient. The same products as the unfused head + loss (logits in the matmul's
+    dtype, log-softmax in fp32, gradients of the logits cast back to that dtype), fewer passes
+    over memory: the eager pretraining step at cpu-10m spent ~17% of its time in the loss's
+    fp32 copies, log-softmax and their backward (benchmarks/README.md)."""
+
+    # fp32 logits per chunk: on a CPU about one core's L2 (256 rows of an 8192 vocabulary);
+    # elsewhere (a GPU) large chunks, for few kernel launches
+    CHUNK_BYTES = {"cpu": 8 << 20}
+    OTHER_CHUNK_BYTES = 512 << 20
+
+    @staticmethod
+    def forward(ctx, h_NC, w_VC, y_N):
+        dt = torch.get_autocast_dtype(h_NC.device.type) if torch.is_autocast_enabled(h_NC.device.type) else h_NC.dtype
+        h, w = h_NC.to(dt), w_VC.to(dt)
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need else None
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = max(1, HeadCrossEntropy.CHUNK_BYTES.get(h.device.type, HeadCrossEntropy.OTHER_CHUNK_BYTES) // (4 * w.shape[0]))
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, h.shape[0], rows):
+                hc, yc = h[s : s + rows], y_N[s : s + rows]
+                logits = (hc @ w.T).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                valid = yc != -100
+                yi = torch.where(valid, yc, 0)
+                loss += ((lse - logits.gather(1, yi[:, None])[:, 0]) * valid).sum()
+                if need:
+                    p = logits.sub_(lse[:, None]).exp_()
+                    p[torch.arange(len(yi), device=p.device), yi] -= 1.0
+                    g = p.mul_(valid[:, None]).to(dt)
+                    grad_h[s : s + len(yi)] = g @ w
+                    grad_w += (g.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h_NC.dtype, w_VC.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None
+
+
+def head_loss_sum(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_loss_sum(model(x), y) for a GPT, through HeadCrossEntropy where the head is a plain
+    matrix (tied embeddings or an lm_head without hooks such as LoRA's); else the unfused path."""
+    head = getattr(model, "lm_head", None)
+    hooked = lambda m: bool(m._forward_hooks or m._forward_pre_hooks)  # noqa: E731
+    if not hasattr(model, "output_weight") or hooked(model) or (head is not None and (hooked(head) or type(head) is not nn.Linear)):
+        return token_loss_sum(model(x_BT), y_BT)
+    h = model.hidden(x_BT)
+    loss = HeadCrossEntropy.apply(h.flatten(0, 1), model.output_weight(), y_BT.flatten())
+    return loss, (y_BT != -100).sum()
+
+
 class LMLoss(nn.Module):
-    """model + next-token loss as one module, so torch.compile fuses the fp32 cast, log-softmax
-    and gather of the loss with the output head (measured 1.4x faster per step than compiling
-    the model alone at cpu-50m: the (B,T,V) fp32 logits are never materialised eagerly)."""
+    """model + next-token loss as one module. Eager, the head and the loss run fused
+    (HeadCrossEntropy); under torch.compile the plain head + loss, whose fp32 cast, log-softmax
+    and gather inductor fuses with the output head itself (measured 1.4x faster per step than
+    compiling the model alone at cpu-50m: the (B,T,V) fp32 logits are never materialised)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
 
     def forward(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_loss_sum(self.model(x_BT), y_BT)
+        if torch.compiler.is_compiling():
+            return token_loss_sum(self.model(x_BT), y_BT)
+        return head_loss_sum(self.model, x_BT, y_BT)
 
 
 def lm_loss(module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
