@@ -3,7 +3,7 @@ multiplies them, by the engine's weight copies (`engine.FastLinears`) against th
 nn.Linear forward (aten `F.linear`, what HF transformers runs), in one run.
 
 For each row count (streams decoding together) it times: the plain fp32 layers, the engine's
-oneDNN-packed fp32 copies, and its bf16 / fp16 / int8 decode copies (forced onto the few-row path
+oneDNN-packed fp32 copies, and its bf16 / fp16 / int8 / int4 decode copies (forced onto the few-row path
 for every row count here, so the table shows where each stops paying: the engine's FEW_ROWS).
 The weights are the real checkpoint's; the inputs are random rows. Caches are cold: the weights
 (hundreds of MB) do not fit in the CPU's caches, as in a real decode step. The rest of a decode
@@ -66,7 +66,7 @@ def main() -> None:
         fast = FastLinears(model, pack=True)
         fast.refresh()
         systems["chatforge packed fp32"] = [(m.in_features, f) for m, f in zip(linears, fast._forwards)] + [(head.shape[1], fast.head)]
-    for fmt in ("bf16", "fp16", "int8"):
+    for fmt in ("bf16", "fp16", "int8", "int4"):
         fast = FastLinears(model, pack=False, decode_weights=fmt)
         fast.few_rows = max(a.rows)  # every row count on the copies, to see where they stop paying
         fast.refresh()

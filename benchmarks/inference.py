@@ -8,7 +8,7 @@ the time includes every stream's prefill).
 
 chatforge runs as `--dtype fp32` does (exact) and, where "auto" picks fp32 (a CPU without native
 bf16), as "auto" does: fp32 prefills plus fp16 weight copies for decode steps of a few streams
-(`decode_weights`, engine.FastLinears); `--ablations` adds the other decode copies (bf16, int8)
+(`decode_weights`, engine.FastLinears); `--ablations` adds the other decode copies (bf16, int8, int4)
 and no packing.
 
 Peers:
@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-llama-cpp", action="store_true")
-    ap.add_argument("--ablations", action="store_true", help="also chatforge without oneDNN packing, and with fp16 / int8 decode weights")
+    ap.add_argument("--ablations", action="store_true", help="also chatforge without oneDNN packing, and with fp16 / int8 / int4 decode weights")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -220,7 +220,7 @@ def main() -> None:
             record(f"chatforge {dt_name}+{auto} decode", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, decode_weights=auto))
         if a.ablations:
             record(f"chatforge {dt_name} unpacked", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, packed=False))
-            for fmt in [f for f in (("bf16", "fp16", "int8") if dt_name == "fp32" else ("int8",)) if f != auto]:
+            for fmt in [f for f in (("bf16", "fp16", "int8", "int4") if dt_name == "fp32" else ("int8", "int4")) if f != auto]:
                 record(f"chatforge {dt_name}+{fmt} decode", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, decode_weights=fmt))
         del ck
         if not a.skip_hf:

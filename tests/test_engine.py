@@ -250,7 +250,40 @@ def test_int8_linear():
     torch.testing.assert_close(y, ref, atol=0.05, rtol=0.02)  # bf16 activations and scales
 
 
-@pytest.mark.parametrize("fmt,block", [("bf16", "llama"), ("fp16", "llama"), ("int8", "llama"), ("fp16", "gpt2"), ("int8", "gpt2")])
+def test_int4_linear():
+    """Guards the int4 weight copies: weights that are already 4-bit per group of 32 (as a GGUF
+    Q4_1 import gives) come back exactly, the kernel computes x @ dequantized(W).T + b in the
+    input's dtype, other weights keep the groupwise error bound, and shapes the kernel does not
+    take are declined."""
+    from chatforge.quantize import INT4_GROUP, int4_linear, int4_weights
+
+    torch.manual_seed(0)
+    out_f, in_f = 48, 96
+    q = torch.randint(0, 16, (out_f, in_f // INT4_GROUP, INT4_GROUP))
+    q[..., 0], q[..., 1] = 0, 15  # every group spans the full 4-bit range, as Q4_1's quantizer makes it
+    scale = torch.rand(out_f, in_f // INT4_GROUP, 1) * 0.01 + 0.001
+    lo = torch.randn(out_f, in_f // INT4_GROUP, 1) * 0.01
+    w = (q * scale + lo).reshape(out_f, in_f)
+    bias = torch.randn(out_f)
+    packed, sz = int4_weights(w)
+    x = torch.randn(3, 1, in_f)
+    y = int4_linear(x, packed, sz, bias)
+    assert y.shape == (3, 1, out_f) and y.dtype == torch.float32
+    ref = x.to(torch.bfloat16).float() @ w.t() + bias
+    torch.testing.assert_close(y, ref, atol=0.02, rtol=0.01)  # bf16 activations and scales only
+    g = torch.randn(out_f, in_f)
+    packed, sz = int4_weights(g)
+    eye = torch.eye(in_f)
+    deq = int4_linear(eye, packed, sz, None).t()  # column j = W @ e_j: the dequantized weights
+    groups = g.reshape(out_f, -1, INT4_GROUP)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15
+    err = (deq - g).abs().reshape(out_f, -1, INT4_GROUP).amax(-1)
+    assert (err <= step / 2 + 0.02 * groups.abs().amax(-1)).all()  # half a step, plus bf16 rounding
+    assert int4_weights(torch.randn(40, 96)) is None and int4_weights(torch.randn(48, 80)) is None
+
+
+@pytest.mark.parametrize("fmt,block", [("bf16", "llama"), ("fp16", "llama"), ("int8", "llama"), ("int4", "llama"), ("fp16", "gpt2"),
+                                       ("int8", "gpt2"), ("int4", "gpt2")])
 def test_decode_weights_round_only_decode_steps(tok, fmt, block):
     """Guards the decode-weight copies: a prefill (more than FEW_ROWS rows) runs the exact weights;
     decode steps (and the output layer on a prefill's last rows) run the copies, close to exact;
@@ -277,7 +310,7 @@ def test_decode_weights_round_only_decode_steps(tok, fmt, block):
         with torch.no_grad():
             logp = torch.log_softmax(m(seq)[0, len(p) - 1 : -1].float(), -1)
         exact_lp = logp[torch.arange(len(fast)), seq[0, len(p) :]]
-        tol = 0.05 if fmt == "int8" else 0.02
+        tol = {"int8": 0.05, "int4": 0.1}.get(fmt, 0.02)
         assert max(abs(e.logprob - float(x)) for e, x in zip(fast, exact_lp)) < tol
         assert all("forward" not in mod.__dict__ for mod in m.modules())
         if update == 0:

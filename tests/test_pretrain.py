@@ -203,6 +203,14 @@ def test_fused_head_loss_matches_unfused(dtype, tie, monkeypatch):
     with torch.no_grad(), C.autocast(torch.device("cpu"), dtype):
         loss, _ = C.LMLoss(m)(x, y)
     assert loss.item() == pytest.approx(ref, rel=1e-5)
+    m.output_weight().requires_grad_(False)  # a frozen head: gradients for the rest only
+    m.zero_grad()
+    with C.autocast(torch.device("cpu"), dtype):
+        C.LMLoss(m)(x, y)[0].mul(0.5).backward()
+    assert m.output_weight().grad is None
+    for p, a in zip(m.parameters(), g_ref):
+        if p.requires_grad and dtype == "fp32":
+            torch.testing.assert_close(p.grad, a, rtol=1e-4, atol=1e-6)
 
 
 def test_optimizer_groups():

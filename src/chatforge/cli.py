@@ -248,6 +248,8 @@ def _run_models(a) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    from .dtypes import DECODE_NAMES  # torch-free
+
     p.add_argument("model", help="checkpoint folder or a known model name (see `chatforge models`)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -260,7 +262,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights; auto = bf16 where the CPU/GPU runs it natively, else fp32")
-    p.add_argument("--decode-weights", choices=["auto", "same", "bf16", "fp16", "int8"], default="auto",
+    p.add_argument("--decode-weights", choices=list(DECODE_NAMES), default="auto",
                    help="weight copies for decode steps of a few streams (fewer bytes per token, rounded answers); "
                         "same = the model's own; auto = fp16 where --dtype auto chose fp32 on a CPU")
     p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")

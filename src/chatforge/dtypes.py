@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 
 NAMES = ("auto", "bf16", "fp32", "fp16")  # torch is imported only when a dtype is resolved (fast --help)
-DECODE_NAMES = ("auto", "same", "bf16", "fp16", "int8")  # `--decode-weights`: see decode_weights()
+DECODE_NAMES = ("auto", "same", "bf16", "fp16", "int8", "int4")  # `--decode-weights`: see decode_weights()
 
 
 def check_name(name: str, field: str = "dtype", names: tuple[str, ...] = NAMES) -> None:

@@ -14,7 +14,7 @@
   and the end of the context window.
 - Incremental detokenization never emits half a UTF-8 character.
 - Linear layers run on copies of the weights made for speed (`FastLinears`): on the CPU, reordered
-  once into oneDNN's blocked layout, and optionally (`decode_weights`) in bf16 / fp16 / int8 for
+  once into oneDNN's blocked layout, and optionally (`decode_weights`) in bf16 / fp16 / int8 / int4 for
   decode steps of a few streams, whose time is the weight bytes they read.
 
 `Engine.generate(prompts, sampling)` is a plain iterator (rollouts, evaluation, CLI);
@@ -195,12 +195,13 @@ def _by_rows(x: torch.Tensor, many: Callable, few: Callable, few_rows: int) -> t
     return few(x) if x.numel() // x.shape[-1] <= few_rows else many(x)
 
 
-DECODE_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8}
+DECODE_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.quint4x2}
 # Matmuls of at most this many rows (decode steps of that many streams) use the decode copies:
 # where they stop paying. All of SmolLM2-135M's matmuls once, 2 AVX2 cores, ms for 1 / 2 / 4 / 8
 # rows (`python benchmarks/decode_matmuls.py`): fp32 packed 23.9 / 27.6 / 29.7 / 36.5, fp16
-# 14.8 / 25.3 / 47.5 / 92.2, bf16 18.3 / 30.3 / 56.7 / 111.8, int8 15.0 / 16.8 / 21.1 / 39.6.
-FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 4}
+# 14.8 / 25.3 / 47.5 / 92.2, bf16 18.3 / 30.3 / 56.7 / 111.8, int8 15.0 / 16.8 / 21.1 / 39.6;
+# 2 cores with AMX: bf16 15.1 / 14.9 / 15.1 / 15.5, int4 5.8 / 6.7 / 8.8 / 15.8 (fp32 packed 30.0 at 8).
+FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 4, "int4": 8}
 
 
 class FastLinears:
@@ -214,15 +215,17 @@ class FastLinears:
       the fp32 rate (measured 90 vs 16 GFLOP/s, 256 x 576 x 1536, 2 cores) instead of emulated bf16,
       while its decode steps of a few streams keep its own bf16 weights (bandwidth-bound: fast).
     - Few rows (decode steps of at most FEW_ROWS streams), with `decode_weights`: copies in bf16,
-      fp16 or int8 (one scale per output channel, quantize.py). One decode step reads every
-      weight once, so its time is the bytes read: on a 2-core AVX2 CPU, SmolLM2-135M's matmuls took
-      23.9 ms per token in packed fp32 (38.8 in aten's fp32, which used one core) against 18.3
-      (bf16), 14.8 (fp16) and 15.0 (int8). Answers of decode steps then carry that rounding;
-      prefills stay exact.
+      fp16, int8 (one scale per output channel) or int4 (a scale and minimum per 32 weights, the
+      output layer in int8; quantize.py). One decode step reads every weight once, so its time is
+      the bytes read: on a 2-core AVX2 CPU, SmolLM2-135M's matmuls took 23.9 ms per token in packed
+      fp32 (38.8 in aten's fp32, which used one core) against 18.3 (bf16), 14.8 (fp16) and 15.0
+      (int8); on a 2-core CPU with AMX 15.1 (bf16), 11.6 (int8) and 5.8 (int4, all layers).
+      Answers of decode steps then carry that rounding (none for int4 copies of weights that are
+      4-bit already, as a GGUF Q4_1 import's blocks are); prefills stay exact.
 
     Memory: the packed copies hold as much as the weights they copy (fp32 ones for a bf16 model on
-    AVX2: twice its weight memory), and decode copies half (fp16, bf16) or a quarter (int8) of the
-    fp32 size more; for SmolLM2-135M in fp32, 540 MB packed + 270 MB fp16 beside its own 540 MB.
+    AVX2: twice its weight memory), and decode copies half (fp16, bf16), a quarter (int8) or about
+    an eighth (int4) of the fp32 size more; for SmolLM2-135M in fp32, 540 MB packed + 270 MB fp16 beside its own 540 MB.
 
     The model is not changed: `installed()` points its nn.Linear modules at the copies only for
     the duration of one engine step (oneDNN tensors cannot be deep-copied or saved, and training
@@ -234,10 +237,10 @@ class FastLinears:
         self.model, self.device, self.dtype = model, p.device, p.dtype
         if decode_weights is not None and decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"decode_weights={decode_weights!r}; expected one of {', '.join(DECODE_WEIGHTS)} or None")
-        if decode_weights == "int8":
-            from .quantize import check_int8_kernel
+        if decode_weights in ("int8", "int4"):
+            from . import quantize
 
-            check_int8_kernel(self.device)
+            (quantize.check_int8_kernel if decode_weights == "int8" else quantize.check_int4_kernel)(self.device)
         self.decode = None if decode_weights is None or DECODE_WEIGHTS[decode_weights] == self.dtype else DECODE_WEIGHTS[decode_weights]
         # the dtype of the many-row copies: the model's, or fp32 where its dtype has no packed kernel
         self.compute = None
@@ -277,7 +280,8 @@ class FastLinears:
 
         return [(sig(m.weight), sig(m.bias)) for m in self.linears] + [sig(self.model.output_weight())]
 
-    def _linear(self, w: torch.Tensor, b: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _linear(self, w: torch.Tensor, b: torch.Tensor | None, output: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward of one linear layer on its copies; `output` = the output layer (logits)."""
         w, b = w.detach(), None if b is None else b.detach()
         many = functools.partial(F.linear, weight=w, bias=b)
         if self.compute is not None:
@@ -289,11 +293,20 @@ class FastLinears:
             return many
         if self.decode is None:  # a half-precision model whose many-row copies are fp32
             return functools.partial(_by_rows, many=many, few=functools.partial(F.linear, weight=w, bias=b), few_rows=self.few_rows)
-        if self.decode == torch.int8:
+        if self.decode == torch.int8 or (self.decode == torch.quint4x2 and output):
+            # int4 mode keeps the output layer in int8: the logits are where 4-bit rounding shows
+            # most (GGUF files keep it at 8 bits or more too: SmolLM2's Q4_1 file has it in Q8_0)
             from .quantize import int8_linear, int8_weights
 
             q, scale = int8_weights(w)
             few = functools.partial(int8_linear, qweight=q, qscale=scale.to(torch.bfloat16), bias=b)
+        elif self.decode == torch.quint4x2:
+            from .quantize import int4_linear, int4_weights
+
+            packed = int4_weights(w)
+            if packed is None:  # a shape the int4 kernel does not take: this layer decodes on its own weights
+                return many
+            few = functools.partial(int4_linear, packed=packed[0], scales_zeros=packed[1], bias=b)
         else:
             hw, hb = w.to(self.decode), None if b is None else b.to(self.decode)
             if self.available(self.device, self.decode):
@@ -308,7 +321,7 @@ class FastLinears:
         sig = self._current()
         if sig != self._signature:
             self._forwards = [self._linear(m.weight, m.bias) for m in self.linears]
-            self.head = self._linear(self.model.output_weight(), None)
+            self.head = self._linear(self.model.output_weight(), None, output=True)
             self._signature = sig
 
     def drop_copies(self) -> None:
@@ -400,7 +413,7 @@ class Engine:
     ):
         """`max_seq_len` bounds prompt + output per request (default: the model's context, at most
         2048); the KV cache holds max_batch x max_seq_len positions.
-        `decode_weights` "bf16" | "fp16" | "int8" multiplies decode steps of a few streams (FEW_ROWS)
+        `decode_weights` "bf16" | "fp16" | "int8" | "int4" multiplies decode steps of a few streams (FEW_ROWS)
         by copies of the weights in that format (FastLinears: fewer bytes per token, rounded
         answers); None = the model's own weights.
         `packed` runs many-row matmuls on oneDNN-packed weight copies (FastLinears); None = wherever

@@ -1,4 +1,4 @@
-"""Weight-only int8 quantization for decoding on the CPU.
+"""Weight-only int8 and int4 quantization for decoding on the CPU.
 
 Decoding one token per sequence multiplies a few rows by every weight matrix: the time goes to
 reading weights. Int8 weights with one scale per output channel (symmetric, absmax / 127) hold a
@@ -6,6 +6,12 @@ quarter of fp32's bytes, and torch's `_weight_int8pack_mm` kernel multiplies the
 unpacking. The engine keeps such copies for few-row matmuls only (`engine.FastLinears`,
 `decode_weights="int8"`): a prefill still uses the original weights and is exact, a decode step
 carries int8 rounding (per-channel error <= scale / 2 per weight).
+
+Int4 (`decode_weights="int4"`) holds an eighth of fp32's bytes: groups of 32 weights along the
+input, each with its own scale and minimum (w ~= q * scale + min, q in 0..15), the layout of
+GGUF's Q4_1, multiplied by torch's `_weight_int4pack_mm_for_cpu` (bf16 activations; it ran ~25x
+slower with fp32 ones). A model imported from a Q4_1 file gets back the file's own 4-bit values
+(each group's min and max are its q = 0 and q = 15), up to the bf16 rounding of the scales.
 """
 
 from __future__ import annotations
@@ -35,3 +41,38 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor, bi
     y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).to(torch.bfloat16), qweight, qscale)
     y = y.to(x.dtype).view(*x.shape[:-1], -1)
     return y if bias is None else y + bias
+
+
+INT4_GROUP = 32  # weights per scale/minimum along the input dimension (GGUF Q4_0/Q4_1 blocks)
+
+
+def int4_weights(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Groupwise asymmetric int4 of an (out, in) weight in the kernel's packed layout, and its
+    (in/group, out, 2) bf16 scales and zero points; None where the kernel takes no such shape
+    (out not a multiple of 16, in not a multiple of the group)."""
+    out_f, in_f = w.shape
+    if out_f % 16 or in_f % group:
+        return None
+    wg = w.detach().float().reshape(out_f, in_f // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+    # the kernel computes (q - 8) * scale + zero
+    scales_zeros = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,
+                group: int = INT4_GROUP) -> torch.Tensor:
+    """x @ dequantized(packed).T + bias, in x's dtype."""
+    rows = x.numel() // x.shape[-1]
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, x.shape[-1]).to(torch.bfloat16), packed, group, scales_zeros)
+    y = y.to(x.dtype).view(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
+def check_int4_kernel(device: torch.device) -> None:
+    if device.type != "cpu":
+        raise ValueError(f"int4 decode weights use a CPU kernel (torch._weight_int4pack_mm_for_cpu); on {device} use bf16 or fp16 decode weights")
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        raise ValueError(f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu kernel; upgrade torch or use int8/bf16 decode weights")

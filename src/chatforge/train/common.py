@@ -155,8 +155,8 @@ class HeadCrossEntropy(torch.autograd.Function):
     (softmax minus one-hot), while its logits are still in cache; backward only scales them by
     the incoming gradient. The same products as the unfused head + loss (logits in the matmul's
     dtype, log-softmax in fp32, gradients of the logits cast back to that dtype), fewer passes
-    over memory: the eager pretraining step at cpu-10m spent ~17% of its time in the loss's
-    fp32 copies, log-softmax and their backward (benchmarks/README.md)."""
+    over memory: the eager bf16 pretraining step at cpu-10m spent ~15% of its time in the loss's
+    fp32 copies, log-softmax and their backward, and ran 1.21x faster fused (benchmarks/README.md)."""
 
     # fp32 logits per chunk: on a CPU about one core's L2 (256 rows of an 8192 vocabulary);
     # elsewhere (a GPU) large chunks, for few kernel launches
@@ -167,9 +167,10 @@ class HeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, h_NC, w_VC, y_N):
         dt = torch.get_autocast_dtype(h_NC.device.type) if torch.is_autocast_enabled(h_NC.device.type) else h_NC.dtype
         h, w = h_NC.to(dt), w_VC.to(dt)
-        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(h) if need else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need else None
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need = need_h or need_w
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         rows = max(1, HeadCrossEntropy.CHUNK_BYTES.get(h.device.type, HeadCrossEntropy.OTHER_CHUNK_BYTES) // (4 * w.shape[0]))
         with torch.autocast(h.device.type, enabled=False):
@@ -184,8 +185,10 @@ class HeadCrossEntropy(torch.autograd.Function):
                     p = logits.sub_(lse[:, None]).exp_()
                     p[torch.arange(len(yi), device=p.device), yi] -= 1.0
                     g = p.mul_(valid[:, None]).to(dt)
-                    grad_h[s : s + len(yi)] = g @ w
-                    grad_w += (g.T @ hc).float()
+                    if need_h:
+                        grad_h[s : s + len(yi)] = g @ w
+                    if need_w:
+                        grad_w += (g.T @ hc).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_NC.dtype, w_VC.dtype)
         return loss
@@ -193,7 +196,8 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_loss).to(ctx.dtypes[0]), (grad_w * grad_loss).to(ctx.dtypes[1]), None
+        scaled = lambda g, dt: None if g is None else (g * grad_loss).to(dt)  # noqa: E731
+        return scaled(grad_h, ctx.dtypes[0]), scaled(grad_w, ctx.dtypes[1]), None
 
 
 def head_loss_sum(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
