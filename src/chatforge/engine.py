@@ -220,12 +220,14 @@ class FastLinears:
       the bytes read: on a 2-core AVX2 CPU, SmolLM2-135M's matmuls took 23.9 ms per token in packed
       fp32 (38.8 in aten's fp32, which used one core) against 18.3 (bf16), 14.8 (fp16) and 15.0
       (int8); on a 2-core CPU with AMX 15.1 (bf16), 11.6 (int8) and 5.8 (int4, all layers).
-      Answers of decode steps then carry that rounding (none for int4 copies of weights that are
-      4-bit already, as a GGUF Q4_1 import's blocks are); prefills stay exact.
+      Answers of decode steps then carry that rounding (int4 copies of weights that are 4-bit
+      already, as a GGUF Q4_1 import's blocks are, only the bf16 rounding of their scales);
+      prefills stay exact.
 
     Memory: the packed copies hold as much as the weights they copy (fp32 ones for a bf16 model on
     AVX2: twice its weight memory), and decode copies half (fp16, bf16), a quarter (int8) or about
-    an eighth (int4) of the fp32 size more; for SmolLM2-135M in fp32, 540 MB packed + 270 MB fp16 beside its own 540 MB.
+    an eighth (int4) of the fp32 size more; for SmolLM2-135M in fp32, 540 MB packed + 270 MB fp16
+    beside its own 540 MB.
 
     The model is not changed: `installed()` points its nn.Linear modules at the copies only for
     the duration of one engine step (oneDNN tensors cannot be deep-copied or saved, and training
