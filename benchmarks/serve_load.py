@@ -202,13 +202,15 @@ def check_ledger(db_url: str, res: LoadResult, before: set[str]) -> str:
 
 
 def main() -> None:
+    from chatforge.dtypes import DECODE_NAMES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="chatforge checkpoint or known name")
     ap.add_argument("--clients", type=int, nargs="+", default=[64])
     ap.add_argument("--requests", type=int, default=0, help="requests per run (default: 4 per client, at least 16)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="auto", help="chatforge weights: auto, bf16 or fp32")
-    ap.add_argument("--decode-weights", nargs="+", default=["auto"], choices=["auto", "same", "bf16", "fp16", "int8", "int4"],
+    ap.add_argument("--decode-weights", nargs="+", default=["auto"], choices=DECODE_NAMES,
                     help="chatforge's decode weight copies (serve --decode-weights); several: one run each")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--check-ledger", action="store_true", help="compare the usage ledger with what clients received")

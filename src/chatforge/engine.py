@@ -37,8 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dtypes import bf16_matmul_decode_attention
-from .model import GPT
+from .model import GPT, decode_attention_by_matmuls
 from .tokenizer import Tokenizer
 
 
@@ -169,7 +168,7 @@ class SlotCache:
             kc[self._rows_idx, :, self._pos] = k_BKTD[:, :, 0]
             vc[self._rows_idx, :, self._pos] = v_BKTD[:, :, 0]
         k, v = kc[:, :, : self._read], vc[:, :, : self._read]
-        if k.shape[0] >= 4 and k.dtype == torch.bfloat16 and bf16_matmul_decode_attention(k.device.type):
+        if decode_attention_by_matmuls(k):
             # model.attend decodes 4+ bf16 rows with plain matmuls, which run ~4x slower on this
             # strided slice of the cache than on a contiguous copy (measured 1.33 ms vs 0.35 ms for
             # 16 rows, 320 positions; the copy costs 0.05 ms). The fused kernel used otherwise reads
@@ -240,9 +239,9 @@ class FastLinears:
         if decode_weights is not None and decode_weights not in DECODE_WEIGHTS:
             raise ValueError(f"decode_weights={decode_weights!r}; expected one of {', '.join(DECODE_WEIGHTS)} or None")
         if decode_weights in ("int8", "int4"):
-            from . import quantize
+            from .quantize import check_kernel
 
-            (quantize.check_int8_kernel if decode_weights == "int8" else quantize.check_int4_kernel)(self.device)
+            check_kernel(decode_weights, self.device)
         self.decode = None if decode_weights is None or DECODE_WEIGHTS[decode_weights] == self.dtype else DECODE_WEIGHTS[decode_weights]
         # the dtype of the many-row copies: the model's, or fp32 where its dtype has no packed kernel
         self.compute = None

@@ -160,6 +160,12 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
 
 
+def decode_attention_by_matmuls(x_B: torch.Tensor) -> bool:
+    """Whether a grouped-query decode step of x's rows (batch first) runs attention as plain
+    matmuls (attend) rather than the fused kernel; the KV cache hands such steps contiguous keys."""
+    return x_B.shape[0] >= 4 and x_B.dtype == torch.bfloat16 and bf16_matmul_decode_attention(x_B.device.type)
+
+
 def attend(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads; `mask` None means causal over T=S."""
     H, K = q_BHTD.shape[1], k_BKSD.shape[1]
@@ -169,7 +175,7 @@ def attend(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
             # copying the whole cache n_rep times. A (B,1,1,S) mask broadcasts over the fold.
             B, _, _, D = q_BHTD.shape
             q = q_BHTD.reshape(B, K, H // K, D)
-            if B >= 4 and q.dtype == torch.bfloat16 and bf16_matmul_decode_attention(q.device.type):
+            if decode_attention_by_matmuls(q):
                 # Batched bf16 decode where plain matmuls beat the fused CPU kernel (no AMX:
                 # dtypes.bf16_matmul_decode_attention). In fp32 the fused kernel wins, and reads the
                 # cache slice without a copy (SmolLM2, 16 rows at ~310 positions, AVX2: 142-155 vs

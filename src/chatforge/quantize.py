@@ -27,20 +27,29 @@ def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def check_int8_kernel(device: torch.device) -> None:
+KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}  # decode copies' matmuls
+
+
+def check_kernel(fmt: str, device: torch.device) -> None:
+    """A clear error where the `fmt` ("int8" | "int4") copies cannot run: off the CPU, or a torch without the kernel."""
+    op = KERNELS[fmt]
     if device.type != "cpu":
-        raise ValueError(f"int8 decode weights use a CPU kernel (torch._weight_int8pack_mm); on {device} use bf16 or fp16 decode weights")
-    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
-        raise ValueError(f"torch {torch.__version__} has no _weight_int8pack_mm kernel; upgrade torch or use bf16/fp16 decode weights")
+        raise ValueError(f"{fmt} decode weights use a CPU kernel (torch.{op}); on {device} use bf16 or fp16 decode weights")
+    if not hasattr(torch.ops.aten, op):
+        raise ValueError(f"torch {torch.__version__} has no {op} kernel; upgrade torch or use bf16/fp16 decode weights")
+
+
+def _bf16_rows(x: torch.Tensor, kernel, bias: torch.Tensor | None) -> torch.Tensor:
+    """kernel(x as (rows, in) bf16) -> (rows, out), back in x's shape and dtype, plus bias."""
+    rows = x.numel() // x.shape[-1]
+    y = kernel(x.reshape(rows, x.shape[-1]).to(torch.bfloat16)).to(x.dtype).view(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ (qweight * qscale[:, None]).T + bias, in x's dtype (the kernel takes bf16 activations:
     it ran ~9x slower with fp32 ones on an AVX2 CPU)."""
-    rows = x.numel() // x.shape[-1]
-    y = torch.ops.aten._weight_int8pack_mm(x.reshape(rows, x.shape[-1]).to(torch.bfloat16), qweight, qscale)
-    y = y.to(x.dtype).view(*x.shape[:-1], -1)
-    return y if bias is None else y + bias
+    return _bf16_rows(x, lambda x2: torch.ops.aten._weight_int8pack_mm(x2, qweight, qscale), bias)
 
 
 INT4_GROUP = 32  # weights per scale/minimum along the input dimension (GGUF Q4_0/Q4_1 blocks)
@@ -65,14 +74,4 @@ def int4_weights(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,
                 group: int = INT4_GROUP) -> torch.Tensor:
     """x @ dequantized(packed).T + bias, in x's dtype."""
-    rows = x.numel() // x.shape[-1]
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(rows, x.shape[-1]).to(torch.bfloat16), packed, group, scales_zeros)
-    y = y.to(x.dtype).view(*x.shape[:-1], -1)
-    return y if bias is None else y + bias
-
-
-def check_int4_kernel(device: torch.device) -> None:
-    if device.type != "cpu":
-        raise ValueError(f"int4 decode weights use a CPU kernel (torch._weight_int4pack_mm_for_cpu); on {device} use bf16 or fp16 decode weights")
-    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-        raise ValueError(f"torch {torch.__version__} has no _weight_int4pack_mm_for_cpu kernel; upgrade torch or use int8/bf16 decode weights")
+    return _bf16_rows(x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros), bias)
