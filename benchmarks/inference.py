@@ -215,8 +215,9 @@ def main() -> None:
         ck = checkpoint.load(ckpt, dtype=dt)
         prompts = prompt_ids(ck.tokenizer, max(a.streams))
         record(f"chatforge {dt_name}", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams))
-        auto = dtypes.decode_weights("auto", "auto") if dt_name == dtypes.resolve("auto") else None
-        if auto:  # what `--dtype auto` runs here: these weights plus fp16 decode copies
+        default_dt, auto = dtypes.inference_mode("auto", "auto", "cpu", checkpoint.weight_format(ckpt))
+        auto = auto if dt_name == default_dt else None
+        if auto:  # what chat/generate/serve run by default here: these weights plus decode copies
             record(f"chatforge {dt_name}+{auto} decode", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, decode_weights=auto))
         if a.ablations:
             record(f"chatforge {dt_name} unpacked", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, packed=False))
@@ -228,8 +229,9 @@ def main() -> None:
             if auto:
                 # the peer at the precision of chatforge's decode copies; one stream only (its
                 # half-precision prefills run at ~1/6 of the fp32 rate here)
-                half = {"bf16": torch.bfloat16, "fp16": torch.float16}[auto]
-                record(f"HF generate {auto}", bench_hf(hf_model(ckpt, half), prompts, [1]))
+                half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(auto)
+                if half is not None:
+                    record(f"HF generate {auto}", bench_hf(hf_model(ckpt, half), prompts, [1]))
     try:
         import llama_cpp
     except ImportError:

@@ -635,17 +635,24 @@ def test_prefix_cache_needs_a_common_start(tok):
         Engine(m, tok, prefix_cache=-1)
 
 
-def test_decode_weights_option_resolution(monkeypatch):
-    """Guards `--decode-weights`: auto gives fp16 copies only where --dtype auto chose fp32 on a CPU
-    (no native bf16); an explicit format is kept; same = the model's own; a bad name is refused."""
+def test_inference_mode_resolution(monkeypatch):
+    """Guards the inference defaults (`--dtype auto --decode-weights auto`, chosen by `eval
+    fidelity`): fp32 activations on every device kind, whatever bf16 support it has; on a CPU, decode
+    copies in the checkpoint's own int4/int8 format (exact) where it has one and the kernel exists,
+    else fp16; an explicit --dtype runs exactly as asked; an explicit copy format is kept; a bad
+    name is refused."""
     from chatforge import dtypes
 
-    monkeypatch.setattr(dtypes, "fast_bf16", lambda kind: False)
-    assert dtypes.decode_weights("auto", "auto", "cpu") == "fp16"
-    assert dtypes.decode_weights("auto", "fp32", "cpu") is None  # fp32 asked for: exact
-    assert dtypes.decode_weights("auto", "auto", "cuda:0") is None
-    assert dtypes.decode_weights("int8", "fp32") == "int8" and dtypes.decode_weights("same", "auto") is None
-    monkeypatch.setattr(dtypes, "fast_bf16", lambda kind: True)
-    assert dtypes.decode_weights("auto", "auto", "cpu") is None  # auto is bf16 there already
+    for native in (False, True):
+        monkeypatch.setattr(dtypes, "fast_bf16", lambda kind, native=native: native)
+        assert dtypes.inference_mode("auto", "auto", "cpu") == ("fp32", "fp16")
+        assert dtypes.inference_mode("auto", "auto", "cpu", weights="int4") == ("fp32", "int4")
+        assert dtypes.inference_mode("auto", "auto", "cpu", weights="int8") == ("fp32", "int8")
+        assert dtypes.inference_mode("auto", "auto", "cuda:0") == ("fp32", None)
+    assert dtypes.inference_mode("fp32", "auto", "cpu", weights="int4") == ("fp32", None)  # fp32 asked for: exact
+    assert dtypes.inference_mode("bf16", "same", "cpu") == ("bf16", None)
+    assert dtypes.inference_mode("fp32", "int8") == ("fp32", "int8") and dtypes.inference_mode("auto", "same") == ("fp32", None)
+    monkeypatch.setattr(dtypes, "quantized_kernel", lambda fmt: False)
+    assert dtypes.inference_mode("auto", "auto", "cpu", weights="int4") == ("fp32", "fp16")  # no kernel in this torch build
     with pytest.raises(ValueError, match="decode_weights='q4'"):
-        dtypes.decode_weights("q4", "auto")
+        dtypes.inference_mode("auto", "q4")

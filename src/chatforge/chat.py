@@ -20,10 +20,12 @@ def load_engine(
     from . import checkpoint, dtypes
     from .convert.registry import resolve
 
-    ck = checkpoint.load(resolve(model, install), dtype=dtypes.torch_dtype(dtype))
+    path = resolve(model, install)
+    dt, copies = dtypes.inference_mode(dtype, decode_weights, "cpu", checkpoint.weight_format(path))
+    ck = checkpoint.load(path, dtype=dtypes.torch_dtype(dt))
     # Each turn sends the whole history again: the prefix cache computes only what is new.
     return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefix_cache=ck.model.cfg.max_seq_len,
-                  decode_weights=dtypes.decode_weights(decode_weights, dtype))
+                  decode_weights=copies)
 
 
 def fit_history(engine: Engine, messages: list[dict], reserve: int) -> tuple[list[int], int]:

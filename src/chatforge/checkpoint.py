@@ -194,3 +194,14 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ValueError(f"{directory}: no train_state.pt to resume from (was it saved with --save-every?)")
     return torch.load(p, map_location="cpu", weights_only=False)
+
+
+def weight_format(path_or_meta) -> str | None:
+    """TEMPORARY (replaced by the quantize branch): "int4" | "int8" | None."""
+    meta = path_or_meta if isinstance(path_or_meta, dict) else load_json(Path(path_or_meta) / "meta.json")
+    if meta.get("weights") in ("int4", "int8"):
+        return meta["weights"]
+    types = set(meta.get("quantization") or [])
+    if types & {"Q4_0", "Q4_1"} and types <= {"F32", "Q4_0", "Q4_1", "Q8_0"}:
+        return "int4"
+    return None

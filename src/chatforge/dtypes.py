@@ -1,17 +1,13 @@
-"""Dtype names used by every command (`--dtype auto|bf16|fp32|fp16`) and the choice behind "auto".
+"""Dtype names used by every command (`--dtype auto|bf16|fp32|fp16`) and the choices behind "auto".
 
-bf16 is only fast where the hardware has it: CUDA GPUs from Ampere on, and CPUs whose oneDNN
-kernels run bf16 natively (AVX-512 or AMX). On an AVX2-only CPU, torch falls back to a generic
-bf16 matmul that measured 0.5 GFLOP/s against fp32's 24 GFLOP/s on the same 2 cores, so "auto"
-(the default everywhere) picks fp32 there and bf16 where it pays.
+Training (`resolve`): bf16 autocast where the hardware has it, CUDA GPUs from Ampere on and CPUs
+whose oneDNN kernels run bf16 natively (AVX-512 or AMX); on an AVX2-only CPU torch falls back to a
+generic bf16 matmul that measured 0.5 GFLOP/s against fp32's 24 GFLOP/s on the same 2 cores, so
+"auto" picks fp32 there.
 
-Decoding is different: a decode step multiplies one row per stream by every weight, so its time
-is the bytes it reads, and there half-precision one-row matmuls are fast even on AVX2. So "auto" on
-such a CPU also gives the engine fp16 copies of the weights for decode steps of a few streams
-(`decode_weights`): fp32 prefills, fp16 decoding. fp16 rather than bf16 because it measured ~10%
-faster there (SmolLM2-135M, one stream: 32.4 / 34.9 / 35.2 against 25.4 / 31.7 / 33.0 tok/s, three
-alternating rounds; F16C converts in hardware) and keeps 3 more mantissa bits; its range ends at
-65504, and the engine returns to the model's own weights for good if a step overflows.
+Inference (`inference_mode`): chosen by fidelity to fp32, then by speed (`chatforge eval
+fidelity`): fp32 activations everywhere, and decode steps of a few streams multiplying by weight
+copies that read fewer bytes (a decode step's time is the weight bytes it reads).
 """
 
 from __future__ import annotations
@@ -19,7 +15,8 @@ from __future__ import annotations
 import functools
 
 NAMES = ("auto", "bf16", "fp32", "fp16")  # torch is imported only when a dtype is resolved (fast --help)
-DECODE_NAMES = ("auto", "same", "bf16", "fp16", "int8", "int4")  # `--decode-weights`: see decode_weights()
+DECODE_NAMES = ("auto", "same", "bf16", "fp16", "int8", "int4")  # `--decode-weights`: see inference_mode()
+QUANT_KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}  # the aten CPU matmuls of int8/int4 decode copies
 
 
 def check_name(name: str, field: str = "dtype", names: tuple[str, ...] = NAMES) -> None:
@@ -66,20 +63,41 @@ def resolve(name: str, device="cpu") -> str:
     return "bf16" if fast_bf16(str(device).split(":")[0]) else "fp32"
 
 
-def decode_weights(name: str, dtype_name: str, device="cpu") -> str | None:
-    """The engine's `decode_weights` for `--decode-weights name` with `--dtype dtype_name`:
-    "same" = the model's own weights (None); "auto" = "fp16" where --dtype auto resolved to fp32
-    on a CPU without native bf16, else the model's own weights."""
-    check_name(name, "decode_weights", DECODE_NAMES)
-    if name == "same":
-        return None
-    if name != "auto":
-        return name
-    kind = str(device).split(":")[0]
-    return "fp16" if dtype_name == "auto" and kind == "cpu" and resolve("auto", kind) == "fp32" else None
-
-
 def torch_dtype(name: str, device="cpu"):
     import torch
 
     return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[resolve(name, device)]
+
+
+def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu", weights: str | None = None) -> tuple[str, str | None]:
+    """(dtype name, decode copies or None) that chat, generate, serve and eval run for `--dtype
+    dtype --decode-weights decode` on `device`; `weights` is the checkpoint's stored weight format
+    (checkpoint.weight_format: "int4" | "int8" | None).
+
+    Chosen by `chatforge eval fidelity` (README table): the default must stay within a mean KL of
+    0.005 nats of fp32 and repeat fp32's first 24 greedy tokens on 95% of chat prompts. bf16
+    activations fail that on SmolLM2-135M (the residual stream and the bf16 logits flip near-tied
+    tokens) on every device, so inference keeps fp32 activations ("auto" -> "fp32", unlike
+    training's `resolve`) and saves bytes in the weights instead: a decode step's time is the
+    weight bytes it reads. Weights stored as int4/int8 (a `chatforge quantize` checkpoint, a
+    Q4_0/Q4_1/Q8_0 GGUF import) decode on copies in that very format, exact; other checkpoints on
+    fp16 copies on a CPU (fp16's 11-bit mantissa stays within the bounds, bf16's 8 bits did not)."""
+    check_name(dtype)
+    check_name(decode, "decode_weights", DECODE_NAMES)
+    dt = "fp32" if dtype == "auto" else dtype
+    if decode != "auto":
+        return dt, None if decode == "same" else decode
+    kind = str(device).split(":")[0]
+    if dtype != "auto" or kind != "cpu":  # an explicit --dtype runs as asked: fp32 is then the exact reference
+        return dt, None
+    if weights in ("int4", "int8") and quantized_kernel(weights):
+        return dt, weights
+    return dt, "fp16"
+
+
+@functools.cache
+def quantized_kernel(fmt: str) -> bool:
+    """Whether this torch build has the CPU kernel of `fmt` ("int8" | "int4") decode copies."""
+    import torch
+
+    return hasattr(torch.ops.aten, QUANT_KERNELS[fmt])

@@ -190,10 +190,6 @@ def _cast_linear(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], dt
     return fn(x.to(dtype)).to(x.dtype)
 
 
-def _by_rows(x: torch.Tensor, many: Callable, few: Callable, few_rows: int) -> torch.Tensor:
-    return few(x) if x.numel() // x.shape[-1] <= few_rows else many(x)
-
-
 DECODE_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.quint4x2}
 # Matmuls of at most this many rows (decode steps of that many streams) use the decode copies:
 # where they stop paying. All of SmolLM2-135M's matmuls once, 2 AVX2 cores, ms for 1 / 2 / 4 / 8
@@ -254,6 +250,7 @@ class FastLinears:
         if self.decode is None and self.compute not in (None, self.dtype) and own:
             self.few_rows = FEW_ROWS[own]  # few rows keep the model's own half-precision weights: bandwidth-bound, half the bytes
         self.linears = [m for m in model.modules() if type(m) is nn.Linear]
+        self.force_few = False  # every matmul on the few-row path (Engine.score's decode path)
         self._signature: list | None = None
         self._forwards: list[Callable] = []
         self.head: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -293,21 +290,23 @@ class FastLinears:
         if self.few_rows == 0:
             return many
         if self.decode is None:  # a half-precision model whose many-row copies are fp32
-            return functools.partial(_by_rows, many=many, few=functools.partial(F.linear, weight=w, bias=b), few_rows=self.few_rows)
+            return functools.partial(self._route, many=many, few=functools.partial(F.linear, weight=w, bias=b))
         if self.decode == torch.int8 or (self.decode == torch.quint4x2 and output):
             # int4 mode keeps the output layer in int8: the logits are where 4-bit rounding shows
             # most (GGUF files keep it at 8 bits or more too: SmolLM2's Q4_1 file has it in Q8_0)
             from .quantize import int8_linear, int8_weights
 
             q, scale = int8_weights(w)
-            few = functools.partial(int8_linear, qweight=q, qscale=scale.to(torch.bfloat16), bias=b)
+            few = functools.partial(int8_linear, qweight=q, qscale=scale.to(self._kernel_act(output)), bias=b)
         elif self.decode == torch.quint4x2:
             from .quantize import int4_linear, int4_weights
 
             packed = int4_weights(w)
             if packed is None:  # a shape the int4 kernel does not take: this layer decodes on its own weights
                 return many
-            few = functools.partial(int4_linear, packed=packed[0], scales_zeros=packed[1], bias=b)
+            few = functools.partial(int4_linear, packed=packed[0], scales_zeros=packed[1].to(self._kernel_act(output)), bias=b)
+        elif output and self._kernel_act(True) == torch.float32:
+            return many  # EXPERIMENT: fp32 logits
         else:
             hw, hb = w.to(self.decode), None if b is None else b.to(self.decode)
             if self.available(self.device, self.decode):
@@ -315,7 +314,18 @@ class FastLinears:
             else:
                 fn = functools.partial(F.linear, weight=hw, bias=hb)
             few = functools.partial(_cast_linear, fn=fn, dtype=self.decode)
-        return functools.partial(_by_rows, many=many, few=few, few_rows=self.few_rows)
+        return functools.partial(self._route, many=many, few=few)
+
+    KERNEL_ACT = {"blocks": torch.bfloat16, "output": torch.float32}  # activations of the int8/int4 kernels (EXPERIMENT)
+
+    def _kernel_act(self, output: bool) -> torch.dtype:
+        """The activations' dtype in the int8/int4 kernels: bf16 in a bf16 model, else KERNEL_ACT."""
+        if self.dtype == torch.bfloat16:
+            return torch.bfloat16
+        return self.KERNEL_ACT["output" if output else "blocks"]
+
+    def _route(self, x: torch.Tensor, many: Callable, few: Callable) -> torch.Tensor:
+        return few(x) if self.force_few or x.numel() // x.shape[-1] <= self.few_rows else many(x)
 
     def refresh(self) -> None:
         """Copy again whatever weights changed since the last copies were made."""
@@ -455,6 +465,25 @@ class Engine:
         if self.fast is not None:
             return self.fast.head(h)
         return F.linear(h, self.model.output_weight())
+
+    @torch.inference_mode()
+    def score(self, ids_BT: torch.Tensor, decode_path: bool = False) -> torch.Tensor:
+        """Logits (B,T,V) in fp32 of whole sequences from position 0, in this engine's arithmetic:
+        that of a prefill, or with `decode_path` that of decode steps of a few streams (every matmul
+        on their weight copies), as if each token had been decoded in turn. For measuring how far
+        a mode moves the model's distributions (eval/fidelity.py); not for serving."""
+        if self.has_work:
+            raise RuntimeError("score() needs an idle engine")
+        if ids_BT.shape[1] > self.model.cfg.max_seq_len:
+            raise ValueError(f"{ids_BT.shape[1]} positions exceed the model's context ({self.model.cfg.max_seq_len})")
+        if self.fast is None:
+            return self.head(self.model.hidden(ids_BT.to(self.device))).float()
+        with self.fast.installed():
+            self.fast.force_few = decode_path
+            try:
+                return self.head(self.model.hidden(ids_BT.to(self.device))).float()
+            finally:
+                self.fast.force_few = False
 
     # ---- requests ----------------------------------------------------------------------
     def add(self, prompt: Sequence[int], sampling: SamplingParams | None = None, request_id: int | None = None) -> int:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from .dtypes import QUANT_KERNELS
+
 
 def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-output-channel symmetric int8: w ~= q * scale[:, None]."""
@@ -27,29 +29,29 @@ def int8_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}  # decode copies' matmuls
 
 
 def check_kernel(fmt: str, device: torch.device) -> None:
     """A clear error where the `fmt` ("int8" | "int4") copies cannot run: off the CPU, or a torch without the kernel."""
-    op = KERNELS[fmt]
+    op = QUANT_KERNELS[fmt]
     if device.type != "cpu":
         raise ValueError(f"{fmt} decode weights use a CPU kernel (torch.{op}); on {device} use bf16 or fp16 decode weights")
     if not hasattr(torch.ops.aten, op):
         raise ValueError(f"torch {torch.__version__} has no {op} kernel; upgrade torch or use bf16/fp16 decode weights")
 
 
-def _bf16_rows(x: torch.Tensor, kernel, bias: torch.Tensor | None) -> torch.Tensor:
-    """kernel(x as (rows, in) bf16) -> (rows, out), back in x's shape and dtype, plus bias."""
+def _kernel_rows(x: torch.Tensor, kernel, bias: torch.Tensor | None, act: torch.dtype) -> torch.Tensor:
+    """kernel(x as (rows, in) in `act`) -> (rows, out), back in x's shape and dtype, plus bias."""
     rows = x.numel() // x.shape[-1]
-    y = kernel(x.reshape(rows, x.shape[-1]).to(torch.bfloat16)).to(x.dtype).view(*x.shape[:-1], -1)
+    y = kernel(x.reshape(rows, x.shape[-1]).to(act)).to(x.dtype).view(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x @ (qweight * qscale[:, None]).T + bias, in x's dtype (the kernel takes bf16 activations:
-    it ran ~9x slower with fp32 ones on an AVX2 CPU)."""
-    return _bf16_rows(x, lambda x2: torch.ops.aten._weight_int8pack_mm(x2, qweight, qscale), bias)
+    """x @ (qweight * qscale[:, None]).T + bias, in x's dtype. The kernel multiplies activations
+    in qscale's dtype: bf16 ones (rounded inputs and outputs; ~9x faster than fp32 on an AVX2
+    CPU) or fp32 ones (exact up to the weights' rounding)."""
+    return _kernel_rows(x, lambda x2: torch.ops.aten._weight_int8pack_mm(x2, qweight, qscale), bias, qscale.dtype)
 
 
 INT4_GROUP = 32  # weights per scale/minimum along the input dimension (GGUF Q4_0/Q4_1 blocks)
@@ -57,7 +59,7 @@ INT4_GROUP = 32  # weights per scale/minimum along the input dimension (GGUF Q4_
 
 def int4_weights(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Groupwise asymmetric int4 of an (out, in) weight in the kernel's packed layout, and its
-    (in/group, out, 2) bf16 scales and zero points; None where the kernel takes no such shape
+    (in/group, out, 2) fp32 scales and zero points; None where the kernel takes no such shape
     (out not a multiple of 16, in not a multiple of the group)."""
     out_f, in_f = w.shape
     if out_f % 16 or in_f % group:
@@ -66,12 +68,12 @@ def int4_weights(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
     scale = ((hi - lo) / 15).clamp(min=1e-12)
     q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
-    # the kernel computes (q - 8) * scale + zero
-    scales_zeros = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    # the kernel computes (q - 8) * scale + zero; fp32 here, cast to the kernel's activation dtype by the caller
+    scales_zeros = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,
                 group: int = INT4_GROUP) -> torch.Tensor:
-    """x @ dequantized(packed).T + bias, in x's dtype."""
-    return _bf16_rows(x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros), bias)
+    """x @ dequantized(packed).T + bias, in x's dtype; activations in scales_zeros's dtype (as int8_linear)."""
+    return _kernel_rows(x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros), bias, scales_zeros.dtype)

