@@ -16,6 +16,7 @@ from chatforge import checkpoint
 from chatforge.engine import Engine, SamplingParams
 from chatforge.serve.config import ServeConfig
 from serve_helpers import LiveServer, make_tiny_checkpoint, slow_engine, slowed
+from store_backends import BACKENDS, database_url
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox 床前明月光"}]
 
@@ -25,11 +26,11 @@ def ckpt(tmp_path_factory, tok):
     return make_tiny_checkpoint(tok, tmp_path_factory.mktemp("serve") / "tiny")
 
 
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
-    db = tmp_path_factory.mktemp("db") / "chatforge.db"
-    cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{db}", dtype="fp32", max_batch=4, max_waiting=8)
-    with LiveServer(cfg) as s:
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(ckpt, tmp_path_factory, request):
+    """One live server per store backend: every test below runs on SQLite and on PostgreSQL."""
+    with database_url(request.param, tmp_path_factory.mktemp("db")) as db, \
+            LiveServer(ServeConfig(models=[str(ckpt)], db=db, dtype="fp32", max_batch=4, max_waiting=8)) as s:
         s.key = s.store.create_key("tests")[1]
         s.admin = s.store.create_key("admin", role="admin")[1]
         yield s
@@ -270,10 +271,10 @@ def test_rate_limits_and_quota(server):
     assert e.value.code == "insufficient_quota"
 
 
-def test_server_full_503_and_disconnect_cancels(ckpt, tmp_path):
+def test_server_full_503_and_disconnect_cancels(ckpt, db_url):
     """Guards backpressure (bounded engine queue -> 503 + Retry-After) and that a client leaving mid-stream
     (or while queued) cancels its generation, frees the slot, and leaves a 499 ledger row."""
-    cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{tmp_path / 'db.sqlite'}", dtype="fp32", max_batch=1, max_waiting=1,
+    cfg = ServeConfig(models=[str(ckpt)], db=db_url, dtype="fp32", max_batch=1, max_waiting=1,
                       public_metrics=True)
     with LiveServer(cfg) as s:
         slow_engine(s.model, 0.05)
@@ -312,9 +313,9 @@ def test_server_full_503_and_disconnect_cancels(ckpt, tmp_path):
         assert "chatforge_cancelled_requests_total" in httpx.get(s.base_url + "/metrics").text  # serve --public-metrics
 
 
-def test_nonstreaming_disconnect_cancels(ckpt, tmp_path):
+def test_nonstreaming_disconnect_cancels(ckpt, db_url):
     """Guards the non-streaming path too: a client that gives up while waiting frees its slot (499 row)."""
-    cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{tmp_path / 'db.sqlite'}", dtype="fp32", max_batch=1, max_waiting=1,
+    cfg = ServeConfig(models=[str(ckpt)], db=db_url, dtype="fp32", max_batch=1, max_waiting=1,
                       public_metrics=True)
     with LiveServer(cfg) as s:
         slow_engine(s.model, 0.05)
@@ -330,9 +331,9 @@ def test_nonstreaming_disconnect_cancels(ckpt, tmp_path):
         assert row.status == 499 and row.completion_tokens < 80 and s.model.loop.active_slots == 0
 
 
-def test_per_key_concurrency_429(ckpt, tmp_path):
+def test_per_key_concurrency_429(ckpt, db_url):
     """Guards the per-key bound: a key over its concurrent-request limit gets 429 while other keys are served."""
-    cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{tmp_path / 'db.sqlite'}", dtype="fp32", max_batch=2, max_waiting=8,
+    cfg = ServeConfig(models=[str(ckpt)], db=db_url, dtype="fp32", max_batch=2, max_waiting=8,
                       max_concurrent_per_key=1)
     with LiveServer(cfg) as s:
         slow_engine(s.model, 0.02)

@@ -347,8 +347,12 @@ class Store:
     """A handle on the database; thread-safe. Opening it creates or migrates the schema."""
 
     def __init__(self, url: str | None = None, echo: bool = False):
-        self.url = url or default_url()
-        u = sa.engine.make_url(self.url)
+        self.url = _driver_url(url or default_url())
+        try:
+            u = sa.engine.make_url(self.url)
+        except sa.exc.ArgumentError as e:
+            raise ValueError(f"--db {self.url!r}: not a SQLAlchemy URL ({e}); e.g. sqlite:///path/chatforge.db or "
+                             "postgresql://user@host/dbname") from None
         self.is_sqlite = u.get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
@@ -391,23 +395,26 @@ class Store:
             return conn.execute(sa.select(sa.func.max(_migrations_table.c.version))).scalar() or 0
 
     def integrity_check(self) -> str:
-        """"ok" when the database is sound, else one line per problem. SQLite: `PRAGMA
-        integrity_check`. Elsewhere (PostgreSQL): every table read in full, no row pointing at a
-        missing parent, no id above its sequence (the next insert would collide), and, where the
-        `amcheck` extension is installed, `bt_index_check` on every B-tree index of the schema."""
-        if self.is_sqlite:
-            with self.engine.connect() as conn:
-                return "\n".join(r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check"))
+        """"ok" when the database is sound, else one line per problem. On every backend: each table
+        read in full and no row pointing at a missing parent (SQLite enforces foreign keys only on
+        connections that ask). SQLite also runs `PRAGMA integrity_check`; PostgreSQL checks that no
+        id is above its sequence (the next insert would collide) and, where the `amcheck` extension
+        is installed, runs `bt_index_check` on every B-tree index of the schema."""
         problems = []
         with self.engine.connect() as conn:
+            if self.is_sqlite:
+                res = "\n".join(r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check"))
+                if res != "ok":
+                    return res  # a damaged file: the queries below may not even run
             for table in Base.metadata.sorted_tables:
-                conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()  # reads every heap page
+                conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()  # reads every row
                 for fk in table.foreign_keys:
-                    child, parent = fk.parent, fk.column
-                    orphans = conn.execute(sa.select(sa.func.count()).select_from(table.outerjoin(parent.table, child == parent))
+                    child, target = fk.parent, fk.column.table.alias("parent_row")  # an alias: messages.parent_id points at messages
+                    parent = target.c[fk.column.name]
+                    orphans = conn.execute(sa.select(sa.func.count()).select_from(table.outerjoin(target, child == parent))
                                            .where(child.is_not(None), parent.is_(None))).scalar()
                     if orphans:
-                        problems.append(f"{table.name}.{child.name}: {orphans} rows point at a missing {parent.table.name} row")
+                        problems.append(f"{table.name}.{child.name}: {orphans} rows point at a missing {fk.column.table.name} row")
             if self.engine.dialect.name == "postgresql":
                 problems += _pg_sequence_problems(conn) + _pg_amcheck_problems(conn)
         return "\n".join(problems) or "ok"
@@ -561,6 +568,15 @@ def _key_info(r: ApiKey) -> KeyInfo:
 def _check_role(role: str) -> None:
     if role not in ROLES:
         raise ValueError(f"--role {role!r}: expected one of {', '.join(ROLES)}")
+
+
+def _driver_url(url: str) -> str:
+    """postgresql:// (and Heroku-style postgres://) means psycopg 3, the driver chatforge installs;
+    SQLAlchemy's own default for it is psycopg2, which is not a dependency."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
 
 
 def _pg_sequence_problems(conn: sa.Connection) -> list[str]:
