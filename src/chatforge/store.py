@@ -371,6 +371,11 @@ class Store:
         self._write_lock = threading.Lock() if self.is_sqlite else _NullLock()
         self.migrate()
 
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked, for printing."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
+
     def close(self) -> None:
         self.engine.dispose()
 

@@ -803,7 +803,7 @@ def main(cfg: ServeConfig) -> None:
     app, models, store = build(cfg)
     for m in models.models:
         print(f"serving {m.id} (context {m.context_len} tokens, {m.engine.max_batch} slots) from {m.path}", flush=True)
-    print(f"store: {store.url} (schema version {store.version}); auth {'on' if cfg.auth else 'OFF'}", flush=True)
+    print(f"store: {store.safe_url} (schema version {store.version}); auth {'on' if cfg.auth else 'OFF'}", flush=True)
     print(f"listening on http://{cfg.host}:{cfg.port}/v1", flush=True)
     print(f"chat page: http://{cfg.host}:{cfg.port}/  labeling page: http://{cfg.host}:{cfg.port}/label", flush=True)
     try:
