@@ -201,6 +201,18 @@ def test_label_page_ranks_samples_and_takes_a_demonstration(server, browser):
     page.close()
 
 
+def test_label_page_tells_a_user_key_it_needs_the_labeler_role(server, browser):
+    """Guards the labeling page for a key without the labeler role (the queue answers 403): it says
+    what is missing and how to get it, with no script error."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    sign_in(page, server, server.key, "/label")  # alice: role "user"
+    page.wait_for_selector("text=needs a labeler key")
+    assert "chatforge keys role alice labeler" in page.inner_text("#item") and errors == []
+    page.close()
+
+
 def test_markdown_renderer_is_safe_and_renders_code(server, browser):
     """Guards the page's Markdown renderer against model output that carries HTML or script:
     nothing becomes an element except the renderer's own tags, links keep only http(s)/mailto
