@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Iterator
 
 import pytest
 import torch
 
 from chatforge.tokenizer import train_tokenizer
+from store_backends import BACKENDS, database_url
 
 EN = [
     "The quick brown fox jumps over the lazy dog.",
@@ -54,3 +56,10 @@ def _threads():
     # Keep tests deterministic and polite on a 2-core machine.
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request, tmp_path) -> Iterator[str]:
+    """An empty store database on each backend."""
+    with database_url(request.param, tmp_path) as url:
+        yield url

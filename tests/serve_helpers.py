@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -75,6 +76,17 @@ class LiveServer:
         import openai
 
         return openai.AsyncOpenAI(base_url=self.base_url + "/v1", api_key=api_key, max_retries=0, timeout=120, **kw)
+
+
+@contextlib.contextmanager
+def slowed(model, seconds_per_step: float):
+    """`slow_engine` for the length of a with-block (for a server other tests share)."""
+    step = model.engine.step
+    slow_engine(model, seconds_per_step)
+    try:
+        yield
+    finally:
+        model.engine.step = step
 
 
 def slow_engine(model, seconds_per_step: float) -> None:

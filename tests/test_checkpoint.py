@@ -68,3 +68,48 @@ def test_tokenizer_bigger_than_model(tmp_path, tok):
     checkpoint.save(tmp_path / "ck", GPT(cfg), tok, {})
     with pytest.raises(ValueError, match="embeddings"):
         checkpoint.load(tmp_path / "ck")
+
+
+class _Payload:
+    """Unpickling this calls a function of the file's choosing (here: one that leaves a mark)."""
+
+    def __reduce__(self):
+        return (_leave_mark, ("unpickled",))
+
+
+MARKS: list[str] = []
+
+
+def _leave_mark(x):
+    MARKS.append(x)
+    return x
+
+
+def test_train_state_is_loaded_without_running_pickled_code(tmp_path):
+    """Guards finding 5: --resume loaded train_state.pt with torch.load(weights_only=False), so a
+    run folder from elsewhere could run any code. A real train state (optimizer, the RNG states of
+    python, numpy and torch) still loads; a file naming a function is refused, naming the file,
+    and the function never runs."""
+    import random
+
+    import numpy as np
+
+    from chatforge.checkpoint import load_train_state
+    from chatforge.train.common import rng_state
+
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
+    opt.zero_grad()
+    opt.param_groups[0]["params"][0].sum().backward()
+    opt.step()
+    state = {"step": 7, "optimizer": opt.state_dict(), "rng": rng_state(), "config": {"lr": 1e-3, "name": "x"}}
+    torch.save(state, tmp_path / "train_state.pt")
+    back = load_train_state(tmp_path)
+    assert back["step"] == 7 and back["config"] == {"lr": 1e-3, "name": "x"}
+    assert np.array_equal(back["rng"]["numpy"][1], np.random.get_state()[1]) and back["rng"]["python"] == random.getstate()
+    assert torch.equal(back["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    torch.save({"step": 1, "rng": _Payload()}, evil / "train_state.pt")
+    with pytest.raises(ValueError, match=r"evil/train_state.pt: not a chatforge train state"):
+        load_train_state(evil)
+    assert MARKS == []

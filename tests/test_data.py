@@ -92,6 +92,25 @@ def test_prepare_shards_decode_to_documents(tmp_path, tok):
     assert meta2["splits"] == meta["splits"]
 
 
+def test_prepare_refusing_its_input_leaves_no_folder(tmp_path, tok):
+    """Guards finding 6: `data prepare` left an empty output folder behind when it refused its
+    input (an empty file, a bad line); an existing folder and what is in it are kept."""
+    tok.save(tmp_path / "tok")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": \n')
+    with pytest.raises(ValueError, match="no documents found"):
+        prepare([str(tmp_path / "empty.jsonl")], tmp_path / "tok", tmp_path / "out" / "shards")
+    assert not (tmp_path / "out" / "shards").exists()
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 2: invalid JSON"):
+        prepare([str(tmp_path / "bad.jsonl")], tmp_path / "tok", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError):
+        prepare([str(tmp_path / "empty.jsonl")], tmp_path / "tok", tmp_path / "mine")
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
 def test_prepare_bad_fraction(tmp_path, tok):
     with pytest.raises(ValueError, match="val_fraction"):
         prepare([str(tmp_path)], tmp_path, tmp_path / "o", val_fraction=0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from chatforge.engine import (
@@ -194,6 +196,54 @@ def test_sampling_params_validation():
     for kw in ({"temperature": -1}, {"top_p": 0}, {"max_new_tokens": 0}, {"top_logprobs": 21}, {"stop": [""]}):
         with pytest.raises(ValueError):
             SamplingParams(**kw)
+
+
+def test_tiny_temperature_is_refused_not_nan():
+    """Guards finding 6: SamplingParams took temperature=1e-6, so logits / T overflowed to inf and
+    the probabilities to NaN in `chat`, PPO rollouts and `label sample` (only the server guarded it)."""
+    with pytest.raises(ValueError, match=r"temperature=1e-06 is below 0.0001: use 0 for greedy"):
+        SamplingParams(temperature=1e-6)
+    assert SamplingParams(temperature=1e-4).temperature == 1e-4 and SamplingParams(temperature=0).temperature == 0
+
+
+def test_stop_strings_are_capped():
+    """Guards finding 1: stop strings of any length (the body limit allowed millions of characters)
+    stalled the shared engine loop; now at most 256 characters each, named in the error."""
+    SamplingParams(stop=["x" * 256])
+    with pytest.raises(ValueError, match="stop: a stop string of 257 characters; at most 256 each"):
+        SamplingParams(stop=["ok", "x" * 257])
+
+
+def _holdback_reference(text: str, emitted: int, stops: list[str]) -> tuple[str, bool]:
+    """The old quadratic rule, as the reference: cut at the earliest stop string, else hold back the
+    longest suffix that begins a stop string."""
+    hits = [at for s in stops if (at := text.find(s)) != -1]
+    if hits:
+        return text[: min(hits)], True
+    hold = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold], False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text("ab#", min_size=1, max_size=4), min_size=1, max_size=12),
+       st.lists(st.text("ab#", min_size=1, max_size=6), min_size=1, max_size=3))
+def test_linear_holdback_matches_the_quadratic_rule(chunks, stops):
+    """Guards the KMP hold-back (finding 1's fix) against the rule it replaced: after every token the
+    text streamed so far, and where it stops, are what the brute-force rule gives."""
+    pieces = {1: b"x", **{i + 2: c.encode() for i, c in enumerate(chunks)}}
+    eng = Engine.__new__(Engine)
+    eng.tok = _FakeTok(pieces)
+    r = _Request(0, [1], SamplingParams(stop=stops), {0}, "cpu")
+    text, out = "", ""
+    for i, c in enumerate(chunks):
+        r.out.append(i + 2)
+        d, hit = eng._detok(r)
+        out += d
+        text += c
+        want, want_hit = _holdback_reference(text, 0, stops)
+        assert (out, hit) == (want, want_hit)
+        if hit:
+            break
 
 
 def test_cancellation_frees_slot(tok):

@@ -26,8 +26,8 @@ def server(tmp_path_factory, tok):
     ckpt = make_tiny_checkpoint(tok, root / "tiny")
     cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{root / 'chatforge.db'}", dtype="fp32", max_batch=4, max_message_chars=500)
     with LiveServer(cfg) as s:
-        s.alice = s.store.create_key("alice")[1]
-        s.bob = s.store.create_key("bob")[1]
+        s.alice = s.store.create_key("alice", role="labeler")[1]
+        s.bob = s.store.create_key("bob", role="labeler")[1]
         yield s
 
 
@@ -139,6 +139,7 @@ def test_feedback_rankings_ownership_and_bad_input(server):
         (alice, "POST", f"/web/conversations/{conv['id']}/turns", 404, {"parent_id": answers[0], "user": "hi", "request_id": "chatcmpl-nope"}),
     ]:
         who.call(method, path, status, json=body) if body is not None else who.call(method, path, status)
+    assert counts(server.store) == before  # every table: a refused call stores nothing, not even part of itself
     # A request attached where it was not asked (the user turn differs), or someone else's request: refused whole.
     bconv = bob.call("POST", "/web/conversations", json={})
     bconv = bob.ask(bconv, None, "bob's question")
@@ -199,6 +200,7 @@ def test_label_queue_agreement_and_demonstrations(server):
     bob.call("POST", "/web/rankings", json={"message_ids": [ids[1], ids[0], ids[2]]})
     stats = bob.call("GET", "/web/label/stats")
     assert stats["agreement"] == pytest.approx(2 / 3) and stats["agreement_pairs"] == 1
+    assert sorted(x["name"] for x in stats["labelers"]) == ["another labeler", "bob"]  # a labeler does not see others' key names
     assert alice.call("GET", "/web/label/next?kind=rank")["item"] is None
     demo = alice.call("GET", "/web/label/next?kind=demo")["item"]
     alice.call("POST", f"/web/label/items/{demo['id']}/demonstration", 400, json={"content": "  "})
@@ -310,9 +312,64 @@ def test_migration_2_upgrades_a_version_1_database(tmp_path):
         conn.execute(sa.text("INSERT INTO conversations (id, source, created_at, updated_at) VALUES ('c1', 'chat', '2026-01-01', '2026-01-01')"))
     engine.dispose()
     store = Store(url)
-    assert store.version == 2 and set(sa.inspect(store.engine).get_table_names()) >= {"label_items", "snapshots"}
+    assert store.version == len(MIGRATIONS) and set(sa.inspect(store.engine).get_table_names()) >= {"label_items", "snapshots"}
     F.register_snapshot(store, "tiny-r1", "abc", "/x", None, 0.5, {"gold_gain": 0.1})
     assert [(r.name, r.traffic) for r in F.registered_snapshots(store)] == [("tiny-r1", 0.5)]
     with store.session() as s:
         assert s.get(Conversation, "c1").source == "chat"
+    store.close()
+
+
+def test_label_queue_needs_the_labeler_role_and_hides_names(server):
+    """Guards finding 3: any key could read the labeling queue and its stats (with other keys'
+    names). Now a "user" key gets 403 naming the role, a labeler sees only its own name, an admin
+    sees everyone's; `keys create --role` stores the role and `keys list` shows it."""
+    _, user = server.store.create_key("plain-user")
+    _, admin = server.store.create_key("the-admin", role="admin")
+    for path in ("/web/label/next", "/web/label/stats"):
+        err = Page(server, user).call("GET", path, 403)["error"]
+        assert err["code"] == "insufficient_role" and "role 'labeler'" in err["message"] and "has role 'user'" in err["message"]
+    F.add_label_items(server.store, [[{"role": "user", "content": "Name a tree."}]], "rank")
+    names = {x["name"] for x in Page(server, admin).call("GET", "/web/label/stats")["labelers"]}
+    assert {"alice", "bob"} <= names
+    assert "alice" not in {x["name"] for x in Page(server, server.bob).call("GET", "/web/label/stats")["labelers"]}
+
+
+def test_keys_cli_roles(tmp_path, capsys):
+    """Guards `chatforge keys create --role` / `keys role` / `keys list`, and a bad role named in the error."""
+    db = f"sqlite:///{tmp_path / 'k.db'}"
+    assert cli.main(["keys", "create", "--db", db, "--name", "lab", "--role", "labeler"]) == 0
+    assert "role labeler" in capsys.readouterr().out
+    assert cli.main(["keys", "create", "--db", db, "--name", "x", "--role", "root"]) == 2
+    assert "--role 'root': expected one of user, labeler, admin" in capsys.readouterr().err
+    assert cli.main(["keys", "role", "--db", db, "lab", "admin"]) == 0
+    assert cli.main(["keys", "list", "--db", db]) == 0
+    out = capsys.readouterr().out
+    assert "role" in out.splitlines()[-2] and " admin " in out.splitlines()[-1]
+
+
+def test_deleted_conversations_never_reach_the_queue_or_an_export(tmp_path):
+    """Guards finding 3: `feedback queue --from-traffic` took prompts from conversations their owner
+    had deleted (another key then read them on /web/label/next), and the export kept their ratings."""
+    from chatforge.store import Store
+
+    db = f"sqlite:///{tmp_path / 'd.db'}"
+    store = Store(db)
+    key = store.create_key("alice")[0].id
+    kept = F.create_conversation(store, key, system="Be brief.")
+    F.add_turn(store, key, kept["id"], kept["path"][-1], "a kept question", None)
+    gone = F.create_conversation(store, key)
+    F.add_turn(store, key, gone["id"], None, "my secret question", None)
+    with store.transaction() as s:  # an answer in each, rated up and edited, so the export has something to leave out
+        for conv_id in (kept["id"], gone["id"]):
+            user = [m for m in F._messages(s, conv_id) if m.role == "user"][0]
+            s.add(Message(id=f"msg-ans-{conv_id}", conversation_id=conv_id, parent_id=user.id, role="assistant",
+                          content=f"answer in {conv_id}", created_at=user.created_at))
+            s.flush()
+            s.add(Feedback(id=f"fb-{conv_id}", message_id=f"msg-ans-{conv_id}", key_id=key, rating=1, created_at=user.created_at))
+    F.delete_conversation(store, key, gone["id"])
+    assert [p[-1]["content"] for p in F.prompts_from_traffic(store, 10)] == ["a kept question"]
+    assert cli.main(["feedback", "export", "--db", db, "--out", str(tmp_path / "out")]) == 0
+    text = (tmp_path / "out/sft.jsonl").read_text() + (tmp_path / "out/rankings.jsonl").read_text()
+    assert "a kept question" in text and "secret" not in text and gone["id"] not in text
     store.close()

@@ -12,6 +12,7 @@ import pytest
 
 from chatforge import cli
 from chatforge import feedback as F
+from chatforge import label as L
 from chatforge.data.chat import read_conversations
 from chatforge.data.rankings import read_rankings
 from chatforge.flywheel import FlywheelConfig, decide, main as flywheel_main
@@ -32,10 +33,10 @@ def test_decide_needs_more_than_min_gain():
         FlywheelConfig(policy="x", eval_prompts=["q"], traffic=0.0)
 
 
-def test_session_export_and_one_flywheel_round(tok, tmp_path, capsys):
+def test_session_export_and_flywheel_rounds(tok, tmp_path, capsys, monkeypatch):
     """Guards the whole loop: what people do on the page becomes SFT and rankings files in the
     formats `chatforge sft` / `chatforge rm` read, a flywheel round trains on them and registers the
-    candidate with its traffic share, `feedback stats` shows it, and a server loading both
+    candidate only when it beats the current policy by more than min_gain, with its traffic share, `feedback stats` shows it, and a server loading both
     snapshots starts new chats on the candidate for about that share."""
     policy = make_tiny_checkpoint(tok, tmp_path / "tiny")
     db = f"sqlite:///{tmp_path / 'chatforge.db'}"
@@ -62,28 +63,49 @@ def test_session_export_and_one_flywheel_round(tok, tmp_path, capsys):
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("\n".join(json.dumps({"prompt": f"What is {i} + 1?", "gold": {"task": "arithmetic", "answers": [str(i + 1)]}})
                                  for i in range(4)) + "\n")
-    fw = FlywheelConfig(policy=str(policy), db=db, out=str(tmp_path / "fw"), sft=True, sft_epochs=1.0, sft_lr=1e-3, eval_prompts=[str(heldout)],
-                        eval_samples=1, sample_tokens=6, rm_lr=1e-3, ppo_iterations=1, rollout_batch=2, minibatch=2, ppo_epochs=1,
-                        lr=1e-3, min_gain=-1.0, traffic=0.25, dtype="fp32", device="cpu")
-    report = flywheel_main(fw)
-    assert report["registered"] and report["round"] == 1 and report["sft"] == str(tmp_path / "fw/round1/sft")
+    kw = dict(policy=str(policy), db=db, out=str(tmp_path / "fw"), sft_epochs=1.0, sft_lr=1e-3, eval_prompts=[str(heldout)],
+              eval_samples=1, sample_tokens=6, rm_lr=1e-3, ppo_iterations=1, rollout_batch=2, minibatch=2, ppo_epochs=1,
+              lr=1e-3, traffic=0.25, dtype="fp32", device="cpu")
+    # Round 1, evaluated as it is: no candidate gains a whole point of gold score (it lies in [0, 1]),
+    # so with min_gain=1 it must not be registered (finding 7: the test forced min_gain=-1.0).
+    first = flywheel_main(FlywheelConfig(sft=False, min_gain=1.0, **kw))
+    assert first["round"] == 1 and first["registered"] is False and first["sft"] is None
+    assert first["gold_gain"] == pytest.approx(first["evaluation"]["candidate"]["gold_score"] - first["evaluation"]["current"]["gold_score"])
+    assert json.loads((tmp_path / "fw/round1/report.json").read_text())["registered"] is False
+    store = Store(db)
+    assert F.registered_snapshots(store) == []
+    store.close()
+    # Round 2: a candidate that is better, made so by answering the held-out prompts with their
+    # answer keys; the gold judge, the rule (gain > min_gain), registration and serving are the real ones.
+    real_sample = L.sample_answers
+
+    def sample(model, tok, prompts, *a, **k):
+        if a[-1] == "evaluate candidate":
+            return [[p.extra["gold"]["answers"][0]] for p in prompts]
+        return real_sample(model, tok, prompts, *a, **k)
+
+    monkeypatch.setattr(L, "sample_answers", sample)
+    report = flywheel_main(FlywheelConfig(sft=True, min_gain=0.05, **kw))
+    ev = report["evaluation"]
+    assert ev["candidate"]["gold_score"] > ev["current"]["gold_score"] + 0.05
+    assert report["registered"] and report["round"] == 2 and report["sft"] == str(tmp_path / "fw/round2/sft")
     assert set(report["evaluation"]) == {"current", "candidate"} and all("rm_score" in r for r in report["evaluation"].values())
     store = Store(db)
     (reg,) = F.registered_snapshots(store)
     store.close()
-    assert (reg.name, reg.traffic, reg.snapshot) == ("tiny-r1", 0.25, report["snapshot"]) and reg.path.endswith("round1/tiny-r1")
-    rm_meta = json.loads((tmp_path / "fw/round1/rm/meta.json").read_text())
+    assert (reg.name, reg.traffic, reg.snapshot) == ("tiny-r2", 0.25, report["snapshot"]) and reg.path.endswith("round2/tiny-r2")
+    rm_meta = json.loads((tmp_path / "fw/round2/rm/meta.json").read_text())
     assert rm_meta["stage"] == "rm" and rm_meta["normalised"]
     assert cli.main(["feedback", "stats", "--db", db]) == 0
     stats = capsys.readouterr().out
-    assert "tiny-r1" in stats and "25%" in stats and "50.0%" in stats  # the policy: 4 up of 8 rated; the candidate: 25% of traffic
+    assert "tiny-r2" in stats and "25%" in stats and "50.0%" in stats  # the policy: 4 up of 8 rated; the candidate: 25% of traffic
 
     both = ServeConfig(models=[str(policy), reg.path], db=db, dtype="fp32", max_batch=2)
     with LiveServer(both) as server:
         key = server.store.create_key("bob")[1]
         http = httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {key}"}, timeout=30)
         picked = [http.post("/web/conversations", json={}).json()["model"] for _ in range(80)]
-        candidate = f"tiny-r1@{reg.snapshot}"
+        candidate = f"tiny-r2@{reg.snapshot}"
         assert set(picked) == {server.models.models[0].id, candidate}
         assert 0.1 < picked.count(candidate) / len(picked) < 0.4
         r = http.post("/v1/chat/completions", json={"model": candidate, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})

@@ -52,6 +52,9 @@ def test_read_rankings_and_pairwise(tmp_path):
         ({"messages": MSG + [{"role": "assistant", "content": "x"}], "chosen": "a", "rejected": "b"}, "must end with a user turn"),
         ({"messages": [{"role": "robot", "content": "x"}], "chosen": "a", "rejected": "b"}, "robot"),
         ({"responses": ["a", "b"], "ranking": [0, 1]}, "needs 'messages'"),
+        # finding 6: identical answers were accepted and trained on as a strict preference
+        ({"messages": MSG, "responses": ["a", "a", "c"], "ranking": [0, 1, 2]}, "responses 0 and 1 are the same text"),
+        ({"messages": MSG, "chosen": "same", "rejected": "same"}, "'chosen' and 'rejected' are the same text"),
         ("{not json", "invalid JSON"),
         ("[1, 2]", "expected a JSON object"),
     ],
@@ -132,6 +135,21 @@ def test_oracle_ranks_by_gold_score(tmp_path):
     assert line["ranking"] == [2, 3, 0, 1] and "gold" not in line and line["labeler"] == "gold"
     with pytest.raises(ValueError, match="unknown oracle"):
         L.rank(str(samples), oracle="human-ish")
+
+
+def test_oracle_ranking_leaves_out_repeated_answers(tmp_path, capsys):
+    """Guards finding 6's other end: a samples file may repeat an answer (sampling a small model);
+    `label rank` keeps one copy of each, drops prompts left with fewer than 2 different answers,
+    says so, and writes only rankings the reader accepts."""
+    samples = write(tmp_path / "s.jsonl", [
+        {"messages": MSG, "responses": ["56", "54", "56", "54"], "gold": {"answers": ["56"]}},
+        {"messages": MSG, "responses": ["", "", ""], "gold": {"answers": ["56"]}},
+    ])
+    out = L.rank(str(samples), oracle="gold")
+    (line,) = read_rankings([out])
+    assert line.responses == ["56", "54"] and line.ranking == [0, 1]
+    err = capsys.readouterr().err
+    assert "4 repeated answers left out" in err and "1 prompts had fewer than 2 different answers" in err
 
 
 def test_interactive_ranking_resumes(tmp_path):

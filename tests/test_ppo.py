@@ -263,6 +263,7 @@ def test_shared_blocks_change_nothing(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(P, "shared_depth", lambda models: 0)
     full = P.main(ppo_cfg(tmp_path, sft, tmp_path / "rm", prompts, out=str(tmp_path / "full"), **kw))
     recs = [[r for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "rm_score" in r] for d in (shared, full)]
+    assert [len(r) for r in recs] == [2, 2]  # one row per iteration in each run: the comparison below is not vacuous
     for a, b in zip(*recs):
         for k in ("rm_score", "kl", "pg_loss", "vf_loss", "entropy", "approx_kl"):
             assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), k

@@ -15,7 +15,8 @@ import pytest
 from chatforge import checkpoint
 from chatforge.engine import Engine, SamplingParams
 from chatforge.serve.config import ServeConfig
-from serve_helpers import LiveServer, make_tiny_checkpoint, slow_engine
+from serve_helpers import LiveServer, make_tiny_checkpoint, slow_engine, slowed
+from store_backends import BACKENDS, database_url
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The quick brown fox 床前明月光"}]
 
@@ -25,12 +26,13 @@ def ckpt(tmp_path_factory, tok):
     return make_tiny_checkpoint(tok, tmp_path_factory.mktemp("serve") / "tiny")
 
 
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
-    db = tmp_path_factory.mktemp("db") / "chatforge.db"
-    cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{db}", dtype="fp32", max_batch=4, max_waiting=8)
-    with LiveServer(cfg) as s:
+@pytest.fixture(scope="module", params=BACKENDS)
+def server(ckpt, tmp_path_factory, request):
+    """One live server per store backend: every test below runs on SQLite and on PostgreSQL."""
+    with database_url(request.param, tmp_path_factory.mktemp("db")) as db, \
+            LiveServer(ServeConfig(models=[str(ckpt)], db=db, dtype="fp32", max_batch=4, max_waiting=8)) as s:
         s.key = s.store.create_key("tests")[1]
+        s.admin = s.store.create_key("admin", role="admin")[1]
         yield s
 
 
@@ -65,12 +67,23 @@ def test_chat_nonstreaming_matches_engine_and_ledger(server, reference):
     assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (len(ids), ntok, len(ids) + ntok)
     [row] = server.store.usage_rows(r.id)
     assert (row.status, row.prompt_tokens, row.completion_tokens, row.model, row.user) == (200, len(ids), ntok, server.model.id, "alice")
-    assert row.latency_ms > 0 and row.ttft_ms is not None and row.ttft_ms <= row.latency_ms
+    assert row.latency_ms > 0 and row.ttft_ms is not None
     [gen] = server.store.iter_generations(r.id)
     assert gen.output == text and gen.snapshot == server.model.snapshot and gen.sampling["temperature"] == 0
     msgs = server.store.conversation_messages(gen.conversation_id)
     assert [(m.role, m.content) for m in msgs] == [(m["role"], m["content"]) for m in MSGS] + [("assistant", text)]
     assert msgs[-1].generation_id == gen.id
+
+
+def test_ttft_is_the_first_token_not_the_last(server):
+    """Guards the ledger's time to first token (finding 7: the old check, ttft <= latency, held by
+    construction). With every engine step slowed to 50 ms, 12 tokens take at least 12 steps: the
+    first token comes after one step, and at least 10 more steps follow it before the response ends."""
+    with slowed(server.model, 0.05):
+        r = server.client(server.key).chat.completions.create(model="tiny", messages=MSGS, max_tokens=12, extra_body={"ignore_eos": True})
+    [row] = server.store.usage_rows(r.id)
+    assert r.usage.completion_tokens == 12
+    assert 50 <= row.ttft_ms and row.latency_ms - row.ttft_ms >= 10 * 50, (row.ttft_ms, row.latency_ms)
 
 
 def test_streaming_with_usage(server, reference):
@@ -167,10 +180,15 @@ def test_models_health_metrics(server):
     [m] = c.models.list().data
     assert m.id == f"tiny@{checkpoint.snapshot_id(server.model.path)}" and m.owned_by == "chatforge"
     assert c.models.retrieve(m.id).id == m.id
-    h = httpx.get(server.base_url + "/health").json()
+    assert httpx.get(server.base_url + "/health").json() == {"status": "ok"}  # liveness only without an admin key
+    assert httpx.get(server.base_url + "/health", headers={"Authorization": f"Bearer {server.key}"}).json() == {"status": "ok"}
+    h = httpx.get(server.base_url + "/health", headers={"Authorization": f"Bearer {server.admin}"}).json()
     assert h["status"] == "ok" and h["models"] == [m.id]
     c.chat.completions.create(model="tiny", messages=MSGS, max_tokens=3)
-    text = httpx.get(server.base_url + "/metrics").text
+    assert httpx.get(server.base_url + "/metrics").status_code == 401
+    r = httpx.get(server.base_url + "/metrics", headers={"Authorization": f"Bearer {server.key}"})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_role"
+    text = httpx.get(server.base_url + "/metrics", headers={"Authorization": f"Bearer {server.admin}"}).text
     assert 'chatforge_requests_total{route="/v1/chat/completions",status="200"}' in text
     assert f'chatforge_queue_depth{{model="{m.id}"}}' in text and "chatforge_active_slots" in text
     assert f'chatforge_prefix_cache_hit_tokens{{model="{m.id}"}}' in text
@@ -201,7 +219,8 @@ def test_errors_are_openai_errors(server):
         ({"temperature": 2.5}, "temperature"), ({"top_p": 1.5}, "top_p"), ({"n": 0}, "n"), ({"n": 17}, "n"),
         ({"presence_penalty": 3}, "presence_penalty"), ({"max_tokens": 0}, "max_tokens"),
         ({"max_tokens": 1000}, "messages"), ({"messages": []}, "messages"), ({"top_logprobs": 3}, "top_logprobs"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": ""}, "stop"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": ""}, "stop"), ({"stop": ["x" * 257]}, "stop.0"),
+        ({"stop": "x" * 257}, "stop"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"messages": [{"role": "user", "content": "x" * 200_001}]}, "messages.[0].content"),
@@ -217,6 +236,13 @@ def test_errors_are_openai_errors(server):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
     r = httpx.post(server.base_url + "/v1/chat/completions", content=b"x" * 9_000_000, headers=hdr)
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # the same body sent chunked (no Content-Length) is a 413 too, not FastAPI's 400 "error parsing the body"
+    for path in ("/v1/chat/completions", "/web/conversations"):
+        r = httpx.post(server.base_url + path, content=iter([b"x" * 1_000_000] * 9), headers=hdr)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large", (path, r.text)
+    r = httpx.post(server.base_url + "/v1/chat/completions", headers=hdr,
+                   content=iter([b'{"model": "tiny", "messages": [{"role": "user", ', b'"content": "hi"}], "max_tokens": 2}']))
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1  # a chunked body under the limit still works
     assert httpx.get(server.base_url + "/v1/nothing-here", headers=hdr).status_code == 404
     # refused requests of a known key are in the ledger too, with their status
     statuses = {u.status for u in server.store.usage_rows() if u.status != 200}
@@ -245,10 +271,11 @@ def test_rate_limits_and_quota(server):
     assert e.value.code == "insufficient_quota"
 
 
-def test_server_full_503_and_disconnect_cancels(ckpt, tmp_path):
+def test_server_full_503_and_disconnect_cancels(ckpt, db_url):
     """Guards backpressure (bounded engine queue -> 503 + Retry-After) and that a client leaving mid-stream
     (or while queued) cancels its generation, frees the slot, and leaves a 499 ledger row."""
-    cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{tmp_path / 'db.sqlite'}", dtype="fp32", max_batch=1, max_waiting=1)
+    cfg = ServeConfig(models=[str(ckpt)], db=db_url, dtype="fp32", max_batch=1, max_waiting=1,
+                      public_metrics=True)
     with LiveServer(cfg) as s:
         slow_engine(s.model, 0.05)
         _, key = s.store.create_key("k")
@@ -283,12 +310,13 @@ def test_server_full_503_and_disconnect_cancels(ckpt, tmp_path):
         cancelled = [u for u in rows if u.status == 499]
         assert len(cancelled) == 2 and all(u.completion_tokens < 80 for u in cancelled)
         assert [u.status for u in rows].count(503) == 1
-        assert "chatforge_cancelled_requests_total" in httpx.get(s.base_url + "/metrics").text
+        assert "chatforge_cancelled_requests_total" in httpx.get(s.base_url + "/metrics").text  # serve --public-metrics
 
 
-def test_nonstreaming_disconnect_cancels(ckpt, tmp_path):
+def test_nonstreaming_disconnect_cancels(ckpt, db_url):
     """Guards the non-streaming path too: a client that gives up while waiting frees its slot (499 row)."""
-    cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{tmp_path / 'db.sqlite'}", dtype="fp32", max_batch=1, max_waiting=1)
+    cfg = ServeConfig(models=[str(ckpt)], db=db_url, dtype="fp32", max_batch=1, max_waiting=1,
+                      public_metrics=True)
     with LiveServer(cfg) as s:
         slow_engine(s.model, 0.05)
         _, key = s.store.create_key("k")
@@ -303,9 +331,9 @@ def test_nonstreaming_disconnect_cancels(ckpt, tmp_path):
         assert row.status == 499 and row.completion_tokens < 80 and s.model.loop.active_slots == 0
 
 
-def test_per_key_concurrency_429(ckpt, tmp_path):
+def test_per_key_concurrency_429(ckpt, db_url):
     """Guards the per-key bound: a key over its concurrent-request limit gets 429 while other keys are served."""
-    cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{tmp_path / 'db.sqlite'}", dtype="fp32", max_batch=2, max_waiting=8,
+    cfg = ServeConfig(models=[str(ckpt)], db=db_url, dtype="fp32", max_batch=2, max_waiting=8,
                       max_concurrent_per_key=1)
     with LiveServer(cfg) as s:
         slow_engine(s.model, 0.02)
@@ -329,11 +357,70 @@ def test_load_small(server):
     from serve_load import run_load
 
     before = {u.request_id for u in server.store.usage_rows()}
-    res = asyncio.run(run_load(server.base_url, server.key, "tiny", clients=12, requests=36, max_tokens=12))
+    with slowed(server.model, 0.01):  # a floor under each step, so the timings below have something to show
+        res = asyncio.run(run_load(server.base_url, server.key, "tiny", clients=12, requests=36, max_tokens=12))
     print(res.summary())
     assert res.errors == {} and len(res.completed) == 36
     rows = {u.request_id: u for u in server.store.usage_rows() if u.request_id not in before}
     assert set(rows) == set(res.completed)
     for rid, usage in res.completed.items():
-        assert (rows[rid].status, rows[rid].prompt_tokens, rows[rid].completion_tokens) == (200, usage["prompt_tokens"], usage["completion_tokens"])
-    assert res.p95("ttft") <= res.p95("latency")
+        row = rows[rid]
+        assert (row.status, row.prompt_tokens, row.completion_tokens) == (200, usage["prompt_tokens"], usage["completion_tokens"])
+        # each token after the first needs an engine step of its own (>= 10 ms): TTFT is when the first came
+        assert row.ttft_ms >= 10 and row.latency_ms - row.ttft_ms >= 0.9 * 10 * (row.completion_tokens - 1), (row.ttft_ms, row.latency_ms)
+
+
+def test_pages_routes_share_the_api_admission_and_ledger(server):
+    """Guards finding 2: the /web/* routes skipped the rate limiter and the ledger (a key with
+    --rpm 1 got 429 on its second /v1 call, then 20 of 20 POST /web/conversations went through).
+    A small load test: 20 concurrent page calls from a key allowed 5 a minute get 5 answers and 15
+    429s with Retry-After, every one of them has a ledger row, and the /v1 endpoints see the same
+    window; a key over its token quota is refused on the pages too."""
+    from chatforge.store import Usage
+
+    k, secret = server.store.create_key("pages-rpm", rpm=5)
+    hdr = {"Authorization": f"Bearer {secret}"}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.base_url, headers=hdr, timeout=60) as h:
+            return await asyncio.gather(*[h.post("/web/conversations", json={"system": f"s{i}"}) for i in range(20)])
+
+    responses = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200] * 5 + [429] * 15, codes
+    limited = [r for r in responses if r.status_code == 429]
+    assert all(r.json()["error"]["code"] == "rate_limit_exceeded" and 1 <= int(r.headers["retry-after"]) <= 60 for r in limited)
+    with pytest.raises(openai.RateLimitError):  # the pages used the key's minute; the API shares it
+        server.client(secret).chat.completions.create(model="tiny", messages=MSGS, max_tokens=2)
+    assert httpx.get(server.base_url + "/web/conversations", headers=hdr).status_code == 429
+    with server.store.session() as s:
+        rows = [u for u in s.query(Usage).filter(Usage.key_id == k.id)]
+    web = [u for u in rows if u.endpoint == "web"]
+    assert sorted(u.status for u in web) == [200] * 5 + [429] * 16 and {u.model for u in web} == {"POST /web/conversations", "GET /web/conversations"}
+    assert [u.status for u in rows if u.endpoint == "chat.completions"] == [429]
+    # a key whose quota is used up is refused on every route, pages included
+    q, qsecret = server.store.create_key("pages-quota", quota_tokens=1)
+    server.client(qsecret).chat.completions.create(model="tiny", messages=MSGS, max_tokens=2)
+    r = httpx.post(server.base_url + "/web/conversations", json={}, headers={"Authorization": f"Bearer {qsecret}"})
+    assert r.status_code == 429 and r.json()["error"]["code"] == "insufficient_quota"
+    # and bad input on a page route is a 400 naming the field, in the ledger too
+    r = httpx.post(server.base_url + "/web/conversations", json={"system": "x" * 200_001}, headers={"Authorization": f"Bearer {qsecret}"})
+    assert r.status_code == 429  # admission comes first: the over-quota key is not even validated
+    _, fresh = server.store.create_key("pages-big")
+    r = httpx.post(server.base_url + "/web/conversations", json={"system": "x" * 200_001}, headers={"Authorization": f"Bearer {fresh}"})
+    assert r.status_code == 400 and "200000" in r.json()["error"]["message"], r.text
+
+
+def test_security_headers_on_every_page(server):
+    """Guards finding 4: the pages sent no Content-Security-Policy while the API key sits in
+    localStorage. Every page, static file and API answer carries the CSP (scripts only from this
+    server, nowhere else to connect to, no framing) and the usual hardening headers."""
+    for path in ("/", "/label", "/static/chat.js", "/static/style.css", "/health", "/v1/models", "/openapi.json"):
+        h = httpx.get(server.base_url + path, headers={"Authorization": f"Bearer {server.key}"}).headers
+        csp = h["content-security-policy"]
+        assert "script-src 'self'" in csp and "connect-src 'self'" in csp and "frame-ancestors 'none'" in csp, path
+        assert "unsafe-inline" not in csp and "unsafe-eval" not in csp
+        assert (h["x-content-type-options"], h["x-frame-options"], h["referrer-policy"]) == ("nosniff", "DENY", "no-referrer"), path
+    for page in ("index.html", "label.html"):  # nothing inline for the CSP to block
+        html = (Path(__import__("chatforge.serve.web", fromlist=["STATIC"]).STATIC) / page).read_text()
+        assert "style=" not in html and "<script>" not in html and "onclick=" not in html, page

@@ -20,11 +20,12 @@ from serve_load import run_load  # noqa: E402
 
 
 @pytest.mark.slow
-def test_kill9_mid_load_loses_no_acknowledged_row(tmp_path, tok):
-    """Guards durability of the ledger: rows are committed (WAL, synchronous=FULL) before a response completes,
-    so a SIGKILL can only lose requests no client saw finish; the restarted server migrates and serves again."""
+def test_kill9_mid_load_loses_no_acknowledged_row(tmp_path, tok, db_url):
+    """Guards durability of the ledger: rows are committed (SQLite: WAL, synchronous=FULL; PostgreSQL:
+    its commit) before a response completes, so a SIGKILL can only lose requests no client saw
+    finish; the restarted server migrates and serves again, and the database passes integrity_check."""
     ckpt = make_tiny_checkpoint(tok, tmp_path / "tiny")
-    db = f"sqlite:///{tmp_path / 'chatforge.db'}"
+    db = db_url
     store = Store(db)
     _, key = store.create_key("crash")
     store.close()

@@ -26,7 +26,8 @@ def live(tmp_path_factory, tok):
 
 def test_no_server_errors(live):
     """Guards every route against 500s on any input the schema allows (and many it does not), and
-    checks responses against the documented status codes, content types and response schemas.
+    checks responses against the documented status codes, content types and response schemas;
+    and that the fuzzing reached the engine (200s) as well as the validation (400s).
     Drives schemathesis through hypothesis directly rather than its pytest plugin, which follows
     pytest's private internals and breaks with new pytest releases."""
     schema = schemathesis.openapi.from_url(live.base_url + "/openapi.json")
@@ -43,9 +44,7 @@ def test_no_server_errors(live):
             case.call_and_validate(headers={"Authorization": f"Bearer {KEY['secret']}"}, timeout=60, checks=checks)
 
         run()
-
-
-def test_fuzz_reached_the_engine(live):
-    """Guards the fuzz test itself: it must have produced both served requests and refused ones."""
-    statuses = {u.status for u in live.store.usage_rows()}
+    # The fuzzing itself must have produced both served generations and refused ones (checked here,
+    # in the same test: a separate test read the ledger of this one and failed when run alone).
+    statuses = {u.status for u in live.store.usage_rows() if u.endpoint in ("chat.completions", "completions")}
     assert 200 in statuses and 400 in statuses, statuses

@@ -324,6 +324,23 @@ def test_sft_resume_exact(base_ckpt, chat_files, tmp_path, monkeypatch):
     assert [r for r in records(run) if "val_loss" in r] == [r for r in records(ref) if "val_loss" in r]
 
 
+def test_time_budget_is_decided_across_ranks(base_ckpt, chat_files, tmp_path, monkeypatch):
+    """Guards finding 6: SFT checked its time budget on each rank's own clock (pretraining asks
+    C.any_rank), so under torchrun one rank could stop while another ran the next step's
+    collectives and hung. Here the other rank's clock has run out (any_rank says so at once):
+    this rank must stop after its first step too, although its own budget is far from spent."""
+    asked = []
+
+    def other_rank_is_out(flag, dist):
+        asked.append(flag)
+        return True
+
+    monkeypatch.setattr(C, "any_rank", other_rank_is_out)
+    out = main(sft_cfg(base_ckpt, chat_files, tmp_path / "sft", max_steps=20, time_budget_s=3600.0, sample_prompts=[]))
+    assert asked and asked[0] is False  # this rank's own clock had time left
+    assert json.loads((out / "meta.json").read_text())["step"] == 1
+
+
 def test_lm_mix(base_ckpt, chat_files, shards_dir, tmp_path):
     """Guards the GPT-1 mix: the logged loss is L_sft + lambda * L_lm with each term normalised by
     its own tokens."""

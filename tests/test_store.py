@@ -16,8 +16,9 @@ from chatforge.store import (MIGRATIONS, Base, GenerationRecord, KeyInfo, Reques
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = Store(f"sqlite:///{tmp_path / 'chatforge.db'}")
+def store(db_url):
+    """A fresh store on SQLite and on PostgreSQL (conftest.db_url)."""
+    s = Store(db_url)
     yield s
     s.close()
 
@@ -31,10 +32,10 @@ def _chat_record(key_id, rid="chatcmpl-1", prompt=7, outputs=("Hello", "Hi"), st
     )
 
 
-def test_migrations_create_the_orm_schema_and_are_idempotent(tmp_path):
+def test_migrations_create_the_orm_schema_and_are_idempotent(db_url, tmp_path):
     """Guards the versioned migrations: a fresh database gets every migration once, reopening applies none,
     and the migrated tables have exactly the columns (and nullability) the ORM classes declare."""
-    url = f"sqlite:///{tmp_path / 'm.db'}"
+    url = db_url
     s = Store(url)
     assert s.version == len(MIGRATIONS) == max(v for v, _, _ in MIGRATIONS)
     assert s.migrate() == []
@@ -44,8 +45,12 @@ def test_migrations_create_the_orm_schema_and_are_idempotent(tmp_path):
         want = {c.name: c.nullable for c in table.columns}
         assert got == want, table.name
     s.close()
-    assert Store(url).migrate() == []
-    with sqlite3.connect(tmp_path / "m.db") as con:
+    again = Store(url)
+    assert again.migrate() == []
+    again.close()
+    if not url.startswith("sqlite"):
+        return
+    with sqlite3.connect(tmp_path / "chatforge.db") as con:
         assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert [r[0] for r in con.execute("SELECT version FROM schema_migrations")] == [v for v, _, _ in MIGRATIONS]
 
@@ -56,9 +61,13 @@ def test_keys_are_random_hashed_and_revocable(store, tmp_path):
     k2, secret2 = store.create_key("bob")
     assert secret != secret2 and secret.startswith("cf-") and len(secret) > 40
     assert store.lookup_key(secret).id == k.id and store.lookup_key(secret + "x") is None
-    assert (k.rpm, k.tpm, k.quota_tokens, k.tokens_used) == (10, 1000, 5000, 0)
-    raw = (tmp_path / "chatforge.db").read_bytes() + (tmp_path / "chatforge.db-wal").read_bytes()
-    assert secret.encode() not in raw and hash_key(secret).encode() in raw
+    assert (k.rpm, k.tpm, k.quota_tokens, k.tokens_used, k.role) == (10, 1000, 5000, 0, "user")
+    with store.engine.connect() as conn:  # every stored value of every key
+        stored = " ".join(str(v) for row in conn.execute(sa.text("SELECT * FROM api_keys")) for v in row)
+    assert secret not in stored and secret[len("cf-"):] not in stored and hash_key(secret) in stored
+    if store.is_sqlite:  # and not in the file's bytes either (the WAL holds the fresh pages)
+        raw = (tmp_path / "chatforge.db").read_bytes() + (tmp_path / "chatforge.db-wal").read_bytes()
+        assert secret.encode() not in raw and hash_key(secret).encode() in raw
     assert store.find_key("alice").id == k.id and store.find_key(str(k2.id)).id == k2.id and store.find_key(k.prefix).id == k.id
     revoked = store.revoke_key("alice")
     assert revoked.revoked_at is not None and store.lookup_key(secret).revoked_at is not None
@@ -123,9 +132,9 @@ def test_parse_since():
         parse_since("yesterday")
 
 
-def test_cli_keys_and_usage(tmp_path, capsys):
+def test_cli_keys_and_usage(db_url, capsys):
     """Guards the `keys create/list/revoke` and `usage` commands end to end on a --db URL."""
-    db = f"sqlite:///{tmp_path / 'cli.db'}"
+    db = db_url.replace("postgresql+psycopg://", "postgresql://")  # the URL a person types
     assert cli.main(["keys", "create", "--name", "ci", "--rpm", "5", "--quota", "100", "--db", db]) == 0
     secret = capsys.readouterr().out.strip().splitlines()[-1]
     s = Store(db)
@@ -143,6 +152,30 @@ def test_cli_keys_and_usage(tmp_path, capsys):
     assert cli.main(["keys", "revoke", "nobody", "--db", db]) == 2
     assert cli.main(["usage", "--since", "last week", "--db", db]) == 2
     s.close()
+
+
+def test_integrity_check_finds_real_problems(store):
+    """Guards finding 7: integrity_check returned "ok" for anything that was not SQLite. On both
+    backends a row pointing at a missing parent is reported; on PostgreSQL, so is a sequence set
+    behind the ids already used (the next insert would collide)."""
+    k, _ = store.create_key("alice")
+    store.record(_chat_record(k.id))
+    assert store.integrity_check() == "ok"
+    with store.engine.begin() as conn:  # what a crash or a hand edit with the checks off leaves behind
+        if store.is_sqlite:
+            conn.exec_driver_sql("PRAGMA foreign_keys=OFF")
+        else:
+            conn.execute(sa.text("SET LOCAL session_replication_role = replica"))  # skips foreign-key triggers
+        conn.execute(sa.text("DELETE FROM api_keys WHERE id = :id"), {"id": k.id})
+    report = store.integrity_check()
+    assert "usage.key_id: 1 rows point at a missing api_keys row" in report and "generations.key_id" in report
+    if not store.is_sqlite:
+        with store.engine.begin() as conn:
+            conn.execute(sa.text("DELETE FROM usage"))
+            conn.execute(sa.text("SELECT setval('usage_id_seq', 1, false)"))
+            conn.execute(sa.text("INSERT INTO usage (id, request_id, endpoint, model, prompt_tokens, completion_tokens, latency_ms, "
+                                 "status, created_at) VALUES (5, 'r', 'web', 'm', 0, 0, 1.0, 200, now())"))
+        assert "usage.id: a row has id 5 but the sequence public.usage_id_seq would hand out 1 next" in store.integrity_check()
 
 
 def _key(**kw) -> KeyInfo:

@@ -41,7 +41,7 @@ def server(tmp_path_factory, tok):
     cfg = ServeConfig(models=[str(ckpt)], db=f"sqlite:///{root / 'chatforge.db'}", dtype="fp32", max_batch=4)
     with LiveServer(cfg) as s:
         s.key = s.store.create_key("alice")[1]
-        s.key_bob = s.store.create_key("bob")[1]
+        s.key_bob = s.store.create_key("bob", role="labeler")[1]
         yield s
 
 
@@ -201,6 +201,18 @@ def test_label_page_ranks_samples_and_takes_a_demonstration(server, browser):
     page.close()
 
 
+def test_label_page_tells_a_user_key_it_needs_the_labeler_role(server, browser):
+    """Guards the labeling page for a key without the labeler role (the queue answers 403): it says
+    what is missing and how to get it, with no script error."""
+    page = browser.new_page()
+    errors = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    sign_in(page, server, server.key, "/label")  # alice: role "user"
+    page.wait_for_selector("text=needs a labeler key")
+    assert "chatforge keys role alice labeler" in page.inner_text("#item") and errors == []
+    page.close()
+
+
 def test_markdown_renderer_is_safe_and_renders_code(server, browser):
     """Guards the page's Markdown renderer against model output that carries HTML or script:
     nothing becomes an element except the renderer's own tags, links keep only http(s)/mailto
@@ -210,7 +222,7 @@ def test_markdown_renderer_is_safe_and_renders_code(server, browser):
     payloads = ["<script>window.pwned = 1</script>", "<img src=x onerror=\"window.pwned = 1\">", "[x](javascript:window.pwned=1)",
                 "[ok](https://example.com/a\"onmouseover=\"window.pwned=1)", "**<svg onload=window.pwned=1>**",
                 "```html\n<iframe src=\"javascript:1\"></iframe>\n", "`<b>` and <b>bold</b>", "> <a href=x onclick=y>q</a>",
-                "3. three\n\n4. four <i>\n- other"]
+                "3. three\n\n4. four <i>\n- other", "[a_](http://x/_y_)", "see [**b**](https://x/**y**) and _z_ [c](mailto:q_r_s)"]
     found = page.evaluate("""async (payloads) => {
         const { renderMarkdown } = await import('/static/markdown.js');
         const out = [];
@@ -236,4 +248,17 @@ def test_markdown_renderer_is_safe_and_renders_code(server, browser):
     assert found["out"][5]["tags"] == ["pre", "code"] and '<iframe src="javascript:1"></iframe>' in found["out"][5]["text"]
     assert found["out"][6]["text"] == "<b> and <b>bold</b>" and found["out"][6]["tags"] == ["p", "code"]
     assert found["out"][8]["tags"] == ["ol", "li", "li", "ul", "li"] and found["out"][8]["text"] == "threefour <i>\nother"
+    # finding 4: emphasis ran after the links were written and rewrote their hrefs
+    assert found["out"][9]["hrefs"] == ["http://x/_y_"] and found["out"][9]["tags"] == ["p", "a"] and found["out"][9]["text"] == "a_"
+    assert found["out"][10]["hrefs"] == ["https://x/**y**", "mailto:q_r_s"]
+    assert found["out"][10]["tags"] == ["p", "a", "strong", "em", "a"] and found["out"][10]["text"] == "see b and z c"
+    # finding 4: the page's Content-Security-Policy is in force: markup that slips past any renderer runs no inline handler
+    blocked = page.evaluate("""async () => {
+        const box = document.createElement('div');
+        box.innerHTML = '<img src="/static/nothing.png" onerror="window.inlinePwned = 1">';
+        document.body.append(box);
+        await new Promise((r) => setTimeout(r, 300));
+        return window.inlinePwned || 0;
+    }""")
+    assert blocked == 0
     page.close()

@@ -7,11 +7,14 @@ block."""
 from __future__ import annotations
 
 import importlib.util
+import re
 
 import pytest
+import sqlalchemy as sa
 
 from chatforge import feedback as F
 from chatforge.serve.config import ServeConfig
+from chatforge.store import Feedback, Generation, LabelItem, Message
 from serve_helpers import LiveServer
 from test_web import ARGS, ARTIFACTS, CHROMIUM, sign_in, sync_api
 
@@ -21,13 +24,17 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="nee
 
 def test_readme_screenshots_with_smollm2(tmp_path):
     """Guards the page with real model output: a greedy answer with a fenced code block renders as
-    a code block, Chinese renders, and the compare and labeling views fill with K real samples."""
+    a code block, a Chinese answer renders and its thumbs-up is stored, and the compare and
+    labeling views fill with K real samples, stored as the model's own (finding 7: this test
+    used to take the screenshots and assert nothing)."""
     cfg = ServeConfig(models=["smollm2-135m-instruct"], db=f"sqlite:///{tmp_path / 'chatforge.db'}", dtype="fp32", max_batch=4)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with LiveServer(cfg) as server, sync_api.sync_playwright() as p:
-        key = server.store.create_key("alice")[1]
+        key = server.store.create_key("alice", role="labeler")[1]
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         page = browser.new_page(viewport={"width": 1280, "height": 900})
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
         sign_in(page, server, key)
         page.click("#settings-toggle")
         page.fill("#system", "You are a helpful assistant.")
@@ -37,12 +44,18 @@ def test_readme_screenshots_with_smollm2(tmp_path):
         page.fill("#prompt", "Write a Python function that checks whether a number is prime.")
         page.keyboard.press("Enter")
         page.wait_for_selector(".msg.assistant[data-id] pre.code", timeout=120000)
+        code = page.locator(".msg.assistant[data-id] pre.code").first.inner_text()
+        assert "def " in code and "return" in code, code  # the fenced Python block arrived as a code block, verbatim
         page.fill("#prompt", "用一句话介绍一下长城。")
         page.keyboard.press("Enter")
         page.wait_for_function("() => document.querySelectorAll('.msg.assistant[data-id]').length === 2", timeout=120000)
         answer = page.locator(".msg.assistant[data-id]").nth(1)
+        assert re.search(r"[\u4e00-\u9fff]", answer.inner_text()), answer.inner_text()  # answered in Chinese, rendered as such
         answer.locator(".thumb-up").click()
         page.wait_for_selector(".thumb-up.on")
+        with server.store.session() as s:
+            rated = s.execute(sa.select(Feedback).where(Feedback.message_id == answer.get_attribute("data-id"))).scalar_one()
+        assert rated.rating == 1
         page.screenshot(path=str(ARTIFACTS / "chat.png"))
 
         page.click("#new-chat")
@@ -55,6 +68,10 @@ def test_readme_screenshots_with_smollm2(tmp_path):
         page.keyboard.press("Enter")
         page.wait_for_function("() => document.querySelectorAll('.compare .answer-card').length === 3", timeout=120000)
         cards = page.locator(".compare .answer-card")
+        ids = [cards.nth(i).get_attribute("data-id") for i in range(3)]
+        with server.store.session() as s:  # three real answers of one request, stored as the model's own
+            gens = [s.get(Generation, s.get(Message, i).generation_id) for i in ids]
+        assert len({g.request_id for g in gens}) == 1 and all(g.output.strip() and g.model == "smollm2-135m-instruct" for g in gens)
         for i in (1, 0):
             cards.nth(i).locator(".pick").click()
         page.screenshot(path=str(ARTIFACTS / "compare.png"))
@@ -64,4 +81,9 @@ def test_readme_screenshots_with_smollm2(tmp_path):
         page.wait_for_function("() => document.querySelectorAll('#item .answer-card').length === 3", timeout=180000)
         page.locator("#item .answer-card").nth(2).locator(".pick").click()
         page.screenshot(path=str(ARTIFACTS / "label.png"))
+        with server.store.session() as s:
+            (item,) = s.execute(sa.select(LabelItem)).scalars()
+            samples = F._item_view(s, item)["samples"]
+        assert len(samples) == 3 and all(x["content"].strip() for x in samples)
+        assert errors == []
         browser.close()

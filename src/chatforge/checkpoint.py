@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -193,7 +194,26 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
     p = Path(directory) / "train_state.pt"
     if not p.is_file():
         raise ValueError(f"{directory}: no train_state.pt to resume from (was it saved with --save-every?)")
-    return torch.load(p, map_location="cpu", weights_only=False)
+    # weights_only: train_state.pt comes from a run folder, which may have been copied from anywhere;
+    # a full unpickle would run whatever code the file names. The train state is tensors, numbers,
+    # strings and containers, plus numpy's RNG state (an ndarray): those few numpy types are allowed.
+    with torch.serialization.safe_globals(_numpy_rng_types()):
+        try:
+            return torch.load(p, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise ValueError(f"{p}: not a chatforge train state (it holds objects other than tensors, numbers and numpy's "
+                             f"RNG state; refusing to unpickle them): {str(e).splitlines()[0]}") from None
+
+
+def _numpy_rng_types() -> list:
+    """What np.random.get_state() pickles as: an ndarray of uint32 (numpy 1.x or 2.x module paths)."""
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def weight_format(path_or_meta) -> str | None:

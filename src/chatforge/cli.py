@@ -337,10 +337,15 @@ def _add_keys(sub) -> None:
     c.add_argument("--rpm", type=int, default=None, help="requests per minute (default: unlimited)")
     c.add_argument("--tpm", type=int, default=None, help="tokens per minute, prompt + completion (default: unlimited)")
     c.add_argument("--quota", type=int, default=None, help="lifetime token quota (default: unlimited)")
+    c.add_argument("--role", default="user", help="user (API and chat page) | labeler (also the labeling queue) | "
+                                                  "admin (also /metrics, /health details, labelers' names)")
     l_ = ksub.add_parser("list", help="list keys (never their secrets)")
     r = ksub.add_parser("revoke", help="revoke a key by id, name or prefix; effective on the next request")
     r.add_argument("key")
-    for q in (c, l_, r):
+    ro = ksub.add_parser("role", help="change a key's role (user | labeler | admin); effective on the next request")
+    ro.add_argument("key")
+    ro.add_argument("role")
+    for q in (c, l_, r, ro):
         q.add_argument("--db", default="", help="SQLAlchemy URL of the store (default: SQLite at <cache>/chatforge.db)")
         q.set_defaults(func=_run_keys)
 
@@ -350,17 +355,20 @@ def _run_keys(a) -> None:
 
     store = Store(a.db or None)
     if a.keys_cmd == "create":
-        k, secret = store.create_key(a.name, rpm=a.rpm, tpm=a.tpm, quota_tokens=a.quota)
-        print(f"created key {k.id} ({k.name}); store the secret now, it is not shown again:\n{secret}")
+        k, secret = store.create_key(a.name, rpm=a.rpm, tpm=a.tpm, quota_tokens=a.quota, role=a.role)
+        print(f"created key {k.id} ({k.name}, role {k.role}); store the secret now, it is not shown again:\n{secret}")
+    elif a.keys_cmd == "role":
+        k = store.set_role(a.key, a.role)
+        print(f"key {k.id} ({k.name}, {k.prefix}...) now has role {k.role}")
     elif a.keys_cmd == "revoke":
         k = store.revoke_key(a.key)
         print(f"revoked key {k.id} ({k.name}, {k.prefix}...) at {k.revoked_at:%Y-%m-%d %H:%M:%S} UTC")
     else:
         lim = lambda v: "-" if v is None else str(v)  # noqa: E731
-        print(f"{'id':>4s} {'name':20s} {'prefix':12s} {'rpm':>7s} {'tpm':>9s} {'quota':>12s} {'used':>12s} {'created (UTC)':19s} status")
+        print(f"{'id':>4s} {'name':20s} {'prefix':12s} {'role':8s} {'rpm':>7s} {'tpm':>9s} {'quota':>12s} {'used':>12s} {'created (UTC)':19s} status")
         for k in store.list_keys():
             status = "active" if k.active else f"revoked {k.revoked_at:%Y-%m-%d %H:%M}"
-            print(f"{k.id:4d} {k.name[:20]:20s} {k.prefix:12s} {lim(k.rpm):>7s} {lim(k.tpm):>9s} {lim(k.quota_tokens):>12s} "
+            print(f"{k.id:4d} {k.name[:20]:20s} {k.prefix:12s} {k.role:8s} {lim(k.rpm):>7s} {lim(k.tpm):>9s} {lim(k.quota_tokens):>12s} "
                   f"{k.tokens_used:12d} {k.created_at:%Y-%m-%d %H:%M:%S} {status}")
     store.close()
 

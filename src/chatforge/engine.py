@@ -41,6 +41,10 @@ from .model import GPT, decode_attention_by_matmuls
 from .tokenizer import Tokenizer
 
 
+MIN_TEMPERATURE = 1e-4  # smallest positive temperature; below it logits / T overflow (0 means greedy)
+MAX_STOP_CHARS = 256  # longest stop string
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
@@ -62,6 +66,8 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0")
+        if 0 < self.temperature < MIN_TEMPERATURE:  # logits / 1e-6 overflow to inf, softmax to NaN
+            raise ValueError(f"temperature={self.temperature} is below {MIN_TEMPERATURE}: use 0 for greedy decoding")
         if self.top_k < 0:
             raise ValueError(f"top_k={self.top_k} must be >= 0")
         if not 0 < self.top_p <= 1:
@@ -78,6 +84,8 @@ class SamplingParams:
             raise ValueError(f"top_logprobs={self.top_logprobs} must be in [0, 20]")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop={self.stop!r}: stop strings must be non-empty strings")
+        if any(len(s) > MAX_STOP_CHARS for s in self.stop):
+            raise ValueError(f"stop: a stop string of {max(len(s) for s in self.stop)} characters; at most {MAX_STOP_CHARS} each")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids={self.stop_token_ids!r} must be non-negative token ids")
 
@@ -113,6 +121,7 @@ class _Request:
         self.read_offset = 0
         self.text = ""  # all decoded text so far
         self.emitted = 0  # characters of self.text already emitted
+        self.stops = [_StopMatcher(x) for x in sp.stop]
         self.cancelled = False
 
     @property
@@ -677,17 +686,18 @@ class Engine:
         full = self.tok.decode(r.out[r.prefix_offset :])
         if full.endswith("\ufffd"):  # an unfinished UTF-8 sequence: wait for more bytes
             return "", False
-        r.text += full[len(prefix) :]
+        new_text, start = full[len(prefix) :], len(r.text)
+        r.text += new_text
         r.prefix_offset, r.read_offset = r.read_offset, len(r.out)
-        # The earliest stop string wins. Text before `emitted` holds no stop string's start (it
-        # was held back while it could be one), so the search starts just before it.
-        hits = [at for s in r.sp.stop if (at := r.text.find(s, max(0, r.emitted - len(s) + 1))) != -1]
+        # The earliest stop string wins. Each matcher reads every new character once (KMP), so a
+        # stop string of length L costs O(L) per request, not O(L^2) per token.
+        hits = [at for m in r.stops if (at := m.feed(new_text, start)) != -1]
         if hits:
             r.text = r.text[: min(hits)]
             out = r.text[r.emitted :]
             r.emitted = len(r.text)
             return out, True
-        hold = max((k for s in r.sp.stop for k in range(1, len(s)) if r.text.endswith(s[:k])), default=0)
+        hold = max((m.state for m in r.stops), default=0)  # the longest stop-string prefix the text ends with
         out = r.text[r.emitted : len(r.text) - hold]
         r.emitted += len(out)
         return out, False
@@ -701,6 +711,37 @@ class Engine:
         out = r.text[r.emitted :]
         r.emitted = len(r.text)
         return out
+
+
+class _StopMatcher:
+    """Knuth-Morris-Pratt over a growing text: `state` is the length of the longest prefix of the
+    stop string that the text read so far ends with (what must be held back)."""
+
+    def __init__(self, stop: str):
+        self.stop, self.state = stop, 0
+        self.fail = [0] * len(stop)  # fail[i]: longest proper border of stop[: i + 1]
+        k = 0
+        for i in range(1, len(stop)):
+            while k and stop[i] != stop[k]:
+                k = self.fail[k - 1]
+            if stop[i] == stop[k]:
+                k += 1
+            self.fail[i] = k
+
+    def feed(self, text: str, start: int) -> int:
+        """Read `text` (which begins at offset `start` of the whole text); the offset where the
+        first complete stop string begins, or -1."""
+        s, k = self.stop, self.state
+        for i, c in enumerate(text):
+            while k and c != s[k]:
+                k = self.fail[k - 1]
+            if c == s[k]:
+                k += 1
+            if k == len(s):
+                self.state = k
+                return start + i + 1 - len(s)
+        self.state = k
+        return -1
 
 
 def penalized_logits(logits_V: torch.Tensor, r: _Request) -> torch.Tensor:

@@ -378,7 +378,7 @@ def prompts_from_traffic(store: Store, limit: int, seed: int = 0) -> list[list[d
     """Prompts people asked on the chat page (first user turn with its system prompt), distinct, a seeded sample."""
     with store.session() as s:
         q = (sa.select(Message).join(Conversation, Conversation.id == Message.conversation_id)
-             .where(Conversation.source == "chat", Message.role == "user"))
+             .where(Conversation.source == "chat", Conversation.deleted_at.is_(None), Message.role == "user"))
         seen, out = set(), []
         for m in s.execute(q).scalars():
             path = [t for t in _turns(_path_to({x.id: x for x in _messages(s, m.conversation_id)}, m.id))]
@@ -477,9 +477,10 @@ def pair_agreement(a: list[str], b: list[str]) -> float:
     return same / len(pairs)
 
 
-def label_stats(store: Store, key_id: int) -> dict:
+def label_stats(store: Store, key_id: int, show_names: bool = True) -> dict:
     """Queue progress (for this labeler and overall) and agreement between labelers: the mean
-    pairwise-order agreement of every two labelers' rankings of the same item."""
+    pairwise-order agreement of every two labelers' rankings of the same item. Without
+    `show_names` (a labeler who is not an admin) other labelers are "another labeler", not their key's name."""
     with store.session() as s:
         items = list(s.execute(sa.select(LabelItem)).scalars())
         done_me = _done_by(s, key_id)
@@ -505,7 +506,8 @@ def label_stats(store: Store, key_id: int) -> dict:
         orders = list(rankings.values())
         scores += [pair_agreement(orders[i], orders[j]) for i in range(len(orders)) for j in range(i + 1, len(orders))]
     return {"items": len(items), "done_by_you": len(done_me & {i.id for i in items}),
-            "labelers": [{"name": names.get(k, "?"), "done": n} for k, n in sorted(per_key.items(), key=lambda kv: -kv[1])],
+            "labelers": [{"name": names.get(k, "?") if show_names or k == key_id else "another labeler", "done": n}
+                         for k, n in sorted(per_key.items(), key=lambda kv: -kv[1])],
             "agreement": sum(scores) / len(scores) if scores else None, "agreement_pairs": len(scores)}
 
 
@@ -560,6 +562,8 @@ def export(store: Store, out: str | Path, since: dt.datetime | None = None) -> E
 
     with store.session() as s:
         names = dict(s.execute(sa.select(ApiKey.id, ApiKey.name)).all())
+        # A conversation its owner deleted leaves nothing in the training data (its rows stay for the ledger).
+        deleted = set(s.execute(sa.select(Conversation.id).where(Conversation.deleted_at.is_not(None))).scalars())
         gens = {}
         conv_msgs: dict[str, dict[str, Message]] = {}
 
@@ -584,6 +588,8 @@ def export(store: Store, out: str | Path, since: dt.datetime | None = None) -> E
             q = q.where(Feedback.created_at >= since)
         for f in s.execute(q).scalars():
             corr = s.get(Message, f.correction_id)
+            if corr.conversation_id in deleted:
+                continue
             path = _path_to(msgs_of(corr.conversation_id), corr.id)
             rated = s.get(Message, f.message_id)
             g = gen(rated) if rated.role == "assistant" else None
@@ -604,6 +610,8 @@ def export(store: Store, out: str | Path, since: dt.datetime | None = None) -> E
             if score == 0:
                 continue
             m = s.get(Message, mid)
+            if m.conversation_id in deleted:
+                continue
             by_parent.setdefault((m.conversation_id, m.parent_id), {}).setdefault(1 if score > 0 else -1, []).append(m)
             if score > 0:
                 turns = _turns(_path_to(msgs_of(m.conversation_id), m.id))
@@ -632,6 +640,8 @@ def export(store: Store, out: str | Path, since: dt.datetime | None = None) -> E
         if since is not None:
             q = q.where(Ranking.created_at >= since)
         for r in s.execute(q).scalars():
+            if r.conversation_id in deleted:
+                continue
             items = list(s.execute(sa.select(RankingItem).where(RankingItem.ranking_id == r.id)).scalars())
             msgs = msgs_of(r.conversation_id)
             answers = sorted((msgs[i.message_id] for i in items), key=lambda m: (gen(m).choice_index if gen(m) else 0, m.id))

@@ -421,11 +421,22 @@ def _resolve(name_or_path: str) -> Path:
 
 
 # ---- label rank -----------------------------------------------------------------------------
+def _distinct(samples: list[Ranking]) -> list[Ranking]:
+    """The samples with repeated answers removed (rankings.distinct_responses), saying how many."""
+    from .data.rankings import distinct_responses
+
+    kept, repeats, dropped = distinct_responses(samples)
+    if repeats:
+        print(f"label rank: {repeats} repeated answers left out (a ranking cannot prefer a text to itself); "
+              f"{dropped} prompts had fewer than 2 different answers and are not ranked", file=sys.stderr)
+    return kept
+
 
 
 def rank_with_oracle(samples: list[Ranking], oracle: GoldLabeler, seed: int) -> list[dict]:
     """Rankings lines for every sample, ranked by the gold labeler. The answer key ("gold") is
     left out of the output: the reward model must never see it."""
+    samples = _distinct(samples)
     rng = random.Random(seed)
     out = []
     for s in samples:
@@ -493,6 +504,7 @@ def rank(path: str, out: str | None = None, oracle: str | None = None, disagreem
         write_jsonl(out_path, records)
         print(f"label rank: {len(records)} rankings by the {oracle} labeler (synthetic preferences) -> {out_path}", file=sys.stderr)
         return out_path
+    samples = _distinct(samples)
     done: dict[int, dict] = {}
     if out_path.is_file():
         # Resume: lines already ranked are matched back to their samples by content.

@@ -108,8 +108,6 @@ def measure_step_seconds(cfg: SpeedrunConfig, shards_dir: Path) -> float:
 def main(cfg: SpeedrunConfig) -> Path:
     from .data.corpus import build_default_corpus
     from .data.prepare import prepare, train_tokenizer_on_files
-    from .train.pretrain import PretrainConfig
-    from .train.pretrain import main as pretrain
 
     t0 = time.time()
     out = Path(cfg.out)
@@ -134,6 +132,30 @@ def main(cfg: SpeedrunConfig) -> Path:
         prepare([str(mix)], tok_dir, shards, val_fraction=0.01, seed=cfg.seed)
 
     base = out / "base"
+    if _done(out, "pretrain"):
+        say(f"5/9 pretrain: done -> {base}")
+    else:
+        _pretrain(cfg, shards, base, t0)
+        _mark_done(out, "pretrain")
+    report: dict = {"out": str(out), "base": _metrics(base)}
+    if cfg.until != "pretrain":
+        report.update(after_pretrain(cfg, out, shards, t0))
+    report["minutes"] = round((time.time() - t0) / 60, 1)
+    from .config import save_json
+
+    save_json(report, out / "report.json")
+    say(f"done in {report['minutes']:.1f} min; report card (also in {out / 'report.json'}):")
+    print(report_card(report), flush=True)
+    say(f"  log and loss plot of each stage: {out}/<stage>/log.jsonl, loss.png")
+    say(f"  try it       chatforge chat {report.get('best', base)}")
+    return out
+
+
+def _pretrain(cfg: SpeedrunConfig, shards: Path, base: Path, t0: float) -> None:
+    """Pretraining for the budget's share, or the rest of an interrupted run from its last save."""
+    from .train.pretrain import PretrainConfig
+    from .train.pretrain import main as pretrain
+
     resume = (base / "train_state.pt").is_file()
     budget = cfg.minutes * 60 * cfg.pretrain_share - (time.time() - t0) - 30  # keep 30 s for the final eval and save
     if resume:
@@ -164,18 +186,6 @@ def main(cfg: SpeedrunConfig) -> Path:
         device=cfg.device,
     )
     pretrain(pcfg)
-    report: dict = {"out": str(out), "base": _metrics(base)}
-    if cfg.until != "pretrain":
-        report.update(after_pretrain(cfg, out, shards, t0))
-    report["minutes"] = round((time.time() - t0) / 60, 1)
-    from .config import save_json
-
-    save_json(report, out / "report.json")
-    say(f"done in {report['minutes']:.1f} min; report card (also in {out / 'report.json'}):")
-    print(report_card(report), flush=True)
-    say(f"  log and loss plot of each stage: {out}/<stage>/log.jsonl, loss.png")
-    say(f"  try it       chatforge chat {report.get('best', base)}")
-    return out
 
 
 def _metrics(ckpt: Path) -> dict:

@@ -44,6 +44,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from .config import cache_dir
 
 KEY_PREFIX = "cf-"  # every chatforge key starts with this, so a leaked key is recognisable
+# What a key may do (migration 3). user: the API and the chat page; labeler: also the labeling
+# queue and its stats; admin: also /metrics, the engine load in /health and other keys' names.
+ROLES = ("user", "labeler", "admin")
 
 
 def utcnow() -> dt.datetime:
@@ -87,6 +90,7 @@ class ApiKey(Base):
     tokens_used: Mapped[int] = mapped_column(sa.BigInteger, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime)
+    role: Mapped[str] = mapped_column(sa.String(16), default="user")  # one of ROLES
 
 
 class Usage(Base):
@@ -248,10 +252,17 @@ def _migration_2(conn: sa.Connection) -> None:
     md.tables["snapshots"].create(conn)
 
 
+def _migration_3(conn: sa.Connection) -> None:
+    """Roles on keys, frozen: existing keys become "user" (they lose nothing they were meant to have;
+    give labelers and admins their role with `chatforge keys role`)."""
+    conn.execute(sa.text("ALTER TABLE api_keys ADD COLUMN role VARCHAR(16) DEFAULT 'user' NOT NULL"))
+
+
 # (version, name, function): append only.
 MIGRATIONS: list[tuple[int, str, Callable[[sa.Connection], None]]] = [
     (1, "initial: keys, usage, conversations, messages, generations, feedback, rankings", _migration_1),
     (2, "labeling queue and snapshot registry", _migration_2),
+    (3, "roles on API keys", _migration_3),
 ]
 
 _migrations_table = sa.Table(
@@ -277,10 +288,15 @@ class KeyInfo:
     tokens_used: int
     created_at: dt.datetime
     revoked_at: dt.datetime | None
+    role: str = "user"  # one of ROLES
 
     @property
     def active(self) -> bool:
         return self.revoked_at is None
+
+    def may(self, role: str) -> bool:
+        """Whether this key has `role` or a higher one (admin > labeler > user)."""
+        return ROLES.index(self.role) >= ROLES.index(role)
 
 
 @dataclass
@@ -331,8 +347,12 @@ class Store:
     """A handle on the database; thread-safe. Opening it creates or migrates the schema."""
 
     def __init__(self, url: str | None = None, echo: bool = False):
-        self.url = url or default_url()
-        u = sa.engine.make_url(self.url)
+        self.url = _driver_url(url or default_url())
+        try:
+            u = sa.engine.make_url(self.url)
+        except sa.exc.ArgumentError as e:
+            raise ValueError(f"--db {self.url!r}: not a SQLAlchemy URL ({e}); e.g. sqlite:///path/chatforge.db or "
+                             "postgresql://user@host/dbname") from None
         self.is_sqlite = u.get_backend_name() == "sqlite"
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
@@ -350,6 +370,11 @@ class Store:
         # busy-waiting on the file lock (other processes, like `chatforge keys`, still wait on it).
         self._write_lock = threading.Lock() if self.is_sqlite else _NullLock()
         self.migrate()
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with its password masked, for printing."""
+        return sa.engine.make_url(self.url).render_as_string(hide_password=True)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -375,11 +400,29 @@ class Store:
             return conn.execute(sa.select(sa.func.max(_migrations_table.c.version))).scalar() or 0
 
     def integrity_check(self) -> str:
-        """SQLite's `PRAGMA integrity_check` ("ok" when the file is sound); "ok" elsewhere."""
-        if not self.is_sqlite:
-            return "ok"
+        """"ok" when the database is sound, else one line per problem. On every backend: each table
+        read in full and no row pointing at a missing parent (SQLite enforces foreign keys only on
+        connections that ask). SQLite also runs `PRAGMA integrity_check`; PostgreSQL checks that no
+        id is above its sequence (the next insert would collide) and, where the `amcheck` extension
+        is installed, runs `bt_index_check` on every B-tree index of the schema."""
+        problems = []
         with self.engine.connect() as conn:
-            return "\n".join(r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check"))
+            if self.is_sqlite:
+                res = "\n".join(r[0] for r in conn.exec_driver_sql("PRAGMA integrity_check"))
+                if res != "ok":
+                    return res  # a damaged file: the queries below may not even run
+            for table in Base.metadata.sorted_tables:
+                conn.execute(sa.select(sa.func.count()).select_from(table)).scalar()  # reads every row
+                for fk in table.foreign_keys:
+                    child, target = fk.parent, fk.column.table.alias("parent_row")  # an alias: messages.parent_id points at messages
+                    parent = target.c[fk.column.name]
+                    orphans = conn.execute(sa.select(sa.func.count()).select_from(table.outerjoin(target, child == parent))
+                                           .where(child.is_not(None), parent.is_(None))).scalar()
+                    if orphans:
+                        problems.append(f"{table.name}.{child.name}: {orphans} rows point at a missing {fk.column.table.name} row")
+            if self.engine.dialect.name == "postgresql":
+                problems += _pg_sequence_problems(conn) + _pg_amcheck_problems(conn)
+        return "\n".join(problems) or "ok"
 
     def session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
@@ -392,16 +435,18 @@ class Store:
             yield s
 
     # ---- keys --------------------------------------------------------------------------
-    def create_key(self, name: str, rpm: int | None = None, tpm: int | None = None, quota_tokens: int | None = None) -> tuple[KeyInfo, str]:
+    def create_key(self, name: str, rpm: int | None = None, tpm: int | None = None, quota_tokens: int | None = None,
+                   role: str = "user") -> tuple[KeyInfo, str]:
         """A new key; returns its record and the secret (shown once, never stored)."""
         if not name or len(name) > 100:
             raise ValueError(f"key name {name!r}: give 1-100 characters")
+        _check_role(role)
         for flag, v in (("--rpm", rpm), ("--tpm", tpm), ("--quota", quota_tokens)):
             if v is not None and v < 1:
                 raise ValueError(f"{flag}={v} must be >= 1 (leave it out for no limit)")
         secret = generate_key()
         row = ApiKey(name=name, prefix=secret[: len(KEY_PREFIX) + 6], key_hash=hash_key(secret), rpm=rpm, tpm=tpm,
-                     quota_tokens=quota_tokens, tokens_used=0, created_at=utcnow())
+                     quota_tokens=quota_tokens, tokens_used=0, created_at=utcnow(), role=role)
         with self._write_lock, self.session() as s, s.begin():
             s.add(row)
         return _key_info(row), secret
@@ -425,6 +470,14 @@ class Store:
         if len(hits) > 1:
             raise ValueError(f"{len(hits)} keys are named {id_or_name!r}; give the numeric id: {', '.join(str(k.id) for k in hits)}")
         return hits[0]
+
+    def set_role(self, id_or_name: str, role: str) -> KeyInfo:
+        _check_role(role)
+        k = self.find_key(id_or_name)
+        with self._write_lock, self.session() as s, s.begin():
+            row = s.get(ApiKey, k.id)
+            row.role = role
+        return _key_info(row)
 
     def revoke_key(self, id_or_name: str) -> KeyInfo:
         k = self.find_key(id_or_name)
@@ -514,7 +567,55 @@ def _title(messages: list[dict]) -> str:
 
 
 def _key_info(r: ApiKey) -> KeyInfo:
-    return KeyInfo(r.id, r.name, r.prefix, r.rpm, r.tpm, r.quota_tokens, r.tokens_used, r.created_at, r.revoked_at)
+    return KeyInfo(r.id, r.name, r.prefix, r.rpm, r.tpm, r.quota_tokens, r.tokens_used, r.created_at, r.revoked_at, r.role)
+
+
+def _check_role(role: str) -> None:
+    if role not in ROLES:
+        raise ValueError(f"--role {role!r}: expected one of {', '.join(ROLES)}")
+
+
+def _driver_url(url: str) -> str:
+    """postgresql:// (and Heroku-style postgres://) means psycopg 3, the driver chatforge installs;
+    SQLAlchemy's own default for it is psycopg2, which is not a dependency."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
+def _pg_sequence_problems(conn: sa.Connection) -> list[str]:
+    out = []
+    for table in Base.metadata.sorted_tables:
+        pk = list(table.primary_key.columns)
+        if len(pk) != 1 or not isinstance(pk[0].type, sa.Integer):
+            continue
+        seq = conn.execute(sa.text("SELECT pg_get_serial_sequence(:t, :c)"), {"t": table.name, "c": pk[0].name}).scalar()
+        if seq is None:
+            continue
+        last, called = conn.execute(sa.text(f"SELECT last_value, is_called FROM {seq}")).one()
+        top = conn.execute(sa.select(sa.func.max(pk[0]))).scalar()
+        if top is not None and top > (last if called else last - 1):
+            out.append(f"{table.name}.{pk[0].name}: a row has id {top} but the sequence {seq} would hand out {last + called} next")
+    return out
+
+
+def _pg_amcheck_problems(conn: sa.Connection) -> list[str]:
+    """bt_index_check on every B-tree index of the public schema, if `CREATE EXTENSION amcheck` was run
+    (it needs a superuser once; the check itself only reads)."""
+    if not conn.execute(sa.text("SELECT 1 FROM pg_extension WHERE extname = 'amcheck'")).scalar():
+        return []
+    out = []
+    rows = conn.execute(sa.text("SELECT c.oid, c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                                "JOIN pg_am a ON a.oid = c.relam JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                "WHERE a.amname = 'btree' AND n.nspname = current_schema()")).all()
+    for oid, name in rows:
+        try:
+            with conn.begin_nested():
+                conn.execute(sa.text("SELECT bt_index_check(CAST(:oid AS regclass))"), {"oid": oid})
+        except sa.exc.DBAPIError as e:
+            out.append(f"index {name}: {str(e.orig).strip()}")
+    return out
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:

@@ -144,6 +144,7 @@ def prepare(
     tok = Tokenizer.load(tokenizer_dir)
     dtype = shard_dtype(tok.vocab_size)
     out = Path(out)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     tmp = {s: out / f"{s}.bin.tmp" for s in ("train", "val")}
     stats = {s: {"tokens": 0, "documents": 0, "bytes": 0} for s in ("train", "val")}
@@ -190,6 +191,8 @@ def prepare(
     except BaseException:
         for p in tmp.values():
             p.unlink(missing_ok=True)
+        if created and not any(out.iterdir()):  # refused input leaves no empty shards folder that looks prepared
+            out.rmdir()
         raise
     # meta.json goes first and comes back last: a crash in between leaves a folder the loader refuses.
     (out / "meta.json").unlink(missing_ok=True)

@@ -109,6 +109,8 @@ def parse_ranking(obj: dict, where: str, require_ranking: bool = True) -> Rankin
             if key not in obj:
                 raise ValueError(f"{where}: pairwise line without '{key}'")
         responses = [_response_text(obj["chosen"], "chosen", where), _response_text(obj["rejected"], "rejected", where)]
+        if responses[0] == responses[1]:
+            raise ValueError(f"{where}: 'chosen' and 'rejected' are the same text; a preference needs two different answers")
         extra = {k: v for k, v in obj.items() if k not in ("messages", "prompt", "chosen", "rejected")}
         return Ranking(messages, responses, [0, 1], extra, where)
     if "responses" not in obj:
@@ -123,8 +125,29 @@ def parse_ranking(obj: dict, where: str, require_ranking: bool = True) -> Rankin
         ranking = []
     else:
         ranking = check_ranking(ranking, len(responses), where)
+        first = {}
+        for i, r in enumerate(responses):  # (a samples file, not yet ranked, may repeat itself: `label rank` drops repeats)
+            if r in first:
+                raise ValueError(f"{where}: responses {first[r]} and {i} are the same text; a ranking cannot prefer an answer "
+                                 "to itself (keep one copy and rank the rest)")
+            first[r] = i
     extra = {k: v for k, v in obj.items() if k not in ("messages", "prompt", "responses", "ranking")}
     return Ranking(messages, list(responses), ranking, extra, where)
+
+
+def distinct_responses(samples: list[Ranking]) -> tuple[list[Ranking], int, int]:
+    """Samples with repeated answers collapsed to one copy each (first occurrence kept, in order),
+    and those left with fewer than 2 different answers dropped: a ranking of identical texts would
+    train the reward model on a preference that is not there. Returns (kept, repeats removed, prompts dropped)."""
+    kept, repeats, dropped = [], 0, 0
+    for s in samples:
+        uniq = list(dict.fromkeys(s.responses))
+        repeats += len(s.responses) - len(uniq)
+        if len(uniq) < 2:
+            dropped += 1
+            continue
+        kept.append(s if len(uniq) == len(s.responses) else Ranking(s.messages, uniq, [], s.extra, s.source))
+    return kept, repeats, dropped
 
 
 def check_ranking(ranking: object, k: int, where: str) -> list[int]:

@@ -35,6 +35,7 @@ from ..engine import Event, QueueFull, SamplingParams
 from ..store import GenerationRecord, KeyInfo, RequestRecord, Store
 from . import protocol as P
 from . import web
+from .admission import admission, require_role
 from .auth import authenticate
 from .config import ServeConfig
 from .limits import RateLimiter, Rejected, Reservation, retry_after_header
@@ -124,11 +125,13 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store: Store) -> FastAPI
         version="0.1.0",
         description="OpenAI-compatible API over chatforge's engine. Fields that are not OpenAI's are described as \"extension: ...\".",
         responses={code: {"model": P.ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)},
+        docs_url=None, redoc_url=None,  # Swagger UI and ReDoc load scripts from a CDN, which the pages' CSP forbids; /openapi.json stays
     )
     app.state.chatforge = state
     _openapi_without_422(app)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(SecurityHeaders)
     bearer = HTTPBearer(auto_error=False, description="an API key from `chatforge keys create`")
 
     async def current_key(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> KeyInfo | None:
@@ -172,22 +175,32 @@ def create_app(cfg: ServeConfig, models: ModelRegistry, store: Store) -> FastAPI
         return JSONResponse(err.body().model_dump(), status_code=500)
 
     # ---- routes ------------------------------------------------------------------------
-    @app.get("/health", response_model=P.Health, tags=["extensions"])
-    async def health() -> P.Health:
+    @app.get("/health", response_model=P.Health, response_model_exclude_none=True, tags=["extensions"])
+    async def health(request: Request) -> P.Health:
+        # Liveness for anyone (load balancers have no key); what is loaded and how busy it is only
+        # for an admin key, as the snapshot ids name the weights.
+        header = request.headers.get("authorization")
+        key = await authenticate(header, store, required=False) if header else None
+        if key is None or not key.may("admin"):
+            return P.Health()
         return P.Health(models=[m.id for m in models.models], queue_depth=sum(m.loop.queue_depth for m in models.models),
                         active_slots=sum(m.loop.active_slots for m in models.models))
 
     @app.get("/metrics", tags=["extensions"], response_class=Response,
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics() -> Response:
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}, 403: {"model": P.ErrorResponse}})
+    async def metrics(request: Request) -> Response:
+        if not cfg.public_metrics:
+            await require_role(await authenticate(request.headers.get("authorization"), store, required=True), "admin", "/metrics")
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    admitted = admission(state, "models")
+
     @app.get("/v1/models", response_model=P.ModelList)
-    async def list_models(key: KeyInfo | None = Depends(current_key)) -> P.ModelList:
+    async def list_models(key: KeyInfo | None = admitted) -> P.ModelList:
         return P.ModelList(data=[_model_card(m) for m in models.models])
 
     @app.get("/v1/models/{model:path}", response_model=P.Model)
-    async def retrieve_model(model: str, key: KeyInfo | None = Depends(current_key)) -> P.Model:
+    async def retrieve_model(model: str, key: KeyInfo | None = admitted) -> P.Model:
         return _model_card(_get_model(models, model))
 
     @app.post("/v1/chat/completions", response_model=P.ChatCompletion,
@@ -691,11 +704,14 @@ def _openapi_without_422(app: FastAPI) -> None:
 
 def _is_type_tag(part) -> bool:
     """Pydantic puts union members in error locations ('str', 'list[str]', 'TextContentPart'); fields are snake_case."""
-    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list") or "[" in part or part[:1].isupper())
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "dict", "list") or "[" in part or part[:1].isupper()
+                                      or part.startswith("constrained-"))  # an Annotated str with max_length
 
 
 class BodyLimit:
-    """413 for request bodies over `max_bytes` (by Content-Length, and counted while reading)."""
+    """413 for request bodies over `max_bytes`: by Content-Length when there is one, else (chunked
+    transfer) by reading the body before the app sees it. A limit raised while the app reads would
+    surface as FastAPI's 400 "error parsing the body"."""
 
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
@@ -704,22 +720,62 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            err = P.APIError(413, f"Request body of {length.decode(errors='replace')} bytes is over the limit of {self.max_bytes} bytes.",
-                             code="request_too_large")
-            return await JSONResponse(err.body().model_dump(), status_code=413)(scope, receive, send)
-        seen = 0
-
-        async def limited_receive():
-            nonlocal seen
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
+                return await self._too_large(f"Request body of {length.decode(errors='replace')} bytes", scope, receive, send)
+            return await self.app(scope, receive, send)
+        chunks, seen = [], 0
+        while True:
             msg = await receive()
-            if msg["type"] == "http.request":
-                seen += len(msg.get("body", b""))
-                if seen > self.max_bytes:
-                    raise P.APIError(413, f"Request body is over the limit of {self.max_bytes} bytes.", code="request_too_large")
-            return msg
+            if msg["type"] != "http.request":  # the client went away
+                return
+            chunks.append(msg.get("body", b""))
+            seen += len(chunks[-1])
+            if seen > self.max_bytes:
+                return await self._too_large("Request body", scope, receive, send)
+            if not msg.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        await self.app(scope, limited_receive, send)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, what: str, scope, receive, send) -> None:
+        err = P.APIError(413, f"{what} is over the limit of {self.max_bytes} bytes.", code="request_too_large")
+        await JSONResponse(err.body().model_dump(), status_code=413, headers={"Connection": "close"})(scope, receive, send)
+
+
+# Pages load only this server's own scripts, styles and images and talk only to it; the API key sits
+# in localStorage, so an injected script must have nowhere to load from or send to.
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; font-src 'self'; "
+       "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = [(b"content-security-policy", CSP.encode()), (b"x-content-type-options", b"nosniff"),
+                    (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                    (b"cross-origin-opener-policy", b"same-origin"), (b"permissions-policy", b"camera=(), microphone=(), geolocation=()")]
+
+
+class SecurityHeaders:
+    """CSP and the usual hardening headers on every response (pages, static files, API)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", []), *SECURITY_HEADERS]}
+            await send(msg)
+
+        await self.app(scope, receive, send_with_headers)
 
 
 # ---- running it -----------------------------------------------------------------------------
@@ -747,7 +803,7 @@ def main(cfg: ServeConfig) -> None:
     app, models, store = build(cfg)
     for m in models.models:
         print(f"serving {m.id} (context {m.context_len} tokens, {m.engine.max_batch} slots) from {m.path}", flush=True)
-    print(f"store: {store.url} (schema version {store.version}); auth {'on' if cfg.auth else 'OFF'}", flush=True)
+    print(f"store: {store.safe_url} (schema version {store.version}); auth {'on' if cfg.auth else 'OFF'}", flush=True)
     print(f"listening on http://{cfg.host}:{cfg.port}/v1", flush=True)
     print(f"chat page: http://{cfg.host}:{cfg.port}/  labeling page: http://{cfg.host}:{cfg.port}/label", flush=True)
     try:

@@ -27,6 +27,7 @@ class ServeConfig:
     max_messages: int = 512  # messages per chat request
     max_message_chars: int = 200_000  # characters per message
     max_body_bytes: int = 8_000_000  # request body size limit (413 beyond)
+    public_metrics: bool = False  # serve /metrics without a key (for a Prometheus on a private network); else an admin key is needed
     store_conversations: bool = True  # keep prompts and outputs for the data flywheel (requests can opt out with store=false)
     log_level: str = "warning"  # uvicorn's log level
 

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_STOP = 4  # OpenAI allows up to 4 stop sequences
+MAX_STOP_CHARS = 256  # characters per stop sequence (engine.MAX_STOP_CHARS; the hold-back is linear in it)
 
 
 class _Request(BaseModel):
@@ -75,7 +76,8 @@ class ResponseFormat(_Request):
     type: Literal["text", "json_object", "json_schema"]
 
 
-Stop = str | Annotated[list[str], Field(max_length=MAX_STOP)] | None
+_StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+Stop = _StopString | Annotated[list[_StopString], Field(max_length=MAX_STOP)] | None
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(ge=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
@@ -257,9 +259,9 @@ class ModelList(_Response):
 
 
 class Health(_Response):
-    """GET /health (extension): liveness plus the engine's load."""
+    """GET /health (extension): liveness; the models and the engines' load only for an admin key."""
 
     status: Literal["ok"] = "ok"
-    models: list[str]
-    queue_depth: int
-    active_slots: int
+    models: list[str] | None = None
+    queue_depth: int | None = None
+    active_slots: int | None = None

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import feedback as F
 from ..store import KeyInfo
 from . import protocol as P
-from .auth import authenticate
+from .admission import admission, require_role
 
 STATIC = Path(__file__).parent / "static"
 
@@ -72,10 +72,11 @@ def mount(app: FastAPI, state) -> None:
     """Add the pages and /web/ endpoints to the server's app."""
     store, models, cfg = state.store, state.models, state.cfg
     max_chars = cfg.max_message_chars
+    # The API's admission (key, quota, rpm, concurrency, a ledger row per call) for every route here.
+    signed_in = admission(state, "web", required=True)
 
-    async def signed_in(request: Request) -> KeyInfo:
-        key = await authenticate(request.headers.get("authorization"), store, required=True)
-        assert key is not None
+    async def labeler(key: KeyInfo = signed_in) -> KeyInfo:
+        await require_role(key, "labeler", "the labeling queue")
         return key
 
     async def call(fn: Callable, *args, **kw):
@@ -87,61 +88,62 @@ def mount(app: FastAPI, state) -> None:
     r = APIRouter(prefix="/web", tags=["web pages"], responses={code: {"model": P.ErrorResponse} for code in (403, 409)})
 
     @r.get("/me")
-    async def me(key: KeyInfo = Depends(signed_in)) -> dict:
-        return {"key": {"id": key.id, "name": key.name, "prefix": key.prefix}, "models": [m.id for m in models.models],
+    async def me(key: KeyInfo = signed_in) -> dict:
+        return {"key": {"id": key.id, "name": key.name, "prefix": key.prefix, "role": key.role}, "models": [m.id for m in models.models],
                 "max_n": cfg.max_n, "max_message_chars": max_chars}
 
     @r.get("/conversations")
-    async def conversations(key: KeyInfo = Depends(signed_in)) -> list[dict]:
+    async def conversations(key: KeyInfo = signed_in) -> list[dict]:
         return await call(F.list_conversations, key.id)
 
     @r.post("/conversations")
-    async def new_conversation(body: NewConversation, key: KeyInfo = Depends(signed_in)) -> dict:
+    async def new_conversation(body: NewConversation, key: KeyInfo = signed_in) -> dict:
         view = await call(F.create_conversation, key.id, body.system, max_chars)
         loaded = [(m.name, m.snapshot) for m in models.models]
         view["model"] = await anyio.to_thread.run_sync(F.pick_model, store, loaded, view["id"])
         return view
 
     @r.get("/conversations/{conv_id}")
-    async def open_conversation(conv_id: str, key: KeyInfo = Depends(signed_in)) -> dict:
+    async def open_conversation(conv_id: str, key: KeyInfo = signed_in) -> dict:
         return await call(F.conversation_view, key.id, conv_id)
 
     @r.patch("/conversations/{conv_id}")
-    async def rename(conv_id: str, body: Rename, key: KeyInfo = Depends(signed_in)) -> dict:
+    async def rename(conv_id: str, body: Rename, key: KeyInfo = signed_in) -> dict:
         return await call(F.rename_conversation, key.id, conv_id, body.title)
 
     @r.delete("/conversations/{conv_id}")
-    async def delete(conv_id: str, key: KeyInfo = Depends(signed_in)) -> dict:
+    async def delete(conv_id: str, key: KeyInfo = signed_in) -> dict:
         await call(F.delete_conversation, key.id, conv_id)
         return {"id": conv_id, "deleted": True}
 
     @r.post("/conversations/{conv_id}/turns")
-    async def turn(conv_id: str, body: Turn, key: KeyInfo = Depends(signed_in)) -> dict:
+    async def turn(conv_id: str, body: Turn, key: KeyInfo = signed_in) -> dict:
         return await call(F.add_turn, key.id, conv_id, body.parent_id, body.user, body.request_id, max_chars)
 
     @r.post("/feedback")
-    async def rate(body: Rate, key: KeyInfo = Depends(signed_in)) -> dict:
+    async def rate(body: Rate, key: KeyInfo = signed_in) -> dict:
         return await call(F.rate, key.id, body.message_id, body.rating, body.reason, body.correction, max_chars)
 
     @r.post("/rankings")
-    async def rank(body: Rank, key: KeyInfo = Depends(signed_in)) -> dict:
+    async def rank(body: Rank, key: KeyInfo = signed_in) -> dict:
         return await call(F.rank, key.id, body.message_ids)
 
     @r.get("/label/next")
-    async def label_next(kind: str | None = None, key: KeyInfo = Depends(signed_in)) -> dict:
-        return {"item": await call(F.next_label_item, key.id, kind), "stats": await call(F.label_stats, key.id)}
+    async def label_next(kind: str | None = None, key: KeyInfo = Depends(labeler)) -> dict:
+        return {"item": await call(F.next_label_item, key.id, kind),
+                "stats": await call(F.label_stats, key.id, show_names=key.may("admin"))}
 
     @r.post("/label/items/{item_id}/samples")
-    async def label_samples(item_id: str, body: Samples, key: KeyInfo = Depends(signed_in)) -> dict:
+    async def label_samples(item_id: str, body: Samples, key: KeyInfo = Depends(labeler)) -> dict:
         return await call(F.attach_samples, key.id, item_id, body.request_id)
 
     @r.post("/label/items/{item_id}/demonstration")
-    async def label_demo(item_id: str, body: Demonstration, key: KeyInfo = Depends(signed_in)) -> dict:
+    async def label_demo(item_id: str, body: Demonstration, key: KeyInfo = Depends(labeler)) -> dict:
         return await call(F.add_demonstration, key.id, item_id, body.content, max_chars)
 
     @r.get("/label/stats")
-    async def label_stats(key: KeyInfo = Depends(signed_in)) -> dict:
-        return await call(F.label_stats, key.id)
+    async def label_stats(key: KeyInfo = Depends(labeler)) -> dict:
+        return await call(F.label_stats, key.id, show_names=key.may("admin"))
 
     app.include_router(r)
 

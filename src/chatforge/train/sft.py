@@ -305,7 +305,7 @@ def main(cfg: SFTConfig) -> Path:
                 + (f" (sft {r['sft_loss']:.4f}, lm {r['lm_loss']:.4f})" if "lm_loss" in r else "")
                 + f" | lr {lr:.2e} | {p['tok_per_s']:,.0f} tok/s | MFU {100 * p['mfu']:.1f}% | ETA {C.fmt_time(p['eta_s'])}"
             )
-        if cfg.time_budget_s and time.time() - t_start > cfg.time_budget_s:
+        if cfg.time_budget_s and C.any_rank(time.time() - t_start > cfg.time_budget_s, dist):  # every rank stops at the same step
             log.print(f"sft: time budget of {cfg.time_budget_s:.0f}s reached at step {step}")
             break
     metrics.update(evaluate())

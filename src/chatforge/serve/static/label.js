@@ -112,6 +112,12 @@ async function next() {
 async function main() {
   me = await signIn($("signin"));
   $("who").textContent = me.key.name;
+  if (me.key.role === "user") { // the queue answers 403: say why instead of failing
+    $("item").replaceChildren(el("p", { class: "empty" },
+      `The key ${me.key.prefix}... has the role "user"; the labeling queue needs a labeler key ` +
+      `(an admin runs: chatforge keys role ${me.key.name} labeler).`));
+    return;
+  }
   const params = new URLSearchParams(location.search); // /label?kind=rank&k=3 links straight to a task
   if (params.has("kind")) $("kind").value = params.get("kind");
   if (params.has("k")) $("k").value = params.get("k");

@@ -8,15 +8,26 @@ export function escapeHtml(s) {
   return s.replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;").replace(/"/g, "&quot;").replace(/'/g, "&#39;");
 }
 
+const LINK = /\[([^\]\n]+)\]\(((?:https?:\/\/|mailto:)[^\s)]+)\)/g;
+
+function emphasis(html) {
+  // `html` is escaped text with no tags in it yet.
+  html = html.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
+  html = html.replace(/(^|[^\w*])\*([^*\n]+)\*(?!\w)/g, "$1<em>$2</em>");
+  return html.replace(/(^|[^\w])_([^_\n]+)_(?!\w)/g, "$1<em>$2</em>");
+}
+
 function inlineText(s) {
-  // `s` has no code spans; escape, then add the few inline tags.
-  let out = escapeHtml(s);
-  out = out.replace(/\[([^\]\n]+)\]\(((?:https?:\/\/|mailto:)[^\s)]+)\)/g,
-    (_, text, url) => `<a href="${url}" target="_blank" rel="noopener noreferrer nofollow">${text}</a>`);
-  out = out.replace(/\*\*([^*\n]+)\*\*/g, "<strong>$1</strong>");
-  out = out.replace(/(^|[^\w*])\*([^*\n]+)\*(?!\w)/g, "$1<em>$2</em>");
-  out = out.replace(/(^|[^\w])_([^_\n]+)_(?!\w)/g, "$1<em>$2</em>");
-  return out;
+  // `s` has no code spans. Links first, then emphasis only in the text between and inside them:
+  // emphasis applied after the <a> tags were written rewrote their href ([a_](http://x/_y_)).
+  let out = "";
+  let last = 0;
+  for (const m of s.matchAll(LINK)) {
+    out += emphasis(escapeHtml(s.slice(last, m.index)));
+    out += `<a href="${escapeHtml(m[2])}" target="_blank" rel="noopener noreferrer nofollow">${emphasis(escapeHtml(m[1]))}</a>`;
+    last = m.index + m[0].length;
+  }
+  return out + emphasis(escapeHtml(s.slice(last)));
 }
 
 export function renderInline(s) {
