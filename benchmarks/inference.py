@@ -215,7 +215,7 @@ def main() -> None:
         ck = checkpoint.load(ckpt, dtype=dt)
         prompts = prompt_ids(ck.tokenizer, max(a.streams))
         record(f"chatforge {dt_name}", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams))
-        default_dt, auto = dtypes.inference_mode("auto", "auto", "cpu", checkpoint.weight_format(ckpt))
+        default_dt, auto = dtypes.inference_mode("auto", "auto", "cpu")
         auto = auto if dt_name == default_dt else None
         if auto:  # what chat/generate/serve run by default here: these weights plus decode copies
             record(f"chatforge {dt_name}+{auto} decode", bench_chatforge(ck.model, ck.tokenizer, prompts, a.streams, decode_weights=auto))

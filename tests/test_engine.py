@@ -687,22 +687,17 @@ def test_prefix_cache_needs_a_common_start(tok):
 
 def test_inference_mode_resolution(monkeypatch):
     """Guards the inference defaults (`--dtype auto --decode-weights auto`, chosen by `eval
-    fidelity`): fp32 activations on every device kind, whatever bf16 support it has; on a CPU, decode
-    copies in the checkpoint's own int4/int8 format (exact) where it has one and the kernel exists,
-    else fp16; an explicit --dtype runs exactly as asked; an explicit copy format is kept; a bad
-    name is refused."""
+    fidelity`): fp32 activations on every device kind, whatever bf16 support it has; fp16 decode
+    copies on a CPU; an explicit --dtype runs exactly as asked; an explicit copy format is kept;
+    a bad name is refused."""
     from chatforge import dtypes
 
     for native in (False, True):
         monkeypatch.setattr(dtypes, "fast_bf16", lambda kind, native=native: native)
         assert dtypes.inference_mode("auto", "auto", "cpu") == ("fp32", "fp16")
-        assert dtypes.inference_mode("auto", "auto", "cpu", weights="int4") == ("fp32", "int4")
-        assert dtypes.inference_mode("auto", "auto", "cpu", weights="int8") == ("fp32", "int8")
         assert dtypes.inference_mode("auto", "auto", "cuda:0") == ("fp32", None)
-    assert dtypes.inference_mode("fp32", "auto", "cpu", weights="int4") == ("fp32", None)  # fp32 asked for: exact
+    assert dtypes.inference_mode("fp32", "auto", "cpu") == ("fp32", None)  # fp32 asked for: exact
     assert dtypes.inference_mode("bf16", "same", "cpu") == ("bf16", None)
     assert dtypes.inference_mode("fp32", "int8") == ("fp32", "int8") and dtypes.inference_mode("auto", "same") == ("fp32", None)
-    monkeypatch.setattr(dtypes, "quantized_kernel", lambda fmt: False)
-    assert dtypes.inference_mode("auto", "auto", "cpu", weights="int4") == ("fp32", "fp16")  # no kernel in this torch build
     with pytest.raises(ValueError, match="decode_weights='q4'"):
         dtypes.inference_mode("auto", "q4")

@@ -125,3 +125,26 @@ def test_bad_input_names_it(setup, tmp_path, tok):
     with pytest.raises(ValueError, match="tokenizer or vocabulary differs"):
         fidelity.main(fidelity.FidelityConfig(model=str(ck), text=[str(text)], prompts=[str(prompts)], modes=[f"ckpt:{other}"],
                                               min_tokens=300, window=64, n_prompts=3, max_new_tokens=24))
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float32])
+def test_emulated_quantized_linear_is_the_kernel(fmt, act):
+    """Guards the decode-path scoring of int8/int4 copies (an fp32 matmul on their dequantized
+    weights, since the kernels crawl at thousands of rows) against computing something else."""
+    from chatforge import quantize as q
+
+    torch.manual_seed(0)
+    w, b, x = torch.randn(64, 96) * 0.05, torch.randn(64) * 0.1, torch.randn(5, 96)
+    if fmt == "int8":
+        qw, scale = q.int8_weights(w)
+        kernel = q.int8_linear(x, qw, scale.to(act), b)
+        deq = q.int8_dequantized(w, act)
+    else:
+        packed, sz = q.int4_weights(w)
+        kernel = q.int4_linear(x, packed, sz.to(act), b)
+        deq = q.int4_dequantized(w, act)
+    emulated = q.emulated_linear(x, deq, b, act)
+    tol = 1e-5 if act == torch.float32 else 1e-2  # bf16 outputs: one rounding step apart at most
+    assert (kernel - emulated).abs().max() <= tol * kernel.abs().max()
+    assert (deq - w).abs().max() < (0.05 if fmt == "int4" else 0.01) * w.abs().max() * 4

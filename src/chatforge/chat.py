@@ -21,7 +21,7 @@ def load_engine(
     from .convert.registry import resolve
 
     path = resolve(model, install)
-    dt, copies = dtypes.inference_mode(dtype, decode_weights, "cpu", checkpoint.weight_format(path))
+    dt, copies = dtypes.inference_mode(dtype, decode_weights, "cpu")
     ck = checkpoint.load(path, dtype=dtypes.torch_dtype(dt))
     # Each turn sends the whole history again: the prefix cache computes only what is new.
     return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefix_cache=ck.model.cfg.max_seq_len,

@@ -215,13 +215,3 @@ def _numpy_rng_types() -> list:
         from numpy.core.multiarray import _reconstruct
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
-
-def weight_format(path_or_meta) -> str | None:
-    """TEMPORARY (replaced by the quantize branch): "int4" | "int8" | None."""
-    meta = path_or_meta if isinstance(path_or_meta, dict) else load_json(Path(path_or_meta) / "meta.json")
-    if meta.get("weights") in ("int4", "int8"):
-        return meta["weights"]
-    types = set(meta.get("quantization") or [])
-    if types & {"Q4_0", "Q4_1"} and types <= {"F32", "Q4_0", "Q4_1", "Q8_0"}:
-        return "int4"
-    return None

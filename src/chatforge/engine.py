@@ -208,6 +208,26 @@ DECODE_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.i
 FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 4, "int4": 8}
 
 
+class _Quantized:
+    """An int8/int4 decode copy's forward, and `emulate`, the same arithmetic as one fp32 matmul on
+    its dequantized weights (made on first use): the kernels are made for a few rows and crawl at
+    the thousands a whole text has when Engine.score measures the decode path."""
+
+    def __init__(self, kernel: Callable, w: torch.Tensor, b: torch.Tensor | None, act: torch.dtype, fmt: str):
+        self.kernel, self.w, self.b, self.act, self.fmt = kernel, w, b, act, fmt
+        self.deq: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x)
+
+    def emulate(self, x: torch.Tensor) -> torch.Tensor:
+        from .quantize import emulated_linear, int4_dequantized, int8_dequantized
+
+        if self.deq is None:
+            self.deq = (int4_dequantized if self.fmt == "int4" else int8_dequantized)(self.w, self.act)
+        return emulated_linear(x, self.deq, self.b, self.act)
+
+
 class FastLinears:
     """Copies of a model's linear weights in the layouts and formats that run fastest, used by the
     engine in place of the model's own nn.Linear weights.
@@ -300,22 +320,27 @@ class FastLinears:
             return many
         if self.decode is None:  # a half-precision model whose many-row copies are fp32
             return functools.partial(self._route, many=many, few=functools.partial(F.linear, weight=w, bias=b))
+        if output and self.dtype == torch.float32:
+            # The output layer keeps the model's fp32 weights: the logits are where rounding flips
+            # near-tied tokens (SmolLM2's "The"/"L" at 25.33/25.24 after "capital of France?"),
+            # and `chatforge eval fidelity` measured half-precision logits out of its bounds.
+            return many
         if self.decode == torch.int8 or (self.decode == torch.quint4x2 and output):
-            # int4 mode keeps the output layer in int8: the logits are where 4-bit rounding shows
-            # most (GGUF files keep it at 8 bits or more too: SmolLM2's Q4_1 file has it in Q8_0)
+            # int4 copies of a half-precision model keep the output layer in int8 (GGUF files
+            # keep it at 8 bits or more too: SmolLM2's Q4_1 file has it in Q8_0)
             from .quantize import int8_linear, int8_weights
 
+            act = self._kernel_act()
             q, scale = int8_weights(w)
-            few = functools.partial(int8_linear, qweight=q, qscale=scale.to(self._kernel_act(output)), bias=b)
+            few = _Quantized(functools.partial(int8_linear, qweight=q, qscale=scale.to(act), bias=b), w, b, act, "int8")
         elif self.decode == torch.quint4x2:
             from .quantize import int4_linear, int4_weights
 
             packed = int4_weights(w)
             if packed is None:  # a shape the int4 kernel does not take: this layer decodes on its own weights
                 return many
-            few = functools.partial(int4_linear, packed=packed[0], scales_zeros=packed[1].to(self._kernel_act(output)), bias=b)
-        elif output and self._kernel_act(True) == torch.float32:
-            return many  # EXPERIMENT: fp32 logits
+            act = self._kernel_act()
+            few = _Quantized(functools.partial(int4_linear, packed=packed[0], scales_zeros=packed[1].to(act), bias=b), w, b, act, "int4")
         else:
             hw, hb = w.to(self.decode), None if b is None else b.to(self.decode)
             if self.available(self.device, self.decode):
@@ -325,16 +350,17 @@ class FastLinears:
             few = functools.partial(_cast_linear, fn=fn, dtype=self.decode)
         return functools.partial(self._route, many=many, few=few)
 
-    KERNEL_ACT = {"blocks": torch.bfloat16, "output": torch.float32}  # activations of the int8/int4 kernels (EXPERIMENT)
-
-    def _kernel_act(self, output: bool) -> torch.dtype:
-        """The activations' dtype in the int8/int4 kernels: bf16 in a bf16 model, else KERNEL_ACT."""
-        if self.dtype == torch.bfloat16:
-            return torch.bfloat16
-        return self.KERNEL_ACT["output" if output else "blocks"]
+    @staticmethod
+    def _kernel_act() -> torch.dtype:
+        """The int8/int4 kernels' activations: bf16 (inputs and outputs rounded to it, fp32 sums).
+        With fp32 ones they ran 2-15x slower, which would leave no reason to use them."""
+        return torch.bfloat16
 
     def _route(self, x: torch.Tensor, many: Callable, few: Callable) -> torch.Tensor:
-        return few(x) if self.force_few or x.numel() // x.shape[-1] <= self.few_rows else many(x)
+        rows = x.numel() // x.shape[-1]
+        if self.force_few and rows > FEW_ROWS["int4"] and isinstance(few, _Quantized):
+            return few.emulate(x)
+        return few(x) if self.force_few or rows <= self.few_rows else many(x)
 
     def refresh(self) -> None:
         """Copy again whatever weights changed since the last copies were made."""

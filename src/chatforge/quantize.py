@@ -17,6 +17,7 @@ slower with fp32 ones). A model imported from a Q4_1 file gets back the file's o
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .dtypes import QUANT_KERNELS
 
@@ -64,13 +65,41 @@ def int4_weights(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor
     out_f, in_f = w.shape
     if out_f % 16 or in_f % group:
         return None
+    q, scales_zeros = _int4_codes(w, group)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
+
+
+def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, in) codes 0..15 and (in/group, out, 2) fp32 scales and zero points of w's groups."""
+    out_f, in_f = w.shape
     wg = w.detach().float().reshape(out_f, in_f // group, group)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
     scale = ((hi - lo) / 15).clamp(min=1e-12)
     q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
     # the kernel computes (q - 8) * scale + zero; fp32 here, cast to the kernel's activation dtype by the caller
-    scales_zeros = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
+    return q, torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+
+
+def int4_dequantized(w: torch.Tensor, act: torch.dtype, group: int = INT4_GROUP) -> torch.Tensor:
+    """The fp32 weights that int4_linear multiplies by with activations (and so scales) in `act`."""
+    q, sz = _int4_codes(w, group)
+    sz = sz.to(act).float()  # (in/group, out, 2)
+    scale, zero = (t.t().repeat_interleave(group, dim=1) for t in sz.unbind(-1))  # (out, in) each
+    return (q.float() - 8) * scale + zero
+
+
+def int8_dequantized(w: torch.Tensor, act: torch.dtype) -> torch.Tensor:
+    """The fp32 weights that int8_linear multiplies by with activations (and so scales) in `act`."""
+    q, scale = int8_weights(w)
+    return q.float() * scale.to(act).float()[:, None]
+
+
+def emulated_linear(x: torch.Tensor, deq: torch.Tensor, bias: torch.Tensor | None, act: torch.dtype) -> torch.Tensor:
+    """What the int8/int4 kernels compute (inputs and outputs rounded to `act`, fp32 sums),
+    as one fp32 matmul on their dequantized weights: fast for many rows, where the kernels are
+    made for few (measuring a decode path over whole texts: Engine.score)."""
+    y = F.linear(x.to(act).float(), deq).to(act).to(x.dtype)
+    return y if bias is None else y + bias
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, bias: torch.Tensor | None,

@@ -328,11 +328,11 @@ def main(cfg: FidelityConfig) -> dict:
             other = ckpt_io.load(mode[5:], dtype=torch.float32)
             if other.tokenizer.encode(PROBE) != tok.encode(PROBE) or other.model.cfg.vocab_size != ref_ck.model.cfg.vocab_size:
                 raise ValueError(f"mode {mode}: its tokenizer or vocabulary differs from {path}'s; compare checkpoints of the same model")
-            dt, dec = dtypes.inference_mode("auto", "auto", "cpu", ckpt_io.weight_format(other.meta))
+            dt, dec = dtypes.inference_mode("auto", "auto", "cpu")
             return EngineRunner(mode, other.model if dt == "fp32" else ckpt_io.load(mode[5:], dtype=dtypes.torch_dtype(dt)).model,
                                 tok, dt, dec, max_len)
         if mode == "auto":
-            dt, dec = dtypes.inference_mode("auto", "auto", "cpu", ckpt_io.weight_format(ref_ck.meta))
+            dt, dec = dtypes.inference_mode("auto", "auto", "cpu")
         else:
             dt, _, copy = mode.partition("+")
             dec = copy or None
@@ -391,7 +391,7 @@ def main(cfg: FidelityConfig) -> dict:
     for row in rows[1:]:
         if "ppl" in row:
             row["ppl_change"] = row["ppl"] / rows[0]["ppl"] - 1
-    default = "+".join(x for x in dtypes.inference_mode("auto", "auto", "cpu", ckpt_io.weight_format(ref_ck.meta)) if x)
+    default = "+".join(x for x in dtypes.inference_mode("auto", "auto", "cpu") if x)
     result = {"model": str(path), "machine": machine(), **text_info, **prompt_info, "max_new_tokens": cfg.max_new_tokens,
               "default_mode": default, "reference_answers": ref_text, "rows": rows}
     print(format_table(result))

@@ -84,7 +84,7 @@ def load_model(
     from ..convert.registry import KNOWN, resolve
 
     path = resolve(name_or_path, install=install)
-    dt, copies = dtypes.inference_mode(dtype, decode_weights, device, checkpoint.weight_format(path))
+    dt, copies = dtypes.inference_mode(dtype, decode_weights, device)
     ck = checkpoint.load(path, device=device, dtype=dtypes.torch_dtype(dt, device))
     snapshot = ck.meta.get("snapshot") or checkpoint.snapshot_id(path)
     name = name_or_path if name_or_path in KNOWN else Path(path).resolve().name
