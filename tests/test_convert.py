@@ -111,7 +111,8 @@ def test_round_trip_gguf(tmp_path, tok, arch):
 
 
 # Relative error ||w' - w|| / ||w|| a correct import of each type stays under (random normal weights).
-DTYPE_TOL = {"f32": 1e-7, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2, "q5_0": 5e-2, "q5_1": 5e-2, "q4_0": 0.1, "q4_1": 0.1}
+DTYPE_TOL = {"f32": 1e-7, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2, "q6_k": 2e-2, "q5_0": 5e-2, "q5_1": 5e-2,
+             "q4_0": 0.1, "q4_1": 0.1, "q4_k": 0.09}
 
 
 def _rel_errors(a: GPT, b: GPT) -> dict[str, float]:
@@ -122,19 +123,40 @@ def _rel_errors(a: GPT, b: GPT) -> dict[str, float]:
 @pytest.mark.parametrize("dtype", list(DTYPE_TOL))
 def test_gguf_dtypes(tmp_path, tok, dtype):
     """Guards each tensor type's byte layout and shape on the way out and back (F32, F16, BF16, Q8_0,
-    Q4_0, Q4_1, Q5_0, Q5_1): a wrong shape or block order gives errors of order 1, not quantization noise."""
+    Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K): a wrong shape or block order gives errors of order 1, not
+    quantization noise; and llama.cpp's choice of a Q6_K output layer in files at <= 6 bits."""
     import gguf
 
-    m = _tiny("llama", 6, d_ff=128, tie_embeddings=False)
+    m = _tiny("llama", 6, d_model=256, d_ff=512, tie_embeddings=False)  # K-quant rows come in blocks of 256
     checkpoint.save(tmp_path / "ck", m, tok, {})
     f = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", dtype)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(f)).tensors}
-    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == dtype.upper()
-    assert types["output_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == types["token_embd.weight"] == dtype.upper()
+    out_type = "Q6_K" if dtype in ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k") else dtype.upper()
+    assert types["output.weight"] == out_type and types["output_norm.weight"] == "F32"
     back = checkpoint.load(import_gguf(f, tmp_path / "back"))
     errors = _rel_errors(m, back.model)
     assert max(errors.values()) < DTYPE_TOL[dtype], errors
-    assert back.meta["quantization"] == sorted({"F32", dtype.upper()})
+    assert back.meta["quantization"] == sorted({"F32", dtype.upper(), out_type})
+    assert back.meta["block_quantization"] == [dtype.upper()]
+
+
+def test_gguf_export_fallback_types(tmp_path, tok):
+    """Guards llama.cpp's fallbacks for rows that do not split into blocks: K-quants at Q5_0 (q4_k) or
+    Q8_0 (q6_k) when rows are not multiples of 256 (SmolLM2's d_model 576), a tied embedding at the
+    output layer's type, and f16 where even 32-weight blocks do not fit."""
+    import gguf
+
+    from chatforge.convert.gguf import tensor_type
+
+    assert [tensor_type("Q4_K", c, False) for c in (512, 576, 48)] == ["Q4_K", "Q5_0", "F16"]
+    assert [tensor_type("Q6_K", c, False) for c in (512, 576)] == ["Q6_K", "Q8_0"]
+    assert [tensor_type("Q4_0", c, True) for c in (512, 576)] == ["Q6_K", "Q8_0"]
+    assert [tensor_type(t, 576, True) for t in ("Q8_0", "F16", "BF16")] == ["Q8_0", "F16", "BF16"]
+    m = _tiny("llama", 6, d_model=64, d_ff=256)  # tied embedding; only ffn_down has rows of 256
+    checkpoint.save(tmp_path / "ck", m, tok, {})
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(export_gguf(tmp_path / "ck", tmp_path / "m.gguf", "q4_k"))).tensors}
+    assert (types["blk.0.ffn_down.weight"], types["blk.0.attn_q.weight"], types["token_embd.weight"]) == ("Q4_K", "Q5_0", "Q8_0")
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # llama_cpp's log callback chokes on split UTF-8

