@@ -288,10 +288,12 @@ def test_llama_cpp_loads_export(tmp_path, tok, arch):
 
 
 # max |llama.cpp - chatforge| over all logits of the tiny model below, as a share of the logits'
-# range (max - min): llama.cpp multiplies quantized weights by activations rounded to 8 bits (Q8_0
-# or Q8_K blocks; bf16 for a bf16 file), which chatforge's fp32 forward of the same dequantized
-# weights does not. Measured values: see LLAMA_CPP_MEASURED in the report of the commit.
-LLAMA_CPP_TOL = {"f16": 0.01, "bf16": 0.02, "q8_0": 0.02, "q6_k": 0.02, "q4_k": 0.02, "q4_0": 0.02}
+# range (max - min), about twice what llama-cpp-python 0.3.36 measured on an AVX-512 CPU (f16
+# 0.0002, bf16 0.0016, q8_0 0.0045, q6_k 0.0064, q4_k 0.0084, q4_0 0.0065): llama.cpp multiplies
+# quantized weights by activations rounded to 8 bits (Q8_0 / Q8_K blocks; f16 or bf16 for those
+# files), chatforge's fp32 forward of the same dequantized weights does not. A misread block
+# layout gives errors of the order of the range.
+LLAMA_CPP_TOL = {"f16": 0.001, "bf16": 0.005, "q8_0": 0.01, "q6_k": 0.015, "q4_k": 0.02, "q4_0": 0.015}
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # llama_cpp's log callback chokes on split UTF-8
@@ -314,10 +316,18 @@ def test_llama_cpp_agrees_with_quantized_export(tmp_path, tok, dtype):
     theirs = torch.from_numpy(llamacpp.logits(llm, ids))
     with torch.no_grad():
         ours = back.model(torch.tensor([ids]))[0]
-    rel = ((ours - theirs).abs().max() / (ours.max() - ours.min())).item()
-    print(f"{dtype}: max |diff| / logit range = {rel:.4f}, top-1 agreement {(ours.argmax(-1) == theirs.argmax(-1)).float().mean():.3f}")
+        unquantized = m(torch.tensor([ids]))[0]
+    diff = (ours - theirs).abs().max()
+    rel = (diff / (ours.max() - ours.min())).item()
+    rel_unquantized = ((unquantized - theirs).abs().max() / (ours.max() - ours.min())).item()
+    top2 = ours.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * diff  # positions whose top-1 no rounding of this size can flip
+    print(f"{dtype}: max |diff| / logit range {rel:.4f} (to the unquantized model: {rel_unquantized:.4f}); "
+          f"top-1 agreement {(ours.argmax(-1) == theirs.argmax(-1)).float().mean():.3f}, {int(clear.sum())}/{len(ids)} clear")
     assert rel < LLAMA_CPP_TOL[dtype], rel
-    assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
+    assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+    if dtype in ("q4_k", "q4_0", "q6_k"):  # llama.cpp computes with the file's rounding, not the original weights
+        assert rel < 0.5 * rel_unquantized, (rel, rel_unquantized)
 
 
 def test_gguf_unsupported_quant_type_is_named():
