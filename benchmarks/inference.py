@@ -195,10 +195,10 @@ def main() -> None:
 
     if a.dtypes is None:
         a.dtypes = ["bf16", "fp32"] if dtypes.fast_bf16("cpu") else ["fp32"]
-    from chatforge.convert.registry import KNOWN, package_file, resolve
+    from chatforge.convert.registry import KNOWN, model_file, resolve
 
     name = "smollm2-135m-instruct"
-    gguf_path = package_file(KNOWN[name], install=False)
+    gguf_path = model_file(KNOWN[name], install=True)
     ckpt = resolve(name)
     print(f"{name}: {gguf_path}; torch {torch.__version__}, {a.threads} threads; {load()} at start", flush=True)
     rows, tokens = [], {}

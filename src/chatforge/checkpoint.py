@@ -8,6 +8,21 @@
     DIR/train_state.pt         optional: optimizer, RNG, dataloader position, step (for --resume)
     DIR/extra.safetensors      optional: tensors a stage adds (e.g. a reward or value head)
 
+Quantized checkpoints (`chatforge quantize`, meta.json "weights": "int8" | "int4") store the
+matrices of model.safetensors quantized; `load` dequantizes them to fp32, so every path that takes
+a checkpoint takes these. For a matrix NAME (tok_emb, lm_head and every 2-D weight under blocks.):
+
+    int8  NAME        int8 (out, in)        codes q, w = q * scale[:, None]  (per output channel,
+          NAME.scale  fp32 (out,)           symmetric, absmax / 127: quantize.int8_weights)
+    int4  NAME        uint8 (out, in / 2)   codes q in 0..15 two per byte: column 2j in the low
+                                            nibble, column 2j + 1 in the high one
+          NAME.scale  fp16 (out, in / 32)   w = q * scale + min per group of 32 along the input,
+          NAME.min    fp16 (out, in / 32)   each group's min at q = 0 and max at q = 15 (GGUF Q4_1's
+                                            layout: quantize.int4_groups)
+
+An int4 checkpoint keeps tok_emb and lm_head, and matrices whose input is not a multiple of 32, at
+int8 (the byte's dtype tells which); norms, biases and position embeddings stay fp32.
+
 A directory is written to DIR.tmp-<pid> and renamed into place, so a crash never leaves a
 half-written checkpoint; an existing DIR is replaced only after the new one is complete. Other
 files in DIR (a run's log.jsonl and plots) are carried over into the new version.
@@ -61,6 +76,79 @@ def snapshot_id(path: str | Path) -> str:
     return h.hexdigest()[:12]
 
 
+WEIGHT_FORMATS = ("int8", "int4")  # meta.json "weights" of a quantized checkpoint
+INT4_GROUP = 32  # weights per int4 scale/minimum, as quantize.INT4_GROUP and GGUF's 4-bit blocks
+
+
+def _quantized_matrix(name: str, v: torch.Tensor) -> bool:
+    return v.ndim == 2 and (name.startswith("blocks.") or name in ("tok_emb.weight", "lm_head.weight"))
+
+
+def quantize_state(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """A state dict in the quantized layout above (fmt "int8" | "int4")."""
+    from .quantize import int4_groups, int8_weights
+
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"weights={fmt!r}; expected one of {', '.join(WEIGHT_FORMATS)}")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if not _quantized_matrix(k, v):
+            out[k] = v.float().contiguous()
+        elif fmt == "int4" and k.startswith("blocks.") and v.shape[1] % INT4_GROUP == 0:
+            q, scale, lo = int4_groups(v, INT4_GROUP)
+            scale16, lo16 = scale.to(torch.float16), lo.to(torch.float16)
+            if not (torch.isfinite(scale16).all() and torch.isfinite(lo16).all()):
+                raise ValueError(f"{k}: weights beyond fp16's range (|w| up to {v.abs().max().item():.3g}) cannot be stored as int4")
+            out[k] = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+            out[k + ".scale"], out[k + ".min"] = scale16, lo16
+        else:
+            q, scale = int8_weights(v)
+            out[k], out[k + ".scale"] = q.contiguous(), scale.contiguous()
+    return out
+
+
+def dequantize_state(state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """The fp32 state dict of a quantized one (the inverse of quantize_state, up to its rounding)."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in state.items():
+        if k.endswith((".scale", ".min")) and k.rsplit(".", 1)[0] in state:
+            continue
+        if v.dtype == torch.int8:
+            scale = state.get(k + ".scale")
+            if scale is None or tuple(scale.shape) != (v.shape[0],):
+                raise ValueError(f"{source}: int8 matrix {k} {tuple(v.shape)} needs {k}.scale of shape ({v.shape[0]},)")
+            out[k] = v.float() * scale.float()[:, None]
+        elif v.dtype == torch.uint8:
+            scale, lo = state.get(k + ".scale"), state.get(k + ".min")
+            groups = (v.shape[0], v.shape[1] * 2 // INT4_GROUP)
+            if scale is None or lo is None or tuple(scale.shape) != groups or tuple(lo.shape) != groups:
+                raise ValueError(f"{source}: int4 matrix {k} {tuple(v.shape)} needs {k}.scale and {k}.min of shape {groups}")
+            q = torch.stack([v & 15, v >> 4], dim=-1).reshape(v.shape[0], groups[1], INT4_GROUP).float()
+            out[k] = (q * scale.float()[..., None] + lo.float()[..., None]).reshape(v.shape[0], -1)
+        else:
+            out[k] = v
+    return out
+
+
+def weight_format(path_or_meta: str | Path | dict[str, Any]) -> str | None:
+    """"int8" | "int4" when a checkpoint's weights carry that rounding already (so decode copies in
+    that format reproduce them), else None: a `chatforge quantize` output, or a GGUF import whose
+    block matrices are all Q8_0 ("int8") or all Q4_0/Q4_1 ("int4"; the token embedding and output
+    layer of such files are usually Q8_0/Q6_K, as llama.cpp keeps them)."""
+    meta = path_or_meta if isinstance(path_or_meta, dict) else load_json(Path(path_or_meta) / "meta.json")
+    if meta.get("weights") in WEIGHT_FORMATS:
+        return meta["weights"]
+    if meta.get("format") != "gguf":
+        return None
+    if "block_quantization" in meta:  # types of the blk.* matrices (imports since IMPORTER_VERSION 3)
+        blocks = set(meta["block_quantization"])
+        return "int4" if blocks and blocks <= {"Q4_0", "Q4_1"} else "int8" if blocks == {"Q8_0"} else None
+    types = set(meta.get("quantization", ())) - {"F32"}  # older imports list every tensor's type together
+    if types & {"Q4_0", "Q4_1"} and types <= {"Q4_0", "Q4_1", "Q8_0", "Q6_K"}:
+        return "int4"
+    return "int8" if types == {"Q8_0"} else None
+
+
 def save(
     directory: str | Path,
     model: GPT,
@@ -68,15 +156,21 @@ def save(
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    weights: str | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and return its path."""
+    """Write a checkpoint atomically and return its path; `weights` "int8" | "int4" stores the
+    matrices quantized (the layout above)."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
+    state = _state_for_save(model)
+    if weights is not None:
+        state = quantize_state(state, weights)
+        meta = {**meta, "weights": weights}
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(_state_for_save(model), str(tmp / "model.safetensors"))
+    save_file(state, str(tmp / "model.safetensors"))
     save_json(to_dict(model.cfg), tmp / "config.json")
     tokenizer.save(tmp)
     if extra_tensors:
@@ -136,9 +230,13 @@ def load(
         raise ValueError(f"{d}: tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size} embeddings")
     with torch.device("meta"):
         model = GPT(cfg)
-    state = load_file(str(d / "model.safetensors"))
-    load_weights(model, state, source=str(d / "model.safetensors"))
     meta = load_json(d / "meta.json")
+    state = load_file(str(d / "model.safetensors"))
+    if meta.get("weights") is not None:
+        if meta["weights"] not in WEIGHT_FORMATS:
+            raise ValueError(f"{d / 'meta.json'}: weights={meta['weights']!r}; expected one of {', '.join(WEIGHT_FORMATS)}")
+        state = dequantize_state(state, source=str(d / "model.safetensors"))
+    load_weights(model, state, source=str(d / "model.safetensors"))
     if meta.get("lora"):
         # A LoRA run saved its frozen base weights plus adapters (train/lora.py): fold them in.
         merge_lora(model, load_extra(d), meta["lora"]["alpha"] / meta["lora"]["rank"], source=str(d / "extra.safetensors"))
@@ -147,6 +245,15 @@ def load(
         model.to(dtype=dtype)
     model.eval()
     return Checkpoint(model=model, tokenizer=tokenizer, meta=meta, path=d)
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, to: str) -> Path:
+    """`chatforge quantize`: the checkpoint `src` with its matrices stored as `to` ("int8" | "int4")."""
+    if to not in WEIGHT_FORMATS:
+        raise ValueError(f"--to {to!r}; expected one of {', '.join(WEIGHT_FORMATS)}")
+    ck = load(src)
+    meta = {"stage": "quantize", "parent": str(Path(src).resolve())}
+    return save(out, ck.model, ck.tokenizer, meta, weights=to)
 
 
 @torch.no_grad()

