@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .data.rankings import Prompt, Ranking, prompt_ids, read_prompts, read_rankings, write_jsonl
+from .train.verify import script_lang  # noqa: F401 - the one script detector, also used by the verifiers
 
 # ---- the gold score --------------------------------------------------------------------------
 
@@ -54,16 +55,6 @@ REFUSAL = re.compile(
 )
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _NUM = re.compile(r"-?\d+(?:[.,]\d+)*")
-
-
-def script_lang(text: str) -> str | None:
-    """"zh" when at least 30% of the letters are Han characters, "en" otherwise, None for text
-    without letters (a bare number is in either language)."""
-    han = len(_CJK.findall(text))
-    letters = sum(1 for ch in text if ch.isalpha())
-    if not letters:
-        return None
-    return "zh" if han / letters >= 0.3 else "en"
 
 
 def normalise(text: str) -> str:
