@@ -12,8 +12,9 @@ import sys
 import typing
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per field of a stage's config dataclass; help text is the field's comment."""
+def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+    """One --flag per field of a stage's config dataclass; help text is the field's comment.
+    `defaults` replaces some fields' defaults (a command that is another stage's variant)."""
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
@@ -23,6 +24,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (defaults or {}).get(f.name, default)
         helptext = f"{comments.get(f.name, '')} (default: {default!r})"
         hint = hints[f.name]
         if hint is bool:
@@ -521,6 +523,15 @@ def _run_ppo(a) -> None:
     main(config_from_args(PPOConfig, a))
 
 
+def _add_rl(sub) -> None:
+    from .train.ppo import PPOConfig
+
+    p = sub.add_parser("rl", help="RL on the PPO machinery with group baselines: `ppo` with --algo grpo, --reward tasks "
+                                  "(verified answers) and 4 samples per prompt by default; --algo rloo|ppo, --reward rm|rm+tasks")
+    add_config_args(p, PPOConfig, defaults=dict(algo="grpo", reward="tasks", samples_per_prompt=4, out="runs/rl"))
+    p.set_defaults(func=_run_ppo)
+
+
 def _add_dpo(sub) -> None:
     from .train.dpo import DPOConfig
 
@@ -620,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
 ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_models, _add_chat, _add_generate]
 ADDERS += [_add_serve, _add_keys, _add_usage]
 ADDERS += [_add_sft, _add_sft_default, _add_eval]
-ADDERS += [_add_label, _add_rm, _add_ppo, _add_dpo, _add_rlhf]
+ADDERS += [_add_label, _add_rm, _add_ppo, _add_rl, _add_dpo, _add_rlhf]
 ADDERS += [_add_feedback, _add_flywheel]
 
 
