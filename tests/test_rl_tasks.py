@@ -13,7 +13,7 @@ from chatforge import checkpoint as ckpt_io
 from chatforge.model import GPT, preset
 from chatforge.train import ppo as P
 from chatforge.train import rl_math as R
-from chatforge.train.verify import Verdict, check_prompt, dates, numbers, verify, weekdays, zh_number
+from chatforge.train.verify import FAMILIES, Verdict, check_prompt, dates, numbers, verify, weekdays, zh_number
 
 
 def key(task: str, answers: list[str], lang: str) -> dict:
@@ -180,3 +180,18 @@ def test_group_rl_raises_verified_reward(tok, tmp_path, algo, kl_mode):
     half = P.main(P.PPOConfig(out=str(tmp_path / "half"), iterations=12, resume=True, **kw))
     rows = lambda d: [(r["step"], r["task_reward"], r["kl"], r["pg_loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "task_reward" in r]  # noqa: E731
     assert rows(half) == rows(out)
+
+
+def test_verifiable_prompts_never_hold_a_heldout_problem():
+    """Guards the RL prompts' split: fresh generated problems (3x the SFT set's draws) split by the
+    SFT set's hash rule, minus any train problem that is also asked under a held-out key (a
+    weekday of the same date with another n); every family has a verifier that accepts its key."""
+    from chatforge.data.sft_default import _problem, verifiable_items
+
+    train, held = verifiable_items("train", scale=3), verifiable_items("heldout", scale=3)
+    assert len(train) > 5 * len(held) > 0
+    assert not {_problem(x) for x in train} & {_problem(x) for x in held}
+    assert {(x["gold"]["lang"], x["gold"]["task"]) for x in held} == {(lang, t) for lang in ("en", "zh") for t in FAMILIES}
+    for x in train[:: len(train) // 200] + held[:: len(held) // 100]:
+        check_prompt(x["gold"], "generated")
+        assert verify(x["gold"]["answers"][0], x["gold"]) == Verdict(True, True, True), x

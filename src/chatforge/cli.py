@@ -465,6 +465,8 @@ def _add_label(sub) -> None:
     q.add_argument("--per-task-train", type=int, default=100, help="at most this many train prompts per (language, task)")
     q.add_argument("--per-task-heldout", type=int, default=30, help="at most this many held-out prompts per (language, task)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--verifiable", action="store_true", help="instead: fresh generated problems whose answers a program checks "
+                   "(arithmetic, units, weekday, days in month, date + n days; en and zh), for `chatforge rl --reward tasks`")
     q.set_defaults(func=_run_label_prompts)
 
 
@@ -490,8 +492,11 @@ def _run_label_judge(a) -> None:
 
 def _run_label_prompts(a) -> None:
     from .config import cache_dir
-    from .label import build_prompts
+    from .label import build_prompts, build_verifiable_prompts
 
+    if a.verifiable:
+        build_verifiable_prompts(a.out, a.per_task_train, a.per_task_heldout, a.seed)
+        return
     build_prompts(a.sft_data or str(cache_dir() / "sft" / "default"), a.out, a.per_task_train, a.per_task_heldout, a.seed)
 
 

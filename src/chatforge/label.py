@@ -301,6 +301,28 @@ def build_prompts(sft_dir: str, out: str, per_task_train: int = 100, per_task_he
     return written[0], written[1]
 
 
+def build_verifiable_prompts(out: str, per_task_train: int = 100, per_task_heldout: int = 30, seed: int = 0) -> tuple[Path, Path]:
+    """`chatforge label prompts --verifiable`: prompts whose answers a program checks
+    (train/verify.py), generated fresh by data/sft_default.py's generators and split by the same
+    hash rule as the SFT set, so no held-out problem is ever trained on. At most `per_task_*` per
+    (language, task family). Writes OUT/train.jsonl and OUT/heldout.jsonl as {"messages", "gold"}."""
+    from .data.sft_default import verifiable_items
+
+    rng = random.Random(seed)
+    written = []
+    for split, cap in (("train", per_task_train), ("heldout", per_task_heldout)):
+        groups: dict[tuple[str, str], list[dict]] = {}
+        # Held-out: the SFT set's own draws (scale 1); train: three times as many, most of them new.
+        for item in verifiable_items(split, scale=3 if split == "train" else 1):
+            groups.setdefault((item["gold"]["lang"], item["gold"]["task"]), []).append(item)
+        items = [it for key in sorted(groups) for it in rng.sample(groups[key], min(cap, len(groups[key])))]
+        rng.shuffle(items)
+        written.append(write_jsonl(Path(out) / f"{split}.jsonl", items))
+        counts = ", ".join(f"{lang}/{task} {min(cap, len(g))}" for (lang, task), g in sorted(groups.items()))
+        print(f"label prompts --verifiable: {split}: {len(items)} prompts ({counts})", file=sys.stderr)
+    return written[0], written[1]
+
+
 # ---- label sample ---------------------------------------------------------------------------
 
 
