@@ -195,3 +195,71 @@ def test_verifiable_prompts_never_hold_a_heldout_problem():
     for x in train[:: len(train) // 200] + held[:: len(held) // 100]:
         check_prompt(x["gold"], "generated")
         assert verify(x["gold"]["answers"][0], x["gold"]) == Verdict(True, True, True), x
+
+
+def test_paired_tables_by_hand():
+    """Guards the paired tables of `eval tasks --baseline` and `label judge`: per (language, task),
+    per language and overall, differences item by item with their standard error; items that do
+    not match one to one are refused. en/arithmetic: base (1, 0, 0), new (1, 1, 1) -> +2/3, paired
+    sd of (0, 1, 1) = 0.57735 -> stderr 0.33333; zh/weekday: (1, 1) -> (0, 1): -1/2 +- 1/2."""
+    from chatforge.data.rankings import Prompt
+    from chatforge.eval.tasks import paired_by_group
+    from chatforge.label import judge_answers
+    from chatforge.label import paired_by_group as judge_groups
+
+    def rows(marks, keys):
+        return [{"question": f"q{i}", "lang": lang, "task": task, "exact": m} for i, (m, (lang, task)) in enumerate(zip(marks, keys))]
+
+    keys = [("en", "arithmetic")] * 3 + [("zh", "weekday")] * 2
+    t = paired_by_group(rows([1, 1, 1, 0, 1], keys), rows([1, 0, 0, 1, 1], keys))
+    assert list(t) == ["en/arithmetic", "zh/weekday", "[en]", "[zh]", "[all]"]
+    assert t["en/arithmetic"]["mean"] == pytest.approx(2 / 3) and t["en/arithmetic"]["stderr"] == pytest.approx(1 / 3)
+    assert (t["en/arithmetic"]["better"], t["en/arithmetic"]["worse"]) == (2, 0)
+    assert t["zh/weekday"]["mean"] == pytest.approx(-0.5) and t["zh/weekday"]["stderr"] == pytest.approx(0.5)
+    assert t["[all]"]["n"] == 5 and t["[all]"]["mean"] == pytest.approx(1 / 5)
+    with pytest.raises(ValueError, match="not the same items"):
+        paired_by_group(rows([1, 1], keys[:2]), rows([1, 0, 0], keys[:3]))
+    # label judge: the same grouping over per-prompt gold scores
+    prompts = [Prompt([{"role": "user", "content": f"q{i}"}], {"gold": key(task, ["42"], lang)}, "f") for i, (lang, task) in enumerate(keys)]
+    base = judge_answers(prompts, [["42"], ["no"], ["no"], ["42"], ["42"]])
+    new = judge_answers(prompts, [["42"], ["42"], ["42"], ["no"], ["42"]])
+    g = judge_groups(new, base)
+    assert list(g) == ["en/arithmetic", "zh/weekday", "[en]", "[zh]", "[all]"] and g["[all]"]["n"] == 5
+    assert (g["en/arithmetic"]["better"], g["zh/weekday"]["worse"]) == (2, 1)
+
+
+def test_best_of_by_hand():
+    """Guards the rejection-sampling choice: the best answer per prompt (the first of equals),
+    none when even the best is under the threshold."""
+    from chatforge.train.bon import best_of
+
+    assert best_of([[0.1, 1.2, 1.2], [0.0, 0.1, 0.0], [1.0, 0.5, 0.0]], 1.0) == [1, None, 0]
+
+
+def test_bon_rounds_keep_verified_answers(tok, tmp_path):
+    """Guards `chatforge bon` end to end on a tiny model: sampled answers are scored by the
+    verifier, only prompts whose best answer reaches --min-reward are kept (as SFT conversations
+    ending in that answer), the SFT step trains on them, and a rerun skips the finished round."""
+    from chatforge.train import bon as B
+
+    sft = tiny_sft(tok, tmp_path)
+    lines = [{"messages": [{"role": "user", "content": f"2001年3月{d}日是星期几？"}], "gold": key("weekday", ["星期一"], "zh")} for d in range(1, 9)]
+    f = write_prompts(tmp_path / "p.jsonl", lines)
+    cfg = B.BoNConfig(policy=str(sft), prompts=[f], out=str(tmp_path / "bon"), rounds=1, k=3, prompts_per_round=8, min_reward=0.1,
+                      format_weight=0.0, language_weight=1.0, max_new_tokens=4, epochs=1.0, lr=1e-3, dtype="fp32", device="cpu")
+    rep = B.main(cfg)
+    (row,) = rep["rounds"]
+    kept = [json.loads(x) for x in (tmp_path / "bon" / "round1" / "kept.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert row["kept"] == len(kept) and 0 < len(kept) <= 8 and row["best_of_k_reward"] >= row["mean_reward"]
+    samples = [json.loads(x) for x in (tmp_path / "bon" / "round1" / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    for k in kept:
+        (s,) = [s for s in samples if s["messages"] == k["messages"][:-1]]
+        assert k["messages"][-1]["content"] in s["responses"] and k["metadata"]["reward"] >= 0.1
+    assert ckpt_io.is_checkpoint(tmp_path / "bon" / "round1" / "sft") and rep["policy"].endswith("sft")
+    mtime = (tmp_path / "bon" / "round1" / "sft" / "meta.json").stat().st_mtime
+    B.main(cfg)
+    assert (tmp_path / "bon" / "round1" / "sft" / "meta.json").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="scorer='gold' is unknown"):
+        B.BoNConfig(policy="x", prompts=["p"], scorer="gold")
+    with pytest.raises(ValueError, match="k=1"):
+        B.BoNConfig(policy="x", prompts=["p"], k=1)

@@ -537,6 +537,20 @@ def _add_rl(sub) -> None:
     p.set_defaults(func=_run_ppo)
 
 
+def _add_bon(sub) -> None:
+    from .train.bon import BoNConfig
+
+    p = sub.add_parser("bon", help="best-of-n / rejection-sampling fine-tuning: sample K per prompt, keep the best by verifier or reward model, SFT on them, in rounds")
+    add_config_args(p, BoNConfig)
+    p.set_defaults(func=_run_bon)
+
+
+def _run_bon(a) -> None:
+    from .train.bon import BoNConfig, main
+
+    main(config_from_args(BoNConfig, a))
+
+
 def _add_dpo(sub) -> None:
     from .train.dpo import DPOConfig
 
@@ -636,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
 ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_models, _add_chat, _add_generate]
 ADDERS += [_add_serve, _add_keys, _add_usage]
 ADDERS += [_add_sft, _add_sft_default, _add_eval]
-ADDERS += [_add_label, _add_rm, _add_ppo, _add_rl, _add_dpo, _add_rlhf]
+ADDERS += [_add_label, _add_rm, _add_ppo, _add_rl, _add_bon, _add_dpo, _add_rlhf]
 ADDERS += [_add_feedback, _add_flywheel]
 
 

@@ -548,6 +548,8 @@ def judge_answers(prompts: list[Prompt], answers: list[list[str]]) -> dict:
         "by_task": {k: mean(v) for k, v in sorted(by_task.items())},
         "mean_chars": mean([len(a) for ans in answers for a in ans]),
         "per_prompt": per_prompt,
+        # (language, task family) of each prompt, for the paired table of `label judge`
+        "groups": [f"{(p.extra.get('gold') or {}).get('lang', '?')}/{((p.extra.get('gold') or {}).get('task') or 'other').split('/')[0]}" for p in prompts],
     }
 
 
@@ -559,10 +561,30 @@ def paired_difference(new: dict, base: dict) -> dict:
     if not a or len(a) != len(b) or new.get("samples") != base.get("samples"):
         raise ValueError(f"paired difference needs per-prompt scores of the same prompts and samples per prompt "
                          f"(have {len(a)} x {new.get('samples')} vs {len(b)} x {base.get('samples')}); judge both again")
-    d = [x - y for x, y in zip(a, b)]
-    m = sum(d) / len(d)
-    sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(1, len(d) - 1))
-    return {"mean": m, "stderr": sd / math.sqrt(len(d)), "n": len(d), "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
+    from .eval.tasks import paired
+
+    return paired(a, b)
+
+
+def paired_by_group(new: dict, base: dict) -> dict:
+    """`paired_difference` per (language, task family), per language and overall."""
+    from .eval.tasks import paired
+
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(new.get("groups") or []):
+        for k in (g, f"[{g.split('/')[0]}]", "[all]"):
+            groups.setdefault(k, []).append(i)
+    order = sorted(k for k in groups if not k.startswith("[")) + sorted(k for k in groups if k.startswith("[") and k != "[all]") + ["[all]"]
+    a, b = new["per_prompt"], base["per_prompt"]
+    return {k: paired([a[i] for i in groups[k]], [b[i] for i in groups[k]]) for k in order if k in groups}
+
+
+def format_group_table(table: dict, base_name: str, new_name: str) -> str:
+    lines = [f"  gold score, {new_name} vs {base_name}, paired per prompt (+- one standard error)",
+             f"  {'language/task':26s} {'n':>5s} {'base':>7s} {'new':>7s} {'diff':>8s} {'+-':>7s} {'better':>7s} {'worse':>6s}"]
+    for k, v in table.items():
+        lines.append(f"  {k:26s} {v['n']:5d} {v['base']:7.4f} {v['new']:7.4f} {v['mean']:+8.4f} {v['stderr']:7.4f} {v['better']:7d} {v['worse']:6d}")
+    return "\n".join(lines)
 
 
 def rm_gold_agreement(rm_dir: str, rankings: list[Ranking], min_gap: float = 0.01, device: str = "auto") -> dict:
@@ -620,6 +642,8 @@ def judge(policies: list[str], prompts_files: list[str], samples: int = 1, tempe
             r["vs_first"] = d = paired_difference(r, results[policies[0]])
             print(f"  vs {policies[0]}: {d['mean']:+.4f} ± {d['stderr']:.4f} per prompt (paired), better on {d['better']}, "
                   f"worse on {d['worse']} of {d['n']} prompts", flush=True)
+            r["vs_first_by_group"] = table = paired_by_group(r, results[policies[0]])
+            print(format_group_table(table, policies[0], pol), flush=True)
     if out:
         save_json(results, out)
     return results
