@@ -263,3 +263,29 @@ def test_bon_rounds_keep_verified_answers(tok, tmp_path):
         B.BoNConfig(policy="x", prompts=["p"], scorer="gold")
     with pytest.raises(ValueError, match="k=1"):
         B.BoNConfig(policy="x", prompts=["p"], k=1)
+
+
+def test_time_budget_stops_and_saves(tok, tmp_path):
+    """Guards --time-budget-s (how the speedrun gives its RL stage minutes, not iterations): the
+    loop stops after the iteration that passes the budget, and the checkpoint records that step."""
+    sft = tiny_sft(tok, tmp_path)
+    f = write_prompts(tmp_path / "p.jsonl", [{"messages": [{"role": "user", "content": "3+4=?"}], "gold": key("arithmetic", ["7"], "en")}] * 4)
+    out = P.main(P.PPOConfig(policy=str(sft), prompts=[f], out=str(tmp_path / "rl"), algo="rloo", reward="tasks", samples_per_prompt=2,
+                             rollout_batch=4, minibatch=4, ppo_epochs=1, max_new_tokens=4, iterations=50, time_budget_s=1e-6,
+                             dtype="fp32", device="cpu", show_samples=0))
+    meta = ckpt_io.load(out).meta
+    assert meta["step"] == 1 and meta["metrics"]["seconds"] >= 0
+
+
+def test_report_card_shows_the_rl_stage():
+    """Guards the speedrun report card's RL rows: exact match SFT -> RL overall and per group with
+    paired standard errors, the gold score with its paired difference, KL, length and minutes."""
+    from chatforge.speedrun import report_card
+
+    cell = {"n": 40, "base": 0.1, "new": 0.25, "mean": 0.15, "stderr": 0.05, "better": 8, "worse": 2}
+    r = {"base": {}, "sft": {}, "gold_sft": 0.42, "gold_ppo": 0.41, "rm_val_accuracy": 0.55, "ppo_kl": 0.1, "ppo_rm_score": 0.2, "gold_stderr": 0.01,
+         "rl_exact": {"en/arithmetic": cell, "[en]": cell, "[all]": cell}, "rl_correct": {"[all]": cell}, "gold_rl": 0.45,
+         "gold_rl_vs_sft": {"mean": 0.03, "stderr": 0.01}, "rl_kl": 0.5, "rl_length": 3.2, "rl_iterations": 12, "rl_minutes": 2.0, "minutes": 20.0}
+    card = report_card(r)
+    assert "10.0% -> 25.0% (+15.0 +- 5.0 points paired, n=40)" in card and "en/arithmetic" in card
+    assert "0.420 -> 0.450 (+0.030 +- 0.010 paired)" in card and "0.500, 3.2 tokens, 12, 2.0" in card

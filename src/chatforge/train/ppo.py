@@ -113,6 +113,7 @@ class PPOConfig:
     save_every: int = 5  # iterations between checkpoints (and at the end)
     log_every: int = 1  # iterations between progress lines
     show_samples: int = 2  # answers printed with each progress line
+    time_budget_s: float = 0.0  # stop (evaluate and save) after the iteration that passes this many seconds; 0 = no limit
     resume: bool = False  # continue from out/'s train_state.pt
     seed: int = 0  # prompt order, rollout seeds, minibatch order, adapter init
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -135,6 +136,8 @@ class PPOConfig:
             raise ValueError("PPOConfig: rm_weight, task_weight, format_weight and language_weight must be >= 0")
         if not self.prompts:
             raise ValueError("PPOConfig.prompts is required: prompt JSONL files")
+        if self.time_budget_s < 0:
+            raise ValueError(f"PPOConfig.time_budget_s={self.time_budget_s} must be >= 0 (0 = no limit)")
         for name in ("iterations", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "eval_every", "save_every", "log_every", "kl_horizon", "ptx_rows", "ptx_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PPOConfig.{name}={getattr(self, name)} must be positive")
@@ -500,6 +503,7 @@ def main(cfg: PPOConfig) -> Path:
             log.log({"step": 0, **metrics})
             log.print(eval_line(0, metrics))
     t_begin = time.time()
+    end = cfg.iterations
     for it in range(start, cfg.iterations):
         if it > start and it % cfg.eval_every == 0 and eval_prompts:  # without held-out prompts there is nothing to evaluate
             metrics.update(evaluate())
@@ -555,11 +559,16 @@ def main(cfg: PPOConfig) -> Path:
             for j in range(min(cfg.show_samples, len(idx))):
                 log.print(f"  sample | {prompts[idx[j]].messages[-1]['content'][:60]!r} -> {texts[j][:100]!r} (reward {ro.total[j].item():+.3f})")
         metrics.update({k: rec[k] for k in ("rm_score", "task_correct", "score", "kl", "reward", "length") if k in rec})
+        if cfg.time_budget_s and time.time() - t_begin > cfg.time_budget_s and it + 1 < cfg.iterations:
+            end = it + 1
+            log.print(f"{cfg.algo}: time budget of {cfg.time_budget_s:.0f}s spent after iteration {end} of {cfg.iterations}; stopping")
+            break
     metrics.update(evaluate())
     if eval_prompts:
-        log.log({"step": cfg.iterations, **{k: v for k, v in metrics.items() if k.startswith("val_")}})
-        log.print(eval_line(cfg.iterations, metrics))
-    save(cfg.iterations, metrics)
+        log.log({"step": end, **{k: v for k, v in metrics.items() if k.startswith("val_")}})
+        log.print(eval_line(end, metrics))
+    metrics["seconds"] = round(time.time() - t_begin, 1)  # this session's wall clock (a resumed run counts from its restart)
+    save(end, metrics)
     log.print(f"{cfg.algo}: checkpoint {out}, log {out / 'log.jsonl'}, plots {out / 'ppo.png'} and {out / 'reward_vs_kl.png'}, {time.time() - t_begin:.0f}s")
     return out
 
