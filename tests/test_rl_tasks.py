@@ -289,3 +289,12 @@ def test_report_card_shows_the_rl_stage():
     card = report_card(r)
     assert "10.0% -> 25.0% (+15.0 +- 5.0 points paired, n=40)" in card and "en/arithmetic" in card
     assert "0.420 -> 0.450 (+0.030 +- 0.010 paired)" in card and "0.500, 3.2 tokens, 12, 2.0" in card
+
+
+def test_speedrun_rl_share_checked():
+    from chatforge.speedrun import STAGES, SpeedrunConfig
+
+    assert STAGES.index("rlhf") < STAGES.index("rl") < STAGES.index("dpo")
+    with pytest.raises(ValueError, match="rl_share=0.5"):
+        SpeedrunConfig(rl_share=0.5)
+    SpeedrunConfig(until="rl")
