@@ -13,8 +13,9 @@ import typing
 from pathlib import Path
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()) -> None:
-    """One --flag per field of a stage's config dataclass; help text is the field's comment."""
+def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = (), defaults: dict | None = None) -> None:
+    """One --flag per field of a stage's config dataclass; help text is the field's comment.
+    `defaults` replaces some fields' defaults (a command that is another stage's variant)."""
     hints = typing.get_type_hints(cls)
     comments = _field_comments(cls)
     inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
@@ -24,6 +25,7 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] 
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = (defaults or {}).get(f.name, default)
         helptext = f"{comments.get(f.name, '')} (default: {default!r})"
         hint = hints[f.name]
         if hint is bool:
@@ -503,6 +505,8 @@ def _add_label(sub) -> None:
     q.add_argument("--per-task-train", type=int, default=100, help="at most this many train prompts per (language, task)")
     q.add_argument("--per-task-heldout", type=int, default=30, help="at most this many held-out prompts per (language, task)")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--verifiable", action="store_true", help="instead: fresh generated problems whose answers a program checks "
+                   "(arithmetic, units, weekday, days in month, date + n days; en and zh), for `chatforge rl --reward tasks`")
     q.set_defaults(func=_run_label_prompts)
 
 
@@ -528,8 +532,11 @@ def _run_label_judge(a) -> None:
 
 def _run_label_prompts(a) -> None:
     from .config import cache_dir
-    from .label import build_prompts
+    from .label import build_prompts, build_verifiable_prompts
 
+    if a.verifiable:
+        build_verifiable_prompts(a.out, a.per_task_train, a.per_task_heldout, a.seed)
+        return
     build_prompts(a.sft_data or str(cache_dir() / "sft" / "default"), a.out, a.per_task_train, a.per_task_heldout, a.seed)
 
 
@@ -559,6 +566,29 @@ def _run_ppo(a) -> None:
     from .train.ppo import PPOConfig, main
 
     main(config_from_args(PPOConfig, a))
+
+
+def _add_rl(sub) -> None:
+    from .train.ppo import PPOConfig
+
+    p = sub.add_parser("rl", help="RL on the PPO machinery with group baselines: `ppo` with --algo grpo, --reward tasks "
+                                  "(verified answers) and 4 samples per prompt by default; --algo rloo|ppo, --reward rm|rm+tasks")
+    add_config_args(p, PPOConfig, defaults=dict(algo="grpo", reward="tasks", samples_per_prompt=4, out="runs/rl"))
+    p.set_defaults(func=_run_ppo)
+
+
+def _add_bon(sub) -> None:
+    from .train.bon import BoNConfig
+
+    p = sub.add_parser("bon", help="best-of-n / rejection-sampling fine-tuning: sample K per prompt, keep the best by verifier or reward model, SFT on them, in rounds")
+    add_config_args(p, BoNConfig)
+    p.set_defaults(func=_run_bon)
+
+
+def _run_bon(a) -> None:
+    from .train.bon import BoNConfig, main
+
+    main(config_from_args(BoNConfig, a))
 
 
 def _add_dpo(sub) -> None:
@@ -660,7 +690,7 @@ def build_parser() -> argparse.ArgumentParser:
 ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_quantize, _add_models, _add_chat, _add_generate]
 ADDERS += [_add_serve, _add_keys, _add_usage]
 ADDERS += [_add_sft, _add_sft_default, _add_eval]
-ADDERS += [_add_label, _add_rm, _add_ppo, _add_dpo, _add_rlhf]
+ADDERS += [_add_label, _add_rm, _add_ppo, _add_rl, _add_bon, _add_dpo, _add_rlhf]
 ADDERS += [_add_feedback, _add_flywheel]
 
 

