@@ -164,7 +164,7 @@ def main(cfg: PretrainConfig) -> Path:
         model.train()
 
     def save(step: int, metrics: dict) -> None:
-        meta.update(step=step, metrics=metrics)
+        meta.update(step=step, max_steps=max_steps, tokens=step * step_tokens, metrics=metrics)  # tokens: D of a scaling-law fit
         C.save_training(out, model, tok, meta, optimizer, step, to_dict(cfg), dist)
         log.plot(out / "loss.png", title=f"pretrain {cfg.preset} ({mcfg.block})")
 
