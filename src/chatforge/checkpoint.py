@@ -7,6 +7,8 @@
     DIR/meta.json              stage, parent checkpoint, data, step, metrics, created, snapshot id
     DIR/train_state.pt         optional: optimizer, RNG, dataloader position, step (for --resume)
     DIR/extra.safetensors      optional: tensors a stage adds (e.g. a reward or value head)
+    DIR/optimizer.dcp/         optional: a sharded (FSDP) run's AdamW state, one file per process
+                               (torch.distributed.checkpoint); train_state.pt then has no optimizer
 
 A directory is written to DIR.tmp-<pid> and renamed into place, so a crash never leaves a
 half-written checkpoint; an existing DIR is replaced only after the new one is complete. Other
@@ -32,6 +34,7 @@ from .tokenizer import Tokenizer
 
 REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
 OWNED = REQUIRED + ("tokenizer_config.json", "train_state.pt", "extra.safetensors")
+SHARDED_OPTIMIZER = "optimizer.dcp"
 
 
 @dataclass
@@ -67,8 +70,10 @@ def save(
     meta: dict[str, Any],
     train_state: dict[str, Any] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and return its path."""
+    """Write a checkpoint atomically and return its path. `extra_dirs` (name -> a folder already
+    written elsewhere, e.g. optimizer.dcp) are moved into the new version before it goes live."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
@@ -82,6 +87,8 @@ def save(
         save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
+    for name, src in (extra_dirs or {}).items():
+        shutil.move(str(src), str(tmp / name))
     meta = dict(meta)
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     meta["snapshot"] = snapshot_id(tmp)
@@ -102,9 +109,10 @@ def save(
 
 
 def _fsync_dir(d: Path) -> None:
-    for p in d.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    for p in d.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def is_checkpoint(path: str | Path) -> bool:
