@@ -158,3 +158,37 @@ def test_ladder_config_errors(shards_dir, tmp_path):
         ladder(_ladder_cfg(shards_dir, tmp_path / "c", tokens=256))
     with pytest.raises(ValueError, match="data is required"):
         LadderConfig()
+
+
+def test_plans_for_tiers(capsys):
+    """Guards the hardware plans: the chosen model is the lowest predicted loss among those that
+    fit the device memory, FSDP divides weights, gradients and AdamW state (4 + 4 + 8 bytes per
+    parameter) by the devices, a tier where nothing fits and an unknown tier are named errors, and
+    `speedrun --tier 8gpu --dry-run` plans from the fit chatforge ships."""
+    from chatforge.scale import TIERS, Tier, memory_gb, model_config, plan_run
+    from chatforge.model import preset
+    from chatforge.speedrun import SpeedrunConfig
+
+    f = Fit(law=TRUE)
+    p = plan_run(f, TIERS["8gpu"], 24 * 3600, 8192)
+    fits = [r for r in p["rows"] if r["fits"]]
+    assert p["best"] is min(fits, key=lambda r: r["loss"])
+    assert p["flops_per_s"] == pytest.approx(8 * 989e12 * 0.40)
+    for r in p["rows"]:
+        assert r["flops"] == pytest.approx(24 * 3600 * p["flops_per_s"])  # every candidate gets the same compute
+    big = next(r for r in p["rows"] if r["model"] == "gpt3-175b")
+    assert not big["fits"] and big["micro_batch"] == 1
+    m1, m8 = memory_gb(preset("gpt3-1.3b", vocab_size=8192), 1, 1, 2048), memory_gb(preset("gpt3-1.3b", vocab_size=8192), 8, 1, 2048)
+    assert m1["optimizer"] == pytest.approx(2 * m1["weights"]) and m1["optimizer"] == pytest.approx(8 * m8["optimizer"])
+    assert m1["activations"] == m8["activations"]
+    assert memory_gb(model_config(1, 8192), 1, 16, 256)["total"] < 1
+    tiny = Tier(**{**TIERS["1gpu"].__dict__, "memory_gb": 0.01})
+    with pytest.raises(ValueError, match="no candidate model fits 0 GB"):
+        plan_run(f, tiny, 3600, 8192)
+    with pytest.raises(ValueError, match="known tiers: cpu, 1gpu, 8gpu"):
+        SpeedrunConfig(tier="2gpu")
+    with pytest.raises(ValueError, match="--dry-run"):
+        SpeedrunConfig(tier="1gpu")
+    assert cli_main(["speedrun", "--tier", "8gpu", "--dry-run", "--minutes", "600"]) == 0
+    out = capsys.readouterr().out
+    assert "sizing from the shipped fit" in out and "<- chosen" in out and "GB/device" in out

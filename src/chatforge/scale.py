@@ -59,27 +59,27 @@ def matmul_params(cfg) -> float:
     return flops_per_token(cfg, 0) / 6
 
 
-def measure_seconds_per_token(shards_dir: str | Path, k: int, seq_len: int, micro_batch: int, device: str = "auto", dtype: str = "auto",
-                              steps: int = 3) -> float:
-    """Seconds per training token of size k at this batch, from the best of `steps` timed optimizer
-    steps after one warmup step (the machine may be shared; the best is the least disturbed)."""
+def measure_seconds_per_token(vocab_size: int, size, seq_len: int, micro_batch: int, device: str = "auto", dtype: str = "auto",
+                              steps: int = 2) -> float:
+    """Seconds per training token of a model (ladder size k or a preset name) at this batch, from
+    the best of `steps` timed optimizer steps after one warmup step, on random tokens (the speed
+    does not depend on the text); the best, because the machine may be shared."""
     import torch
 
-    from .data.loader import Shards, TrainBatches
     from .model import GPT
-    from .tokenizer import Tokenizer
     from .train import common as C
 
     dist = C.Dist(device=C.pick_device(device))
-    model = GPT(model_config(k, Tokenizer.load(shards_dir).vocab_size, seq_len)).to(dist.device)
+    model = GPT(_candidate(size, vocab_size, seq_len)[1]).to(dist.device)
     model.init_weights(0)
     opt = C.make_optimizer(model, 1e-3, 0.1)
-    batches = TrainBatches(Shards(shards_dir), seq_len, micro_batch, 1, 0)
     step_model = C.LMLoss(model)
+    g = torch.Generator().manual_seed(0)
     times = []
-    for i in range(steps + 1):
+    for _ in range(steps + 1):
+        x = torch.randint(0, vocab_size, (micro_batch, seq_len + 1), generator=g)
         t0 = time.perf_counter()
-        C.train_step(step_model, [batches.get(i, 0)], C.lm_loss, opt, dist, dtype, 1.0)
+        C.train_step(step_model, [(x[:, :-1].to(dist.device), x[:, 1:].to(dist.device))], C.lm_loss, opt, dist, dtype, 1.0)
         if dist.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -135,7 +135,7 @@ def plan_ladder(cfg: LadderConfig) -> dict:
         t0 = cfg.tokens
     else:
         for k in cfg.sizes:
-            sec_per_token[k] = measure_seconds_per_token(cfg.data, k, cfg.seq_len, cfg.micro_batch, cfg.device, cfg.dtype)
+            sec_per_token[k] = measure_seconds_per_token(vocab, k, cfg.seq_len, cfg.micro_batch, cfg.device, cfg.dtype)
             say(f"size {k}: {1 / sec_per_token[k]:,.0f} tokens/s measured")
         t0 = 0.85 * cfg.minutes * 60 / (sum(sec_per_token.values()) * sum(mult))
     steps0 = int(t0 // step_tokens)
@@ -367,3 +367,114 @@ def predict_lines(f: Fit, n_params: float = 0, tokens: float = 0, flops: float =
         raise ValueError(f"predict needs --params and --tokens (got {n_params}, {tokens}), or --flops, or --run")
     p = f.predict(n_params, tokens)
     return [f"N = {fmt_count(n_params)}, D = {fmt_count(tokens)} tokens (C = {p['flops']:.3g} FLOPs): predicted loss {p['loss']:.4f}{iv(p, 'loss')} nats/token"]
+
+
+# ---- sizing a run from a fit: the speedrun's model, and plans for hardware not here ---------
+
+DEFAULT_FIT = Path(__file__).with_name("default_fit.json")  # measured on this project's CPU (README, "Scaling laws")
+
+
+@dataclass
+class Tier:
+    name: str
+    devices: int  # processes (one per GPU); sharded with FSDP when > 1
+    peak_flops: float  # bf16 dense FLOP/s of one device; 0 = measure this machine
+    memory_gb: float  # memory of one device; 0 = this machine's RAM
+    mfu: float  # assumed model FLOPs utilisation; 0 = measure this machine
+    seq_len: int
+    micro_batch: int  # the most windows per forward/backward; halved until the plan fits memory
+    sizes: tuple  # candidate models: ladder sizes k (int) or model.PRESETS names
+    note: str
+
+
+TIERS = {
+    "cpu": Tier("cpu", 1, 0.0, 0.0, 0.0, 256, 16, (1, 2, 3, 4, 5, 6, 8), "this machine, throughput measured"),
+    "1gpu": Tier("1gpu", 1, 989e12, 80, 0.40, 2048, 8, ("gpt3-125m", "gpt3-350m", "gpt3-760m", "gpt3-1.3b", "gpt3-2.7b", "gpt3-6.7b"),
+                 "one H100 SXM (989 TFLOP/s bf16 dense, 80 GB), MFU 40% assumed"),
+    "8gpu": Tier("8gpu", 8, 989e12, 80, 0.40, 2048, 8, ("gpt3-350m", "gpt3-760m", "gpt3-1.3b", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b", "gpt3-175b"),
+                 "8x H100 SXM (989 TFLOP/s bf16 dense, 80 GB each), FSDP, MFU 40% assumed"),
+}
+
+
+def _candidate(size, vocab: int, seq_len: int):
+    from .model import preset
+
+    if isinstance(size, int):
+        return f"k{size}", model_config(size, vocab, seq_len), size_overrides(size)
+    return size, preset(size, vocab_size=64 * math.ceil(vocab / 64)), {"preset": size}
+
+
+def memory_gb(cfg, devices: int, micro_batch: int, seq_len: int) -> dict:
+    """Bytes per device of a training step, in GB: fp32 weights, gradients and AdamW moments (16
+    bytes/param, sharded over `devices` by FSDP), and the activations kept for backward: ~34 bytes
+    per layer per token per unit of width in bf16 with a fused attention kernel (Korthikanti et al.
+    2022, table 2, without the attention-matrix term), plus the logits' ~10 bytes per vocabulary
+    entry per token (bf16 logits, fp32 log-softmax and its gradient)."""
+    params = matmul_params(cfg) + cfg.d_model * (2 * cfg.n_layer + 1)  # the norms are all that is not a matmul (tied head)
+    shard = params / devices
+    tokens = micro_batch * seq_len
+    out = {"weights": 4 * shard, "gradients": 4 * shard, "optimizer": 8 * shard,
+           "activations": tokens * (34 * cfg.d_model * cfg.n_layer + 10 * cfg.vocab_size)}
+    out = {k: v / 1e9 for k, v in out.items()}
+    out["total"] = sum(out.values())
+    return out
+
+
+def plan_run(f: Fit, tier: Tier, seconds: float, vocab: int, flops_per_s: float = 0.0, mem_gb: float = 0.0) -> dict:
+    """The model (from the tier's candidates) and token count that the fit predicts reach the lowest
+    loss in `seconds` of training at `flops_per_s` (measured, or the tier's peak x MFU x devices),
+    among those whose step fits the device memory. Raises ValueError if none fits."""
+    from .model import flops_per_token
+
+    rate = flops_per_s or tier.peak_flops * tier.mfu * tier.devices
+    mem = mem_gb or tier.memory_gb
+    if rate <= 0 or mem <= 0:
+        raise ValueError(f"tier {tier.name}: needs a measured throughput and memory (got {rate} FLOP/s, {mem} GB)")
+    rows = []
+    for size in tier.sizes:
+        name, cfg, overrides = _candidate(size, vocab, tier.seq_len)
+        fpt = flops_per_token(cfg, tier.seq_len)
+        n = matmul_params(cfg)
+        d = seconds * rate / fpt
+        mb = tier.micro_batch
+        while mb > 1 and memory_gb(cfg, tier.devices, mb, tier.seq_len)["total"] > 0.9 * mem:
+            mb //= 2
+        m = memory_gb(cfg, tier.devices, mb, tier.seq_len)
+        rows.append({"model": name, "overrides": overrides, "n_params": n, "tokens": d, "flops": d * fpt, "loss": float(f.law.loss(n, d)),
+                     "micro_batch": mb, "memory_gb": m, "fits": m["total"] <= 0.9 * mem, "hours": d * fpt / rate / 3600})
+    fitting = [r for r in rows if r["fits"]]
+    if not fitting:
+        small = min(rows, key=lambda r: r["memory_gb"]["total"])
+        raise ValueError(f"tier {tier.name}: no candidate model fits {mem:.0f} GB per device; the smallest, {small['model']}, needs "
+                         f"{small['memory_gb']['total']:.1f} GB at micro-batch 1 (weights, gradients, AdamW state, activations)")
+    best = min(fitting, key=lambda r: r["loss"])
+    c = seconds * rate
+    try:
+        opt = f.optimal(c * 6 * best["n_params"] / (best["flops"] / best["tokens"]))  # in 6ND terms, as the fit counts compute
+    except ValueError:
+        opt = None
+    runs = f.info.get("runs") or []
+    return {"tier": tier.name, "note": tier.note, "seconds": seconds, "flops_per_s": rate, "memory_per_device_gb": mem,
+            "devices": tier.devices, "seq_len": tier.seq_len, "rows": rows, "best": best, "optimal": opt,
+            "fit_n_range": [min(r["n_params"] for r in runs), max(r["n_params"] for r in runs)] if runs else None}
+
+
+def plan_lines(p: dict) -> list[str]:
+    """Why the plan chose its model: every candidate's tokens, predicted loss and memory."""
+    b = p["best"]
+    lines = [f"tier {p['tier']}: {p['note']}; {p['flops_per_s'] / 1e12:.3g} TFLOP/s for {p['seconds'] / 3600:.2f} h "
+             f"= {p['flops_per_s'] * p['seconds']:.3g} FLOPs; {p['memory_per_device_gb']:.0f} GB per device",
+             f"  {'model':<10} {'N':>7} {'tokens':>8} {'pred. loss':>10} {'micro':>5} {'GB/device':>9}  (weights+grads+AdamW+activations)"]
+    for r in p["rows"]:
+        m = r["memory_gb"]
+        lines.append(f"  {r['model']:<10} {fmt_count(r['n_params']):>7} {fmt_count(r['tokens']):>8} {r['loss']:>10.3f} {r['micro_batch']:>5} "
+                     f"{m['total']:>9.2f}  ({m['weights']:.2f}+{m['gradients']:.2f}+{m['optimizer']:.2f}+{m['activations']:.2f})"
+                     + ("" if r["fits"] else "  does not fit") + ("  <- chosen" if r is b else ""))
+    lines.append(f"  chosen: {b['model']}, N = {fmt_count(b['n_params'])}, {fmt_count(b['tokens'])} tokens, {b['flops']:.3g} FLOPs, "
+                 f"~{b['hours']:.2f} h, predicted val loss {b['loss']:.3f}: the lowest predicted loss among the candidates that fit")
+    if p["optimal"]:
+        o = p["optimal"]
+        lines.append(f"  the fit's continuous compute-optimum: N = {fmt_count(o['n_params'])}, D = {fmt_count(o['tokens'])} tokens")
+    if p["fit_n_range"] and b["n_params"] > 2 * p["fit_n_range"][1]:
+        lines.append(f"  caution: the fit saw N up to {fmt_count(p['fit_n_range'][1])}; this extrapolates {b['n_params'] / p['fit_n_range'][1]:.0f}x beyond it")
+    return lines
