@@ -187,6 +187,8 @@ def test_plans_for_tiers(capsys):
         plan_run(f, tiny, 3600, 8192)
     with pytest.raises(ValueError, match="known tiers: cpu, 1gpu, 8gpu"):
         SpeedrunConfig(tier="2gpu")
+    with pytest.raises(ValueError, match="expected 'auto' or one of"):
+        SpeedrunConfig(preset="huge")
     with pytest.raises(ValueError, match="--dry-run"):
         SpeedrunConfig(tier="1gpu")
     assert cli_main(["speedrun", "--tier", "8gpu", "--dry-run", "--minutes", "600"]) == 0

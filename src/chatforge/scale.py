@@ -322,7 +322,7 @@ def plot_fit(f: Fit, path: Path) -> None:
         ax.fill_between(grid, lo, hi, color="k", alpha=0.1, label="95% bootstrap band")
     for c in checks:
         ax.scatter([6 * c["n_params"] * c["tokens"]], [c["loss"]], marker="*", s=160, color="red", zorder=4,
-                   label=f"check {fmt_count(c['n_params'])}, {fmt_count(c['tokens'])} tok: {100 * c['error']:+.1f}%")
+                   label=f"check {fmt_count(c['n_params'])}, {fmt_count(c['tokens'])} tok; x = predicted, {100 * c['error']:+.1f}%")
         ax.scatter([6 * c["n_params"] * c["tokens"]], [c["predicted"]], marker="x", s=60, color="red", zorder=4)
     ax.set_xscale("log")
     ax.set_xlabel("training compute C = 6ND (FLOPs)")

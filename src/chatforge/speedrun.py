@@ -50,8 +50,11 @@ class SpeedrunConfig:
             raise ValueError(f"SpeedrunConfig.until={self.until!r}; expected one of {', '.join(STAGES)}")
         if not (0 < self.pretrain_share < 1 and 0 <= self.sft_share < 1 and self.pretrain_share + self.sft_share <= 1):
             raise ValueError(f"SpeedrunConfig: pretrain_share={self.pretrain_share} and sft_share={self.sft_share} must be shares that sum to <= 1")
+        from .model import PRESETS
         from .scale import TIERS
 
+        if self.preset != "auto" and self.preset not in PRESETS:
+            raise ValueError(f"SpeedrunConfig.preset={self.preset!r}; expected 'auto' or one of {', '.join(PRESETS)}")
         if self.tier not in TIERS:
             raise ValueError(f"SpeedrunConfig.tier={self.tier!r}; known tiers: {', '.join(TIERS)}")
         if self.tier != "cpu" and not self.dry_run:
