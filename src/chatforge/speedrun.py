@@ -128,7 +128,7 @@ def plan(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, list[str]]:
     source = cfg.fit or f"the shipped fit ({scale.DEFAULT_FIT.name}, {len(f.info.get('runs', []))} CPU runs)"
     why = [f"sizing from {source}: L(N, D) = {f.law.E:.2f} + {f.law.A:.4g}/N^{f.law.alpha:.3f} + {f.law.B:.4g}/D^{f.law.beta:.3f}"]
     if tier.name == "cpu":
-        why.append(f"  throughput measured on size k2: {p['flops_per_s'] / 1e9:.0f} GFLOP/s; every candidate is assumed to run at it (bigger ones run faster, so this errs small)")
+        why.append(f"  throughput measured on size k2: {p['flops_per_s'] / 1e9:.0f} GFLOP/s; every candidate is assumed to run at it (smaller ones run at fewer FLOP/s here, bigger at more: this leans small)")
     return p, why + scale.plan_lines(p)
 
 
