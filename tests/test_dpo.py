@@ -88,8 +88,9 @@ def test_dpo_learns_preference(tok, tmp_path):
 
 @pytest.mark.slow
 def test_dpo_two_processes_match_one(tok, tmp_path):
-    """Guards DPO under DDP (the policy wrapped so DDP sees its forward): 2 processes log the
-    same losses and held-out accuracy as 1 process with the same global batch."""
+    """Guards DPO under DDP (the policy wrapped so DDP sees its forward) and FSDP (hidden()
+    registered as a forward method): 2 processes log the same losses and held-out accuracy as 1
+    process with the same global batch."""
     from test_reward import assert_same_logs, preference_file, run_cli, tiny_sft
 
     sft = tiny_sft(tok, tmp_path / "sft")
@@ -100,3 +101,5 @@ def test_dpo_two_processes_match_one(tok, tmp_path):
     run_cli(common + ["--out", str(tmp_path / "one")], 1, tmp_path)
     run_cli(common + ["--out", str(tmp_path / "two")], 2, tmp_path)
     assert_same_logs(tmp_path / "one", tmp_path / "two")
+    run_cli(common + ["--out", str(tmp_path / "fsdp"), "--fsdp", "on"], 2, tmp_path)  # the policy sharded (FSDP2) instead of replicated
+    assert_same_logs(tmp_path / "one", tmp_path / "fsdp")

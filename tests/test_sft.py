@@ -515,3 +515,24 @@ def test_eval_end_to_end(base_ckpt, tmp_path):
     res = eval_main(TaskEvalConfig(model=str(base_ckpt), data=[str(f)], max_new_tokens=3, batch=4, dtype="fp32", out=str(tmp_path / "r.json")))
     assert res["overall"]["n"] == 6
     assert len(json.loads((tmp_path / "r.json").read_text())["items"]) == 6
+
+
+@pytest.mark.slow
+def test_sft_fsdp_matches_one_process(base_ckpt, chat_files, tmp_path):
+    """Guards FSDP in SFT (hidden() and head() outside forward, registered with FSDP): 2 gloo
+    processes with the model sharded give 1 process's losses with accumulation, and the
+    consolidated checkpoint's weights."""
+    from safetensors.torch import load_file
+    from test_reward import run_cli
+
+    common = ["sft", "--base", str(base_ckpt), "--data", str(chat_files[0]), "--val-data", str(chat_files[1]), "--seq-len", "64",
+              "--micro-batch", "2", "--batch-rows", "4", "--max-steps", "6", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "3",
+              "--save-every", "3", "--log-every", "1", "--dtype", "fp32", "--device", "cpu", "--peak-flops", "1e11"]
+    run_cli(common + ["--out", str(tmp_path / "one")], 1, tmp_path)
+    run_cli(common + ["--out", str(tmp_path / "two"), "--fsdp", "on"], 2, tmp_path)
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(a) == len(b) == 6
+    assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)

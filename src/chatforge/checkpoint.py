@@ -7,6 +7,8 @@
     DIR/meta.json              stage, parent checkpoint, data, step, metrics, created, snapshot id
     DIR/train_state.pt         optional: optimizer, RNG, dataloader position, step (for --resume)
     DIR/extra.safetensors      optional: tensors a stage adds (e.g. a reward or value head)
+    DIR/optimizer.dcp/         optional: a sharded (FSDP) run's AdamW state, one file per process
+                               (torch.distributed.checkpoint); train_state.pt then has no optimizer
 
 Quantized checkpoints (`chatforge quantize`, meta.json "weights": "int8" | "int4") store the
 matrices of model.safetensors quantized; `load` dequantizes them to fp32, so every path that takes
@@ -48,6 +50,7 @@ from .tokenizer import Tokenizer
 
 REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
 OWNED = REQUIRED + ("tokenizer_config.json", "train_state.pt", "extra.safetensors")
+SHARDED_OPTIMIZER = "optimizer.dcp"
 
 
 @dataclass
@@ -157,9 +160,11 @@ def save(
     train_state: dict[str, Any] | None = None,
     extra_tensors: dict[str, torch.Tensor] | None = None,
     weights: str | None = None,
+    extra_dirs: dict[str, Path] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and return its path; `weights` "int8" | "int4" stores the
-    matrices quantized (the layout above)."""
+    matrices quantized (the layout above). `extra_dirs` (name -> a folder already written
+    elsewhere, e.g. optimizer.dcp) are moved into the new version before it goes live."""
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
     state = _state_for_save(model)
@@ -177,6 +182,8 @@ def save(
         save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
+    for name, src in (extra_dirs or {}).items():
+        shutil.move(str(src), str(tmp / name))
     meta = dict(meta)
     meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     meta["snapshot"] = snapshot_id(tmp)
@@ -197,9 +204,10 @@ def save(
 
 
 def _fsync_dir(d: Path) -> None:
-    for p in d.iterdir():
-        with open(p, "rb") as f:
-            os.fsync(f.fileno())
+    for p in d.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
 
 
 def is_checkpoint(path: str | Path) -> bool:

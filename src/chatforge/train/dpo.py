@@ -41,8 +41,11 @@ class DPOConfig(RankingsTrainConfig):
     beta: float = 0.1  # strength of the implicit KL constraint (DPO paper: 0.1)
     label_smoothing: float = 0.0  # assumed share of flipped labels (conservative DPO); 0 = plain DPO
     lr: float = 5e-6  # peak learning rate
+    fsdp: str = "auto"  # "on": shard the policy's weights, gradients and AdamW state over torchrun's processes (FSDP2, no LoRA); "off": DDP; "auto": on above 1B params
 
     def __post_init__(self) -> None:
+        if self.fsdp not in ("on", "off", "auto") or (self.fsdp == "on" and self.lora_rank):
+            raise ValueError(f"DPOConfig.fsdp={self.fsdp!r}: 'on', 'off' or 'auto', and 'on' only without LoRA (adapters are small: DDP)")
         if not self.policy:
             raise ValueError("DPOConfig.policy is required: the SFT checkpoint to start from")
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
@@ -151,12 +154,18 @@ def main(cfg: DPOConfig) -> Path:
         start_step = state["step"]
 
     per_step, accum, batches, max_steps = step_layout(cfg, len(train), dist)
+    sharded = lora is None and C.use_fsdp(cfg.fsdp, policy.num_params(non_embedding=False), dist)
+    if sharded:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        C.fsdp_shard(policy, dist, cfg.dtype)
+        register_fsdp_forward_method(policy, "hidden")  # answer_logprobs runs hidden() then head(), not forward()
     optimizer = C.make_optimizer(lora if lora is not None else policy, cfg.lr, cfg.weight_decay)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        C.load_optimizer(optimizer, policy, state, out)
         C.set_rng_state(state["rng"])
     train_model: nn.Module = SequenceLogprobs(policy, lora)
-    if dist.world > 1:
+    if dist.world > 1 and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
     fpt, peak, log, n_pairs = run_log(cfg, policy, train, lora, dist, out, start_step)
     log.print(

@@ -54,6 +54,7 @@ class PretrainConfig:
     seed: int = 0  # weights init and data order
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"...
     peak_flops: float = 0.0  # FLOP/s for MFU; 0 measures this device with a matmul probe
+    fsdp: str = "auto"  # "on": shard weights, gradients and AdamW state over torchrun's processes (FSDP2); "off": DDP; "auto": on above 1B params
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -72,6 +73,8 @@ class PretrainConfig:
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"PretrainConfig: lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
         C.parse_dtype(self.dtype)
+        if self.fsdp not in ("on", "off", "auto"):
+            raise ValueError(f"PretrainConfig.fsdp={self.fsdp!r}; expected 'on', 'off' or 'auto'")
 
     def model_overrides(self) -> dict:
         o = {"block": self.block}
@@ -117,14 +120,17 @@ def main(cfg: PretrainConfig) -> Path:
     accum = C.grad_accum_steps(cfg.total_batch_tokens or cfg.micro_batch * cfg.seq_len * dist.world, cfg.micro_batch, cfg.seq_len, dist.world)
     step_tokens = cfg.micro_batch * cfg.seq_len * accum * dist.world
     max_steps = math.ceil(cfg.max_tokens / step_tokens) if cfg.max_tokens else cfg.max_steps
+    sharded = C.use_fsdp(cfg.fsdp, model.num_params(non_embedding=False), dist)
+    if sharded:
+        C.fsdp_shard(model, dist, cfg.dtype)  # before the optimizer: it holds the shards
     optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        C.load_optimizer(optimizer, model, state, out)
         C.set_rng_state(state["rng"])
     train_model: torch.nn.Module = C.LMLoss(model)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    if dist.world > 1:
+    if dist.world > 1 and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
     batches = TrainBatches(shards, cfg.seq_len, cfg.micro_batch, accum, cfg.seed, dist.rank, dist.world)
     fpt = flops_per_token(mcfg, cfg.seq_len)
@@ -135,6 +141,7 @@ def main(cfg: PretrainConfig) -> Path:
         f"h{mcfg.n_head}/{mcfg.n_kv_head}, vocab {mcfg.vocab_size}), {fpt / 1e6:.1f} MFLOP/token, "
         f"{step_tokens:,} tokens/step = {cfg.micro_batch}x{cfg.seq_len} x {accum} accum x {dist.world} proc, "
         f"{max_steps} steps = {max_steps * step_tokens / 1e6:.1f}M tokens, peak {peak / 1e9:.0f} GFLOP/s, device {dist.device}, {cfg.dtype}"
+        + (", FSDP" if sharded else ", DDP" if dist.world > 1 else "")
         + (f", resuming at step {start_step}" if cfg.resume else "")
     )
     val_bpt = shards.bytes_per_token("val")  # bits/byte uses the val split's average bytes per token
@@ -155,7 +162,7 @@ def main(cfg: PretrainConfig) -> Path:
         return {"val_loss": loss, "val_bpb": C.bits_per_byte(loss, n, n * val_bpt)}
 
     def show_samples(step: int) -> None:
-        if not dist.main:
+        if not dist.main and not sharded:  # sharded, every process runs the same forwards (their all-gathers must pair up)
             return
         model.eval()
         for p in SAMPLE_PROMPTS:
@@ -164,7 +171,7 @@ def main(cfg: PretrainConfig) -> Path:
         model.train()
 
     def save(step: int, metrics: dict) -> None:
-        meta.update(step=step, metrics=metrics)
+        meta.update(step=step, max_steps=max_steps, tokens=step * step_tokens, metrics=metrics)  # tokens: D of a scaling-law fit
         C.save_training(out, model, tok, meta, optimizer, step, to_dict(cfg), dist)
         log.plot(out / "loss.png", title=f"pretrain {cfg.preset} ({mcfg.block})")
 

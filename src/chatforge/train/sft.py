@@ -71,6 +71,7 @@ class SFTConfig:
     seed: int = 0  # validation split, data order, adapter init
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"...
     peak_flops: float = 0.0  # FLOP/s for MFU; 0 measures this device with a matmul probe
+    fsdp: str = "auto"  # "on": shard weights, gradients and AdamW state over torchrun's processes (FSDP2, full fine-tuning); "off": DDP; "auto": on above 1B params
 
     def __post_init__(self) -> None:
         if not self.base:
@@ -93,6 +94,8 @@ class SFTConfig:
         if self.lm_coef < 0 or bool(self.lm_coef) != bool(self.lm_data):
             raise ValueError(f"SFTConfig: the pretraining mix needs both lm_data and lm_coef > 0 (got {self.lm_data!r}, {self.lm_coef})")
         C.parse_dtype(self.dtype)
+        if self.fsdp not in ("on", "off", "auto") or (self.fsdp == "on" and self.lora_rank):
+            raise ValueError(f"SFTConfig.fsdp={self.fsdp!r}: 'on', 'off' or 'auto', and 'on' only for full fine-tuning (LoRA's adapters are small: DDP)")
 
 
 # Fields that must match to resume: they decide the model, the adapters and the data stream.
@@ -187,15 +190,21 @@ def main(cfg: SFTConfig) -> Path:
             raise ValueError(f"{cfg.lm_data}: shards use {shards.meta['vocab_size']} tokens, the model has {mcfg.vocab_size}; use shards of the base's tokenizer")
         lm_batches = TrainBatches(shards, cfg.seq_len, cfg.micro_batch, accum, cfg.seed, dist.rank, dist.world)
 
+    sharded = lora is None and C.use_fsdp(cfg.fsdp, model.num_params(non_embedding=False), dist)
+    if sharded:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        C.fsdp_shard(model, dist, cfg.dtype)
+        register_fsdp_forward_method(model, "hidden")  # SFTLoss runs hidden() then head(), not forward()
     trainable = [p for p in (lora.parameters() if lora is not None else model.parameters()) if p.requires_grad]
     optimizer = C.make_optimizer(lora if lora is not None else model, cfg.lr, cfg.weight_decay)
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        C.load_optimizer(optimizer, model, state, out)
         C.set_rng_state(state["rng"])
     train_model: nn.Module = SFTLoss(model, lora)
     if cfg.compile:
         train_model = torch.compile(train_model)
-    if dist.world > 1:
+    if dist.world > 1 and not sharded:
         train_model = torch.nn.parallel.DistributedDataParallel(train_model)
     # LoRA skips the weight gradients: ~4N FLOPs per token (forward 2N, input gradients 2N), not 6N.
     fpt = flops_per_token(mcfg, cfg.seq_len) * (4 / 6 if lora is not None else 1.0)
@@ -243,7 +252,7 @@ def main(cfg: SFTConfig) -> Path:
         return {"val_loss": (C.all_reduce_sum(loss_sum, dist) / count.clamp(min=1)).item()} if count.item() else {}
 
     def show_samples() -> None:
-        if not dist.main or not cfg.sample_prompts:
+        if not dist.main or not cfg.sample_prompts or sharded:  # sharded, rank 0 alone cannot run the model (the engine is not FSDP-aware)
             return
         from ..engine import Engine, SamplingParams
 
