@@ -239,8 +239,10 @@ class FastLinears:
       the fp32 rate (measured 90 vs 16 GFLOP/s, 256 x 576 x 1536, 2 cores) instead of emulated bf16,
       while its decode steps of a few streams keep its own bf16 weights (bandwidth-bound: fast).
     - Few rows (decode steps of at most FEW_ROWS streams), with `decode_weights`: copies in bf16,
-      fp16, int8 (one scale per output channel) or int4 (a scale and minimum per 32 weights, the
-      output layer in int8; quantize.py). One decode step reads every weight once, so its time is
+      fp16, int8 (one scale per output channel) or int4 (a scale and minimum per 32 weights;
+      quantize.py), the output layer excepted in an fp32 model (fp32 logits: half-precision ones
+      flip near-tied tokens; in a bf16 model it goes to int8 with int4 copies). The int8/int4
+      kernels take bf16 activations. One decode step reads every weight once, so its time is
       the bytes read: on a 2-core AVX2 CPU, SmolLM2-135M's matmuls took 23.9 ms per token in packed
       fp32 (38.8 in aten's fp32, which used one core) against 18.3 (bf16), 14.8 (fp16) and 15.0
       (int8); on a 2-core CPU with AMX 15.1 (bf16), 11.6 (int8) and 5.8 (int4, all layers).
