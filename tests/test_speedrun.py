@@ -31,7 +31,10 @@ def test_speedrun_skips_finished_stages_and_resumes_an_interrupted_one(tmp_path,
         (corpus / name / "docs.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n"
                                                           for d in corpus_docs(600, seed=seed)))
     monkeypatch.setattr(corpus_mod, "build_default_corpus", lambda: corpus)
-    monkeypatch.setattr(S, "measure_step_seconds", lambda cfg, shards: 10.0)  # -> the 20-step floor in a 4-minute budget
+    from chatforge import scale
+
+    # 10 s per step of 4 x 32 tokens -> the 20-step floor in a 4-minute budget
+    monkeypatch.setattr(scale, "measure_seconds_per_token", lambda *a, **k: 10.0 / (4 * 32))
     monkeypatch.setattr(P, "sample_tokens", lambda *a, **k: [])  # the printed samples are most of a tiny run's time
     kw = dict(minutes=4.0, until="pretrain", chars_per_source=100_000, vocab_size=512, preset="cpu-tiny", seq_len=32, micro_batch=4,
               device="cpu")
@@ -60,7 +63,7 @@ def test_speedrun_skips_finished_stages_and_resumes_an_interrupted_one(tmp_path,
             raise AssertionError(f"{what} ran again")
         return fail
 
-    for mod, name in ((prepare_mod, "prepare"), (prepare_mod, "train_tokenizer_on_files"), (S, "mix_corpus"), (S, "measure_step_seconds")):
+    for mod, name in ((prepare_mod, "prepare"), (prepare_mod, "train_tokenizer_on_files"), (S, "mix_corpus"), (scale, "measure_seconds_per_token")):
         monkeypatch.setattr(mod, name, must_not_run(name))
     S.main(S.SpeedrunConfig(out=str(run), **kw))
     assert (run / ".done-pretrain").is_file()
