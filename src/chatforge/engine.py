@@ -208,13 +208,18 @@ DECODE_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.i
 FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 4, "int4": 8}
 
 
+# The int8/int4 kernels' activations: bf16 (inputs and outputs rounded to it, fp32 sums). With fp32
+# ones they ran 2-15x slower, which would leave no reason to use them.
+KERNEL_ACT = torch.bfloat16
+
+
 class _Quantized:
     """An int8/int4 decode copy's forward, and `emulate`, the same arithmetic as one fp32 matmul on
     its dequantized weights (made on first use): the kernels are made for a few rows and crawl at
     the thousands a whole text has when Engine.score measures the decode path."""
 
-    def __init__(self, kernel: Callable, w: torch.Tensor, b: torch.Tensor | None, act: torch.dtype, fmt: str):
-        self.kernel, self.w, self.b, self.act, self.fmt = kernel, w, b, act, fmt
+    def __init__(self, kernel: Callable, w: torch.Tensor, b: torch.Tensor | None, fmt: str):
+        self.kernel, self.w, self.b, self.fmt = kernel, w, b, fmt
         self.deq: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,8 +229,8 @@ class _Quantized:
         from .quantize import emulated_linear, int4_dequantized, int8_dequantized
 
         if self.deq is None:
-            self.deq = (int4_dequantized if self.fmt == "int4" else int8_dequantized)(self.w, self.act)
-        return emulated_linear(x, self.deq, self.b, self.act)
+            self.deq = (int4_dequantized if self.fmt == "int4" else int8_dequantized)(self.w, KERNEL_ACT)
+        return emulated_linear(x, self.deq, self.b, KERNEL_ACT)
 
 
 class FastLinears:
@@ -281,7 +286,7 @@ class FastLinears:
         if self.decode is None and self.compute not in (None, self.dtype) and own:
             self.few_rows = FEW_ROWS[own]  # few rows keep the model's own half-precision weights: bandwidth-bound, half the bytes
         self.linears = [m for m in model.modules() if type(m) is nn.Linear]
-        self.force_few = False  # every matmul on the few-row path (Engine.score's decode path)
+        self.force_few = False  # every matmul on the few-row path (set by installed(force_few=True))
         self._signature: list | None = None
         self._forwards: list[Callable] = []
         self.head: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -332,17 +337,15 @@ class FastLinears:
             # keep it at 8 bits or more too: SmolLM2's Q4_1 file has it in Q8_0)
             from .quantize import int8_linear, int8_weights
 
-            act = self._kernel_act()
             q, scale = int8_weights(w)
-            few = _Quantized(functools.partial(int8_linear, qweight=q, qscale=scale.to(act), bias=b), w, b, act, "int8")
+            few = _Quantized(functools.partial(int8_linear, qweight=q, qscale=scale.to(KERNEL_ACT), bias=b), w, b, "int8")
         elif self.decode == torch.quint4x2:
             from .quantize import int4_linear, int4_weights
 
             packed = int4_weights(w)
             if packed is None:  # a shape the int4 kernel does not take: this layer decodes on its own weights
                 return many
-            act = self._kernel_act()
-            few = _Quantized(functools.partial(int4_linear, packed=packed[0], scales_zeros=packed[1].to(act), bias=b), w, b, act, "int4")
+            few = _Quantized(functools.partial(int4_linear, packed=packed[0], scales_zeros=packed[1].to(KERNEL_ACT), bias=b), w, b, "int4")
         else:
             hw, hb = w.to(self.decode), None if b is None else b.to(self.decode)
             if self.available(self.device, self.decode):
@@ -351,12 +354,6 @@ class FastLinears:
                 fn = functools.partial(F.linear, weight=hw, bias=hb)
             few = functools.partial(_cast_linear, fn=fn, dtype=self.decode)
         return functools.partial(self._route, many=many, few=few)
-
-    @staticmethod
-    def _kernel_act() -> torch.dtype:
-        """The int8/int4 kernels' activations: bf16 (inputs and outputs rounded to it, fp32 sums).
-        With fp32 ones they ran 2-15x slower, which would leave no reason to use them."""
-        return torch.bfloat16
 
     def _route(self, x: torch.Tensor, many: Callable, few: Callable) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
@@ -385,12 +382,16 @@ class FastLinears:
             m.__dict__["forward"] = fwd  # an instance attribute shadows nn.Linear.forward
 
     @contextmanager
-    def installed(self):
+    def installed(self, force_few: bool = False):
+        """The model's linear layers on the copies for one step; `force_few` puts every matmul on
+        the few-row path (Engine.score's decode path)."""
         self.refresh()
         self._install()
+        self.force_few = force_few
         try:
             yield
         finally:
+            self.force_few = False
             for m in self.linears:
                 m.__dict__.pop("forward", None)
 
@@ -513,14 +514,8 @@ class Engine:
             raise RuntimeError("score() needs an idle engine")
         if ids_BT.shape[1] > self.model.cfg.max_seq_len:
             raise ValueError(f"{ids_BT.shape[1]} positions exceed the model's context ({self.model.cfg.max_seq_len})")
-        if self.fast is None:
+        with self.fast.installed(force_few=decode_path) if self.fast is not None else nullcontext():
             return self.head(self.model.hidden(ids_BT.to(self.device))).float()
-        with self.fast.installed():
-            self.fast.force_few = decode_path
-            try:
-                return self.head(self.model.hidden(ids_BT.to(self.device))).float()
-            finally:
-                self.fast.force_few = False
 
     # ---- requests ----------------------------------------------------------------------
     def add(self, prompt: Sequence[int], sampling: SamplingParams | None = None, request_id: int | None = None) -> int:

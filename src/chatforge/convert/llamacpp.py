@@ -17,7 +17,7 @@ def load(path: str | Path, n_ctx: int = 512, n_threads: int = 2):
         raise ValueError(f"llama.cpp is not importable ({e}); install llama-cpp-python (see .ci/run for a portable build)") from None
     if not Path(path).is_file():
         raise ValueError(f"{path}: no such file")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, logits_all=True, verbose=False)
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads, logits_all=True, verbose=False)
 
 
 def logits(llm, ids: list[int]) -> np.ndarray:

@@ -197,17 +197,18 @@ class LlamaCppRunner:
     """A GGUF file through llama.cpp (llama-cpp-python), with the reference's token ids."""
 
     def __init__(self, name: str, path: str, tok, n_ctx: int):
-        try:
-            from llama_cpp import Llama
-        except ImportError as e:
-            raise Unavailable("llama_cpp is not importable (pip install llama-cpp-python; see benchmarks/README.md for a portable build)") from e
+        import importlib.util
+
         import torch
 
+        from ..convert import llamacpp
+
+        if importlib.util.find_spec("llama_cpp") is None:
+            raise Unavailable("llama_cpp is not importable (pip install llama-cpp-python; .ci/run shows a portable build)")
         if not Path(path).is_file():
             raise ValueError(f"mode {name}: {path}: no such file")
-        self.name, self.tok = name, tok
-        self.llm = Llama(model_path=path, n_ctx=n_ctx, n_batch=512, n_threads=torch.get_num_threads(),
-                         n_threads_batch=torch.get_num_threads(), logits_all=True, verbose=False)
+        self.name, self.tok, self.llamacpp = name, tok, llamacpp
+        self.llm = llamacpp.load(path, n_ctx=n_ctx, n_threads=torch.get_num_threads())
         theirs = self.llm.tokenize(PROBE.encode("utf-8"), add_bos=False, special=False)
         if theirs != tok.encode(PROBE) or self.llm.n_vocab() > tok.vocab_size + 1024:
             raise ValueError(f"mode {name}: {path} tokenizes differently from the reference checkpoint; compare a GGUF exported from it")
@@ -215,15 +216,9 @@ class LlamaCppRunner:
         self.describe = "llama.cpp"
 
     def score(self, ids_BT, decode_path: bool):
-        import numpy as np
         import torch
 
-        rows = []
-        for ids in ids_BT.tolist():
-            self.llm.reset()
-            self.llm.eval(ids)
-            rows.append(torch.from_numpy(np.array(self.llm.scores[: len(ids)], dtype=np.float32)))
-        return torch.stack(rows)
+        return torch.stack([torch.from_numpy(self.llamacpp.logits(self.llm, ids)) for ids in ids_BT.tolist()])
 
     def _next(self) -> int:
         return int(self.llm.scores[self.llm.n_tokens - 1].argmax())
@@ -321,18 +316,18 @@ def main(cfg: FidelityConfig) -> dict:
             models[dt] = ckpt_io.load(path, dtype=dtypes.torch_dtype(dt)).model
         return models[dt]
 
+    auto = dtypes.inference_mode("auto", "auto", "cpu")  # what chat/generate/serve run by default here
+
     def runner(mode: str):
         if mode.startswith("gguf:"):
             return LlamaCppRunner(mode, mode[5:], tok, max_len)
         if mode.startswith("ckpt:"):
-            other = ckpt_io.load(mode[5:], dtype=torch.float32)
+            other = ckpt_io.load(mode[5:], dtype=dtypes.torch_dtype(auto[0]))
             if other.tokenizer.encode(PROBE) != tok.encode(PROBE) or other.model.cfg.vocab_size != ref_ck.model.cfg.vocab_size:
                 raise ValueError(f"mode {mode}: its tokenizer or vocabulary differs from {path}'s; compare checkpoints of the same model")
-            dt, dec = dtypes.inference_mode("auto", "auto", "cpu")
-            return EngineRunner(mode, other.model if dt == "fp32" else ckpt_io.load(mode[5:], dtype=dtypes.torch_dtype(dt)).model,
-                                tok, dt, dec, max_len)
+            return EngineRunner(mode, other.model, tok, *auto, max_len)
         if mode == "auto":
-            dt, dec = dtypes.inference_mode("auto", "auto", "cpu")
+            dt, dec = auto
         else:
             dt, _, copy = mode.partition("+")
             dec = copy or None
@@ -344,8 +339,13 @@ def main(cfg: FidelityConfig) -> dict:
     reference = EngineRunner("reference", ref_ck.model, tok, "fp32", None, max_len)
     status = StatusLine()
     t0 = time.time()
+    stops = set(tok.stop_ids())
+
+    def texts_of(answers: list[list[int]]) -> list[str]:
+        return [tok.decode([t for t in a if t not in stops]) for a in answers]
+
     ref_answers = reference.greedy(prompts, cfg.max_new_tokens)
-    ref_text = [tok.decode([t for t in a if t not in set(tok.stop_ids())]) for a in ref_answers]
+    ref_text = texts_of(ref_answers)
     rows: list[dict] = [{"mode": "fp32 reference", "describe": "plain fp32 forward", "mean_kld": 0.0, "p99_kld": 0.0, "top1": 1.0,
                          "agree24": 1.0, f"agree{cfg.max_new_tokens}": 1.0,
                          "exact": sum(is_exact(t, it.answers) for t, it in zip(ref_text, items)) / len(items),
@@ -361,10 +361,11 @@ def main(cfg: FidelityConfig) -> dict:
             continue
         row["describe"] = r.describe
         parts: dict[str, list] = {"prefill": [], "decode": []}
+        first_pass = not ref_ppl_parts
         for wi in range(0, len(wins), 4):
             ids = torch.tensor(wins[wi : wi + 4])
             ref = reference.plain_score(ids)
-            if len(ref_ppl_parts) < len(range(0, len(wins), 4)):
+            if first_pass:
                 ref_ppl_parts.append(_text_stats(ref, ref, ids[:, 1:]))
             parts["prefill"].append(_text_stats(ref, r.score(ids, False), ids[:, 1:]))
             if r.decode_path:
@@ -378,7 +379,7 @@ def main(cfg: FidelityConfig) -> dict:
         answers = r.greedy(prompts, cfg.max_new_tokens)
         row["agree24"] = sum(a[:24] == b[:24] for a, b in zip(answers, ref_answers)) / len(items)
         row[f"agree{cfg.max_new_tokens}"] = sum(a == b for a, b in zip(answers, ref_answers)) / len(items)
-        texts = [tok.decode([t for t in a if t not in set(tok.stop_ids())]) for a in answers]
+        texts = texts_of(answers)
         row["exact"] = sum(is_exact(t, it.answers) for t, it in zip(texts, items)) / len(items)
         row["answers"] = texts
         row["decode_tok_s"] = r.decode_speed(speed_prompt, cfg.speed_tokens)
@@ -391,7 +392,7 @@ def main(cfg: FidelityConfig) -> dict:
     for row in rows[1:]:
         if "ppl" in row:
             row["ppl_change"] = row["ppl"] / rows[0]["ppl"] - 1
-    default = "+".join(x for x in dtypes.inference_mode("auto", "auto", "cpu") if x)
+    default = "+".join(x for x in auto if x)
     result = {"model": str(path), "machine": machine(), **text_info, **prompt_info, "max_new_tokens": cfg.max_new_tokens,
               "default_mode": default, "reference_answers": ref_text, "rows": rows}
     print(format_table(result))
