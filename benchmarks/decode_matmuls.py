@@ -65,12 +65,12 @@ def main() -> None:
     if FastLinears.available(torch.device("cpu"), torch.float32):
         fast = FastLinears(model, pack=True)
         fast.refresh()
-        systems["chatforge packed fp32"] = [(m.in_features, f) for m, f in zip(linears, fast._forwards)] + [(head.shape[1], fast.head)]
+        systems["chatforge packed fp32"] = [(m.in_features, f) for m, f in zip(linears, fast.forwards)] + [(head.shape[1], fast.head)]
     for fmt in ("bf16", "fp16", "int8", "int4"):
         fast = FastLinears(model, pack=False, decode_weights=fmt)
         fast.few_rows = max(a.rows)  # every row count on the copies, to see where they stop paying
         fast.refresh()
-        systems[f"chatforge {fmt} copies"] = [(m.in_features, f) for m, f in zip(linears, fast._forwards)] + [(head.shape[1], fast.head)]
+        systems[f"chatforge {fmt} copies"] = [(m.in_features, f) for m, f in zip(linears, fast.forwards)] + [(head.shape[1], fast.head)]
 
     widths = {w for fns in systems.values() for w, _ in fns}
     table = {}

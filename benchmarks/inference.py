@@ -191,7 +191,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
 
     from chatforge import checkpoint, dtypes
-    from chatforge.engine import common_prefix
+    from chatforge.engine.cache import common_prefix
 
     if a.dtypes is None:
         a.dtypes = ["bf16", "fp32"] if dtypes.fast_bf16("cpu") else ["fp32"]

@@ -9,18 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
 
-from chatforge.engine import (
-    Engine,
-    EngineLoop,
-    FEW_ROWS,
-    FastLinears,
-    QueueFull,
-    SamplingParams,
-    _Request,
-    penalized_logits,
-    sample_next,
-    sampling_probs,
-)
+from chatforge.engine import Engine, EngineLoop, FEW_ROWS, FastLinears, QueueFull, SamplingParams
+from chatforge.engine.sampling import Request, penalized_logits, sample_next, sampling_probs
 from chatforge.model import GPT, GPTConfig
 from chatforge.sample import sample_tokens
 
@@ -122,7 +112,7 @@ def _scripted(pieces, script, sp):
     """Drive Engine's detokenizer with a fixed token script (the model is bypassed)."""
     eng = Engine.__new__(Engine)
     eng.tok = _FakeTok(pieces)
-    r = _Request(0, [1], sp, {0}, "cpu")
+    r = Request(0, [1], sp, {0}, "cpu")
     out, hit = "", False
     for t in script:
         r.out.append(t)
@@ -150,7 +140,7 @@ def test_utf8_never_half_a_character():
     pieces = {1: b"", 2: zh[:1], 3: zh[1:], 4: emoji[:2], 5: emoji[2:], 6: b"!"}
     eng = Engine.__new__(Engine)
     eng.tok = _FakeTok(pieces)
-    r = _Request(0, [1], SamplingParams(), {0}, "cpu")
+    r = Request(0, [1], SamplingParams(), {0}, "cpu")
     deltas = []
     for t in [2, 3, 4, 5, 6]:
         r.out.append(t)
@@ -182,11 +172,11 @@ def test_context_window_limits(tok):
 def test_penalties_by_hand():
     """Guards penalty arithmetic: repetition divides/multiplies, frequency and presence subtract."""
     logits = torch.tensor([2.0, -1.0, 0.5, 0.0])
-    r = _Request(0, [0], SamplingParams(temperature=0, repetition_penalty=2.0), set(), "cpu")
+    r = Request(0, [0], SamplingParams(temperature=0, repetition_penalty=2.0), set(), "cpu")
     r.counts = {1: 1}
     # token 0 (prompt): 2.0/2 = 1.0; token 1 (output): -1*2 = -2; so argmax is 0 still (1.0 > 0.5)
     assert sample_next(logits, r) == 0
-    r = _Request(0, [3], SamplingParams(temperature=0, frequency_penalty=1.0, presence_penalty=0.6), set(), "cpu")
+    r = Request(0, [3], SamplingParams(temperature=0, frequency_penalty=1.0, presence_penalty=0.6), set(), "cpu")
     r.counts = {0: 2}
     # token 0: 2.0 - 1.0*2 - 0.6 = -0.6 -> argmax becomes token 2 (0.5)
     assert sample_next(logits, r) == 2
@@ -233,7 +223,7 @@ def test_linear_holdback_matches_the_quadratic_rule(chunks, stops):
     pieces = {1: b"x", **{i + 2: c.encode() for i, c in enumerate(chunks)}}
     eng = Engine.__new__(Engine)
     eng.tok = _FakeTok(pieces)
-    r = _Request(0, [1], SamplingParams(stop=stops), {0}, "cpu")
+    r = Request(0, [1], SamplingParams(stop=stops), {0}, "cpu")
     text, out = "", ""
     for i, c in enumerate(chunks):
         r.out.append(i + 2)
@@ -351,10 +341,10 @@ def test_decode_weights_round_only_decode_steps(tok, fmt, block):
         fast = list(engine.generate([p], sp))
         with torch.no_grad():
             plain = m.hidden(torch.tensor([p]))
-            with engine.fast.installed():  # a prefill's matmuls: the exact weights
-                torch.testing.assert_close(m.hidden(torch.tensor([p])), plain, atol=1e-5, rtol=1e-5)
+            with engine.fast.installed():  # a prefill's matmuls: the exact weights (on the engine's own modules)
+                torch.testing.assert_close(engine.model.hidden(torch.tensor([p])), plain, atol=1e-5, rtol=1e-5)
             with engine.fast.installed():  # a decode step's: the copies
-                assert not torch.allclose(m.hidden(torch.tensor([p[:1]])), plain[:, :1], atol=1e-7, rtol=0)
+                assert not torch.allclose(engine.model.hidden(torch.tensor([p[:1]])), plain[:, :1], atol=1e-7, rtol=0)
         # teacher-forced: the exact model's log-probs of the tokens the copies chose stay close
         seq = torch.tensor([p + [e.token_id for e in fast]])
         with torch.no_grad():
@@ -501,7 +491,7 @@ def test_penalties_and_filters_by_hand():
     logits of seen tokens; frequency and presence subtract per output count) and of temperature,
     top-k and top-p on the sampling distribution."""
     logits = torch.tensor([2.0, -1.0, 0.5, 0.0, 1.0])
-    r = _Request(0, [0, 3], SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), set(), "cpu")
+    r = Request(0, [0, 3], SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25), set(), "cpu")
     r.counts = {1: 2, 4: 1}
     want = torch.tensor([2.0 / 2, -1.0 * 2 - 0.5 * 2 - 0.25, 0.5, 0.0 / 2, 1.0 / 2 - 0.5 - 0.25])
     torch.testing.assert_close(penalized_logits(logits, r), want)
@@ -628,7 +618,7 @@ def test_generate_json(tok):
 def test_prefill_groups_bound_padding(tok):
     """Guards one long prompt padding a whole prefill batch (16 short prompts computed at the long
     one's length) and prefill steps without a size bound."""
-    import chatforge.engine as E
+    import chatforge.engine.engine as E
 
     m = tiny(tok)
     eng = Engine(m, tok, max_batch=8, max_seq_len=128)
@@ -701,3 +691,88 @@ def test_inference_mode_resolution(monkeypatch):
     assert dtypes.inference_mode("fp32", "int8") == ("fp32", "int8") and dtypes.inference_mode("auto", "same") == ("fp32", None)
     with pytest.raises(ValueError, match="decode_weights='q4'"):
         dtypes.inference_mode("auto", "q4")
+
+
+def test_complete_collects_what_generate_streams(tok, capsys):
+    """Guards Engine.complete, which callers use instead of collecting events themselves: per
+    prompt the text, token ids and finish reason that `generate` streams, in prompt order even when
+    requests finish out of order, one on_done call per request as it finishes, and progress on
+    stderr only when asked for."""
+    m = tiny(tok)
+    prompts = [tok.encode(t) for t in ["The capital of France", "Hi", "学而时习之，不亦说乎"]]
+    sps = [SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True),
+           SamplingParams(temperature=0, max_new_tokens=3, ignore_eos=True),
+           SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)]
+    full = tok.decode(run(Engine(m, tok), [prompts[2]], sps[2])[0][0]).rstrip("\ufffd")
+    sps[2] = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, stop=[full[-2:]])  # a stop string it reaches
+    outs, texts, finish = run(Engine(m, tok, max_batch=2), prompts, sps)
+    assert finish == {0: "length", 1: "length", 2: "stop"}
+    seen = []
+    got = Engine(m, tok, max_batch=2).complete(prompts, sps, on_done=lambda i, c: seen.append((i, c)))
+    assert [(c.text, c.ids, c.finish_reason) for c in got] == [(texts[i], outs[i], finish[i]) for i in range(3)]
+    assert sorted(i for i, _ in seen) == [0, 1, 2] and all(c is got[i] for i, c in seen)
+    assert seen[0][0] == 1  # the short second answer finishes first: on_done follows the finishing order
+    assert capsys.readouterr().err == ""
+    Engine(m, tok).complete(prompts, sps[1], progress="answers")
+    err = capsys.readouterr().err
+    assert "answers: 1/3 answers" in err and "tok/s" in err and "ETA" in err
+
+
+def test_engine_leaves_the_callers_model_alone(tok):
+    """Guards the engine changing the caller's model behind its back (it set eval mode and moved
+    the model, so training code had to switch it back; it swapped forwards on the model's own
+    linears): the engine runs its own modules over the model's parameters, in eval mode, so the
+    model keeps its train mode, forwards and attention kernel, while weight updates and hooks added
+    later (a LoRA adapter with dropout) still show in the engine's answers."""
+    from chatforge.model import attend
+    from chatforge.train.lora import LoRA
+
+    m = tiny(tok).train()
+    p = tok.encode("The quick brown fox")
+    sp = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True)
+    engine = Engine(m, tok, decode_weights="fp16")
+    before = engine.complete([p], sp)[0].ids
+    lora = LoRA(m, rank=4, alpha=8, dropout=0.5)
+    with torch.no_grad():
+        for b in lora.B:
+            b.normal_(0, 0.5)
+    m.eval()
+    ref = sample_tokens(m, p, 10, temperature=0)
+    m.train()
+    assert ref != before  # the adapters matter
+    params = [id(t) for t in m.parameters()]
+    for _ in range(2):  # in train mode the adapters' dropout would make the two runs differ
+        assert run(Engine(m, tok, packed=False), [p], sp)[0][0] == ref
+        assert engine.complete([p], sp)[0].ids[:4] == ref[:4]  # fp16 decode copies: near-ties may flip later
+    engine.score(torch.tensor([p]), decode_path=True)
+    assert all(mod.training for mod in m.modules())
+    assert all("forward" not in mod.__dict__ for mod in m.modules())
+    assert all(mod.attend is attend for mod in m.modules() if hasattr(mod, "attend"))
+    assert [id(t) for t in m.parameters()] == params
+    with pytest.raises(ValueError, match="device='meta', but the model is on cpu"):
+        Engine(m, tok, device="meta")
+
+
+def test_matmul_decode_attention_is_the_engines_choice(tok, monkeypatch):
+    """Guards the decode-attention kernel choice that moved from model.py to the engine: where the
+    engine picks plain matmuls (batched bf16 decode on a CPU with native bf16 and no AMX), its
+    answers are those of the fused kernel, the kernel agrees with model.attend, and the caller's
+    model keeps model.attend."""
+    import chatforge.engine.engine as E
+    from chatforge.engine.cache import attend_decode_by_matmuls
+    from chatforge.model import attend
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(5, 4, 1, 8), torch.randn(5, 2, 9, 8), torch.randn(5, 2, 9, 8)
+    mask = (torch.arange(9)[None, :] <= torch.tensor([8, 3, 5, 8, 0])[:, None])[:, None, None, :]
+    torch.testing.assert_close(attend_decode_by_matmuls(q, k, v, mask), attend(q, k, v, mask))
+    m = tiny(tok).to(torch.bfloat16)
+    prompts = [tok.encode(t) for t in ["Hi", "A journey of a thousand miles", "学而时习之", "x", "The capital"]]
+    sp = SamplingParams(temperature=0, max_new_tokens=6, ignore_eos=True, logprobs=True)
+    monkeypatch.setattr(E, "matmul_decode_attention_wins", lambda device_type: False)
+    fused = Engine(m, tok, max_batch=5).complete(prompts, sp)
+    monkeypatch.setattr(E, "matmul_decode_attention_wins", lambda device_type: True)
+    engine = Engine(m, tok, max_batch=5)
+    assert engine.cache.contiguous_decode and all(mod.attend is attend_decode_by_matmuls for mod in engine.model.modules() if hasattr(mod, "attend"))
+    assert [c.ids[:3] for c in engine.complete(prompts, sp)] == [c.ids[:3] for c in fused]  # bf16: later near-ties may flip
+    assert all(mod.attend is attend for mod in m.modules() if hasattr(mod, "attend"))

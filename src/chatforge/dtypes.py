@@ -39,21 +39,6 @@ def fast_bf16(device_type: str) -> bool:
     return False
 
 
-@functools.cache
-def bf16_matmul_decode_attention(device_type: str) -> bool:
-    """Whether batched bf16 decode attention runs faster as plain matmuls than in the fused SDPA
-    kernel here: on a CPU with native bf16 but no AMX tiles (an AVX-512 BF16 AMD EPYC: 383 vs
-    646 us for 16 rows, 3 kv heads, 384 positions). Not with AMX (a Sapphire Rapids Xeon, whose
-    fused kernel multiplies on the tiles: 185 vs 1025 us for 16 rows at 260 positions, 264 vs
-    980 at 380), on AVX2 (emulated bf16) or on CUDA."""
-    import torch
-
-    if device_type != "cpu" or not fast_bf16("cpu"):
-        return False
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return not (amx is not None and amx())
-
-
 def resolve(name: str, device="cpu") -> str:
     """The concrete dtype name for `name` on `device` (a torch.device or a string such as
     "cuda:1"): "auto" becomes "bf16" or "fp32"."""

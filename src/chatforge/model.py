@@ -9,9 +9,10 @@ This file is only the architecture: no optimizer, no I/O, no name mapping for ot
 (that lives in convert/). Shapes are in suffixes: B batch, T new positions, S attended positions,
 H query heads, K kv heads, D head dim, C model width, V vocab.
 
-The KV cache is the caller's (engine.py). Attention calls `kv_cache.update(layer, k, v)` and gets
-back every key/value that the new queries may attend to; the caller passes matching positions and
-a boolean mask (True = may attend). Without a cache or mask, attention is plainly causal.
+The KV cache is the caller's (engine/cache.py). Attention calls `kv_cache.update(layer, k, v)`
+and gets back every key/value that the new queries may attend to; the caller passes matching
+positions and a boolean mask (True = may attend). Without a cache or mask, attention is plainly
+causal.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from typing import Protocol
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from .dtypes import bf16_matmul_decode_attention
 
 BLOCKS = ("gpt2", "llama")
 
@@ -144,6 +143,9 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.rope = cfg.block == "llama"
+        # The attention kernel, a function like `attend`; the engine sets another one on the
+        # modules it runs where that kernel is faster (engine/cache.py).
+        self.attend = attend
 
     def forward(self, x_BTC, cos_BTD, sin_BTD, mask, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x_BTC.shape
@@ -156,14 +158,8 @@ class Attention(nn.Module):
         v = v.view(B, T, K, D).transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer, k, v)
-        y = attend(q, k, v, mask)
+        y = self.attend(q, k, v, mask)
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
-
-
-def decode_attention_by_matmuls(x_B: torch.Tensor) -> bool:
-    """Whether a grouped-query decode step of x's rows (batch first) runs attention as plain
-    matmuls (attend) rather than the fused kernel; the KV cache hands such steps contiguous keys."""
-    return x_B.shape[0] >= 4 and x_B.dtype == torch.bfloat16 and bf16_matmul_decode_attention(x_B.device.type)
 
 
 def attend(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
@@ -174,19 +170,7 @@ def attend(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
             # Decoding one token: fold the query heads of a group into the time axis instead of
             # copying the whole cache n_rep times. A (B,1,1,S) mask broadcasts over the fold.
             B, _, _, D = q_BHTD.shape
-            q = q_BHTD.reshape(B, K, H // K, D)
-            if decode_attention_by_matmuls(q):
-                # Batched bf16 decode where plain matmuls beat the fused CPU kernel (no AMX:
-                # dtypes.bf16_matmul_decode_attention). In fp32 the fused kernel wins, and reads the
-                # cache slice without a copy (SmolLM2, 16 rows at ~310 positions, AVX2: 142-155 vs
-                # 191-212 ms per decode step); so does bf16 where its matmuls are emulated (AVX2)
-                # and where the CPU has AMX.
-                scores = torch.matmul(q, k_BKSD.transpose(-1, -2)).float() / math.sqrt(D)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask, float("-inf"))
-                y = torch.matmul(torch.softmax(scores, dim=-1).to(v_BKSD.dtype), v_BKSD)
-            else:
-                y = F.scaled_dot_product_attention(q, k_BKSD, v_BKSD, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q_BHTD.reshape(B, K, H // K, D), k_BKSD, v_BKSD, attn_mask=mask)
             return y.reshape(B, H, 1, D)
         k_BKSD = k_BKSD.repeat_interleave(H // K, dim=1)
         v_BKSD = v_BKSD.repeat_interleave(H // K, dim=1)

@@ -3,15 +3,16 @@
 Decoding one token per sequence multiplies a few rows by every weight matrix: the time goes to
 reading weights. Int8 weights with one scale per output channel (symmetric, absmax / 127) hold a
 quarter of fp32's bytes, and torch's `_weight_int8pack_mm` kernel multiplies them without
-unpacking. The engine keeps such copies for few-row matmuls only (`engine.FastLinears`,
+unpacking. The engine keeps such copies for few-row matmuls only (`engine.linears.FastLinears`,
 `decode_weights="int8"`): a prefill still uses the original weights and is exact, a decode step
 carries int8 rounding (per-channel error <= scale / 2 per weight).
 
 Int4 (`decode_weights="int4"`) holds an eighth of fp32's bytes: groups of 32 weights along the
 input, each with its own scale and minimum (w ~= q * scale + min, q in 0..15), the layout of
-GGUF's Q4_1, multiplied by torch's `_weight_int4pack_mm_for_cpu` (bf16 activations; it ran ~25x
-slower with fp32 ones). A model imported from a Q4_1 file gets back the file's own 4-bit values
-(each group's min and max are its q = 0 and q = 15), up to the bf16 rounding of the scales.
+GGUF's Q4_1, multiplied by torch's `_weight_int4pack_mm_for_cpu` (bf16 activations; fp32 ones ran
+far slower: benchmarks/README.md). A model imported from a Q4_1 file gets back the file's own
+4-bit values (each group's min and max are its q = 0 and q = 15), up to the bf16 rounding of the
+scales.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def _kernel_rows(x: torch.Tensor, kernel, bias: torch.Tensor | None, act: torch.
 
 def int8_linear(x: torch.Tensor, qweight: torch.Tensor, qscale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ (qweight * qscale[:, None]).T + bias, in x's dtype. The kernel multiplies activations
-    in qscale's dtype: bf16 ones (rounded inputs and outputs; ~9x faster than fp32 on an AVX2
-    CPU) or fp32 ones (exact up to the weights' rounding)."""
+    in qscale's dtype: bf16 ones (rounded inputs and outputs; several times faster than fp32) or
+    fp32 ones (exact up to the weights' rounding)."""
     return _kernel_rows(x, lambda x2: torch.ops.aten._weight_int8pack_mm(x2, qweight, qscale), bias, qscale.dtype)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .engine.sampling import top_k_probs
 from .model import GPT
 
 
@@ -39,11 +40,7 @@ def sample_tokens(
         if temperature == 0:
             nxt = int(logits.argmax())
         else:
-            logits = logits / temperature
-            if top_k > 0:
-                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+            nxt = int(torch.multinomial(top_k_probs(logits, temperature, top_k), 1, generator=gen))
         if nxt in stop_ids:
             break
         ids.append(nxt)

@@ -1,0 +1,165 @@
+"""Keys and values the engine keeps: the slot cache every running request decodes from, the
+prefix cache that lets prompts sharing a beginning skip computing it, and the decode-attention
+kernel that reads the slot cache.
+
+- A preallocated KV cache per slot (L, slots, K kv-heads, positions, D): grouped-query aware.
+  Active requests always occupy slots 0..n-1, so a decode step attends to a plain slice of the
+  cache (no gather); a finished request's slot is refilled by moving the last one into it.
+- Decode attention: model.attend's fused kernel, or plain matmuls where those run faster
+  (`matmul_decode_attention_wins`); the engine chooses and sets it on its own modules.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ..dtypes import fast_bf16
+from ..model import GPT, attend
+
+MATMUL_ATTENTION_ROWS = 4  # decode steps of at least this many rows take the matmul kernel where it wins
+
+
+@functools.cache
+def matmul_decode_attention_wins(device_type: str) -> bool:
+    """Whether batched bf16 grouped-query decode attention runs faster as plain matmuls than in the
+    fused SDPA kernel here: on a CPU with native bf16 but no AMX tiles. Not with AMX (whose fused
+    kernel multiplies on the tiles), on AVX2 (emulated bf16) or on CUDA. Measurements:
+    benchmarks/README.md."""
+    if device_type != "cpu" or not fast_bf16("cpu"):
+        return False
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return not (amx is not None and amx())
+
+
+def attend_decode_by_matmuls(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
+    """model.attend, with grouped-query decode steps of MATMUL_ATTENTION_ROWS or more rows computed
+    as plain matmuls instead of the fused kernel (the engine uses it where
+    `matmul_decode_attention_wins`; the slot cache then hands such steps contiguous keys)."""
+    B, H, T, D = q_BHTD.shape
+    K = k_BKSD.shape[1]
+    if H == K or T != 1 or B < MATMUL_ATTENTION_ROWS:
+        return attend(q_BHTD, k_BKSD, v_BKSD, mask)
+    q = q_BHTD.reshape(B, K, H // K, D)  # the query heads of a group folded into the time axis, as model.attend does
+    scores = torch.matmul(q, k_BKSD.transpose(-1, -2)).float() / math.sqrt(D)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    y = torch.matmul(torch.softmax(scores, dim=-1).to(v_BKSD.dtype), v_BKSD)
+    return y.reshape(B, H, 1, D)
+
+
+class SlotCache:
+    """KV cache of `slots` sequences; implements model.KVCache for one forward at a time.
+    `contiguous_decode`: hand decode steps of MATMUL_ATTENTION_ROWS or more rows contiguous copies
+    of their keys and values (for attend_decode_by_matmuls)."""
+
+    def __init__(self, model: GPT, slots: int, max_len: int, device, dtype, contiguous_decode: bool = False):
+        c = model.cfg
+        shape = (c.n_layer, slots, c.n_kv_head, max_len, c.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_len = max_len
+        self.contiguous_decode = contiguous_decode
+        self._rows = slice(0, 0)
+        self._prefill = True
+        self._offset = 0  # prefill: positions before this are already in the rows (a cached prefix)
+        self._at: int | None = None  # decode, every row at the same position: a plain slice write
+        self._rows_idx: torch.Tensor | None = None  # decode, rows at different positions: (B,) indices
+        self._pos: torch.Tensor | None = None  # and their (B,) write positions
+        self._read = 0
+
+    def prefill(self, start: int, n: int, offset: int = 0) -> None:
+        """The next forward fills rows start..start+n from position `offset` on."""
+        self._rows, self._prefill, self._offset = slice(start, start + n), True, offset
+
+    def decode(self, positions: list[int], device) -> torch.Tensor | None:
+        """The next forward writes row i's new key at positions[i] and reads positions < max + 1.
+        Returns the attention mask that step needs: None when every row is at the same position
+        (each attends to all of 0..pos), else (B,1,1,S) True where a row may attend."""
+        n = len(positions)
+        self._rows, self._prefill, self._read = slice(0, n), False, max(positions) + 1
+        if min(positions) == self._read - 1:
+            self._at = self._read - 1
+            return None
+        self._at = None
+        self._rows_idx = torch.arange(n, device=device)
+        self._pos = torch.tensor(positions, device=device)
+        return (torch.arange(self._read, device=device)[None, :] <= self._pos[:, None])[:, None, None, :]
+
+    def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor):
+        kc, vc = self.k[layer, self._rows], self.v[layer, self._rows]
+        if self._prefill:
+            o, T = self._offset, k_BKTD.shape[2]
+            kc[:, :, o : o + T] = k_BKTD
+            vc[:, :, o : o + T] = v_BKTD
+            if o == 0:  # from position 0: attend to just what was computed
+                return k_BKTD, v_BKTD
+            return kc[:, :, : o + T], vc[:, :, : o + T]  # after a cached prefix: attend to it too
+        if self._at is not None:
+            kc[:, :, self._at] = k_BKTD[:, :, 0]
+            vc[:, :, self._at] = v_BKTD[:, :, 0]
+        else:
+            kc[self._rows_idx, :, self._pos] = k_BKTD[:, :, 0]
+            vc[self._rows_idx, :, self._pos] = v_BKTD[:, :, 0]
+        k, v = kc[:, :, : self._read], vc[:, :, : self._read]
+        if self.contiguous_decode and k.shape[0] >= MATMUL_ATTENTION_ROWS:
+            # Plain matmuls run several times slower on this strided slice of the cache than on a
+            # contiguous copy, which costs far less than that; the fused kernel reads strides fine.
+            k, v = k.contiguous(), v.contiguous()
+        return k, v
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class PrefixCache:
+    """Keys and values of the most recent prompt's first `capacity` tokens, so the next prompts
+    that begin the same way skip computing that part: a chat template's system prompt shared by
+    every request, or the history a multi-turn chat sends again each turn.
+
+    Keys and values depend only on the tokens and their positions from 0, so a prefix computed
+    in one slot is valid in any other. They do depend on the weights: use this only for a model
+    that does not change while the engine lives (serving, chatting), never for PPO rollouts."""
+
+    def __init__(self, cache: SlotCache, capacity: int, min_tokens: int = 8):
+        L, _, K, _, D = cache.k.shape
+        self.capacity, self.min_tokens = min(capacity, cache.max_len), min_tokens
+        self.k = torch.zeros(L, K, self.capacity, D, device=cache.k.device, dtype=cache.k.dtype)
+        self.v = torch.zeros_like(self.k)
+        self.tokens: list[int] = []
+        self.hit_tokens = 0  # prompt tokens served from here rather than computed (a counter)
+
+    def match(self, prompts: list[list[int]]) -> int:
+        """Tokens every prompt shares with the stored prefix (each keeps at least its last token
+        to compute, for the first output's logits); 0 when fewer than `min_tokens`."""
+        n = min(min(common_prefix(self.tokens, p) for p in prompts), min(map(len, prompts)) - 1)
+        return n if n >= self.min_tokens else 0
+
+    def store(self, prompt: list[int], cache: SlotCache, slot: int) -> None:
+        """Keep the prompt just prefilled into `slot`, unless the stored prefix covers it already."""
+        n = min(len(prompt), self.capacity)
+        if common_prefix(self.tokens, prompt) >= n:
+            return
+        self.k[:, :, :n] = cache.k[:, slot, :, :n]
+        self.v[:, :, :n] = cache.v[:, slot, :, :n]
+        self.tokens = list(prompt[:n])
+
+    def load(self, cache: SlotCache, rows: slice, n: int) -> None:
+        """Copy the first n stored positions into cache rows `rows`."""
+        cache.k[:, rows, :, :n] = self.k[:, None, :, :n]
+        cache.v[:, rows, :, :n] = self.v[:, None, :, :n]
+        self.hit_tokens += n * (rows.stop - rows.start)
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
