@@ -72,7 +72,7 @@ def own_modules(model: nn.Module) -> nn.Module:
     def view(m: nn.Module) -> nn.Module:
         if id(m) not in memo:
             v = memo[id(m)] = copy.copy(m)
-            v.__dict__["_modules"] = {name: None if c is None else view(c) for name, c in m.__dict__["_modules"].items()}
+            v.__dict__["_modules"] = {name: None if c is None else view(c) for name, c in m._modules.items()}
         return memo[id(m)]
 
     return view(model)

@@ -73,19 +73,19 @@ class FastLinears:
       flip near-tied tokens; in a bf16 model it goes to int8 with int4 copies). The int8/int4
       kernels take bf16 activations. One decode step reads every weight once, so its time is
       the bytes read (per-CPU figures: benchmarks/README.md). Answers of decode steps then carry
-      that rounding (int4 copies of weights that are 4-bit
-      already, as a GGUF Q4_1 import's blocks are, only the bf16 rounding of their scales);
-      prefills stay exact.
+      that rounding (int4 copies of weights that are 4-bit already, as a GGUF Q4_1 import's
+      blocks are, only the bf16 rounding of their scales); prefills stay exact.
 
     Memory: the packed copies hold as much as the weights they copy (fp32 ones for a bf16 model
-    without native bf16: twice its weight memory), and decode copies half (fp16, bf16), a quarter (int8) or about
-    an eighth (int4) of the fp32 size more; for SmolLM2-135M in fp32, 540 MB packed + 270 MB fp16
-    beside its own 540 MB.
+    without native bf16: twice its weight memory), and decode copies half (fp16, bf16), a quarter
+    (int8) or about an eighth (int4) of the fp32 size more; for SmolLM2-135M in fp32, 540 MB packed
+    + 270 MB fp16 beside its own 540 MB.
 
     The model's weights are not changed: `installed()` points its nn.Linear modules at the copies
-    only for the duration of one engine step (the engine's own modules: engine.own_modules) (oneDNN tensors cannot be deep-copied or saved, and training
-    must see plain modules). A weight that changed since it was copied (an optimizer step between
-    PPO rollouts, load_state_dict, .to()) is copied again before the step."""
+    only for the duration of one step (the engine passes its own modules, engine.own_modules, so
+    the caller's never change; oneDNN tensors cannot be deep-copied or saved, and training must see
+    plain modules). A weight that changed since it was copied (an optimizer step between PPO
+    rollouts, load_state_dict, .to()) is copied again before the step."""
 
     def __init__(self, model: GPT, pack: bool, decode_weights: str | None = None):
         p = next(model.parameters())
