@@ -110,9 +110,12 @@ def gold_parts(messages: list[dict], response: str, gold: dict | None) -> dict[s
 
 
 def gold_score(messages: list[dict], response: str, gold: dict | None) -> float:
-    parts = gold_parts(messages, response, gold)
-    total = sum(WEIGHTS[k] for k in parts)
-    return sum(WEIGHTS[k] * v for k, v in parts.items()) / total
+    return weighted(gold_parts(messages, response, gold))
+
+
+def weighted(parts: dict[str, float]) -> float:
+    """The gold score of its parts: their WEIGHTS-weighted mean (parts without data are absent)."""
+    return sum(WEIGHTS[k] * v for k, v in parts.items()) / sum(WEIGHTS[k] for k in parts)
 
 
 # ---- the labeler ----------------------------------------------------------------------------
@@ -190,7 +193,7 @@ def judge_answers(prompts: list[Prompt], answers: list[list[str]]) -> dict:
         for a in ans:
             gold = p.extra.get("gold")
             parts = gold_parts(p.messages, a, gold)
-            s = gold_score(p.messages, a, gold)
+            s = weighted(parts)
             scores.append(s)
             for k, v in parts.items():
                 parts_sum.setdefault(k, []).append(v)

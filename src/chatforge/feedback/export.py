@@ -18,6 +18,7 @@ from ..data.rankings import write_jsonl
 from ..store import ApiKey, ConversationRow, Feedback, Generation, Message, RankingItem, RankingRow, Store, utcnow
 from .common import iso, latest_ratings, messages_of, path_to, turns_of
 
+
 @dataclass
 class ExportSummary:
     demonstrations: dict  # kind -> lines written

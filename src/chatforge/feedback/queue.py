@@ -16,7 +16,7 @@ from .common import MAX_TITLE_CHARS, Refused, attach_answers, check_text, messag
 
 KINDS = ("rank", "demo")
 
-# ---- the labeling queue ------------------------------------------------------------------------
+
 def add_label_items(store: Store, prompts: list[list[dict]], kind: str, source: str = "file") -> int:
     """Queue prompts (each a list of turns ending with a user turn) for labelers."""
     if kind not in KINDS:
@@ -29,7 +29,7 @@ def add_label_items(store: Store, prompts: list[list[dict]], kind: str, source: 
     with store.transaction() as s:
         for p in prompts:
             conv = ConversationRow(id=new_id("conv"), key_id=None, title=" ".join(p[-1]["content"].split())[:MAX_TITLE_CHARS],
-                                source="label", created_at=now, updated_at=now)
+                                   source="label", created_at=now, updated_at=now)
             s.add(conv)
             s.flush()
             parent = None

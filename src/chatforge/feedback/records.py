@@ -19,6 +19,7 @@ from .common import MAX_TITLE_CHARS, Refused, attach_answers, check_text, iso, m
 
 MAX_REASON_CHARS = 2000
 
+
 # ---- conversations -----------------------------------------------------------------------------
 def list_conversations(store: Store, key_id: int) -> list[dict]:
     """The key's chat conversations, most recently active first."""

@@ -12,6 +12,7 @@ import sqlalchemy as sa
 from ..store import Generation, Message, Snapshot, Store, utcnow
 from .common import latest_ratings
 
+
 # ---- per-snapshot statistics (A/B) ---------------------------------------------------------------
 def stats(store: Store, since: dt.datetime | None = None) -> list[dict]:
     """Per model snapshot: answers written, answers rated, thumbs up and down (each key's latest

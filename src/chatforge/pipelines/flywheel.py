@@ -27,8 +27,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .. import checkpoint as ckpt_io
 from .. import console, feedback
 from ..config import load_json, save_json
@@ -43,7 +41,7 @@ from ..train.reward import RewardConfig, load_reward_model
 from ..train.reward import main as rm_main
 from ..train.sft import SFTConfig
 from ..train.sft import main as sft_main
-from .label import sample_answers
+from .label import load_policy, sample_answers
 
 
 @dataclass
@@ -133,7 +131,7 @@ def evaluate(policies: dict[str, str], rm_dir: Path, eval_prompts: list[str], sa
     rm, rm_tok, _ = load_reward_model(rm_dir, device=dev)
     out = {}
     for role, path in policies.items():
-        ck = ckpt_io.load(path, device=dev, dtype=torch.float32)
+        ck = load_policy(path, device)
         answers = sample_answers(ck.model, ck.tokenizer, prompts, samples, max_new_tokens, 1.0, 1.0, seed, 32, f"evaluate {role}")
         r = judge_answers(prompts, answers)
         r["rm_score"] = float(reward_scores(rm, rm_tok, [Ranking(p.messages, ans, []) for p, ans in zip(prompts, answers)], dev).mean())

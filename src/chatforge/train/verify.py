@@ -150,7 +150,7 @@ def family_of(gold: dict | None) -> str:
 
 
 def verify(response: str, gold: dict, asker_lang: str | None = None) -> Verdict:
-    """Check one response against an answer key {"task", "answers", "lang"} (label.gold_of's form).
+    """Check one response against an answer key {"task", "answers", "lang"} (data/prompts.gold_of's form).
     A task family without a verifier is a ValueError naming it."""
     family = family_of(gold)
     if family not in FAMILIES:
