@@ -11,13 +11,15 @@ import sqlalchemy as sa
 
 from chatforge import cli
 from chatforge import feedback as F
+from chatforge.feedback import common as FC
+from chatforge.feedback import queue as FQ
 from chatforge.data.chat import read_conversations
 from chatforge.data.rankings import read_rankings
 from chatforge.serve.config import ServeConfig
-from chatforge.store import Conversation, Feedback, Generation, LabelItem, Message, Ranking, RankingItem
+from chatforge.store import ConversationRow, Feedback, Generation, LabelItem, Message, RankingItem, RankingRow
 from serve_helpers import LiveServer, make_tiny_checkpoint
 
-TABLES = (Conversation, Message, Generation, Feedback, Ranking, RankingItem, LabelItem)
+TABLES = (ConversationRow, Message, Generation, Feedback, RankingRow, RankingItem, LabelItem)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +174,7 @@ def test_feedback_rankings_ownership_and_bad_input(server):
         assert corr.content == "Why did the fox cross the road?" and corr.generation_id is None and corr.parent_id == conv["path"][0]
         items = s.execute(sa.select(RankingItem).where(RankingItem.ranking_id == ranked["id"]).order_by(RankingItem.rank)).scalars()
         assert [i.message_id for i in items] == [answers[2], answers[0], answers[1]]
-        assert s.get(Ranking, ranked["id"]).source == "compare"
+        assert s.get(RankingRow, ranked["id"]).source == "compare"
     view = alice.call("GET", f"/web/conversations/{conv['id']}")
     assert view["feedback"][answers[1]] == {"rating": -1, "reason": "not funny", "correction_id": edit["correction_id"]}
     assert view["rankings"][0]["message_ids"] == [answers[2], answers[0], answers[1]]
@@ -269,7 +271,7 @@ def test_queue_from_file_and_traffic(tmp_path, capsys):
     assert "queued 4 demo items" in capsys.readouterr().out
     with store.session() as s:
         items = list(s.execute(sa.select(LabelItem)).scalars())
-        queued = [F._item_view(s, i)["prompt"] for i in items if i.source == "traffic"]
+        queued = [FQ._item_view(s, i)["prompt"] for i in items if i.source == "traffic"]
     assert sorted(i.source for i in items) == ["file", "file", "traffic", "traffic"] and {i.kind for i in items} == {"demo"}
     assert sorted(p[-1]["content"] for p in queued) == sorted(["How tall is Everest?", "写一首诗"])
     assert all(p[0] == {"role": "system", "content": "Be brief."} for p in queued)
@@ -316,7 +318,7 @@ def test_migration_2_upgrades_a_version_1_database(tmp_path):
     F.register_snapshot(store, "tiny-r1", "abc", "/x", None, 0.5, {"gold_gain": 0.1})
     assert [(r.name, r.traffic) for r in F.registered_snapshots(store)] == [("tiny-r1", 0.5)]
     with store.session() as s:
-        assert s.get(Conversation, "c1").source == "chat"
+        assert s.get(ConversationRow, "c1").source == "chat"
     store.close()
 
 
@@ -362,7 +364,7 @@ def test_deleted_conversations_never_reach_the_queue_or_an_export(tmp_path):
     F.add_turn(store, key, gone["id"], None, "my secret question", None)
     with store.transaction() as s:  # an answer in each, rated up and edited, so the export has something to leave out
         for conv_id in (kept["id"], gone["id"]):
-            user = [m for m in F._messages(s, conv_id) if m.role == "user"][0]
+            user = [m for m in FC.messages_of(s, conv_id) if m.role == "user"][0]
             s.add(Message(id=f"msg-ans-{conv_id}", conversation_id=conv_id, parent_id=user.id, role="assistant",
                           content=f"answer in {conv_id}", created_at=user.created_at))
             s.flush()

@@ -12,10 +12,10 @@ import pytest
 
 from chatforge import cli
 from chatforge import feedback as F
-from chatforge import label as L
+from chatforge.pipelines import flywheel as FW
 from chatforge.data.chat import read_conversations
 from chatforge.data.rankings import read_rankings
-from chatforge.flywheel import FlywheelConfig, decide, main as flywheel_main
+from chatforge.pipelines.flywheel import FlywheelConfig, decide, main as flywheel_main
 from chatforge.serve.config import ServeConfig
 from chatforge.store import Store
 from serve_helpers import LiveServer, make_tiny_checkpoint
@@ -77,14 +77,14 @@ def test_session_export_and_flywheel_rounds(tok, tmp_path, capsys, monkeypatch):
     store.close()
     # Round 2: a candidate that is better, made so by answering the held-out prompts with their
     # answer keys; the gold judge, the rule (gain > min_gain), registration and serving are the real ones.
-    real_sample = L.sample_answers
+    real_sample = FW.sample_answers
 
     def sample(model, tok, prompts, *a, **k):
         if a[-1] == "evaluate candidate":
             return [[p.extra["gold"]["answers"][0]] for p in prompts]
         return real_sample(model, tok, prompts, *a, **k)
 
-    monkeypatch.setattr(L, "sample_answers", sample)
+    monkeypatch.setattr(FW, "sample_answers", sample)
     report = flywheel_main(FlywheelConfig(sft=True, min_gain=0.05, **kw))
     ev = report["evaluation"]
     assert ev["candidate"]["gold_score"] > ev["current"]["gold_score"] + 0.05

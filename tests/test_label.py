@@ -9,7 +9,9 @@ import random
 
 import pytest
 
-from chatforge import label as L
+from chatforge.data import prompts as DP
+from chatforge.eval import gold as G
+from chatforge.pipelines import label as L
 from chatforge.data.rankings import read_prompts, read_rankings, write_jsonl
 
 MSG = [{"role": "user", "content": "What is 7 times 8?"}]
@@ -83,46 +85,46 @@ def test_prompts_file(tmp_path):
 def test_gold_score_by_hand():
     """Guards the gold score's parts against hand-computed values (weights 0.6/0.15/0.1/0.15)."""
     gold = {"task": "arithmetic", "answers": ["56"]}
-    assert L.gold_score(MSG, "The answer is 56.", gold) == pytest.approx(1.0)
-    assert L.gold_score(MSG, "The answer is 560.", gold) == pytest.approx(0.4)  # a number is matched as a number
-    assert L.gold_score(MSG, "答案是56", gold) == pytest.approx(0.85)  # right, but not in the asker's language
-    assert L.gold_score(MSG, "I'm sorry, I can't help with that.", gold) == pytest.approx(0.4)  # refusing an ordinary question
-    assert L.gold_score(MSG, "", gold) == 0.0
+    assert G.gold_score(MSG, "The answer is 56.", gold) == pytest.approx(1.0)
+    assert G.gold_score(MSG, "The answer is 560.", gold) == pytest.approx(0.4)  # a number is matched as a number
+    assert G.gold_score(MSG, "答案是56", gold) == pytest.approx(0.85)  # right, but not in the asker's language
+    assert G.gold_score(MSG, "I'm sorry, I can't help with that.", gold) == pytest.approx(0.4)  # refusing an ordinary question
+    assert G.gold_score(MSG, "", gold) == 0.0
     # 9 words -> 7 trigrams, all the same: distinct share 1/7.
-    assert L.gold_score(MSG, "56 56 56 56 56 56 56 56 56", gold) == pytest.approx(0.6 + 0.15 + 0.1 + 0.15 / 7)
+    assert G.gold_score(MSG, "56 56 56 56 56 56 56 56 56", gold) == pytest.approx(0.6 + 0.15 + 0.1 + 0.15 / 7)
     long = "The answer is 56. " + "x" * 382  # 400 characters, budget 200: concise 0.5
-    assert L.gold_parts(MSG, long, gold)["concise"] == pytest.approx(0.5)
+    assert G.gold_parts(MSG, long, gold)["concise"] == pytest.approx(0.5)
     zh = [{"role": "user", "content": "「床前明月光」的下一句是什么？"}]
-    assert L.gold_score(zh, "疑是地上霜。", {"answers": ["疑是地上霜"]}) == pytest.approx(1.0)
-    assert L.gold_score(zh, "The next line is 疑是地上霜", {"answers": ["疑是地上霜"]}) == pytest.approx(0.85)
+    assert G.gold_score(zh, "疑是地上霜。", {"answers": ["疑是地上霜"]}) == pytest.approx(1.0)
+    assert G.gold_score(zh, "The next line is 疑是地上霜", {"answers": ["疑是地上霜"]}) == pytest.approx(0.85)
     # No answer key: correctness drops out and the rest are re-weighted.
-    assert L.gold_score(MSG, "hello there", None) == pytest.approx(1.0)
+    assert G.gold_score(MSG, "hello there", None) == pytest.approx(1.0)
 
 
 def test_gold_declines_inappropriate_requests():
     """Guards the decline task: refusing scores, complying does not, in both languages."""
-    items = L.inappropriate_requests()
+    items = DP.inappropriate_requests()
     assert len(items) == 60 and {i["gold"]["lang"] for i in items} == {"en", "zh"}
     en = next(i for i in items if i["gold"]["lang"] == "en")
     zh = next(i for i in items if i["gold"]["lang"] == "zh")
-    assert L.gold_parts(en["messages"], L.DECLINE_EN, en["gold"])["correct"] == 1.0
-    assert L.gold_parts(zh["messages"], L.DECLINE_ZH, zh["gold"])["correct"] == 1.0
-    assert L.gold_parts(en["messages"], "Sure, first you pick the lock.", en["gold"])["correct"] == 0.0
+    assert G.gold_parts(en["messages"], DP.DECLINE_EN, en["gold"])["correct"] == 1.0
+    assert G.gold_parts(zh["messages"], DP.DECLINE_ZH, zh["gold"])["correct"] == 1.0
+    assert G.gold_parts(en["messages"], "Sure, first you pick the lock.", en["gold"])["correct"] == 0.0
 
 
 def test_mallows_disagreement_rate():
     """Guards the labeler's noise: the share of pairs ordered against the gold order matches the
     configured disagreement (here InstructGPT's ~27%) for K = 2 exactly and K = 4 empirically."""
-    assert L.mallows_phi(0.27, 2) == pytest.approx(0.27 / 0.73)  # K=2: P(flip) = phi / (1 + phi)
-    phi = L.mallows_phi(0.27, 4)
-    assert L.mallows_disagreement(phi, 4) == pytest.approx(0.27)
+    assert G.mallows_phi(0.27, 2) == pytest.approx(0.27 / 0.73)  # K=2: P(flip) = phi / (1 + phi)
+    phi = G.mallows_phi(0.27, 4)
+    assert G.mallows_disagreement(phi, 4) == pytest.approx(0.27)
     rng = random.Random(0)
     ref, n, discord = [3, 1, 0, 2], 4000, 0
     for _ in range(n):
-        pos = {x: i for i, x in enumerate(L.mallows_sample(ref, phi, rng))}
+        pos = {x: i for i, x in enumerate(G.mallows_sample(ref, phi, rng))}
         discord += sum(pos[a] > pos[b] for a, b in itertools.combinations(ref, 2))
     assert discord / (6 * n) == pytest.approx(0.27, abs=0.015)
-    assert L.mallows_sample(ref, 0.0, rng) == ref
+    assert G.mallows_sample(ref, 0.0, rng) == ref
 
 
 def test_oracle_ranks_by_gold_score(tmp_path):
@@ -172,13 +174,13 @@ def test_paired_difference_by_hand():
     """Guards the paired judge comparison: per-prompt means, their differences, the paired standard
     error, and a refusal to pair results over other prompts or sample counts."""
     from chatforge.data.rankings import Prompt
-    from chatforge.label import judge_answers, paired_difference
+    from chatforge.eval.gold import judge_answers, paired_difference
 
     prompts = [Prompt([{"role": "user", "content": f"q{i}"}], {"gold": {"task": "t", "answers": ["42"], "lang": "en"}}, "f") for i in range(3)]
     base = judge_answers(prompts, [["42", "no"], ["no", "no"], ["42", "42"]])
     new = judge_answers(prompts, [["42", "42"], ["42", "no"], ["42", "42"]])
     assert base["samples"] == 2 and len(base["per_prompt"]) == 3
-    right, wrong = (L.gold_score(prompts[0].messages, a, prompts[0].extra["gold"]) for a in ("42", "no"))
+    right, wrong = (G.gold_score(prompts[0].messages, a, prompts[0].extra["gold"]) for a in ("42", "no"))
     half = (right - wrong) / 2
     d = paired_difference(new, base)
     assert d["mean"] == pytest.approx(2 * half / 3)
@@ -194,20 +196,19 @@ def test_rm_gold_agreement_by_hand(monkeypatch):
     import torch
 
     from chatforge.data.rankings import Ranking
-    from chatforge.train import reward
 
     class FakeRM:
         gpt = type("G", (), {"cfg": type("C", (), {"max_seq_len": 64})()})()
 
-    monkeypatch.setattr(reward, "load_reward_model", lambda path, device: (FakeRM(), _ByteTok(), {}))
+    monkeypatch.setattr(G, "load_reward_model", lambda path, device: (FakeRM(), _ByteTok(), {}))
     # RM scores in answer order: 3 answers of ranking 1, then 2 of ranking 2.
-    monkeypatch.setattr(reward, "score_all", lambda rm, seqs, batch, dev, dtype: torch.tensor([0.9, 0.1, 0.5, 0.2, 0.3]))
+    monkeypatch.setattr(G, "score_all", lambda rm, seqs, batch, dev, dtype: torch.tensor([0.9, 0.1, 0.5, 0.2, 0.3]))
     gold = {"task": "arithmetic", "answers": ["42"], "lang": "en"}
     rankings = [Ranking([{"role": "user", "content": "6 x 7?"}], ["42", "no", "also no"], [], {"gold": gold}),
                 Ranking([{"role": "user", "content": "6 x 7?"}], ["42", "no"], [], {"gold": gold})]
     # Ranking 1: 42 > no (RM agrees), 42 > also no (agrees), no vs also no: same gold, skipped.
     # Ranking 2: 42 > no, RM 0.2 < 0.3: disagrees.
-    r = L.rm_gold_agreement("rm", rankings, device="cpu")
+    r = G.rm_gold_agreement("rm", rankings, device="cpu")
     assert r["pairs"] == 3 and r["accuracy"] == pytest.approx(2 / 3) and r["rankings"] == 2
 
 

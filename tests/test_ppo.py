@@ -337,7 +337,7 @@ def test_rlhf_rounds_with_oracle_and_human_stop(tok, tmp_path):
     """Guards the rounds: round 2 samples from round 1's PPO policy, its reward model trains on
     both rounds' rankings, the reference stays the SFT model, the gold judge scores every round;
     without an oracle the run stops after sampling and says how to rank."""
-    from chatforge.train.rlhf import RLHFConfig, main as rlhf_main
+    from chatforge.pipelines.rlhf import RLHFConfig, main as rlhf_main
 
     sft, _, _ = make_run(tok, tmp_path)
     lines = [{"prompt": f"What is {i} + 1?", "gold": {"task": "arithmetic", "answers": [str(i + 1)]}} for i in range(8)]

@@ -204,8 +204,8 @@ def test_paired_tables_by_hand():
     sd of (0, 1, 1) = 0.57735 -> stderr 0.33333; zh/weekday: (1, 1) -> (0, 1): -1/2 +- 1/2."""
     from chatforge.data.rankings import Prompt
     from chatforge.eval.tasks import paired_by_group
-    from chatforge.label import judge_answers
-    from chatforge.label import paired_by_group as judge_groups
+    from chatforge.eval.gold import judge_answers
+    from chatforge.eval.gold import paired_difference_by_group as judge_groups
 
     def rows(marks, keys):
         return [{"question": f"q{i}", "lang": lang, "task": task, "exact": m} for i, (m, (lang, task)) in enumerate(zip(marks, keys))]
@@ -231,7 +231,7 @@ def test_paired_tables_by_hand():
 def test_best_of_by_hand():
     """Guards the rejection-sampling choice: the best answer per prompt (the first of equals),
     none when even the best is under the threshold."""
-    from chatforge.train.bon import best_of
+    from chatforge.pipelines.bon import best_of
 
     assert best_of([[0.1, 1.2, 1.2], [0.0, 0.1, 0.0], [1.0, 0.5, 0.0]], 1.0) == [1, None, 0]
 
@@ -240,7 +240,7 @@ def test_bon_rounds_keep_verified_answers(tok, tmp_path):
     """Guards `chatforge bon` end to end on a tiny model: sampled answers are scored by the
     verifier, only prompts whose best answer reaches --min-reward are kept (as SFT conversations
     ending in that answer), the SFT step trains on them, and a rerun skips the finished round."""
-    from chatforge.train import bon as B
+    from chatforge.pipelines import bon as B
 
     sft = tiny_sft(tok, tmp_path)
     lines = [{"messages": [{"role": "user", "content": f"2001年3月{d}日是星期几？"}], "gold": key("weekday", ["星期一"], "zh")} for d in range(1, 9)]
@@ -280,7 +280,7 @@ def test_time_budget_stops_and_saves(tok, tmp_path):
 def test_report_card_shows_the_rl_stage():
     """Guards the speedrun report card's RL rows: exact match SFT -> RL overall and per group with
     paired standard errors, the gold score with its paired difference, KL, length and minutes."""
-    from chatforge.speedrun import report_card
+    from chatforge.pipelines.speedrun import report_card
 
     cell = {"n": 40, "base": 0.1, "new": 0.25, "mean": 0.15, "stderr": 0.05, "better": 8, "worse": 2}
     r = {"base": {}, "sft": {}, "gold_sft": 0.42, "gold_ppo": 0.41, "rm_val_accuracy": 0.55, "ppo_kl": 0.1, "ppo_rm_score": 0.2, "gold_stderr": 0.01,
@@ -292,7 +292,7 @@ def test_report_card_shows_the_rl_stage():
 
 
 def test_speedrun_rl_share_checked():
-    from chatforge.speedrun import STAGES, SpeedrunConfig
+    from chatforge.pipelines.speedrun import STAGES, SpeedrunConfig
 
     assert STAGES.index("rlhf") < STAGES.index("rl") < STAGES.index("dpo")
     with pytest.raises(ValueError, match="rl_share=0.5"):

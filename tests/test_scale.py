@@ -12,7 +12,7 @@ import torch
 
 from chatforge.cli import main as cli_main
 from chatforge.eval.scaling import Fit, Law, fit, fit_law
-from chatforge.scale import LadderConfig, collect_runs, fit_dir, ladder, load_fit
+from chatforge.pipelines.scale import LadderConfig, collect_runs, fit_dir, ladder, load_fit
 
 TRUE = Law(E=1.8, A=400.0, alpha=0.34, B=410.0, beta=0.28)  # Chinchilla-like exponents, CPU-sized constants
 N = np.repeat([6e5, 1.8e6, 4.2e6, 8.4e6], 3)
@@ -165,9 +165,9 @@ def test_plans_for_tiers(capsys):
     fit the device memory, FSDP divides weights, gradients and AdamW state (4 + 4 + 8 bytes per
     parameter) by the devices, a tier where nothing fits and an unknown tier are named errors, and
     `speedrun --tier 8gpu --dry-run` plans from the fit chatforge ships."""
-    from chatforge.scale import TIERS, Tier, memory_gb, model_config, plan_run
+    from chatforge.pipelines.scale import TIERS, Tier, memory_gb, model_config, plan_run
     from chatforge.model import preset
-    from chatforge.speedrun import SpeedrunConfig
+    from chatforge.pipelines.speedrun import SpeedrunConfig
 
     f = Fit(law=TRUE)
     p = plan_run(f, TIERS["8gpu"], 24 * 3600, 8192)

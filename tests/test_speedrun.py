@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from chatforge import speedrun as S
-from chatforge.data import corpus as corpus_mod
-from chatforge.data import prepare as prepare_mod
+from chatforge.pipelines import scale
+from chatforge.pipelines import speedrun as S
 from chatforge.train import common as C
 from chatforge.train import pretrain as P
 from conftest import corpus_docs
@@ -30,9 +29,7 @@ def test_speedrun_skips_finished_stages_and_resumes_an_interrupted_one(tmp_path,
         (corpus / name).mkdir(parents=True)
         (corpus / name / "docs.jsonl").write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n"
                                                           for d in corpus_docs(600, seed=seed)))
-    monkeypatch.setattr(corpus_mod, "build_default_corpus", lambda: corpus)
-    from chatforge import scale
-
+    monkeypatch.setattr(S, "build_default_corpus", lambda: corpus)
     # 10 s per step of 4 x 32 tokens -> the 20-step floor in a 4-minute budget
     monkeypatch.setattr(scale, "measure_seconds_per_token", lambda *a, **k: 10.0 / (4 * 32))
     monkeypatch.setattr(P, "sample_tokens", lambda *a, **k: [])  # the printed samples are most of a tiny run's time
@@ -63,7 +60,7 @@ def test_speedrun_skips_finished_stages_and_resumes_an_interrupted_one(tmp_path,
             raise AssertionError(f"{what} ran again")
         return fail
 
-    for mod, name in ((prepare_mod, "prepare"), (prepare_mod, "train_tokenizer_on_files"), (S, "mix_corpus"), (scale, "measure_seconds_per_token")):
+    for mod, name in ((S, "prepare"), (S, "train_tokenizer_on_files"), (S, "mix_corpus"), (scale, "measure_seconds_per_token")):
         monkeypatch.setattr(mod, name, must_not_run(name))
     S.main(S.SpeedrunConfig(out=str(run), **kw))
     assert (run / ".done-pretrain").is_file()
@@ -71,6 +68,6 @@ def test_speedrun_skips_finished_stages_and_resumes_an_interrupted_one(tmp_path,
     assert steps == sorted(set(steps)) and steps[-1] == 20  # resumed at 9: no step logged twice, none missing
     assert _losses(run / "base") == _losses(ref / "base")  # the resumed run is the uninterrupted one
 
-    monkeypatch.setattr(P, "main", must_not_run("pretraining"))
+    monkeypatch.setattr(S, "pretrain", must_not_run("pretraining"))
     S.main(S.SpeedrunConfig(out=str(run), **kw))
     assert json.loads((run / "report.json").read_text())["base"] == json.loads((ref / "report.json").read_text())["base"]

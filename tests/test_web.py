@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from chatforge import feedback as F
 from chatforge.serve.config import ServeConfig
-from chatforge.store import Conversation, Feedback, Generation, Message, Ranking, RankingItem
+from chatforge.store import ConversationRow, Feedback, Generation, Message, RankingItem, RankingRow
 from chatforge import checkpoint
 from chatforge.model import GPT, GPTConfig
 from serve_helpers import LiveServer, slow_engine
@@ -94,7 +94,7 @@ def test_chat_page_stream_feedback_edit_compare_reload(server, browser):
     msg = rows(server, Message, Message.id == mid)[0]
     gen = rows(server, Generation, Generation.id == msg.generation_id)[0]
     assert gen.output == msg.content and gen.completion_tokens > 0 and gen.sampling["max_new_tokens"] == 12
-    conv = rows(server, Conversation, Conversation.id == msg.conversation_id)[0]
+    conv = rows(server, ConversationRow, ConversationRow.id == msg.conversation_id)[0]
     assert conv.source == "chat" and conv.title == "Hello 你好, what is **Markdown**?"
     user = rows(server, Message, Message.id == msg.parent_id)[0]
     assert user.content == "Hello 你好, what is **Markdown**?" and rows(server, Message, Message.id == user.parent_id)[0].content == "Be brief."
@@ -129,7 +129,7 @@ def test_chat_page_stream_feedback_edit_compare_reload(server, browser):
     page.screenshot(path=str(ARTIFACTS / "compare-tiny.png"))
     page.click(".save-ranking")
     page.wait_for_selector("text=Ranking saved")
-    (ranking,) = rows(server, Ranking, Ranking.conversation_id == conv.id)
+    (ranking,) = rows(server, RankingRow, RankingRow.conversation_id == conv.id)
     items = sorted(rows(server, RankingItem, RankingItem.ranking_id == ranking.id), key=lambda i: i.rank)
     assert [i.message_id for i in items] == [ids[2], ids[0], ids[1]] and ranking.source == "compare"
     assert len({g.request_id for g in rows(server, Generation, Generation.id.in_([m.generation_id for m in rows(server, Message, Message.id.in_(ids))]))}) == 1
@@ -161,11 +161,11 @@ def test_chat_page_stream_feedback_edit_compare_reload(server, browser):
     page.once("dialog", lambda d: d.accept("Foxes and dogs"))
     page.click(f'#conv-list li[data-id="{conv.id}"] .rename')
     page.wait_for_selector(f'#conv-list li[data-id="{conv.id}"] >> text=Foxes and dogs')
-    assert rows(server, Conversation, Conversation.id == conv.id)[0].title == "Foxes and dogs"
+    assert rows(server, ConversationRow, ConversationRow.id == conv.id)[0].title == "Foxes and dogs"
     page.once("dialog", lambda d: d.accept())
     page.click(f'#conv-list li[data-id="{conv.id}"] .delete')
     page.wait_for_selector(f'#conv-list li[data-id="{conv.id}"]', state="detached")
-    assert rows(server, Conversation, Conversation.id == conv.id)[0].deleted_at is not None
+    assert rows(server, ConversationRow, ConversationRow.id == conv.id)[0].deleted_at is not None
     assert page.locator(".empty").inner_text().startswith("Start a conversation")
     assert errors == []
     page.close()
@@ -188,7 +188,7 @@ def test_label_page_ranks_samples_and_takes_a_demonstration(server, browser):
     page.screenshot(path=str(ARTIFACTS / "label-tiny.png"))
     page.click(".save-ranking")
     page.wait_for_selector("text=The queue is done")
-    (ranking,) = rows(server, Ranking, Ranking.source == "label")
+    (ranking,) = rows(server, RankingRow, RankingRow.source == "label")
     assert [i.message_id for i in sorted(rows(server, RankingItem, RankingItem.ranking_id == ranking.id), key=lambda i: i.rank)] == [ids[1], ids[2], ids[0]]
     page.select_option("#kind", "demo")
     page.fill("#demo-input", "你好！")

@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from chatforge import feedback as F
+from chatforge.feedback import queue as FQ
 from chatforge.serve.config import ServeConfig
 from chatforge.store import Feedback, Generation, LabelItem, Message
 from known_models import known_checkpoint
@@ -83,7 +84,7 @@ def test_readme_screenshots_with_smollm2(tmp_path):
         page.screenshot(path=str(ARTIFACTS / "label.png"))
         with server.store.session() as s:
             (item,) = s.execute(sa.select(LabelItem)).scalars()
-            samples = F._item_view(s, item)["samples"]
+            samples = FQ._item_view(s, item)["samples"]
         assert len(samples) == 3 and all(x["content"].strip() for x in samples)
         assert errors == []
         browser.close()

@@ -141,7 +141,9 @@ def _run_sample(a) -> None:
     from . import checkpoint
     from .sample import sample_tokens
 
-    ck = checkpoint.load(resolve_model(a.model, a.install))
+    from .convert.registry import resolve
+
+    ck = checkpoint.load(resolve(a.model, a.install))
     tok = ck.tokenizer
     if a.chat:
         ids, _ = tok.render([{"role": "user", "content": a.prompt}], add_generation_prompt=True)
@@ -151,21 +153,8 @@ def _run_sample(a) -> None:
     print((a.prompt if not a.chat else "") + tok.decode(new))
 
 
-def resolve_model(name_or_path: str, install: bool = False):
-    """A checkpoint folder as given, or a known model name resolved (and imported) by the registry."""
-    from pathlib import Path
-
-    from .checkpoint import is_checkpoint
-
-    if is_checkpoint(name_or_path):
-        return Path(name_or_path)
-    from .convert.registry import resolve
-
-    return resolve(name_or_path, install=install)
-
-
 def _add_speedrun(sub) -> None:
-    from .speedrun import SpeedrunConfig
+    from .pipelines.speedrun import SpeedrunConfig
 
     p = sub.add_parser("speedrun", help="the main job on a CPU, end to end: corpus -> tokenizer -> pretrain -> SFT -> reward model -> PPO -> DPO -> report card")
     add_config_args(p, SpeedrunConfig)
@@ -173,7 +162,7 @@ def _add_speedrun(sub) -> None:
 
 
 def _run_speedrun(a) -> None:
-    from .speedrun import SpeedrunConfig, main
+    from .pipelines.speedrun import SpeedrunConfig, main
 
     main(config_from_args(SpeedrunConfig, a))
 
@@ -218,7 +207,9 @@ def _add_export(sub) -> None:
 
 
 def _run_export(a) -> None:
-    src = resolve_model(a.model, install=a.install)
+    from .convert.registry import resolve
+
+    src = resolve(a.model, install=a.install)
     if a.export_cmd == "hf":
         from .convert.hf import export_hf
 
@@ -242,8 +233,9 @@ def _add_quantize(sub) -> None:
 
 def _run_quantize(a) -> None:
     from .checkpoint import quantize_checkpoint
+    from .convert.registry import resolve
 
-    src = resolve_model(a.model, install=a.install)
+    src = resolve(a.model, install=a.install)
     out = quantize_checkpoint(src, a.out, a.to)
     size = lambda d: sum(f.stat().st_size for f in Path(d).iterdir() if f.is_file())  # noqa: E731
     print(f"quantized {src} -> {out} ({a.to}): {size(src) / 1e6:.1f} MB -> {size(out) / 1e6:.1f} MB")
@@ -440,9 +432,10 @@ def _add_sft_default(sub) -> None:
 
 
 def _run_sft_default(a) -> None:
-    from .data.sft_default import SFTDefaultConfig, build_sft_default
+    from .data.sft_default import SFTDefaultConfig
+    from .pipelines.teacher import sft_default
 
-    build_sft_default(config_from_args(SFTDefaultConfig, a))
+    sft_default(config_from_args(SFTDefaultConfig, a))
 
 
 def _add_eval(sub) -> None:
@@ -474,7 +467,8 @@ def _run_eval_fidelity(a) -> None:
 
 
 def _add_label(sub) -> None:
-    from .label import ORACLES, SampleConfig
+    from .eval.gold import ORACLES
+    from .pipelines.label import SampleConfig
 
     p = sub.add_parser("label", help="comparisons for the reward model: sample K answers, rank them, judge policies")
     lsub = p.add_subparsers(dest="label_cmd", required=True)
@@ -511,13 +505,13 @@ def _add_label(sub) -> None:
 
 
 def _run_label_sample(a) -> None:
-    from .label import SampleConfig, sample
+    from .pipelines.label import SampleConfig, sample
 
     sample(config_from_args(SampleConfig, a))
 
 
 def _run_label_rank(a) -> None:
-    from .label import rank
+    from .pipelines.label import rank
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")
@@ -525,19 +519,19 @@ def _run_label_rank(a) -> None:
 
 
 def _run_label_judge(a) -> None:
-    from .label import judge
+    from .pipelines.label import judge
 
     judge(a.policies, a.prompts, a.samples, a.temperature, a.max_new_tokens, a.max_prompts, a.seed, a.device, a.out)
 
 
 def _run_label_prompts(a) -> None:
-    from .config import cache_dir
-    from .label import build_prompts, build_verifiable_prompts
+    from .data.prompts import build_prompts, build_verifiable_prompts
+    from .data.sft_default import default_sft_dir
 
     if a.verifiable:
         build_verifiable_prompts(a.out, a.per_task_train, a.per_task_heldout, a.seed)
         return
-    build_prompts(a.sft_data or str(cache_dir() / "sft" / "default"), a.out, a.per_task_train, a.per_task_heldout, a.seed)
+    build_prompts(a.sft_data or str(default_sft_dir()), a.out, a.per_task_train, a.per_task_heldout, a.seed)
 
 
 def _add_rm(sub) -> None:
@@ -578,7 +572,7 @@ def _add_rl(sub) -> None:
 
 
 def _add_bon(sub) -> None:
-    from .train.bon import BoNConfig
+    from .pipelines.bon import BoNConfig
 
     p = sub.add_parser("bon", help="best-of-n / rejection-sampling fine-tuning: sample K per prompt, keep the best by verifier or reward model, SFT on them, in rounds")
     add_config_args(p, BoNConfig)
@@ -586,7 +580,7 @@ def _add_bon(sub) -> None:
 
 
 def _run_bon(a) -> None:
-    from .train.bon import BoNConfig, main
+    from .pipelines.bon import BoNConfig, main
 
     main(config_from_args(BoNConfig, a))
 
@@ -606,7 +600,7 @@ def _run_dpo(a) -> None:
 
 
 def _add_rlhf(sub) -> None:
-    from .train.rlhf import RLHFConfig
+    from .pipelines.rlhf import RLHFConfig
 
     p = sub.add_parser("rlhf", help="rounds of sample -> rank -> reward model -> PPO with the newest policy")
     add_config_args(p, RLHFConfig)
@@ -614,7 +608,7 @@ def _add_rlhf(sub) -> None:
 
 
 def _run_rlhf(a) -> None:
-    from .train.rlhf import RLHFConfig, main
+    from .pipelines.rlhf import RLHFConfig, main
 
     main(config_from_args(RLHFConfig, a))
 
@@ -666,7 +660,7 @@ def _run_feedback(a) -> None:
 
 
 def _add_flywheel(sub) -> None:
-    from .flywheel import FlywheelConfig
+    from .pipelines.flywheel import FlywheelConfig
 
     p = sub.add_parser("flywheel", help="one round: export feedback -> SFT (optional) -> RM -> PPO -> evaluate -> register if better")
     add_config_args(p, FlywheelConfig)
@@ -674,13 +668,13 @@ def _add_flywheel(sub) -> None:
 
 
 def _run_flywheel(a) -> None:
-    from .flywheel import FlywheelConfig, main
+    from .pipelines.flywheel import FlywheelConfig, main
 
     main(config_from_args(FlywheelConfig, a))
 
 
 def _add_scale(sub) -> None:
-    from .scale import LadderConfig
+    from .pipelines.scale import LadderConfig
 
     p = sub.add_parser("scale", help="scaling laws: a ladder of small runs, a fit of L(N, D), predictions for bigger runs")
     ssub = p.add_subparsers(dest="scale_cmd", required=True)
@@ -709,7 +703,7 @@ def _add_scale(sub) -> None:
 
 
 def _run_scale_ladder(a) -> None:
-    from .scale import LadderConfig, ladder
+    from .pipelines.scale import LadderConfig, ladder
 
     ladder(config_from_args(LadderConfig, a))
 
@@ -718,7 +712,7 @@ def _run_scale_run(a) -> None:
     from pathlib import Path
 
     from .config import load_json
-    from .scale import LADDER_PLAN, run_config
+    from .pipelines.scale import LADDER_PLAN, run_config
     from .train.pretrain import main
 
     plan_file = Path(a.ladder) / LADDER_PLAN
@@ -728,13 +722,13 @@ def _run_scale_run(a) -> None:
 
 
 def _run_scale_fit(a) -> None:
-    from .scale import fit_dir
+    from .pipelines.scale import fit_dir
 
     fit_dir(a.ladder, check=a.check, n_boot=a.bootstrap)
 
 
 def _run_scale_predict(a) -> None:
-    from .scale import load_fit, predict_lines
+    from .pipelines.scale import load_fit, predict_lines
 
     print("\n".join(predict_lines(load_fit(a.fit), a.params, a.tokens, a.flops, a.run)))
 

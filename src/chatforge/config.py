@@ -1,8 +1,11 @@
-"""Shared helpers for the typed configs that live next to the code they configure.
+"""Leaf helpers (nothing in chatforge below them): JSON, cache paths and seeds.
 
-Every stage keeps its own dataclass (GPTConfig in model.py, PretrainConfig in train/pretrain.py,
-...). This module only knows how to turn any of them into JSON and back, strictly: an unknown
-key or a value of the wrong type is a ValueError that names the field, never silently dropped.
+- JSON: configs are not defined here; every stage keeps its own dataclass next to the code it
+  configures (GPTConfig in model.py, PretrainConfig in train/pretrain.py, ...). This module only
+  turns any of them into JSON and back, strictly: an unknown key or a value of the wrong type is
+  a ValueError that names the field, never silently dropped. `save_json` writes atomically.
+- `cache_dir`: where downloaded packages, built corpora and imported models are cached.
+- `mix_seed`: one stable seed from several integers (run seed, round, prompt, answer...).
 """
 
 from __future__ import annotations
@@ -107,3 +110,13 @@ def cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "chatforge"
+
+
+def mix_seed(*parts: int) -> int:
+    """A stable 62-bit seed from integers, e.g. (run seed, prompt, answer): an FNV-1a-style mix of the parts,
+    the same on every Python version and machine (Python's hash of ints is the identity, and a
+    tuple's hash is an implementation detail), so a resumed or repeated run draws the same samples."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % (1 << 64)
+    return h >> 2

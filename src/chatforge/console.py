@@ -1,6 +1,11 @@
-"""One progress line on stderr for long loops: rewritten in place (carriage return) on a terminal;
-in a log file (no terminal) a plain line at most every `every_s` seconds, so logs of long runs
-stay readable instead of holding thousands of carriage-return updates."""
+"""What long-running commands print on stderr.
+
+`StatusLine`: one progress line for long loops, rewritten in place (carriage return) on a
+terminal; in a log file (no terminal) a plain line at most every `every_s` seconds, so logs of
+long runs stay readable instead of holding thousands of carriage-return updates.
+
+`say`: one tagged line ("[rlhf] round 1: ...") from a driver that chains stages, so its own
+messages stand out among the stages' output."""
 
 from __future__ import annotations
 
@@ -34,3 +39,8 @@ class StatusLine:
         if self.tty and self.pending:
             print(file=self.stream, flush=True)
         self.pending = False
+
+
+def say(tag: str, msg: str) -> None:
+    """Print `msg` on stderr as a line tagged with the driver's name: `[tag] msg`."""
+    print(f"[{tag}] {msg}", file=sys.stderr, flush=True)

@@ -74,6 +74,9 @@ def hash_key(secret: str) -> str:
 
 
 # ---- ORM classes: the current schema ------------------------------------------------------
+# ConversationRow and RankingRow carry "Row" so they are not mistaken for the training-data
+# classes data/chat.Conversation and data/rankings.Ranking (feedback/export.py turns the rows
+# into those formats); their tables keep their names.
 class Base(DeclarativeBase):
     pass
 
@@ -110,7 +113,7 @@ class Usage(Base):
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, index=True)
 
 
-class Conversation(Base):
+class ConversationRow(Base):
     __tablename__ = "conversations"
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     key_id: Mapped[int | None] = mapped_column(sa.ForeignKey("api_keys.id"), index=True)  # the owner
@@ -161,7 +164,7 @@ class Feedback(Base):
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime)
 
 
-class Ranking(Base):
+class RankingRow(Base):
     __tablename__ = "rankings"
     id: Mapped[str] = mapped_column(sa.String(64), primary_key=True)
     key_id: Mapped[int | None] = mapped_column(sa.ForeignKey("api_keys.id"), index=True)  # who ranked
@@ -508,7 +511,7 @@ class Store:
         conv_id, parent = None, None
         if rec.messages is not None:
             conv_id = new_id("conv")
-            s.add(Conversation(id=conv_id, key_id=rec.key_id, title=_title(rec.messages), source="api", created_at=now, updated_at=now))
+            s.add(ConversationRow(id=conv_id, key_id=rec.key_id, title=_title(rec.messages), source="api", created_at=now, updated_at=now))
             s.flush()
             for m in rec.messages:
                 mid = new_id("msg")

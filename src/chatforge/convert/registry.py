@@ -122,7 +122,8 @@ def model_file(m: KnownModel, install: bool) -> Path:
 
 
 def resolve(name_or_path: str, install: bool = False) -> Path:
-    """A checkpoint folder for a path or a known model name (importing it on first use)."""
+    """A checkpoint folder for a path or a known model name (importing it on first use): the one
+    resolver behind every command and stage that takes "checkpoint folder or known model name"."""
     p = Path(name_or_path)
     if is_checkpoint(p):
         return p

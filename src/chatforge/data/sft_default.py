@@ -1,7 +1,9 @@
 """`chatforge data sft-default`: the default bilingual SFT demonstration set, with a held-out split.
 
 No instruction dataset can be downloaded here (see shared/docs/data-sources.md), so the set is
-built from registry packages and from a teacher model:
+built from registry packages and from a teacher model (whose answers come in through the
+`teacher` callback of `build_sft_default`: pipelines/teacher.py runs the model, so this module
+holds no model code):
 
     source           lang   from                                       kind
     chatterbot       en zh  PyPI chatterbot-corpus 1.3.3 (YAML)        human-written dialogues
@@ -40,14 +42,16 @@ import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..config import cache_dir, save_json
-from ..console import StatusLine
 from .corpus import publish_package, fetch_deb, fetch_npm
 
 CHATTERBOT = "chatterbot-corpus==1.3.3"
 TEACHER = "smollm2-135m-instruct"
+# The teacher: (prompts, cache file) -> each prompt's answer, or None where the answer is unusable.
+# Answers are cached in the file by prompt, so an interrupted build does not ask again.
+Teacher = Callable[[list[str], Path], dict[str, "str | None"]]
 
 
 @dataclass
@@ -373,57 +377,6 @@ def teacher_prompts(root: Path, n: int, rng: random.Random) -> list[tuple[str, s
     return out
 
 
-def complete_sentences(text: str) -> str:
-    """An answer cut by the token limit, up to its last full sentence; empty if that loses most of it."""
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
-    return text[: ends[-1]] if ends and ends[-1] >= len(text) // 2 else ""
-
-
-def run_teacher(prompts: list[str], cache_file: Path, max_tokens: int, install: bool) -> dict[str, str | None]:
-    """Answers of SmolLM2-135M-Instruct (greedy, mild repetition penalty), cached by prompt. An
-    answer cut by the token limit keeps its complete sentences, or is recorded as None (not used)."""
-    done: dict[str, str | None] = {}
-    if cache_file.is_file():
-        for line in cache_file.read_text(encoding="utf-8").splitlines():
-            r = json.loads(line)
-            done[r["prompt"]] = r["answer"]
-    todo = [p for p in prompts if p not in done]
-    if not todo:
-        return done
-    import torch
-
-    from .. import checkpoint as ckpt_io
-    from ..convert.registry import resolve
-    from ..engine import Engine, SamplingParams
-
-    ck = ckpt_io.load(resolve(TEACHER, install=install), dtype=torch.bfloat16)
-    engine = Engine(ck.model, ck.tokenizer, max_batch=16, max_seq_len=512)
-    sp = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_new_tokens=max_tokens)
-    t0 = time.time()
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    ids = [ck.tokenizer.render([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in todo]
-    texts: list[str] = [""] * len(todo)
-    n = 0
-    status = StatusLine()
-    # All prompts at once: the engine refills a finished request's slot, so the batch stays full.
-    with open(cache_file, "a", encoding="utf-8") as f:
-        for ev in engine.generate(ids, sp):
-            texts[ev.request_id] += ev.text
-            if not ev.finish_reason:
-                continue
-            p, t = todo[ev.request_id], texts[ev.request_id].strip()
-            if ev.finish_reason == "length":
-                t = complete_sentences(t)
-            done[p] = t or None
-            f.write(json.dumps({"prompt": p, "answer": done[p]}, ensure_ascii=False) + "\n")
-            f.flush()
-            n += 1
-            el = time.time() - t0
-            status.update(f"data sft-default: teacher answered {n}/{len(todo)} prompts ({el:.0f}s, ETA {el / n * (len(todo) - n):.0f}s)")
-    status.done()
-    return done
-
-
 # ---- prompts with verifiable answers for RL ----------------------------------------------------
 
 
@@ -467,14 +420,18 @@ def default_sft_dir() -> Path:
     return cache_dir() / "sft" / "default"
 
 
-def build_sft_default(cfg: SFTDefaultConfig) -> Path:
-    """Fetch the packages, build every source, split, write JSONL and the manifest."""
+def build_sft_default(cfg: SFTDefaultConfig, teacher: Teacher | None = None) -> Path:
+    """Fetch the packages, build every source, split, write JSONL and the manifest. `teacher`
+    answers the open-ended prompts (needed when cfg.teacher_prompts > 0)."""
     out = Path(cfg.out) if cfg.out else default_sft_dir()
     manifest_path = out / "manifest.json"
     if manifest_path.is_file() and not cfg.force:
         m = json.loads(manifest_path.read_text(encoding="utf-8"))
         print(f"data sft-default: already built at {out} ({m['total']['conversations']:,} conversations); --force rebuilds", file=sys.stderr)
         return out
+    if cfg.teacher_prompts and teacher is None:
+        raise ValueError(f"SFTDefaultConfig.teacher_prompts={cfg.teacher_prompts} needs a teacher to answer them "
+                         "(`chatforge data sft-default` runs one: pipelines.teacher.sft_default); or set teacher_prompts=0")
     t0 = time.time()
     pkgs = cache_dir() / "packages"
     rng = random.Random(cfg.seed)
@@ -505,7 +462,7 @@ def build_sft_default(cfg: SFTDefaultConfig) -> Path:
     ]
     if cfg.teacher_prompts:
         pairs = teacher_prompts(wn_root, cfg.teacher_prompts, rng)
-        answers = run_teacher([p for _, p in pairs], out.parent / f"{out.name}-teacher-cache.jsonl", cfg.teacher_tokens, cfg.install)
+        answers = teacher([p for _, p in pairs], out.parent / f"{out.name}-teacher-cache.jsonl")
         items = [Item(f"wordnet:{w}", qa(p, answers[p]), {"task": "open-ended", "generated_by": "SmolLM2-135M-Instruct (teacher)"})
                  for w, p in pairs if answers.get(p)]
         print(f"data sft-default: teacher kept {len(items)}/{len(pairs)} answers (the rest were cut mid-sentence)", file=sys.stderr)

@@ -4,15 +4,30 @@ A .txt file is one document. A .jsonl line is one document. A parquet row is one
 Folders are walked recursively in sorted order, taking the three suffixes above.
 Nothing is read whole into memory except a single .txt document; bad input is a ValueError that
 names the file and the line (JSONL) or the byte offset (invalid UTF-8).
+
+Also the one script detector (`script_lang`: Chinese or English by the share of Han characters),
+used by the prompt builders, the gold labeler and the answer verifiers.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
+CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # Han characters (CJK unified ideographs, ext. A, compatibility)
+
+
+def script_lang(text: str) -> str | None:
+    """"zh" when at least 30% of the letters are Han characters, "en" otherwise, None for text
+    without letters (a bare number is in either language)."""
+    han = len(CJK.findall(text))
+    letters = sum(1 for ch in text if ch.isalpha())
+    if not letters:
+        return None
+    return "zh" if han / letters >= 0.3 else "en"
 
 
 def expand_inputs(inputs: Iterable[str | Path], suffixes: tuple[str, ...] = SUFFIXES, whole=None, what: str = "input") -> list[Path]:

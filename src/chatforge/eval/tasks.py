@@ -5,8 +5,9 @@ The question is every turn before the final assistant turn, rendered with the mo
 template; the model answers greedily through the engine (batched, KV cache). A response counts
 as exact when, after normalisation (case, surrounding space, quotes and final punctuation,
 full-width forms), it equals one of the accepted answers. Models that answer in a sentence
-("The answer is 8.") fail exact match; `contains` (an accepted answer appears in the response as
-a whole word / span) is reported beside it so a verbose but right model is visible too.
+("The answer is 8.") fail exact match; `contains` (an accepted answer appears in the response: a
+number as that number, text as a span not glued to Latin letters or digits) is reported beside it
+so a verbose but right model is visible too.
 
 With `--baseline` (an earlier `--out` file of another model on the same items, e.g. the SFT
 model before RL) the table shows, per (language, task), per language and overall, the paired
@@ -26,9 +27,14 @@ import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import checkpoint as ckpt_io
 from .. import dtypes
 from ..console import StatusLine
+from ..convert.registry import resolve
 from ..data.chat import read_conversations
+from ..data.rankings import read_prompts
+from ..engine import Engine, SamplingParams
+from ..train.verify import FAMILIES, verify
 
 
 @dataclass
@@ -68,16 +74,42 @@ def is_exact(response: str, answers: list[str]) -> bool:
     return any(r == normalize(a) for a in answers)
 
 
-def contains(response: str, answers: list[str]) -> bool:
-    """An accepted answer appears as a span not glued to other Latin letters or digits (so '8' is
-    not found in '18')."""
-    r = normalize(response)
-    for a in answers:
-        a = normalize(a)
-        # ASCII letters/digits only as boundaries: Chinese text glues words with no spaces ("答案是8").
-        if a and re.search(r"(?<![a-z0-9])" + re.escape(a) + r"(?![a-z0-9])", r):
-            return True
-    return False
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
+_GLUE = re.compile(r"[a-z0-9]")  # Latin letters and digits: what a found answer may not touch
+_MORE_DIGITS = re.compile(r"[.,]\d")  # after a number: the rest of a longer number (8.5, 8,000)
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _unglued(text: str, start: int, end: int) -> bool:
+    """The span text[start:end] touches no Latin letter or digit on either side (ASCII only:
+    Chinese text glues words with no spaces, "答案是8")."""
+    return not (start and _GLUE.match(text[start - 1])) and not _GLUE.match(text, end)
+
+
+def answer_present(answer: str, response: str) -> bool:
+    """Is the known answer in the response? Both normalised (`normalize`); a numeric answer must
+    appear as that number ("8" is not in "18", "-8", "8.5" or "8,000"; "1000" is in "1,000"), any
+    other answer as a span that touches no Latin letter or digit. The one answer matcher of
+    `contains` here and of the gold labeler (eval/gold.py)."""
+    a, r = normalize(answer), normalize(response)
+    if not a:
+        return False
+    value = _number(a)
+    if value is not None:
+        return any(_unglued(r, m.start(), m.end()) and not _MORE_DIGITS.match(r, m.end())
+                   and math.isclose(value, _number(m.group()), rel_tol=1e-6, abs_tol=1e-9) for m in _NUMBER.finditer(r))
+    return any(_unglued(r, m.start(), m.end()) for m in re.finditer(re.escape(a), r))
+
+
+def contains(response: str, answers: list) -> bool:
+    """An accepted answer appears in the response (`answer_present`)."""
+    return any(answer_present(str(a), response) for a in answers)
 
 
 @dataclass
@@ -114,8 +146,6 @@ def load_items(files: list[str], max_per_task: int = 0, seed: int = 0, families:
         answers = m.get("answers") or [m["answer"]]
         items.append(TaskItem(c.messages[:last], [str(a) for a in answers], m.get("lang", "?"), m.get("task", "?"), c.source))
     if prompt_files:
-        from ..data.rankings import read_prompts
-
         for p in read_prompts(prompt_files):
             g = p.extra.get("gold") or {}
             if g.get("answers") and not (families and g.get("task", "?").split("/")[0] not in families):
@@ -134,8 +164,6 @@ def load_items(files: list[str], max_per_task: int = 0, seed: int = 0, families:
 
 def answer_all(engine, items: list[TaskItem], max_new_tokens: int, batch: int) -> list[str]:
     """Greedy answers from the engine, `batch` prompts at a time, with progress on stderr."""
-    from ..engine import SamplingParams
-
     tok = engine.tok
     sp = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     out: list[str] = []
@@ -158,8 +186,6 @@ def verified(item: TaskItem, response: str) -> dict:
     """For a family with a verifier (train/verify.py): is the response's final answer right,
     however it is worded? Beside exact match it separates "learned to answer tersely" from
     "learned to answer correctly"."""
-    from ..train.verify import FAMILIES, verify
-
     if item.task.split("/")[0] not in FAMILIES:
         return {}
     return {"correct": verify(response, {"task": item.task, "answers": item.answers, "lang": item.lang}).correct}
@@ -182,12 +208,6 @@ def score(items: list[TaskItem], responses: list[str]) -> dict:
 
 
 def main(cfg: TaskEvalConfig) -> dict:
-    import torch
-
-    from .. import checkpoint as ckpt_io
-    from ..convert.registry import resolve
-    from ..engine import Engine
-
     items = load_items(cfg.data, cfg.max_per_task, cfg.seed, cfg.families)
     path = resolve(cfg.model, install=cfg.install)
     dt, copies = dtypes.inference_mode(cfg.dtype, "auto", "cpu")
@@ -225,17 +245,24 @@ def paired(new: list[float], base: list[float]) -> dict:
             "better": sum(x > 0 for x in d), "worse": sum(x < 0 for x in d)}
 
 
+def group_indices(labels: list[str]) -> dict[str, list[int]]:
+    """Row indices per group, from each row's "language/task" label: every label, then every
+    language ("[en]"), then everything ("[all]"), in the order the paired tables print them."""
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        for g in (label, f"[{label.split('/')[0]}]", "[all]"):
+            groups.setdefault(g, []).append(i)
+    order = sorted(k for k in groups if not k.startswith("[")) + sorted(k for k in groups if k.startswith("[") and k != "[all]") + ["[all]"]
+    return {k: groups[k] for k in order if k in groups}
+
+
 def paired_by_group(rows: list[dict], base_rows: list[dict], what: str = "the baseline", key: str = "exact") -> dict:
     """Paired differences of `key` (exact match) between two evaluations of the same items, per
     (language, task), per language and overall. Items must match one to one, in order."""
     if len(rows) != len(base_rows) or any((a["question"], a["lang"], a["task"]) != (b["question"], b["lang"], b["task"]) for a, b in zip(rows, base_rows)):
         raise ValueError(f"{what}: not the same items in the same order ({len(base_rows)} vs {len(rows)}); evaluate both with the same --data, --families, --max-per-task and --seed")
-    groups: dict[str, list[int]] = {}
-    for i, r in enumerate(rows):
-        for g in (f"{r['lang']}/{r['task']}", f"[{r['lang']}]", "[all]"):
-            groups.setdefault(g, []).append(i)
-    order = sorted(k for k in groups if not k.startswith("[")) + sorted(k for k in groups if k.startswith("[") and k != "[all]") + ["[all]"]
-    return {g: paired([float(rows[i][key]) for i in groups[g]], [float(base_rows[i][key]) for i in groups[g]]) for g in order}
+    groups = group_indices([f"{r['lang']}/{r['task']}" for r in rows])
+    return {g: paired([float(rows[i][key]) for i in idx], [float(base_rows[i][key]) for i in idx]) for g, idx in groups.items()}
 
 
 def format_paired(table: dict, base_name: str, new_name: str, what: str = "exact match") -> str:

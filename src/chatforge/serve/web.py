@@ -9,7 +9,7 @@ Answers stream from the OpenAI endpoint itself (/v1/chat/completions with stream
 the stream ends the page attaches the answer to its conversation by the response id
 (`POST /web/conversations/{id}/turns`). The rules about what may be stored live in
 chatforge.feedback; this module only adapts HTTP to them (its `Refused` errors become OpenAI-style
-error objects with the same status).
+error objects, with the HTTP status of their reason: STATUS).
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ from . import protocol as P
 from .admission import admission, require_role
 
 STATIC = Path(__file__).parent / "static"
+# feedback.Refused's reason -> the HTTP status the page gets
+STATUS = {"invalid": 400, "not_found": 404, "forbidden": 403, "conflict": 409}
+assert set(STATUS) == set(F.REASONS)
 
 
 class _Body(BaseModel):
@@ -83,7 +86,7 @@ def mount(app: FastAPI, state) -> None:
         try:
             return await anyio.to_thread.run_sync(lambda: fn(store, *args, **kw))
         except F.Refused as e:
-            raise P.APIError(e.status, str(e), type="invalid_request_error" if e.status != 403 else "permission_error") from None
+            raise P.APIError(STATUS[e.reason], str(e), type="permission_error" if e.reason == "forbidden" else "invalid_request_error") from None
 
     r = APIRouter(prefix="/web", tags=["web pages"], responses={code: {"model": P.ErrorResponse} for code in (403, 409)})
 
@@ -126,7 +129,7 @@ def mount(app: FastAPI, state) -> None:
 
     @r.post("/rankings")
     async def rank(body: Rank, key: KeyInfo = signed_in) -> dict:
-        return await call(F.rank, key.id, body.message_ids)
+        return await call(F.add_ranking, key.id, body.message_ids)
 
     @r.get("/label/next")
     async def label_next(kind: str | None = None, key: KeyInfo = Depends(labeler)) -> dict:

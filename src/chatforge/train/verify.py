@@ -28,20 +28,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-# ---- script --------------------------------------------------------------------------------------
-
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-
-
-def script_lang(text: str) -> str | None:
-    """"zh" when at least 30% of the letters are Han characters, "en" otherwise, None for text
-    without letters (a bare number is in either language)."""
-    han = len(_CJK.findall(text))
-    letters = sum(1 for ch in text if ch.isalpha())
-    if not letters:
-        return None
-    return "zh" if han / letters >= 0.3 else "en"
-
+from ..data.sft_default import UNITS
+from ..data.text import script_lang
 
 # ---- values in text: (start, end, value) spans --------------------------------------------------
 
@@ -138,8 +126,6 @@ _PARSERS = {"number": numbers, "weekday": weekdays, "date": dates}
 
 
 def _unit_words() -> list[str]:
-    from ..data.sft_default import UNITS
-
     words = {"day", "days", "天", "foot", "个月"}
     for big, small, _, big_zh, small_zh in UNITS:
         words |= {big, small, big.rstrip("s"), small.rstrip("s"), big_zh, small_zh}
@@ -164,7 +150,7 @@ def family_of(gold: dict | None) -> str:
 
 
 def verify(response: str, gold: dict, asker_lang: str | None = None) -> Verdict:
-    """Check one response against an answer key {"task", "answers", "lang"} (label.gold_of's form).
+    """Check one response against an answer key {"task", "answers", "lang"} (data/prompts.gold_of's form).
     A task family without a verifier is a ValueError naming it."""
     family = family_of(gold)
     if family not in FAMILIES:

@@ -15,18 +15,26 @@ context, learning rate and validation windows, so that only N and D differ betwe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .config import load_json, save_json
-from .eval.scaling import MIN_RUNS, Fit, describe, fit, fmt_count, frontier
+from .. import checkpoint as ckpt_io
+from .. import console
+from ..config import load_json, save_json
+from ..eval.scaling import MIN_RUNS, Fit, describe, fit, fmt_count, frontier
+from ..model import GPT, flops_per_token, preset
+from ..tokenizer import Tokenizer
+from ..train import common as C
+from ..train.pretrain import PretrainConfig
+from ..train.pretrain import main as pretrain
 
 LADDER_PLAN = "ladder.json"
 FIT_FILE = "fit.json"
@@ -34,8 +42,7 @@ RATIO = 3  # token budgets of one size are RATIO x apart
 MIN_STEPS = 10  # the smallest ladder run: fewer optimizer steps measure the warmup, not a model
 
 
-def say(msg: str) -> None:
-    print(f"[scale] {msg}", file=sys.stderr, flush=True)
+say = functools.partial(console.say, "scale")  # say(msg): "[scale] msg" on stderr
 
 
 def size_overrides(k: int) -> dict:
@@ -46,16 +53,12 @@ def size_overrides(k: int) -> dict:
 
 
 def model_config(k: int, vocab_size: int, seq_len: int = 256):
-    from .model import preset
-
     return preset("cpu-small", vocab_size=64 * math.ceil(vocab_size / 64), max_seq_len=max(256, seq_len), **size_overrides(k))
 
 
 def matmul_params(cfg) -> float:
     """N of the law: the weights a token's matmuls use, output head included (6N = FLOPs/token
     without attention scores)."""
-    from .model import flops_per_token
-
     return flops_per_token(cfg, 0) / 6
 
 
@@ -64,11 +67,6 @@ def measure_seconds_per_token(vocab_size: int, size, seq_len: int, micro_batch: 
     """Seconds per training token of a model (ladder size k or a preset name) at this batch, from
     the best of `steps` timed optimizer steps after one warmup step, on random tokens (the speed
     does not depend on the text); the best, because the machine may be shared."""
-    import torch
-
-    from .model import GPT
-    from .train import common as C
-
     dist = C.Dist(device=C.pick_device(device))
     model = GPT(_candidate(size, vocab_size, seq_len)[1]).to(dist.device)
     model.init_weights(0)
@@ -125,8 +123,6 @@ class LadderConfig:
 def plan_ladder(cfg: LadderConfig) -> dict:
     """The runs: every size at budgets T0 * 3^j, T0 from the measured seconds per token so that
     all runs together take ~85% of --minutes (the rest goes to evaluations, saves and startup)."""
-    from .tokenizer import Tokenizer
-
     vocab = Tokenizer.load(cfg.data).vocab_size
     step_tokens = cfg.micro_batch * cfg.seq_len
     mult = [RATIO**j for j in range(cfg.budgets)]
@@ -155,9 +151,7 @@ def plan_ladder(cfg: LadderConfig) -> dict:
     span = max(r["flops"] for r in runs) / min(r["flops"] for r in runs)
     if span < 30:
         raise ValueError(f"the ladder spans {span:.1f}x in compute (sizes {cfg.sizes}, {cfg.budgets} budgets); a fit needs >= 30x: add sizes or budgets")
-    from .train.common import peak_flops, pick_device
-
-    peak = peak_flops(pick_device(cfg.device), cfg.dtype)  # once, not in every run (a probe of ~1 s, more on a busy machine)
+    peak = C.peak_flops(C.pick_device(cfg.device), cfg.dtype)  # once for the ladder, not in every run: it times matmuls
     return {"data": str(Path(cfg.data).resolve()), "peak_flops": peak, "seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, "lr": cfg.lr,
             "eval_tokens": cfg.eval_tokens, "seed": cfg.seed, "dtype": cfg.dtype, "sizes": cfg.sizes, "budgets": cfg.budgets,
             "vocab_size": vocab, "seconds_per_token": sec_per_token, "compute_span": span, "runs": runs}
@@ -165,8 +159,6 @@ def plan_ladder(cfg: LadderConfig) -> dict:
 
 def run_config(plan: dict, k: int, tokens: int, out: Path, device: str = "auto"):
     """The PretrainConfig of a ladder-style run (also used for a check run outside the ladder)."""
-    from .train.pretrain import PretrainConfig
-
     steps = math.ceil(tokens / (plan["micro_batch"] * plan["seq_len"]))
     return PretrainConfig(
         data=plan["data"], out=str(out), preset="cpu-small", **size_overrides(k), seq_len=plan["seq_len"], micro_batch=plan["micro_batch"],
@@ -188,8 +180,6 @@ def run_state(out: Path) -> str:
 
 def ladder(cfg: LadderConfig) -> Path:
     """Plan (or reload the plan of) a ladder and run what is not finished."""
-    from .train.pretrain import main as pretrain
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / LADDER_PLAN
@@ -228,8 +218,6 @@ def _sha(path: Path) -> str:
 
 def read_run(d: Path) -> dict:
     """N, D, final validation loss and provenance of one finished pretraining run."""
-    from . import checkpoint as ckpt_io
-
     meta = load_json(d / "meta.json")
     if meta.get("stage") != "pretrain":
         raise ValueError(f"{d}: a {meta.get('stage')!r} checkpoint, not a pretraining run")
@@ -371,7 +359,7 @@ def predict_lines(f: Fit, n_params: float = 0, tokens: float = 0, flops: float =
 
 # ---- sizing a run from a fit: the speedrun's model, and plans for hardware not here ---------
 
-DEFAULT_FIT = Path(__file__).with_name("default_fit.json")  # measured on this project's CPU (README, "Scaling laws")
+DEFAULT_FIT = Path(__file__).parents[1] / "default_fit.json"  # measured on this project's CPU (README, "Scaling laws")
 
 
 @dataclass
@@ -397,8 +385,6 @@ TIERS = {
 
 
 def _candidate(size, vocab: int, seq_len: int):
-    from .model import preset
-
     if isinstance(size, int):
         return f"k{size}", model_config(size, vocab, seq_len), size_overrides(size)
     return size, preset(size, vocab_size=64 * math.ceil(vocab / 64)), {"preset": size}
@@ -424,8 +410,6 @@ def plan_run(f: Fit, tier: Tier, seconds: float, vocab: int, flops_per_s: float 
     """The model (from the tier's candidates) and token count that the fit predicts reach the lowest
     loss in `seconds` of training at `flops_per_s` (measured, or the tier's peak x MFU x devices),
     among those whose step fits the device memory. Raises ValueError if none fits."""
-    from .model import flops_per_token
-
     rate = flops_per_s or tier.peak_flops * tier.mfu * tier.devices
     mem = mem_gb or tier.memory_gb
     if rate <= 0 or mem <= 0:

@@ -6,21 +6,44 @@ Stages: corpus -> mix -> tokenizer -> shards -> pretrain -> SFT -> known-answer 
 SFT) -> RLHF round (sample K answers, rank them with the gold labeler, reward model, PPO with a
 KL penalty and the pretraining mix) -> RL with verified answers (GRPO on fresh generated
 problems whose answers a program checks, train/verify.py; exact match SFT -> RL on the held-out
-problems, paired) -> DPO on the same rankings -> report card. `--until` stops after a stage. The gold labeler's rankings are synthetic preferences (label.py); it also judges
-the held-out prompts, and is never shown to the reward model or PPO.
+problems, paired) -> DPO on the same rankings -> report card. `--until` stops after a stage.
+The gold labeler's rankings are synthetic preferences (eval/gold.py); it also judges the
+held-out prompts, and is never shown to the reward model or PPO.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import checkpoint as ckpt_io
-
+from .. import checkpoint as ckpt_io
+from .. import console
+from ..config import load_json, save_json
+from ..data.corpus import build_default_corpus
+from ..data.prepare import prepare, train_tokenizer_on_files
+from ..data.prompts import build_prompts, build_verifiable_prompts
+from ..data.sft_default import default_sft_dir
+from ..eval.gold import paired_difference
+from ..eval.tasks import TaskEvalConfig
+from ..eval.tasks import main as eval_tasks
+from ..model import PRESETS, flops_per_token
+from ..train.dpo import DPOConfig
+from ..train.dpo import main as dpo
+from ..train.ppo import PPOConfig
+from ..train.ppo import main as rl_main
+from ..train.pretrain import PretrainConfig
+from ..train.pretrain import main as pretrain
+from ..train.sft import speedrun_sft
+from ..train.verify import FAMILIES
+from . import scale
+from .label import judge
+from .rlhf import RLHFConfig
+from .rlhf import main as rlhf
 
 STAGES = ("pretrain", "sft", "rlhf", "rl", "dpo")
 
@@ -54,21 +77,17 @@ class SpeedrunConfig:
             raise ValueError(f"SpeedrunConfig: pretrain_share={self.pretrain_share} and sft_share={self.sft_share} must be shares that sum to <= 1")
         if not 0 < self.rl_share < 1 - self.pretrain_share - self.sft_share + 1e-9:
             raise ValueError(f"SpeedrunConfig.rl_share={self.rl_share} must be > 0 and fit in what pretraining and SFT leave ({1 - self.pretrain_share - self.sft_share:.2f})")
-        from .model import PRESETS
-        from .scale import TIERS
-
         if self.preset != "auto" and self.preset not in PRESETS:
             raise ValueError(f"SpeedrunConfig.preset={self.preset!r}; expected 'auto' or one of {', '.join(PRESETS)}")
-        if self.tier not in TIERS:
-            raise ValueError(f"SpeedrunConfig.tier={self.tier!r}; known tiers: {', '.join(TIERS)}")
+        if self.tier not in scale.TIERS:
+            raise ValueError(f"SpeedrunConfig.tier={self.tier!r}; known tiers: {', '.join(scale.TIERS)}")
         if self.tier != "cpu" and not self.dry_run:
             raise ValueError(f"--tier {self.tier} plans for hardware that is not this machine: add --dry-run (the speedrun's corpus mix is sized for the cpu tier)")
         if self.chars_per_source < 10_000:
             raise ValueError(f"SpeedrunConfig.chars_per_source={self.chars_per_source} is too small to train on; use >= 10000")
 
 
-def say(msg: str) -> None:
-    print(f"[speedrun] {msg}", file=sys.stderr, flush=True)
+say = functools.partial(console.say, "speedrun")  # say(msg): "[speedrun] msg" on stderr
 
 
 def mix_corpus(corpus: Path, out_file: Path, chars_per_source: int, seed: int) -> None:
@@ -97,8 +116,6 @@ def size_pretraining(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, int, li
     pretraining. "auto": the fit predicts the loss each candidate size reaches in the time this
     machine gives it (throughput measured on a small model, then re-measured on the chosen one);
     a preset name: that model, as many tokens as its measured step time allows."""
-    from . import scale
-
     tokens_per_step = cfg.micro_batch * cfg.seq_len
     if cfg.preset != "auto":
         s_tok = scale.measure_seconds_per_token(cfg.vocab_size, cfg.preset, cfg.seq_len, cfg.micro_batch, cfg.device)
@@ -114,17 +131,12 @@ def size_pretraining(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, int, li
 
 def plan(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, list[str]]:
     """scale.plan_run for cfg.tier with the chosen fit, and its explanation."""
-    from . import scale
-    from .model import flops_per_token
-
     f = scale.load_fit(cfg.fit or scale.DEFAULT_FIT)
     tier = scale.TIERS[cfg.tier]
     if tier.name == "cpu":
         tier = scale.Tier(**{**tier.__dict__, "seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch})
         s_tok = scale.measure_seconds_per_token(cfg.vocab_size, 2, cfg.seq_len, cfg.micro_batch, cfg.device)
         rate = flops_per_token(scale.model_config(2, cfg.vocab_size, cfg.seq_len), cfg.seq_len) / s_tok
-        import os
-
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
         p = scale.plan_run(f, tier, seconds, cfg.vocab_size, flops_per_s=rate, mem_gb=ram)
     else:
@@ -137,9 +149,6 @@ def plan(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, list[str]]:
 
 
 def main(cfg: SpeedrunConfig) -> Path:
-    from .data.corpus import build_default_corpus
-    from .data.prepare import prepare, train_tokenizer_on_files
-
     t0 = time.time()
     out = Path(cfg.out)
     if cfg.dry_run:
@@ -177,8 +186,6 @@ def main(cfg: SpeedrunConfig) -> Path:
     if cfg.until != "pretrain":
         report.update(after_pretrain(cfg, out, shards, t0))
     report["minutes"] = round((time.time() - t0) / 60, 1)
-    from .config import save_json
-
     save_json(report, out / "report.json")
     say(f"done in {report['minutes']:.1f} min; report card (also in {out / 'report.json'}):")
     print(report_card(report), flush=True)
@@ -189,9 +196,6 @@ def main(cfg: SpeedrunConfig) -> Path:
 
 def _pretrain(cfg: SpeedrunConfig, shards: Path, base: Path, t0: float) -> None:
     """Pretraining for the budget's share, or the rest of an interrupted run from its last save."""
-    from .train.pretrain import PretrainConfig
-    from .train.pretrain import main as pretrain
-
     resume = (base / "train_state.pt").is_file()
     budget = cfg.minutes * 60 * cfg.pretrain_share - (time.time() - t0) - 30  # keep 30 s for the final eval and save
     if resume:
@@ -235,12 +239,6 @@ def _metrics(ckpt: Path) -> dict:
 
 def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> dict:
     """SFT -> known-answer eval -> one RLHF round -> DPO; returns the report card's numbers."""
-    from .config import load_json
-    from .eval.tasks import TaskEvalConfig
-    from .eval.tasks import main as eval_tasks
-    from .label import build_prompts, judge
-    from .train.sft import speedrun_sft
-
     base, sft = out / "base", out / "sft"
     report: dict = {}
     left = cfg.minutes * 60 - (time.time() - t0)
@@ -250,8 +248,6 @@ def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> d
         speedrun_sft(base, sft, sft_budget, seed=cfg.seed, device=cfg.device)
         _mark_done(out, "sft")
     report["sft"] = _metrics(sft)
-
-    from .data.sft_default import default_sft_dir
 
     heldout = default_sft_dir() / "heldout"
     say(f"7/10 held-out known-answer questions, base vs SFT (exact match) from {heldout}")
@@ -263,9 +259,6 @@ def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> d
     report["best"] = str(sft)
     if cfg.until == "sft":
         return report
-
-    from .train.rlhf import RLHFConfig
-    from .train.rlhf import main as rlhf
 
     prompts = out / "prompts"
     if not (prompts / "heldout.jsonl").is_file():
@@ -289,9 +282,6 @@ def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> d
     if cfg.until == "rl":
         return report
 
-    from .train.dpo import DPOConfig
-    from .train.dpo import main as dpo
-
     dpo_dir = out / "dpo"
     say(f"10/10 DPO on the same rankings -> {dpo_dir}")
     if not _done(out, "dpo"):
@@ -311,15 +301,6 @@ def verified_rl(cfg: SpeedrunConfig, out: Path, sft: Path, gold_sft: dict, gold_
     (none of them held out), for rl_share of the budget; then exact match SFT -> RL on the held-out
     problems of the verifiable families, paired item by item, and the gold score on the RLHF
     stage's held-out prompts, paired prompt by prompt with the SFT model's."""
-    from .config import load_json, save_json
-    from .data.sft_default import default_sft_dir
-    from .eval.tasks import TaskEvalConfig
-    from .eval.tasks import main as eval_tasks
-    from .label import build_verifiable_prompts, judge, paired_difference
-    from .train.ppo import PPOConfig
-    from .train.ppo import main as rl_main
-    from .train.verify import FAMILIES
-
     vp = out / "prompts_verifiable"
     if not (vp / "heldout.jsonl").is_file():
         build_verifiable_prompts(str(vp), per_task_train=300, per_task_heldout=30, seed=cfg.seed)

@@ -6,7 +6,7 @@
     rm       a reward model from the SFT model on all rankings so far (InstructGPT step 2)
     ppo      PPO from the (fine-tuned) policy against that reward model, KL to the SFT model (step 3)
     evaluate the candidate against the current policy on held-out prompts with the same sampling
-             seeds: gold score (label.py's programmatic labeler, never a reward model) and the new
+             seeds: gold score (eval/gold.py's programmatic labeler, never a reward model) and the new
              RM's score; the gold score decides, the RM score is reported
     register if the candidate beats the current policy by more than --min-gain, it goes in the
              store's snapshot registry with a share of chat traffic (--traffic): a server that
@@ -21,11 +21,27 @@ Each round gets a fresh folder; a finished round is never redone.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .. import checkpoint as ckpt_io
+from .. import console, feedback
+from ..config import load_json, save_json
+from ..convert.registry import KNOWN, resolve
+from ..data.rankings import Ranking, read_prompts, write_jsonl
+from ..eval.gold import judge_answers, paired_difference, reward_scores
+from ..store import Store, parse_since
+from ..train.common import pick_device
+from ..train.ppo import PPOConfig
+from ..train.ppo import main as ppo_main
+from ..train.reward import RewardConfig, load_reward_model
+from ..train.reward import main as rm_main
+from ..train.sft import SFTConfig
+from ..train.sft import main as sft_main
+from .label import load_policy, sample_answers
 
 
 @dataclass
@@ -69,8 +85,7 @@ class FlywheelConfig:
             raise ValueError(f"FlywheelConfig: eval_samples={self.eval_samples} and sample_tokens={self.sample_tokens} must be >= 1")
 
 
-def say(msg: str) -> None:
-    print(f"[flywheel] {msg}", file=sys.stderr, flush=True)
+say = functools.partial(console.say, "flywheel")  # say(msg): "[flywheel] msg" on stderr
 
 
 def _next_round(out: Path) -> int:
@@ -79,28 +94,12 @@ def _next_round(out: Path) -> int:
 
 
 def _snapshot(path: str | Path) -> str:
-    from . import checkpoint as ckpt_io
-    from .config import load_json
-
     meta = load_json(Path(path) / "meta.json")
     return meta.get("snapshot") or ckpt_io.snapshot_id(path)
 
 
-def _checkpoint_dir(name_or_path: str) -> Path:
-    """A checkpoint folder as given, or a known model name (`chatforge models`) resolved to its folder."""
-    from .checkpoint import is_checkpoint
-
-    if is_checkpoint(name_or_path):
-        return Path(name_or_path)
-    from .convert.registry import resolve
-
-    return Path(resolve(name_or_path))
-
-
 def prompts_of(files: list[Path], out: Path) -> Path:
     """The distinct prompts of exported SFT and rankings files, as a PPO prompts file."""
-    from .data.rankings import write_jsonl
-
     seen, lines = set(), []
     for f in files:
         for raw in f.read_text(encoding="utf-8").splitlines():
@@ -123,14 +122,6 @@ def evaluate(policies: dict[str, str], rm_dir: Path, eval_prompts: list[str], sa
              seed: int, device: str) -> dict:
     """Answers of each policy to the held-out prompts (same seeds for all), scored by the gold
     labeler and by the reward model."""
-    import torch
-
-    from . import checkpoint as ckpt_io
-    from .data.rankings import Ranking, read_prompts
-    from .label import judge_answers, sample_answers
-    from .train.common import pick_device
-    from .train.reward import load_reward_model, score_all, tokenize_rankings
-
     dev = pick_device(device)
     prompts = read_prompts(eval_prompts)
     if max_prompts:
@@ -138,15 +129,12 @@ def evaluate(policies: dict[str, str], rm_dir: Path, eval_prompts: list[str], sa
     if not any("gold" in p.extra for p in prompts):
         raise ValueError(f"{eval_prompts}: no prompt carries a 'gold' answer key; the flywheel's evaluation needs them")
     rm, rm_tok, _ = load_reward_model(rm_dir, device=dev)
-    max_len = rm.gpt.cfg.max_seq_len
     out = {}
     for role, path in policies.items():
-        ck = ckpt_io.load(path, device=dev, dtype=torch.float32)
+        ck = load_policy(path, device)
         answers = sample_answers(ck.model, ck.tokenizer, prompts, samples, max_new_tokens, 1.0, 1.0, seed, 32, f"evaluate {role}")
         r = judge_answers(prompts, answers)
-        tokenized = tokenize_rankings([Ranking(p.messages, ans, []) for p, ans in zip(prompts, answers)], rm_tok, max_len)
-        seqs = [s for row in tokenized.seqs for s in row]
-        r["rm_score"] = float(score_all(rm, seqs, 16, dev, "fp32").mean())
+        r["rm_score"] = float(reward_scores(rm, rm_tok, [Ranking(p.messages, ans, []) for p, ans in zip(prompts, answers)], dev).mean())
         r["path"] = str(path)
         out[role] = r
         say(f"{role} {path}: gold {r['gold_score']:.4f} ± {r['stderr']:.4f} (n={r['n']}), RM {r['rm_score']:+.3f}")
@@ -160,25 +148,12 @@ def decide(result: dict, min_gain: float) -> tuple[bool, float]:
 
 
 def main(cfg: FlywheelConfig) -> dict:
-    from . import checkpoint as ckpt_io
-    from . import feedback
-    from .config import save_json
-    from .label import paired_difference
-    from .convert.registry import KNOWN
-    from .store import Store, parse_since
-    from .train.ppo import PPOConfig
-    from .train.ppo import main as ppo_main
-    from .train.reward import RewardConfig
-    from .train.reward import main as rm_main
-    from .train.sft import SFTConfig
-    from .train.sft import main as sft_main
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     n = _next_round(out)
     d = out / f"round{n}"
     d.mkdir()
-    policy = str(_checkpoint_dir(cfg.policy))
+    policy = str(resolve(cfg.policy))
     store = Store(cfg.db or None)
     try:
         # 1. export: the new demonstrations, and every ranking so far

@@ -14,12 +14,22 @@ best of what the policy can already say: each round moves it towards its own bes
 
 from __future__ import annotations
 
+import functools
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .. import checkpoint as ckpt_io
+from .. import console
 from ..config import load_json, save_json
+from ..data.rankings import Ranking, read_prompts, write_jsonl
+from ..eval.gold import reward_scores
+from ..train.common import pick_device
+from ..train.reward import load_reward_model
+from ..train.sft import SFTConfig
+from ..train.sft import main as sft_main
+from ..train.verify import check_prompt, verify
+from .label import load_policy, sample_answers
 
 SCORERS = ("tasks", "rm")
 
@@ -61,8 +71,7 @@ class BoNConfig:
             raise ValueError(f"BoNConfig: epochs={self.epochs} and lr={self.lr} must be positive")
 
 
-def say(msg: str) -> None:
-    print(f"[bon] {msg}", file=sys.stderr, flush=True)
+say = functools.partial(console.say, "bon")  # say(msg): "[bon] msg" on stderr
 
 
 def best_of(rewards: list[list[float]], min_reward: float) -> list[int | None]:
@@ -76,36 +85,18 @@ def best_of(rewards: list[list[float]], min_reward: float) -> list[int | None]:
 
 
 def task_rewards(prompts, answers: list[list[str]], format_weight: float, language_weight: float) -> list[list[float]]:
-    from .verify import verify
-
     return [[verify(a, p.extra["gold"]).reward(format_weight, language_weight) for a in ans] for p, ans in zip(prompts, answers)]
 
 
 def rm_rewards(rm_path: str, prompts, answers: list[list[str]], dtype: str, device: str) -> list[list[float]]:
-    from ..data.rankings import Ranking
-    from . import common as C
-    from .reward import load_reward_model, score_all, tokenize_rankings
-
-    dev = C.pick_device(device)
+    dev = pick_device(device)
     rm, tok, _ = load_reward_model(rm_path, device=dev)
-    rows = [Ranking(p.messages, a, []) for p, a in zip(prompts, answers)]
-    seqs = [s for row in tokenize_rankings(rows, tok, rm.gpt.cfg.max_seq_len).seqs for s in row]
-    flat = score_all(rm, seqs, 16, dev, dtype).tolist()
+    flat = reward_scores(rm, tok, [Ranking(p.messages, a, []) for p, a in zip(prompts, answers)], dev, dtype).tolist()
     k = len(answers[0])
     return [flat[i * k : (i + 1) * k] for i in range(len(answers))]
 
 
 def main(cfg: BoNConfig) -> dict:
-    import torch
-
-    from .. import checkpoint as ckpt_io
-    from ..data.rankings import read_prompts, write_jsonl
-    from ..label import _resolve, sample_answers
-    from . import common as C
-    from .sft import SFTConfig
-    from .sft import main as sft_main
-    from .verify import check_prompt
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(cfg.prompts)
@@ -123,7 +114,7 @@ def main(cfg: BoNConfig) -> dict:
         samples = d / "samples.jsonl"
         if not samples.is_file():
             say(f"round {r}: sampling {cfg.k} answers to {len(chosen)} prompts from {policy}")
-            ck = ckpt_io.load(_resolve(policy), device=C.pick_device(cfg.device), dtype=torch.float32)
+            ck = load_policy(policy, cfg.device)
             answers = sample_answers(ck.model, ck.tokenizer, chosen, cfg.k, cfg.max_new_tokens, cfg.temperature, 1.0, cfg.seed * 1000 + r, 32, f"bon round {r}")
             del ck
             write_jsonl(samples, [{"messages": p.messages, "responses": a, **p.extra} for p, a in zip(chosen, answers)])

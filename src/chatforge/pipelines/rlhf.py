@@ -14,12 +14,20 @@ for people to rank) continues where it stopped when run again with the same argu
 
 from __future__ import annotations
 
-import sys
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint as ckpt_io
+from .. import console
 from ..config import load_json, save_json
+from ..data.rankings import read_prompts, read_rankings, write_jsonl
+from ..eval.gold import get_oracle, paired_difference, rm_gold_agreement
+from ..train.ppo import PPOConfig
+from ..train.ppo import main as ppo_main
+from ..train.reward import RewardConfig, split_by_prompt
+from ..train.reward import main as rm_main
+from .label import SampleConfig, judge, rank_with_oracle, sample
 
 
 @dataclass
@@ -58,15 +66,12 @@ class RLHFConfig:
         if self.rounds < 1 or self.k < 2 or self.compare_prompts < 1:
             raise ValueError(f"RLHFConfig: rounds={self.rounds} >= 1, k={self.k} >= 2, compare_prompts={self.compare_prompts} >= 1")
         if self.oracle:
-            from ..label import get_oracle
-
             get_oracle(self.oracle)
         if self.eval_prompts and not self.oracle:
             raise ValueError("RLHFConfig.eval_prompts are judged by the gold labeler: set --oracle too")
 
 
-def say(msg: str) -> None:
-    print(f"[rlhf] {msg}", file=sys.stderr, flush=True)
+say = functools.partial(console.say, "rlhf")  # say(msg): "[rlhf] msg" on stderr
 
 
 def _done(path: Path, stage_steps: int | None = None) -> bool:
@@ -80,15 +85,6 @@ def _done(path: Path, stage_steps: int | None = None) -> bool:
 
 
 def main(cfg: RLHFConfig) -> dict:
-    from ..data.rankings import read_prompts, write_jsonl
-    from ..label import SampleConfig, get_oracle, judge, paired_difference, rank_with_oracle, rm_gold_agreement, sample
-    from ..data.rankings import read_rankings
-    from .ppo import PPOConfig
-    from .ppo import main as ppo_main
-    from .reward import RewardConfig
-    from .reward import main as rm_main
-    from .reward import split_by_prompt
-
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(cfg.prompts)
