@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-
 from .. import checkpoint, dtypes
 from ..convert.registry import KNOWN, resolve
 from ..engine import Engine, EngineLoop, Event
