@@ -127,6 +127,15 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=False)
 
+    def token_bytes(self, token_id: int) -> list[int]:
+        """The raw UTF-8 bytes of one token (OpenAI's logprob `bytes`), also for a token that is
+        half a character, which `decode` would turn into U+FFFD."""
+        piece = self.hf.id_to_token(token_id)
+        table = byte_decoder()
+        if piece is not None and all(c in table for c in piece):
+            return [table[c] for c in piece]
+        return list(self.decode([token_id]).encode("utf-8"))
+
     # ---- chat ------------------------------------------------------------------------------
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
         """Token ids of a conversation and a loss mask that is 1 exactly on assistant content and
@@ -232,6 +241,22 @@ def _token_str(v) -> str | None:
     if isinstance(v, dict):
         return v.get("content")
     return v
+
+
+@functools.cache
+def byte_decoder() -> dict[str, int]:
+    """Printable character -> byte: the inverse of the GPT-2 byte table that byte-level BPE
+    vocabularies spell their tokens in (bytes that print as themselves keep their character; the
+    others map to 256, 257, ... in byte order)."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
 
 
 @functools.lru_cache(maxsize=16)

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
+from .. import checkpoint, dtypes
+from ..convert.registry import KNOWN, resolve
 from ..engine import Engine, EngineLoop, Event
 from ..tokenizer import Tokenizer
 
@@ -80,9 +80,6 @@ def load_model(
     prefix_cache: int = 1024,
 ) -> ServedModel:
     """Resolve a checkpoint folder or known model name, load it and start its engine loop."""
-    from .. import checkpoint, dtypes
-    from ..convert.registry import KNOWN, resolve
-
     path = resolve(name_or_path, install=install)
     dt, copies = dtypes.inference_mode(dtype, decode_weights, device)
     ck = checkpoint.load(path, device=device, dtype=dtypes.torch_dtype(dt, device))
