@@ -7,6 +7,8 @@ import sys
 import time
 from typing import TextIO
 
+from . import checkpoint, dtypes
+from .convert.registry import resolve
 from .engine import Engine, SamplingParams
 
 HELP = "commands: /reset clears the history, /system TEXT sets the system prompt (/system alone clears it), /exit quits"
@@ -17,9 +19,6 @@ def load_engine(
     decode_weights: str = "auto",
 ) -> Engine:
     """An engine on a checkpoint folder or a known model name (imported on first use)."""
-    from . import checkpoint, dtypes
-    from .convert.registry import resolve
-
     path = resolve(model, install)
     dt, copies = dtypes.inference_mode(dtype, decode_weights, "cpu")
     ck = checkpoint.load(path, dtype=dtypes.torch_dtype(dt))

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -266,8 +267,6 @@ def _compiled_template(template: str):
 
 
 def _jinja_env():
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
     def raise_exception(msg):
         raise ValueError(f"chat template: {msg}")
 

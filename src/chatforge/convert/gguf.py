@@ -15,15 +15,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
+from gguf import quants
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from .. import checkpoint as ckpt_io
 from ..model import GPT, GPTConfig
 from ..tokenizer import CHATML_JINJA, GGUF_PRE, IM_END, SPLIT_PATTERN, ChatSpec, Tokenizer
-from . import names
+from . import kquants, names
 
 ARCHITECTURES = ("llama", "qwen2")
 # Written into an import's meta.json; bump it when import output changes so cached imports of
@@ -66,8 +68,6 @@ def _field(reader, key, default=None):
 
 
 def open_reader(path: str | Path):
-    import gguf
-
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"{p}: no such file")
@@ -132,8 +132,6 @@ def config_from_gguf(reader, source: str) -> GPTConfig:
 
 
 def _dequantize(t, source: str) -> np.ndarray:
-    from gguf import quants
-
     name = t.tensor_type.name
     if name not in QUANT_TYPES:  # import_gguf checks the whole file first; this guards direct callers
         raise ValueError(f"{source}: tensor {t.name} has quantization type {name}; supported: {', '.join(QUANT_TYPES)}")
@@ -224,8 +222,6 @@ def tensor_type(type_name: str, cols: int, output: bool) -> str:
     the output layer (or tied embedding) of a file at <= 6 bits at Q6_K; a K-quant whose rows do not
     split into 256-weight super-blocks at K_FALLBACK's type (Q4_K -> Q5_0, Q6_K -> Q8_0); a type
     whose 32-weight blocks do not fit the rows at F16."""
-    import gguf
-
     t = "Q6_K" if output and type_name in OUTPUT_BUMPED else type_name
     if t in K_FALLBACK and cols % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][0]:
         t = K_FALLBACK[t]
@@ -236,10 +232,6 @@ def tensor_type(type_name: str, cols: int, output: bool) -> str:
 
 def quantize_matrix(arr: np.ndarray, type_name: str) -> np.ndarray:
     """(rows, cols) fp32 -> the bytes (or f16/f32 values) of one GGUF tensor of `type_name`."""
-    import gguf
-
-    from . import kquants
-
     if type_name == "F32":
         return arr
     if type_name == "F16":
@@ -258,8 +250,6 @@ def export_gguf(ckpt_dir: str | Path, out: str | Path, dtype: str = "f16") -> Pa
     back to Q5_0 (q4_k) or Q8_0 (q6_k) for matrices whose rows are not multiples of 256 (all but
     ffn_down in SmolLM2, d_model 576), and any matrix whose rows do not split into 32-weight blocks
     is written f16 (`tensor_type`)."""
-    import gguf
-
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r}; expected one of {', '.join(EXPORT_DTYPES)}")
     ck = ckpt_io.load(ckpt_dir)

@@ -19,7 +19,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from .. import checkpoint as ckpt_io
 from ..config import load_json, save_json
 from ..model import GPT, GPTConfig
-from ..tokenizer import CHATML_JINJA, IM_END, ChatSpec, Tokenizer
+from ..tokenizer import CHATML_JINJA, IM_END, ChatSpec, Tokenizer, _token_str
 from . import names
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
@@ -93,7 +93,6 @@ def tokenizer_from_hf(d: Path) -> Tokenizer:
         raise ValueError(f"{d}: no tokenizer.json (only fast-tokenizer folders are supported)")
     hf = HFTokenizer.from_file(str(tj))
     tc = load_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
-    from ..tokenizer import _token_str
 
     template = tc.get("chat_template")
     if template is None and (d / "chat_template.jinja").is_file():  # where transformers >= 4.43 saves it

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..checkpoint import is_checkpoint
 from ..config import cache_dir, load_json
+from .gguf import IMPORTER_VERSION, import_gguf
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,6 @@ def resolve(name_or_path: str, install: bool = False) -> Path:
         return p
     if name_or_path in KNOWN:
         dest = cache_dir() / "models" / name_or_path
-        from .gguf import IMPORTER_VERSION, import_gguf
 
         if not is_checkpoint(dest) or load_json(dest / "meta.json").get("importer") != IMPORTER_VERSION:
             src = model_file(KNOWN[name_or_path], install)

@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from ..tokenizer import Tokenizer, check_messages
@@ -104,8 +106,6 @@ def _read_table_rows(path: Path, batches: Iterable) -> Iterator[Conversation]:
 
 
 def read_parquet(path: Path) -> Iterator[Conversation]:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
@@ -115,8 +115,6 @@ def read_parquet(path: Path) -> Iterator[Conversation]:
 
 def read_hf_dataset(directory: Path) -> Iterator[Conversation]:
     """A `datasets.save_to_disk` folder: state.json lists arrow files in the IPC stream format."""
-    import pyarrow as pa
-
     if (directory / "dataset_dict.json").is_file():
         splits = json.loads((directory / "dataset_dict.json").read_text())["splits"]
         if "train" not in splits:

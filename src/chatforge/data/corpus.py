@@ -33,6 +33,9 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
+import rdata
+from opencc import OpenCC
+
 from ..config import cache_dir, save_json
 
 # ---- fetching -------------------------------------------------------------------------------
@@ -342,8 +345,6 @@ def read_r_lazyload(prefix: Path) -> dict[str, object]:
     their data sets), decoded with PyPI `rdata` so R itself is not needed. The .rdx index is a
     gzipped serialized list mapping each name to (offset, length) in the .rdb; each .rdb record is
     a 4-byte big-endian uncompressed size followed by a zlib stream of the serialized object."""
-    import rdata
-
     def unserialize(raw: bytes) -> object:
         return rdata.conversion.convert(rdata.parser.parse_data(raw, extension=".rds"))
 
@@ -390,8 +391,6 @@ def src_jane_austen(root: Path) -> Iterator[str]:
 def src_chinese_poetry(root: Path) -> Iterator[str]:
     """Tang and Song poems, Song ci, Shijing, Lunyu, Chuci...: one poem/chapter per document, in
     simplified script (OpenCC's t2s table) so it matches modern Chinese text."""
-    from opencc import OpenCC
-
     t2s = OpenCC("t2s").convert
     dist = root / "package/dist"
     skip = {"rank", "strains", "error", "yudingquantangshi"}  # statistics, tone patterns, errata, a duplicate edition

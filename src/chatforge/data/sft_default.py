@@ -44,8 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from opencc import OpenCC
+
 from ..config import cache_dir, save_json
-from .corpus import publish_package, fetch_deb, fetch_npm
+from .corpus import fetch_deb, fetch_npm, publish_package
 
 CHATTERBOT = "chatterbot-corpus==1.3.3"
 TEACHER = "smollm2-135m-instruct"
@@ -122,7 +124,7 @@ def fetch_pypi(requirement: str, root: Path) -> tuple[Path, str]:
 def src_chatterbot(root: Path, lang: str) -> Iterator[Item]:
     """chatterbot-corpus conversations: lists of utterances, read as alternating user/assistant
     turns (a trailing user turn is dropped: there is nothing to answer it with)."""
-    import yaml
+    import yaml  # PyYAML: installed with gguf, not a dependency chatforge declares
 
     folder = {"en": "english", "zh": "chinese"}[lang]
     for f in sorted((root / "chatterbot_corpus" / "data" / folder).glob("*.yml")):
@@ -239,8 +241,6 @@ CLAUSE = re.compile(r"[^，。？！；、]+")
 def tang_poems(root: Path, extra: int = 1500) -> list[tuple[str, str, list[str]]]:
     """(title, author, clauses) of the 320 poems of 唐诗三百首 and the first `extra` poems of
     全唐诗, in simplified script, notes in parentheses removed."""
-    from opencc import OpenCC
-
     t2s = OpenCC("t2s").convert
     dist = root / "package/dist"
     raw = []

@@ -16,6 +16,8 @@ import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import pyarrow.parquet as pq
+
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")  # Han characters (CJK unified ideographs, ext. A, compatibility)
 
@@ -90,8 +92,6 @@ def read_jsonl(path: Path, field: str = "text") -> Iterator[str]:
 
 
 def read_parquet(path: Path, column: str = "text", batch_rows: int = 1024) -> Iterator[str]:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:

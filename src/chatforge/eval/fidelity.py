@@ -27,6 +27,7 @@ row marked unavailable, with the reason.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import platform
@@ -35,8 +36,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+from .. import checkpoint as ckpt_io
 from .. import dtypes
+from ..config import cache_dir
 from ..console import StatusLine
+from ..convert import llamacpp
+from ..convert.registry import resolve
+from ..data.prepare import in_val
+from ..data.text import iter_documents
+from ..engine import FEW_ROWS, Engine, SamplingParams
+from .tasks import is_exact, load_items
 
 BASE_MODES = ("fp32", "bf16", "fp16")
 COPIES = ("bf16", "fp16", "int8", "int4")
@@ -86,8 +97,6 @@ def check_mode(mode: str) -> None:
 def text_windows(tok, files: list[str], min_tokens: int, window: int) -> tuple[list[list[int]], dict]:
     """Windows of `window` token ids covering at least `min_tokens` tokens of held-out text: from
     `files`, or else the default corpus's validation documents, half English and half Chinese."""
-    from ..data.text import iter_documents
-
     def windows_of(docs, need: int) -> list[list[int]]:
         ids: list[int] = []
         for d in docs:
@@ -104,9 +113,6 @@ def text_windows(tok, files: list[str], min_tokens: int, window: int) -> tuple[l
         wins = windows_of(iter_documents(files), min_tokens)
         source = {"text": files}
     else:
-        from ..config import cache_dir
-        from ..data.prepare import in_val
-
         root = cache_dir() / "corpus" / "default"
         if not (root / "manifest.json").exists():
             raise ValueError(f"no default corpus at {root}; build it with `chatforge data default` or pass --text FILES")
@@ -124,11 +130,7 @@ def text_windows(tok, files: list[str], min_tokens: int, window: int) -> tuple[l
 
 def chat_items(files: list[str], n: int) -> tuple[list, dict]:
     """`n` known-answer items (eval/tasks.py), taken in turn from each (language, task) group."""
-    from .tasks import load_items
-
     if not files:
-        from ..config import cache_dir
-
         d = cache_dir() / "sft" / "default" / "heldout"
         if not d.exists():
             raise ValueError(f"no default SFT set at {d}; build it with `chatforge data sft-default` or pass --prompts FILES")
@@ -152,8 +154,6 @@ class EngineRunner:
     """A mode on chatforge's engine."""
 
     def __init__(self, name: str, model, tok, dtype_name: str, decode: str | None, max_len: int, packed: bool | None = None):
-        from ..engine import FEW_ROWS, Engine
-
         self.name, self.tok = name, tok
         batch = FEW_ROWS[decode] if decode is not None else 8  # decode steps that use the copies
         try:
@@ -168,14 +168,10 @@ class EngineRunner:
 
     def plain_score(self, ids_BT):
         """The model's own forward in fp32 logits (no engine copies): the reference's text scores."""
-        import torch
-
         with torch.inference_mode():
             return self.engine.model(ids_BT.to(self.engine.device)).float()
 
     def greedy(self, prompts: list[list[int]], n: int) -> list[list[int]]:
-        from ..engine import SamplingParams
-
         out: list[list[int]] = [[] for _ in prompts]
         for ev in self.engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=n)):
             if ev.token_id is not None:
@@ -183,8 +179,6 @@ class EngineRunner:
         return out
 
     def decode_speed(self, prompt: list[int], n: int) -> float:
-        from ..engine import SamplingParams
-
         sp = SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
         best = 0.0
         for _ in range(2):  # the first run also warms caches and allocators
@@ -197,11 +191,7 @@ class LlamaCppRunner:
     """A GGUF file through llama.cpp (llama-cpp-python), with the reference's token ids."""
 
     def __init__(self, name: str, path: str, tok, n_ctx: int):
-        import importlib.util
 
-        import torch
-
-        from ..convert import llamacpp
 
         if importlib.util.find_spec("llama_cpp") is None:
             raise Unavailable("llama_cpp is not importable (pip install llama-cpp-python; .ci/run shows a portable build)")
@@ -216,8 +206,6 @@ class LlamaCppRunner:
         self.describe = "llama.cpp"
 
     def score(self, ids_BT, decode_path: bool):
-        import torch
-
         return torch.stack([torch.from_numpy(self.llamacpp.logits(self.llm, ids)) for ids in ids_BT.tolist()])
 
     def _next(self) -> int:
@@ -254,8 +242,6 @@ class LlamaCppRunner:
 # ---- measurement ----------------------------------------------------------------------------
 def _text_stats(ref_logits, logits, targets) -> dict:
     """Per-position KL(ref || mode), top-1 agreement and next-token NLLs of one window batch."""
-    import torch
-
     lp_ref = torch.log_softmax(ref_logits, dim=-1)
     lp = torch.log_softmax(logits, dim=-1)
     kl = (lp_ref.exp() * (lp_ref - lp)).sum(-1).clamp(min=0).flatten()
@@ -265,8 +251,6 @@ def _text_stats(ref_logits, logits, targets) -> dict:
 
 
 def _summary(parts: list[dict]) -> dict:
-    import torch
-
     kl = torch.cat([p["kl"] for p in parts]).double()
     nll = torch.cat([p["nll"] for p in parts]).double()
     return {"mean_kld": kl.mean().item(), "p99_kld": torch.quantile(kl, 0.99).item(),
@@ -275,8 +259,6 @@ def _summary(parts: list[dict]) -> dict:
 
 def machine() -> dict:
     """What the figures depend on: CPU model and its vector extensions, torch, threads."""
-    import torch
-
     info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "platform": platform.platform()}
     try:
         cpu = Path("/proc/cpuinfo").read_text()
@@ -291,11 +273,6 @@ def machine() -> dict:
 
 
 def main(cfg: FidelityConfig) -> dict:
-    import torch
-
-    from .. import checkpoint as ckpt_io
-    from ..convert.registry import resolve
-    from .tasks import is_exact
 
     path = resolve(cfg.model, install=cfg.install)
     ref_ck = ckpt_io.load(path, dtype=torch.float32)

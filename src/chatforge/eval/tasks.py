@@ -22,14 +22,12 @@ import math
 import random
 import re
 import sys
-import time
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import checkpoint as ckpt_io
 from .. import dtypes
-from ..console import StatusLine
 from ..convert.registry import resolve
 from ..data.chat import read_conversations
 from ..data.rankings import read_prompts
@@ -162,24 +160,11 @@ def load_items(files: list[str], max_per_task: int = 0, seed: int = 0, families:
     return items
 
 
-def answer_all(engine, items: list[TaskItem], max_new_tokens: int, batch: int) -> list[str]:
-    """Greedy answers from the engine, `batch` prompts at a time, with progress on stderr."""
-    tok = engine.tok
+def answer_all(engine, items: list[TaskItem], max_new_tokens: int) -> list[str]:
+    """Greedy answers from the engine, with progress on stderr."""
     sp = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    out: list[str] = []
-    t0 = time.time()
-    status = StatusLine()
-    for start in range(0, len(items), batch):
-        chunk = items[start : start + batch]
-        prompts = [tok.render(it.messages, add_generation_prompt=True)[0] for it in chunk]
-        texts = [""] * len(chunk)
-        for ev in engine.generate(prompts, sp):
-            texts[ev.request_id] += ev.text
-        out += texts
-        el = time.time() - t0
-        status.update(f"eval tasks: {len(out)}/{len(items)} answered ({el:.0f}s, ETA {el / len(out) * (len(items) - len(out)):.0f}s)")
-    status.done()
-    return out
+    prompts = [engine.tok.render(it.messages, add_generation_prompt=True)[0] for it in items]
+    return [c.text for c in engine.complete(prompts, sp, progress="eval tasks")]
 
 
 def verified(item: TaskItem, response: str) -> dict:
@@ -216,7 +201,7 @@ def main(cfg: TaskEvalConfig) -> dict:
     engine = Engine(ck.model, ck.tokenizer, max_batch=cfg.batch, max_seq_len=min(ck.model.cfg.max_seq_len, longest + cfg.max_new_tokens + 1),
                     decode_weights=copies)
     print(f"eval tasks: {len(items)} known-answer items, model {path}", file=sys.stderr)
-    responses = answer_all(engine, items, cfg.max_new_tokens, cfg.batch)
+    responses = answer_all(engine, items, cfg.max_new_tokens)
     result = {"model": str(path), "data": cfg.data, **score(items, responses)}
     rows = [{"question": it.messages[-1]["content"], "answers": it.answers, "response": r, "lang": it.lang, "task": it.task,
              "exact": is_exact(r, it.answers), **verified(it, r)} for it, r in zip(items, responses)]

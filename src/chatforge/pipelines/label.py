@@ -25,7 +25,6 @@ import torch
 
 from .. import checkpoint as ckpt_io
 from ..config import mix_seed, save_json
-from ..console import StatusLine
 from ..convert.registry import resolve
 from ..data.rankings import Prompt, Ranking, check_ranking, distinct_responses, prompt_ids, read_prompts, read_rankings, write_jsonl
 from ..engine import Engine, SamplingParams
@@ -60,25 +59,6 @@ class SampleConfig:
             raise ValueError("max_new_tokens and max_batch must be >= 1")
 
 
-def generate_texts(engine, prompts: list[list[int]], sampling: list, label: str = "") -> list[str]:
-    """Answer texts for token prompts through the engine (stop tokens are not part of the text).
-    With a `label`, shows answers done, tokens/s and ETA on stderr."""
-    texts = [""] * len(prompts)
-    status, t0 = StatusLine(), time.perf_counter()
-    done = tokens = 0
-    for ev in engine.generate(prompts, sampling):
-        texts[ev.request_id] += ev.text
-        tokens += ev.token_id is not None
-        if ev.finish_reason is not None:
-            done += 1
-            if label:
-                el = time.perf_counter() - t0
-                status.update(f"{label}: {done}/{len(prompts)} answers, {tokens / el:.1f} tok/s, ETA {el / done * (len(prompts) - done) / 60:.1f} min")
-    if label:
-        status.done()
-    return texts
-
-
 def sample_answers(model, tok, prompts: list[Prompt], k: int, max_new_tokens: int, temperature: float, top_p: float, seed: int, max_batch: int,
                    label: str = "") -> list[list[str]]:
     """K sampled answers for every prompt; answer j of prompt i uses the seed (seed, i, j)."""
@@ -91,7 +71,7 @@ def sample_answers(model, tok, prompts: list[Prompt], k: int, max_new_tokens: in
         for j in range(k):
             ids.append(pid)
             sps.append(SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=mix_seed(seed, i, j)))
-    texts = generate_texts(engine, ids, sps, label)
+    texts = [c.text for c in engine.complete(ids, sps, progress=label)]
     return [texts[i * k : (i + 1) * k] for i in range(len(prompts))]
 
 

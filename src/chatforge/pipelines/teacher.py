@@ -7,16 +7,14 @@ from __future__ import annotations
 import functools
 import json
 import re
-import time
 from pathlib import Path
 
 import torch
 
 from .. import checkpoint as ckpt_io
-from ..console import StatusLine
 from ..convert.registry import resolve
 from ..data.sft_default import TEACHER, SFTDefaultConfig, build_sft_default
-from ..engine import Engine, SamplingParams
+from ..engine import Completion, Engine, SamplingParams
 
 
 def sft_default(cfg: SFTDefaultConfig) -> Path:
@@ -45,26 +43,17 @@ def run_teacher(prompts: list[str], cache_file: Path, max_tokens: int, install: 
     ck = ckpt_io.load(resolve(TEACHER, install=install), dtype=torch.bfloat16)
     engine = Engine(ck.model, ck.tokenizer, max_batch=16, max_seq_len=512)
     sp = SamplingParams(temperature=0.0, repetition_penalty=1.1, max_new_tokens=max_tokens)
-    t0 = time.time()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     ids = [ck.tokenizer.render([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in todo]
-    texts: list[str] = [""] * len(todo)
-    n = 0
-    status = StatusLine()
-    # All prompts at once: the engine refills a finished request's slot, so the batch stays full.
+    # All prompts at once: the engine refills a finished request's slot, so the batch stays full;
+    # each answer is appended to the cache as it finishes, so an interrupted build resumes.
     with open(cache_file, "a", encoding="utf-8") as f:
-        for ev in engine.generate(ids, sp):
-            texts[ev.request_id] += ev.text
-            if not ev.finish_reason:
-                continue
-            p, t = todo[ev.request_id], texts[ev.request_id].strip()
-            if ev.finish_reason == "length":
-                t = complete_sentences(t)
-            done[p] = t or None
-            f.write(json.dumps({"prompt": p, "answer": done[p]}, ensure_ascii=False) + "\n")
+
+        def keep(i: int, c: Completion) -> None:
+            t = c.text.strip()
+            done[todo[i]] = (complete_sentences(t) if c.finish_reason == "length" else t) or None
+            f.write(json.dumps({"prompt": todo[i], "answer": done[todo[i]]}, ensure_ascii=False) + "\n")
             f.flush()
-            n += 1
-            el = time.time() - t0
-            status.update(f"data sft-default: teacher answered {n}/{len(todo)} prompts ({el:.0f}s, ETA {el / n * (len(todo) - n):.0f}s)")
-    status.done()
+
+        engine.complete(ids, sp, progress="data sft-default: teacher", on_done=keep)
     return done
