@@ -2,8 +2,8 @@
 
 Training (`resolve`): bf16 autocast where the hardware has it, CUDA GPUs from Ampere on and CPUs
 whose oneDNN kernels run bf16 natively (AVX-512 or AMX); on an AVX2-only CPU torch falls back to a
-generic bf16 matmul that measured 0.5 GFLOP/s against fp32's 24 GFLOP/s on the same 2 cores, so
-"auto" picks fp32 there.
+generic bf16 matmul some fifty times slower than fp32 (benchmarks/README.md), so "auto" picks fp32
+there.
 
 Inference (`inference_mode`): chosen by fidelity to fp32, then by speed (`chatforge eval
 fidelity`): fp32 activations everywhere, and decode steps of a few streams multiplying by weight
