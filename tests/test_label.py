@@ -194,14 +194,15 @@ def test_rm_gold_agreement_by_hand(monkeypatch):
     import torch
 
     from chatforge.data.rankings import Ranking
-    from chatforge.train import reward
+    from chatforge import checkpoint
+    from chatforge.train import rankings
 
     class FakeRM:
         gpt = type("G", (), {"cfg": type("C", (), {"max_seq_len": 64})()})()
 
-    monkeypatch.setattr(reward, "load_reward_model", lambda path, device: (FakeRM(), _ByteTok(), {}))
+    monkeypatch.setattr(checkpoint, "load_reward_model", lambda path, device: (FakeRM(), _ByteTok(), {}))
     # RM scores in answer order: 3 answers of ranking 1, then 2 of ranking 2.
-    monkeypatch.setattr(reward, "score_all", lambda rm, seqs, batch, dev, dtype: torch.tensor([0.9, 0.1, 0.5, 0.2, 0.3]))
+    monkeypatch.setattr(rankings, "score_all", lambda rm, seqs, batch, dev, dtype: torch.tensor([0.9, 0.1, 0.5, 0.2, 0.3]))
     gold = {"task": "arithmetic", "answers": ["42"], "lang": "en"}
     rankings = [Ranking([{"role": "user", "content": "6 x 7?"}], ["42", "no", "also no"], [], {"gold": gold}),
                 Ranking([{"role": "user", "content": "6 x 7?"}], ["42", "no"], [], {"gold": gold})]

@@ -129,7 +129,8 @@ def evaluate(policies: dict[str, str], rm_dir: Path, eval_prompts: list[str], sa
     from .data.rankings import Ranking, read_prompts
     from .label import judge_answers, sample_answers
     from .train.common import pick_device
-    from .train.reward import load_reward_model, score_all, tokenize_rankings
+    from .checkpoint import load_reward_model
+    from .train.rankings import score_all, tokenize_rankings
 
     dev = pick_device(device)
     prompts = read_prompts(eval_prompts)

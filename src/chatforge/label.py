@@ -608,7 +608,8 @@ def rm_gold_agreement(rm_dir: str, rankings: list[Ranking], min_gap: float = 0.0
     import itertools
 
     from .train.common import pick_device
-    from .train.reward import load_reward_model, score_all, tokenize_rankings
+    from .checkpoint import load_reward_model
+    from .train.rankings import score_all, tokenize_rankings
 
     dev = pick_device(device)
     rm, tok, _ = load_reward_model(rm_dir, device=dev)

@@ -84,7 +84,8 @@ def task_rewards(prompts, answers: list[list[str]], format_weight: float, langua
 def rm_rewards(rm_path: str, prompts, answers: list[list[str]], dtype: str, device: str) -> list[list[float]]:
     from ..data.rankings import Ranking
     from . import common as C
-    from .reward import load_reward_model, score_all, tokenize_rankings
+    from ..checkpoint import load_reward_model
+    from .rankings import score_all, tokenize_rankings
 
     dev = C.pick_device(device)
     rm, tok, _ = load_reward_model(rm_path, device=dev)

@@ -65,7 +65,10 @@ from ..model import GPT, shared_depth
 from . import common as C
 from . import rl_math as R
 from .lora import DEFAULT_TARGETS, LoRA
-from .reward import RewardModel, ShuffledBatches, load_policy, load_reward_model
+from ..checkpoint import load_reward_model
+from ..model import RewardModel
+from .common import load_policy
+from .rankings import ShuffledBatches
 from .verify import FAMILIES, check_prompt, family_of, verify
 
 

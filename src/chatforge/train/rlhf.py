@@ -87,7 +87,7 @@ def main(cfg: RLHFConfig) -> dict:
     from .ppo import main as ppo_main
     from .reward import RewardConfig
     from .reward import main as rm_main
-    from .reward import split_by_prompt
+    from .rankings import split_by_prompt
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
