@@ -90,10 +90,9 @@ class Loop:
         self.eval_first = eval_first  # a fresh run evaluates at step 0: the number training has to beat
         self.metrics: dict = {}  # the latest of every metric, for the checkpoint's meta.json
         self.last: dict = {}  # the last step's record
-        self.t0 = time.time()
+        self.t0 = time.time()  # the session's clock: the time budget counts from here
 
     def __iter__(self) -> Iterator[int]:
-        self.t0 = time.time()
         if self.step == 0 and self.eval_first:
             with self.progress.paused():
                 self._evaluate(self.stage.evaluate())
