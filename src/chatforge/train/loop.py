@@ -12,24 +12,32 @@ eval_every (sample_every), a checkpoint before every multiple of save_every, nev
 run starts or resumes at, and all three at the end. It pauses the progress clock while they run,
 so tokens/s and the ETA measure training only; it sets the scheduled lr; and it stops on a time
 budget that every rank agrees on (a rank that stopped alone would leave the others waiting in
-their next step's collectives).
-
-What the loop calls on the stage object it drives:
-    evaluate() -> dict             held-out metrics ({} when there is nothing to evaluate)
-    eval_line(step, metrics) -> str   the line printed after an evaluation
-    save(step, metrics)            write the checkpoint
-    sample(step)                   optional: print samples
+their next step's collectives). What it calls on the stage it drives is `Stage`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 
 from . import common as C
+
+
+class Stage(Protocol):
+    """What a Loop calls on the stage it drives; a stage with a `sample(step)` method (print
+    samples) is also asked for samples."""
+
+    def evaluate(self) -> dict:
+        """Held-out metrics ({} when there is nothing to evaluate)."""
+
+    def eval_line(self, step: int, metrics: dict) -> str:
+        """The line printed after an evaluation (`metrics`: the latest of every metric)."""
+
+    def save(self, step: int, metrics: dict) -> None:
+        """Write the checkpoint."""
 
 
 @dataclass
@@ -81,7 +89,7 @@ class ScheduleConfig(RunConfig):
 class Loop:
     """The cadence of one run from step `start` to `total` (see the module docstring)."""
 
-    def __init__(self, name: str, stage: Any, cfg: RunConfig, dist: C.Dist, log: C.RunLog, total: int, start: int,
+    def __init__(self, name: str, stage: Stage, cfg: RunConfig, dist: C.Dist, log: C.RunLog, total: int, start: int,
                  progress: C.Progress, *, sample_every: int = 0, budget_s: float = 0.0, eval_first: bool = False):
         self.name, self.stage, self.cfg, self.dist, self.log = name, stage, cfg, dist, log
         self.total, self.start, self.step = total, start, start
