@@ -203,8 +203,8 @@ class HeadCrossEntropy(torch.autograd.Function):
     (softmax minus one-hot), while its logits are still in cache; backward only scales them by
     the incoming gradient. The same products as the unfused head + loss (logits in the matmul's
     dtype, log-softmax in fp32, gradients of the logits cast back to that dtype), fewer passes
-    over memory: the eager bf16 pretraining step at cpu-10m spent ~15% of its time in the loss's
-    fp32 copies, log-softmax and their backward, and ran 1.21x faster fused (benchmarks/README.md)."""
+    over memory: the loss's fp32 copies, log-softmax and their backward are a large share of an
+    eager step (measured in benchmarks/README.md)."""
 
     # fp32 logits per chunk: on a CPU about one core's L2 (256 rows of an 8192 vocabulary);
     # elsewhere (a GPU) large chunks, for few kernel launches
@@ -263,8 +263,8 @@ def head_loss_sum(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor) -> t
 class LMLoss(nn.Module):
     """model + next-token loss as one module. Eager, the head and the loss run fused
     (HeadCrossEntropy); under torch.compile the plain head + loss, whose fp32 cast, log-softmax
-    and gather inductor fuses with the output head itself (measured 1.4x faster per step than
-    compiling the model alone at cpu-50m: the (B,T,V) fp32 logits are never materialised)."""
+    and gather inductor fuses with the output head itself, so the (B,T,V) fp32 logits are never
+    materialised (faster than compiling the model alone: benchmarks/README.md)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
