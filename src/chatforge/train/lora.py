@@ -37,8 +37,9 @@ DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
 
 @dataclass
 class LoRAConfig:
-    """The LoRA fields of SFT, the reward model, DPO and PPO. A mixin: list it before the stage's
-    RunConfig base (class SFTConfig(LoRAConfig, ScheduleConfig)), whose checks its own hand on to."""
+    """The LoRA fields of SFT, the reward model, DPO and PPO: one set of flags. A mixin: list it
+    before the stage's RunConfig base (class SFTConfig(LoRAConfig, ScheduleConfig)); its checks
+    run, then the base's."""
 
     lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters with the base frozen
     lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
@@ -52,7 +53,7 @@ class LoRAConfig:
             raise ValueError(f"{name}: lora_rank={self.lora_rank} and lora_layers={self.lora_layers} must be >= 0 (0 = no adapters, every block)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"{name}.lora_dropout={self.lora_dropout} must be in [0, 1)")
-        super().__post_init__()  # type: ignore[misc]  # the RunConfig base after this mixin
+        super().__post_init__()  # the RunConfig base listed after this mixin
 
     def make_lora(self, model: nn.Module, seed: int) -> LoRA | None:
         """Adapters on `model` as configured (its own weights frozen), or None when lora_rank is 0."""
