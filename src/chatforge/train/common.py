@@ -30,6 +30,7 @@ from .. import checkpoint as ckpt_io
 from .. import dtypes
 from ..config import to_dict
 from ..convert.registry import resolve
+from ..data.loader import Shards, TrainBatches
 from ..model import GPT, RewardModel
 from ..tokenizer import Tokenizer
 
@@ -274,6 +275,24 @@ class LMLoss(nn.Module):
         if torch.compiler.is_compiling():
             return token_loss_sum(self.model(x_BT), y_BT)
         return head_loss_sum(self.model, x_BT, y_BT)
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, batches: Iterable[tuple], dist: Dist, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed next-token loss of `model` over held-out `batches` ((x, y, *more forward
+    arguments)) and the number of targets, both summed over ranks. Leaves the model in training mode."""
+    model.eval()
+    loss_sum = torch.zeros((), device=dist.device)
+    count = torch.zeros((), device=dist.device)
+    with autocast(dist.device, dtype):
+        for batch in batches:
+            x, y, *rest = (t.to(dist.device) for t in batch)
+            s, n = token_loss_sum(model(x, *rest), y)
+            loss_sum += s
+            count += n
+    model.train()
+    count = all_reduce_sum(count, dist)
+    return all_reduce_sum(loss_sum, dist), count
 
 
 def lm_loss(module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -574,6 +593,15 @@ def load_policy(name_or_path: str, device: torch.device) -> tuple[GPT, Tokenizer
     path = resolve(name_or_path)
     ck = ckpt_io.load(path)
     return ck.model.float().to(device), ck.tokenizer, Path(path)
+
+
+def mix_batches(path: str, model: GPT, seq_len: int, rows: int, accum: int, seed: int, rank: int = 0, world: int = 1) -> TrainBatches:
+    """Pretraining batches for the loss a fine-tuning stage mixes in (SFT's --lm-data, PPO-ptx),
+    from token shards made with the model's tokenizer."""
+    shards = Shards(path)
+    if shards.meta["vocab_size"] > model.cfg.vocab_size:
+        raise ValueError(f"{path}: shards use {shards.meta['vocab_size']} tokens, the model has {model.cfg.vocab_size}; use shards of its tokenizer")
+    return TrainBatches(shards, seq_len, rows, accum, seed, rank, world)
 
 
 def check_parent(out: Path, snapshot: str, path: Path, what: str) -> None:

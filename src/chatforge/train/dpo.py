@@ -187,7 +187,10 @@ class DPOStage:
         if train.truncated or val.truncated:
             self.log.print(f"dpo: {train.truncated} train / {val.truncated} held-out answers cut to {self.max_len} tokens")
 
-    def loop(self) -> Loop:
+    def begin(self) -> Loop:
+        """The run's header line, the model in training mode, and the loop that drives it."""
+        self.describe()
+        self.policy.train()
         progress = C.Progress(self.fpt, self.peak, self.max_steps, self.start)
         return Loop("dpo", self, self.cfg, self.dist, self.log, self.max_steps, self.start, progress, eval_first=True)
 
@@ -251,9 +254,7 @@ class DPOStage:
 def main(cfg: DPOConfig) -> Path:
     dist, out, state = C.begin_run(cfg, RESUME_KEYS)
     run = DPOStage(cfg, dist, out, state)
-    run.describe()
-    run.policy.train()
-    loop = run.loop()
+    loop = run.begin()
     for step in loop:
         lr = loop.set_lr(run.optimizer)
         r, pp, tokens = run.train_step(step)

@@ -60,7 +60,6 @@ from .. import checkpoint as ckpt_io
 from ..checkpoint import load_reward_model
 from ..config import to_dict
 from ..convert.registry import resolve
-from ..data.loader import Shards, TrainBatches
 from ..data.rankings import prompt_ids, read_prompts
 from ..engine import Engine, SamplingParams
 from ..model import GPT, RewardModel, shared_depth
@@ -342,13 +341,7 @@ class PPOStage:
         self.prompt_tokens = [prompt_ids(tok, p.messages) for p in self.prompts]
         self.G = cfg.samples_per_prompt
         self.order = ShuffledBatches(len(self.prompts), cfg.rollout_batch // self.G, 1, cfg.seed)
-        self.ptx = None
-        if cfg.ptx_data:
-            shards = Shards(cfg.ptx_data)
-            if shards.meta["vocab_size"] > self.policy.cfg.vocab_size:
-                raise ValueError(f"{cfg.ptx_data}: shards use {shards.meta['vocab_size']} tokens, the policy has {self.policy.cfg.vocab_size}; "
-                                 "use shards of its tokenizer")
-            self.ptx = TrainBatches(shards, min(cfg.ptx_seq_len, max_len), cfg.ptx_rows, 1, cfg.seed)
+        self.ptx = C.mix_batches(cfg.ptx_data, self.policy, min(cfg.ptx_seq_len, max_len), cfg.ptx_rows, 1, cfg.seed) if cfg.ptx_data else None
 
     def describe(self) -> None:
         cfg, G = self.cfg, self.G
@@ -370,7 +363,9 @@ class PPOStage:
         self.log.print(f"{cfg.algo}: the lowest {self.shared} of {self.policy.cfg.n_layer} blocks are shared by the policy and the frozen models"
                        if self.shared else f"{cfg.algo}: no block is shared by the policy and the frozen models")
 
-    def loop(self) -> Loop:
+    def begin(self) -> Loop:
+        """The run's header lines and the loop that drives it."""
+        self.describe()
         # No MFU: rollouts, scoring and updates have no one FLOP count; the clock gives the ETA.
         progress = C.Progress(0.0, 0.0, self.cfg.iterations, self.start)
         loop = Loop(self.cfg.algo, self, self.cfg, self.dist, self.log, self.cfg.iterations, self.start, progress,
@@ -588,8 +583,7 @@ def main(cfg: PPOConfig) -> Path:
         raise ValueError("chatforge ppo runs in one process; launch it without torchrun")
     dist, out, state = C.begin_run(cfg, RESUME_KEYS)
     run = PPOStage(cfg, dist, out, state)
-    run.describe()
-    loop = run.loop()
+    loop = run.begin()
     for it in loop:
         rec, samples = run.iteration(it)
         p = loop.tick(rec["length"] * cfg.rollout_batch)  # answer tokens

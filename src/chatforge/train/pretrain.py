@@ -141,24 +141,20 @@ class PretrainStage:
             + (f", resuming at step {self.start}" if cfg.resume else "")
         )
 
-    def loop(self) -> Loop:
+    def begin(self) -> Loop:
+        """The run's header line, the model in training mode, and the loop that drives it."""
+        self.describe()
+        self.model.train()
         progress = C.Progress(self.fpt, self.peak, self.max_steps, self.start)
         return Loop("pretrain", self, self.cfg, self.dist, self.log, self.max_steps, self.start, progress,
                     sample_every=self.cfg.sample_every, budget_s=self.cfg.time_budget_s)
 
     def evaluate(self) -> dict:
-        cfg, dev = self.cfg, self.dist.device
-        self.model.eval()
-        loss_sum = torch.zeros((), device=dev)
-        count = torch.zeros((), device=dev)
-        with torch.no_grad(), C.autocast(dev, cfg.dtype):
-            for x, y in val_batches(self.shards, cfg.seq_len, cfg.micro_batch, cfg.eval_tokens, self.dist.rank, self.dist.world):
-                s, n = C.token_loss_sum(self.model(x.to(dev)), y.to(dev))
-                loss_sum += s
-                count += n
-        self.model.train()
-        n = C.all_reduce_sum(count, self.dist).item()
-        loss = C.all_reduce_sum(loss_sum, self.dist).item() / n
+        cfg = self.cfg
+        batches = val_batches(self.shards, cfg.seq_len, cfg.micro_batch, cfg.eval_tokens, self.dist.rank, self.dist.world)
+        loss_sum, count = C.eval_loss(self.model, batches, self.dist, cfg.dtype)
+        n = count.item()
+        loss = loss_sum.item() / n
         return {"val_loss": loss, "val_bpb": C.bits_per_byte(loss, n, n * self.val_bpt)}
 
     def eval_line(self, step: int, m: dict) -> str:
@@ -187,9 +183,7 @@ class PretrainStage:
 def main(cfg: PretrainConfig) -> Path:
     dist, out, state = C.begin_run(cfg, RESUME_KEYS)
     run = PretrainStage(cfg, dist, out, state)
-    run.describe()
-    run.model.train()
-    loop = run.loop()
+    loop = run.begin()
     for step in loop:
         lr = loop.set_lr(run.optimizer)
         r = run.train_step(step)

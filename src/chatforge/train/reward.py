@@ -125,7 +125,10 @@ class RewardStage:
         if self.train.truncated or self.val.truncated:
             self.log.print(f"rm: {self.train.truncated} train / {self.val.truncated} held-out answers cut to {self.max_len} tokens")
 
-    def loop(self) -> Loop:
+    def begin(self) -> Loop:
+        """The run's header line, the model in training mode, and the loop that drives it."""
+        self.describe()
+        self.rm.train()
         progress = C.Progress(self.fpt, self.peak, self.max_steps, self.start)
         return Loop("rm", self, self.cfg, self.dist, self.log, self.max_steps, self.start, progress, eval_first=True)
 
@@ -182,9 +185,7 @@ class RewardStage:
 def main(cfg: RewardConfig) -> Path:
     dist, out, state = C.begin_run(cfg, RESUME_KEYS)
     run = RewardStage(cfg, dist, out, state)
-    run.describe()
-    run.rm.train()
-    loop = run.loop()
+    loop = run.begin()
     for step in loop:
         lr = loop.set_lr(run.optimizer)
         r, acc, tokens = run.train_step(step)

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 from .. import checkpoint as ckpt_io
 from ..config import to_dict
 from ..data.chat import ChatBatches, read_conversations, tokenize, val_batches
-from ..data.loader import Shards, TrainBatches
 from ..data.sft_default import SFTDefaultConfig, build_sft_default, default_sft_dir
 from ..engine import Engine, SamplingParams
 from ..model import flops_per_token
@@ -199,11 +198,7 @@ class SFTStage:
         self.max_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches.rows_per_epoch() / self.rows_per_step))
         self.lm_batches = None
         if cfg.lm_data:
-            shards = Shards(cfg.lm_data)
-            if shards.meta["vocab_size"] > self.model.cfg.vocab_size:
-                raise ValueError(f"{cfg.lm_data}: shards use {shards.meta['vocab_size']} tokens, the model has {self.model.cfg.vocab_size}; "
-                                 "use shards of the base's tokenizer")
-            self.lm_batches = TrainBatches(shards, cfg.seq_len, cfg.micro_batch, self.accum, cfg.seed, dist.rank, dist.world)
+            self.lm_batches = C.mix_batches(cfg.lm_data, self.model, cfg.seq_len, cfg.micro_batch, self.accum, cfg.seed, dist.rank, dist.world)
 
     def describe(self) -> None:
         cfg, lora, train, val, rows = self.cfg, self.lora, self.train, self.val, self.batches.rows_per_epoch()
@@ -225,25 +220,19 @@ class SFTStage:
                 f"left with no assistant token (not used): {train.dropped} train / {val.dropped} val"
             )
 
-    def loop(self) -> Loop:
+    def begin(self) -> Loop:
+        """The run's header line, the model in training mode, and the loop that drives it."""
+        self.describe()
+        self.model.train()
         progress = C.Progress(self.fpt, self.peak, self.max_steps, self.start)
         return Loop("sft", self, self.cfg, self.dist, self.log, self.max_steps, self.start, progress,
                     sample_every=self.cfg.sample_every, budget_s=self.cfg.time_budget_s, eval_first=True)
 
     def evaluate(self) -> dict:
-        cfg, dev = self.cfg, self.dist.device
-        self.model.eval()
-        loss_sum = torch.zeros((), device=dev)
-        count = torch.zeros((), device=dev)
-        with torch.no_grad(), C.autocast(dev, cfg.dtype):
-            for batch in val_batches(self.val, cfg.seq_len, cfg.pack, cfg.micro_batch, self.dist.rank, self.dist.world):
-                x, y, *rest = (t.to(dev) for t in batch)
-                s, n = C.token_loss_sum(self.model(x, *rest), y)
-                loss_sum += s
-                count += n
-        self.model.train()
-        count = C.all_reduce_sum(count, self.dist)
-        return {"val_loss": (C.all_reduce_sum(loss_sum, self.dist) / count.clamp(min=1)).item()} if count.item() else {}
+        cfg = self.cfg
+        batches = val_batches(self.val, cfg.seq_len, cfg.pack, cfg.micro_batch, self.dist.rank, self.dist.world)
+        loss_sum, count = C.eval_loss(self.model, batches, self.dist, cfg.dtype)
+        return {"val_loss": (loss_sum / count.clamp(min=1)).item()} if count.item() else {}
 
     def eval_line(self, step: int, m: dict) -> str:
         return f"step {step}: val loss {m.get('val_loss', float('nan')):.4f}" + (" (base)" if step == 0 else "")
@@ -294,9 +283,7 @@ class SFTStage:
 def main(cfg: SFTConfig) -> Path:
     dist, out, state = C.begin_run(cfg, RESUME_KEYS)
     run = SFTStage(cfg, dist, out, state)
-    run.describe()
-    run.model.train()
-    loop = run.loop()
+    loop = run.begin()
     for step in loop:
         lr = loop.set_lr(run.optimizer)
         r, positions = run.train_step(step)
