@@ -124,7 +124,8 @@ class DPOStage:
     """One DPO run: set up in __init__ (reference log-probabilities, policy, optimizer, log), then
     what the loop calls (evaluate, eval_line, save) and the training step."""
 
-    def __init__(self, cfg: DPOConfig, dist: C.Dist, out: Path, state: dict | None):
+    def __init__(self, cfg: DPOConfig):
+        dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
         self.cfg, self.dist, self.out = cfg, dist, out
         # Data first: every line is checked before any model work.
         train_r, val_r = read_split(cfg)
@@ -191,8 +192,8 @@ class DPOStage:
         """The run's header line, the model in training mode, and the loop that drives it."""
         self.describe()
         self.policy.train()
-        progress = C.Progress(self.fpt, self.peak, self.max_steps, self.start)
-        return Loop("dpo", self, self.cfg, self.dist, self.log, self.max_steps, self.start, progress, eval_first=True)
+        return Loop("dpo", self, self.cfg, self.dist, self.log, self.max_steps, self.start,
+                    flops_per_token=self.fpt, peak_flops=self.peak, optimizer=self.optimizer, eval_first=True)
 
     def _batch_loss(self, module: nn.Module, ids, mask, groups, ref_lp) -> tuple[torch.Tensor, dict]:
         return pairs_loss(module(ids, mask), ref_lp, groups, self.cfg.beta, self.cfg.label_smoothing)
@@ -252,16 +253,14 @@ class DPOStage:
 
 
 def main(cfg: DPOConfig) -> Path:
-    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
-    run = DPOStage(cfg, dist, out, state)
+    run = DPOStage(cfg)
     loop = run.begin()
     for step in loop:
-        lr = loop.set_lr(run.optimizer)
         r, pp, tokens = run.train_step(step)
-        loop.done(tokens, {"loss": r["loss"], **pp, "lr": lr, "grad_norm": r["grad_norm"]},
+        loop.done(tokens, {"loss": r["loss"], **pp}, r["grad_norm"],
                   f"loss {r['loss']:.4f} | pair acc {pp['accuracy']:.3f} | margin {pp['margin']:+.3f} "
                   f"(chosen {pp['chosen_reward']:+.3f}, rejected {pp['rejected_reward']:+.3f})")
     loop.finish()
-    run.log.print(f"dpo: checkpoint {out}, {time.time() - loop.t0:.0f}s")
+    run.log.print(f"dpo: checkpoint {run.out}, {time.time() - loop.t0:.0f}s")
     C.teardown_dist()
-    return out
+    return run.out

@@ -2,7 +2,7 @@
 
 A stage's main(cfg) is: set up, then
 
-    for step in loop:            # before each step: evaluate, sample, save when due
+    for step in loop:            # before each step: evaluate, sample, save when due; set the lr
         ...one step...           # the stage's own work
         loop.done(...)           # count it, log it
     loop.finish()                # a last evaluation, samples, the final checkpoint
@@ -10,8 +10,8 @@ A stage's main(cfg) is: set up, then
 The loop decides when: an evaluation (and samples) before every step that is a multiple of
 eval_every (sample_every), a checkpoint before every multiple of save_every, never at the step a
 run starts or resumes at, and all three at the end. It pauses the progress clock while they run,
-so tokens/s and the ETA measure training only; it sets the scheduled lr; and it stops on a time
-budget that every rank agrees on (a rank that stopped alone would leave the others waiting in
+so tokens/s and the ETA measure training only; it sets the scheduled lr of each step (given the
+optimizer of a ScheduleConfig stage); and it stops on a time budget that every rank agrees on (a rank that stopped alone would leave the others waiting in
 their next step's collectives). What it calls on the stage it drives is `Stage`.
 """
 
@@ -89,11 +89,15 @@ class ScheduleConfig(RunConfig):
 class Loop:
     """The cadence of one run from step `start` to `total` (see the module docstring)."""
 
-    def __init__(self, name: str, stage: Stage, cfg: RunConfig, dist: C.Dist, log: C.RunLog, total: int, start: int,
-                 progress: C.Progress, *, sample_every: int = 0, budget_s: float = 0.0, eval_first: bool = False):
+    def __init__(self, name: str, stage: Stage, cfg: RunConfig, dist: C.Dist, log: C.RunLog, total: int, start: int, *,
+                 flops_per_token: float = 0.0, peak_flops: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
+                 sample_every: int = 0, budget_s: float = 0.0, eval_first: bool = False):
         self.name, self.stage, self.cfg, self.dist, self.log = name, stage, cfg, dist, log
+        self.optimizer = optimizer  # with a ScheduleConfig: the loop sets its lr
+        self.lr = 0.0
         self.total, self.start, self.step = total, start, start
-        self.progress, self.budget_s = progress, budget_s
+        self.progress = C.Progress(flops_per_token, peak_flops, total, start)  # MFU is 0 without a peak
+        self.budget_s = budget_s
         self.sample_every = sample_every or cfg.eval_every
         self.eval_first = eval_first  # a fresh run evaluates at step 0: the number training has to beat
         self.metrics: dict = {}  # the latest of every metric, for the checkpoint's meta.json
@@ -112,6 +116,8 @@ class Loop:
                     self.stage.sample(self.step)
                 if self._due(self.cfg.save_every):
                     self.stage.save(self.step, self.metrics)
+            if self.optimizer is not None:
+                self._set_lr()
             at = self.step
             yield at
             assert self.step == at + 1, "a loop body calls loop.done() or loop.tick() once per step"
@@ -133,12 +139,11 @@ class Loop:
             self.log.log({"step": self.step, **result, **(extra or {})})
             self.log.print(self.stage.eval_line(self.step, self.metrics))
 
-    def set_lr(self, optimizer: torch.optim.Optimizer) -> float:
-        """Set (and return) the scheduled lr of this step in every parameter group."""
-        lr = self.cfg.lr_at(self.step, self.total)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        return lr
+    def _set_lr(self) -> None:
+        """The scheduled lr of this step, in every parameter group."""
+        self.lr = self.cfg.lr_at(self.step, self.total)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr
 
     def tick(self, tokens: float) -> dict[str, float]:
         """This step is done, having trained on `tokens` (over all ranks): tokens/s, MFU and the ETA."""
@@ -151,15 +156,16 @@ class Loop:
     def log_due(self) -> bool:
         return self.step % self.cfg.log_every == 0 or self.step == self.total
 
-    def done(self, tokens: float, record: dict, text: str) -> None:
-        """tick(), then every log_every steps the record (loss, ..., lr, grad_norm) and a progress
-        line, `text` being the stage's part of it ("loss 2.3456 | pair acc 0.812")."""
+    def done(self, tokens: float, values: dict, grad_norm: float, text: str) -> None:
+        """tick(), then every log_every steps the step's record (its `values`: loss, ...; the lr,
+        `grad_norm`, tokens/s, MFU) and a progress line, `text` being the stage's part of it
+        ("loss 2.3456 | pair acc 0.812")."""
         p = self.tick(tokens)
-        self.last = {"step": self.step, **record, "tok_per_s": p["tok_per_s"], "mfu": p["mfu"]}
+        self.last = {"step": self.step, **values, "lr": self.lr, "grad_norm": grad_norm, "tok_per_s": p["tok_per_s"], "mfu": p["mfu"]}
         if self.log_due():
             self.log.log(self.last)
             self.log.print(
-                f"step {self.step}/{self.total} | {text} | lr {record['lr']:.2e} | {p['tok_per_s']:,.0f} tok/s | "
+                f"step {self.step}/{self.total} | {text} | lr {self.lr:.2e} | {p['tok_per_s']:,.0f} tok/s | "
                 f"MFU {100 * p['mfu']:.1f}% | ETA {C.fmt_time(p['eta_s'])}"
             )
 

@@ -252,7 +252,8 @@ class PPOStage:
     then what the loop calls (evaluate, eval_line, save) and one iteration: rollout, scoring,
     training."""
 
-    def __init__(self, cfg: PPOConfig, dist: C.Dist, out: Path, state: dict | None):
+    def __init__(self, cfg: PPOConfig):
+        dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
         self.cfg, self.dist, self.out, self.dev = cfg, dist, out, dist.device
         self.use_rm, self.use_tasks, self.group_algo = "rm" in cfg.reward, "tasks" in cfg.reward, cfg.algo in R.GROUP_ALGOS
         self._models()
@@ -366,9 +367,8 @@ class PPOStage:
     def begin(self) -> Loop:
         """The run's header lines and the loop that drives it."""
         self.describe()
-        # No MFU: rollouts, scoring and updates have no one FLOP count; the clock gives the ETA.
-        progress = C.Progress(0.0, 0.0, self.cfg.iterations, self.start)
-        loop = Loop(self.cfg.algo, self, self.cfg, self.dist, self.log, self.cfg.iterations, self.start, progress,
+        # No MFU (rollouts, scoring and updates have no one FLOP count); the clock gives the ETA.
+        loop = Loop(self.cfg.algo, self, self.cfg, self.dist, self.log, self.cfg.iterations, self.start,
                     budget_s=self.cfg.time_budget_s, eval_first=True)
         self.t0 = loop.t0  # the session's clock, for the seconds a checkpoint records
         return loop
@@ -581,8 +581,7 @@ class PPOStage:
 def main(cfg: PPOConfig) -> Path:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("chatforge ppo runs in one process; launch it without torchrun")
-    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
-    run = PPOStage(cfg, dist, out, state)
+    run = PPOStage(cfg)
     loop = run.begin()
     for it in loop:
         rec, samples = run.iteration(it)
@@ -594,6 +593,7 @@ def main(cfg: PPOConfig) -> Path:
                 run.log.print(line)
         loop.metrics.update({k: rec[k] for k in ("rm_score", "task_correct", "score", "kl", "reward", "length") if k in rec})
     loop.finish()
+    out = run.out
     run.log.print(f"{cfg.algo}: checkpoint {out}, log {out / 'log.jsonl'}, plots {out / 'ppo.png'} and {out / 'reward_vs_kl.png'}, "
                   f"{time.time() - loop.t0:.0f}s")
     return out

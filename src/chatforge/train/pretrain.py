@@ -99,7 +99,8 @@ class PretrainStage:
     """One pretraining run: set up in __init__ (model, optimizer, batches, log), then what the
     loop calls (evaluate, eval_line, sample, save) and the training step."""
 
-    def __init__(self, cfg: PretrainConfig, dist: C.Dist, out: Path, state: dict | None):
+    def __init__(self, cfg: PretrainConfig):
+        dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
         self.cfg, self.dist, self.out = cfg, dist, out
         self.shards = Shards(cfg.data)
         self.tok = Tokenizer.load(cfg.data)
@@ -145,8 +146,8 @@ class PretrainStage:
         """The run's header line, the model in training mode, and the loop that drives it."""
         self.describe()
         self.model.train()
-        progress = C.Progress(self.fpt, self.peak, self.max_steps, self.start)
-        return Loop("pretrain", self, self.cfg, self.dist, self.log, self.max_steps, self.start, progress,
+        return Loop("pretrain", self, self.cfg, self.dist, self.log, self.max_steps, self.start,
+                    flops_per_token=self.fpt, peak_flops=self.peak, optimizer=self.optimizer,
                     sample_every=self.cfg.sample_every, budget_s=self.cfg.time_budget_s)
 
     def evaluate(self) -> dict:
@@ -181,14 +182,12 @@ class PretrainStage:
 
 
 def main(cfg: PretrainConfig) -> Path:
-    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
-    run = PretrainStage(cfg, dist, out, state)
+    run = PretrainStage(cfg)
     loop = run.begin()
     for step in loop:
-        lr = loop.set_lr(run.optimizer)
         r = run.train_step(step)
-        loop.done(r["tokens"], {"loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"]}, f"loss {r['loss']:.4f}")
+        loop.done(r["tokens"], {"loss": r["loss"]}, r["grad_norm"], f"loss {r['loss']:.4f}")
     loop.finish(lambda: {"train_loss": loop.last["loss"]} if loop.last else {})
-    run.log.print(f"pretrain: checkpoint {out}, log {out / 'log.jsonl'}, plot {out / 'loss.png'}")
+    run.log.print(f"pretrain: checkpoint {run.out}, log {run.out / 'log.jsonl'}, plot {run.out / 'loss.png'}")
     C.teardown_dist()
-    return out
+    return run.out

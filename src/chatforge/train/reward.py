@@ -74,7 +74,8 @@ class RewardStage:
     """One reward-model run: set up in __init__ (model, data, optimizer, log), then what the loop
     calls (evaluate, eval_line, save) and the training step."""
 
-    def __init__(self, cfg: RewardConfig, dist: C.Dist, out: Path, state: dict | None):
+    def __init__(self, cfg: RewardConfig):
+        dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
         self.cfg, self.dist, self.out = cfg, dist, out
         gpt, self.tok, self.base_path = C.load_policy(cfg.base, dist.device)
         base_snapshot = ckpt_io.snapshot_id(self.base_path)
@@ -129,8 +130,8 @@ class RewardStage:
         """The run's header line, the model in training mode, and the loop that drives it."""
         self.describe()
         self.rm.train()
-        progress = C.Progress(self.fpt, self.peak, self.max_steps, self.start)
-        return Loop("rm", self, self.cfg, self.dist, self.log, self.max_steps, self.start, progress, eval_first=True)
+        return Loop("rm", self, self.cfg, self.dist, self.log, self.max_steps, self.start,
+                    flops_per_token=self.fpt, peak_flops=self.peak, optimizer=self.optimizer, eval_first=True)
 
     def evaluate(self) -> dict:
         return evaluate_rankings(self.rm, self.val, self.cfg.micro_batch, self.dist.device, self.cfg.dtype, self.dist)
@@ -183,14 +184,12 @@ class RewardStage:
 
 
 def main(cfg: RewardConfig) -> Path:
-    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
-    run = RewardStage(cfg, dist, out, state)
+    run = RewardStage(cfg)
     loop = run.begin()
     for step in loop:
-        lr = loop.set_lr(run.optimizer)
         r, acc, tokens = run.train_step(step)
-        loop.done(tokens, {"loss": r["loss"], "accuracy": acc, "lr": lr, "grad_norm": r["grad_norm"]}, f"loss {r['loss']:.4f} | pair acc {acc:.3f}")
+        loop.done(tokens, {"loss": r["loss"], "accuracy": acc}, r["grad_norm"], f"loss {r['loss']:.4f} | pair acc {acc:.3f}")
     loop.finish(run.normalise)
-    run.log.print(f"rm: checkpoint {out}, {time.time() - loop.t0:.0f}s")
+    run.log.print(f"rm: checkpoint {run.out}, {time.time() - loop.t0:.0f}s")
     C.teardown_dist()
-    return out
+    return run.out

@@ -134,7 +134,8 @@ class SFTStage:
     """One SFT run: set up in __init__ (model and adapters, data, optimizer, log), then what the
     loop calls (evaluate, eval_line, sample, save) and the training step."""
 
-    def __init__(self, cfg: SFTConfig, dist: C.Dist, out: Path, state: dict | None):
+    def __init__(self, cfg: SFTConfig):
+        dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
         self.cfg, self.dist, self.out = cfg, dist, out
         # Model: the base (plus adapters), then the saved state when resuming.
         model, self.tok, self.base_path = load_base(cfg, dist.device)
@@ -224,8 +225,8 @@ class SFTStage:
         """The run's header line, the model in training mode, and the loop that drives it."""
         self.describe()
         self.model.train()
-        progress = C.Progress(self.fpt, self.peak, self.max_steps, self.start)
-        return Loop("sft", self, self.cfg, self.dist, self.log, self.max_steps, self.start, progress,
+        return Loop("sft", self, self.cfg, self.dist, self.log, self.max_steps, self.start,
+                    flops_per_token=self.fpt, peak_flops=self.peak, optimizer=self.optimizer,
                     sample_every=self.cfg.sample_every, budget_s=self.cfg.time_budget_s, eval_first=True)
 
     def evaluate(self) -> dict:
@@ -281,20 +282,18 @@ class SFTStage:
 
 
 def main(cfg: SFTConfig) -> Path:
-    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
-    run = SFTStage(cfg, dist, out, state)
+    run = SFTStage(cfg)
     loop = run.begin()
     for step in loop:
-        lr = loop.set_lr(run.optimizer)
         r, positions = run.train_step(step)
         mix = {"sft_loss": r["sft_loss"], "lm_loss": r["lm_loss"]} if "lm_loss" in r else {}
-        loop.done(positions, {"loss": r["loss"], **mix, "lr": lr, "grad_norm": r["grad_norm"]},
+        loop.done(positions, {"loss": r["loss"], **mix}, r["grad_norm"],
                   f"loss {r['loss']:.4f}" + (f" (sft {mix['sft_loss']:.4f}, lm {mix['lm_loss']:.4f})" if mix else ""))
     loop.finish(lambda: {"train_loss": loop.last["loss"]} if loop.last else {})
     run.merge()
-    run.log.print(f"sft: checkpoint {out}, log {out / 'log.jsonl'}, plot {out / 'loss.png'}")
+    run.log.print(f"sft: checkpoint {run.out}, log {run.out / 'log.jsonl'}, plot {run.out / 'loss.png'}")
     C.teardown_dist()
-    return out
+    return run.out
 
 
 def step_with_mix(train_model: nn.Module, micro: list, optimizer, dist: C.Dist, cfg: SFTConfig) -> dict:
