@@ -2,8 +2,9 @@
 the accumulate-and-step, progress/logging/plots, and checkpoints that resume exactly.
 
 A stage's main(cfg) stays linear and visible (style.md rule 5): it calls these, and runs its
-steps in loop.py's one cadence; nothing here knows which stage it serves. Loss functions return (sum of token losses, number of valid tokens)
-so a step divides by the valid tokens of the whole global batch, across micro-steps and ranks.
+steps in loop.py's one cadence; nothing here knows which stage it serves. Loss functions return
+(sum of token losses, number of valid tokens) so a step divides by the valid tokens of the whole
+global batch, across micro-steps and ranks.
 """
 
 from __future__ import annotations
