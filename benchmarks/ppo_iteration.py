@@ -88,7 +88,7 @@ def main() -> None:
     from chatforge.convert.registry import resolve
     from chatforge.train.ppo import PPOConfig
     from chatforge.train.ppo import main as ppo_main
-    from chatforge.train.reward import RewardModel
+    from chatforge.model import RewardModel
 
     policy = resolve(a.policy)
     print(f"ppo_iteration: {policy}; torch {torch.__version__}, {a.threads} threads; {load()} at start", flush=True)

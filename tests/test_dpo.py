@@ -12,7 +12,7 @@ from chatforge import checkpoint as ckpt_io
 from chatforge.data.rankings import read_rankings
 from chatforge.train import rl_math as R
 from chatforge.train.dpo import DPOConfig, collate, main, pairs_loss, sequence_logprobs
-from chatforge.train.reward import tokenize_rankings
+from chatforge.train.rankings import tokenize_rankings
 
 
 @pytest.fixture(autouse=True)

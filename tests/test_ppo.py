@@ -14,7 +14,7 @@ from chatforge import checkpoint as ckpt_io
 from chatforge.model import GPT, preset
 from chatforge.train import ppo as P
 from chatforge.train import rl_math as R
-from chatforge.train.reward import RewardModel
+from chatforge.model import RewardModel
 
 
 @pytest.fixture(autouse=True)

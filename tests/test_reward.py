@@ -13,7 +13,9 @@ import torch
 from chatforge import checkpoint as ckpt_io
 from chatforge.model import GPT, preset
 from chatforge.train import rl_math as R
-from chatforge.train.reward import RewardConfig, load_reward_model, main, score_all, tokenize_rankings
+from chatforge.checkpoint import load_reward_model
+from chatforge.train.rankings import score_all, tokenize_rankings
+from chatforge.train.reward import RewardConfig, main
 from chatforge.data.rankings import read_rankings
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,11 @@
     DIR/tokenizer_config.json  chat template and special tokens (tokenizer.py)
     DIR/meta.json              stage, parent checkpoint, data, step, metrics, created, snapshot id
     DIR/train_state.pt         optional: optimizer, RNG, dataloader position, step (for --resume)
-    DIR/extra.safetensors      optional: tensors a stage adds (e.g. a reward or value head)
+    DIR/extra.safetensors      optional: tensors a stage adds beside the weights:
+                                 a reward model's scalar head   value_head.weight (1, C), value_head.bias (1,)
+                                 LoRA adapters (PEFT's names)   <layer>.lora_A.weight (r, in), <layer>.lora_B.weight (out, r)
+                               (meta.json "lora" {rank, alpha, ...} says the weights are a frozen base
+                               the adapters go on: `load` merges them)
     DIR/optimizer.dcp/         optional: a sharded (FSDP) run's AdamW state, one file per process
                                (torch.distributed.checkpoint); train_state.pt then has no optimizer
 
@@ -42,15 +46,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .config import from_dict, load_json, save_json, to_dict
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, RewardModel
 from .tokenizer import Tokenizer
 
 REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
-OWNED = REQUIRED + ("tokenizer_config.json", "train_state.pt", "extra.safetensors")
+EXTRA = "extra.safetensors"
+OWNED = REQUIRED + ("tokenizer_config.json", "train_state.pt", EXTRA)
 SHARDED_OPTIMIZER = "optimizer.dcp"
+REWARD_HEAD = ("value_head.weight", "value_head.bias")  # RewardModel.head_tensors() names
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"  # suffixes of one layer's adapter pair
 
 
 @dataclass
@@ -179,7 +187,7 @@ def save(
     save_json(to_dict(model.cfg), tmp / "config.json")
     tokenizer.save(tmp)
     if extra_tensors:
-        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / "extra.safetensors"))
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()}, str(tmp / EXTRA))
     if train_state is not None:
         torch.save(train_state, tmp / "train_state.pt")
     for name, src in (extra_dirs or {}).items():
@@ -247,7 +255,7 @@ def load(
     load_weights(model, state, source=str(d / "model.safetensors"))
     if meta.get("lora"):
         # A LoRA run saved its frozen base weights plus adapters (train/lora.py): fold them in.
-        merge_lora(model, load_extra(d), meta["lora"]["alpha"] / meta["lora"]["rank"], source=str(d / "extra.safetensors"))
+        merge_lora(model, load_extra(d), meta["lora"]["alpha"] / meta["lora"]["rank"], source=str(d / EXTRA))
     model.to(device=device)
     if dtype is not None:
         model.to(dtype=dtype)
@@ -264,15 +272,21 @@ def quantize_checkpoint(src: str | Path, out: str | Path, to: str) -> Path:
     return save(out, ck.model, ck.tokenizer, meta, weights=to)
 
 
+def adapter_keys(layer: str) -> tuple[str, str]:
+    """The extra.safetensors names of one layer's LoRA A and B."""
+    return layer + LORA_A, layer + LORA_B
+
+
 @torch.no_grad()
 def merge_lora(model: GPT, tensors: dict[str, torch.Tensor], scale: float, source: str = "adapters") -> None:
-    """W += scale * B @ A for every `<layer>.lora_A.weight` / `<layer>.lora_B.weight` pair (PEFT's names)."""
-    pairs = [k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")]
+    """W += scale * B @ A for every adapter pair in `tensors` (adapter_keys)."""
+    pairs = [k[: -len(LORA_A)] for k in tensors if k.endswith(LORA_A)]
     if not pairs:
         raise ValueError(f"{source}: the checkpoint says it has LoRA adapters but holds none")
     for name in pairs:
         w = model.get_submodule(name).weight
-        a, b = tensors[f"{name}.lora_A.weight"], tensors.get(f"{name}.lora_B.weight")
+        a_key, b_key = adapter_keys(name)
+        a, b = tensors[a_key], tensors.get(b_key)
         if b is None or tuple((b @ a).shape) != tuple(w.shape):
             raise ValueError(f"{source}: adapter {name} is incomplete or does not fit the weight {tuple(w.shape)}")
         w += (scale * (b.float() @ a.float())).to(w.dtype)
@@ -301,8 +315,29 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> Non
 
 
 def load_extra(directory: str | Path) -> dict[str, torch.Tensor]:
-    p = Path(directory) / "extra.safetensors"
+    p = Path(directory) / EXTRA
     return load_file(str(p)) if p.is_file() else {}
+
+
+@torch.no_grad()
+def load_reward_head(directory: str | Path, head: nn.Linear) -> None:
+    """Copy a reward model's scalar head from `directory`'s extra.safetensors into `head`."""
+    extra = load_extra(directory)
+    missing = [k for k in REWARD_HEAD if k not in extra]
+    if missing:
+        raise ValueError(f"{directory}: not a reward model (no {', '.join(missing)} in {EXTRA}); train one with `chatforge rm`")
+    for key, p in zip(REWARD_HEAD, (head.weight, head.bias)):
+        if tuple(extra[key].shape) != tuple(p.shape):
+            raise ValueError(f"{directory}: {key} has shape {tuple(extra[key].shape)}, expected {tuple(p.shape)}")
+        p.copy_(extra[key])
+
+
+def load_reward_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[RewardModel, Tokenizer, dict[str, Any]]:
+    """A reward-model checkpoint (meta stage "rm") as a RewardModel in fp32, eval mode."""
+    ck = load(path, device=device, dtype=torch.float32)
+    head = nn.Linear(ck.model.cfg.d_model, 1)
+    load_reward_head(path, head)
+    return RewardModel(ck.model, head.to(device)).eval(), ck.tokenizer, ck.meta
 
 
 def load_train_state(directory: str | Path) -> dict[str, Any]:

@@ -6,7 +6,8 @@ One config describes both block families chatforge needs:
            SmolLM2). `qkv_bias` adds Qwen2's q/k/v biases.
 
 This file is only the architecture: no optimizer, no I/O, no name mapping for other formats
-(that lives in convert/). Shapes are in suffixes: B batch, T new positions, S attended positions,
+(that lives in convert/). Heads: the LM head (GPT.head) and a scalar one (RewardModel: the
+reward model, and PPO's value model). Shapes are in suffixes: B batch, T new positions, S attended positions,
 H query heads, K kv heads, D head dim, C model width, V vocab.
 
 The KV cache is the caller's (engine/cache.py). Attention calls `kv_cache.update(layer, k, v)`
@@ -347,3 +348,34 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     mlp = (3 if cfg.block == "llama" else 2) * d * cfg.d_ff
     n_matmul = cfg.n_layer * (attn + mlp) + d * cfg.vocab_size
     return 6 * n_matmul + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+class RewardModel(nn.Module):
+    """A GPT body and a scalar head: `scores` at each sequence's last token (the reward model),
+    `values` at every position (PPO's value model)."""
+
+    def __init__(self, gpt: GPT, head: nn.Linear | None = None, seed: int = 0):
+        super().__init__()
+        self.gpt = gpt
+        if head is None:
+            head = nn.Linear(gpt.cfg.d_model, 1)
+            with torch.no_grad():
+                # Small random weights (std 1/sqrt(C+1)) and zero bias: initial rewards near 0.
+                g = torch.Generator().manual_seed(seed)
+                head.weight.copy_(torch.randn(head.weight.shape, generator=g) / math.sqrt(gpt.cfg.d_model + 1))
+                head.bias.zero_()
+            head.to(next(gpt.parameters()).device)
+        self.value_head = head
+
+    def values(self, ids_BT: torch.Tensor, pos_BT: torch.Tensor | None = None, mask=None, stem=None) -> torch.Tensor:
+        """The head at every position, (B,T), fp32. `stem`: see GPT.hidden."""
+        return self.value_head(self.gpt.hidden(ids_BT, pos_BT, mask, stem=stem)).squeeze(-1).float()
+
+    def forward(self, ids_BT: torch.Tensor, last_B: torch.Tensor, stem=None) -> torch.Tensor:
+        """Reward of each right-padded sequence, read at its last real token `last_B`, (B,)."""
+        h = self.gpt.hidden(ids_BT, stem=stem)
+        return self.value_head(h[torch.arange(ids_BT.shape[0], device=ids_BT.device), last_B]).squeeze(-1).float()
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        """The head's parameters under their module names (checkpoint.py stores them in extra.safetensors)."""
+        return {"value_head.weight": self.value_head.weight.detach(), "value_head.bias": self.value_head.bias.detach()}

@@ -33,10 +33,11 @@ from typing import Sequence
 
 import torch
 
+from ..checkpoint import load_reward_model
 from ..data.rankings import Prompt, Ranking
 from ..data.text import script_lang
 from ..train.common import pick_device
-from ..train.reward import load_reward_model, score_all, tokenize_rankings
+from ..train.rankings import score_all, tokenize_rankings
 from .tasks import contains, group_indices, paired
 
 # ---- the gold score --------------------------------------------------------------------------

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt_io
 from .. import console
+from ..checkpoint import load_reward_model
 from ..config import load_json, save_json
 from ..data.rankings import Ranking, read_prompts, write_jsonl
 from ..eval.gold import reward_scores
 from ..train.common import pick_device
-from ..train.reward import load_reward_model
 from ..train.sft import SFTConfig
 from ..train.sft import main as sft_main
 from ..train.verify import check_prompt, verify

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .. import checkpoint as ckpt_io
 from .. import console, feedback
+from ..checkpoint import load_reward_model
 from ..config import load_json, save_json
 from ..convert.registry import KNOWN, resolve
 from ..data.rankings import Ranking, read_prompts, write_jsonl
@@ -37,7 +38,7 @@ from ..store import Store, parse_since
 from ..train.common import pick_device
 from ..train.ppo import PPOConfig
 from ..train.ppo import main as ppo_main
-from ..train.reward import RewardConfig, load_reward_model
+from ..train.reward import RewardConfig
 from ..train.reward import main as rm_main
 from ..train.sft import SFTConfig
 from ..train.sft import main as sft_main

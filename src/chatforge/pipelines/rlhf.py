@@ -25,7 +25,8 @@ from ..data.rankings import read_prompts, read_rankings, write_jsonl
 from ..eval.gold import get_oracle, paired_difference, rm_gold_agreement
 from ..train.ppo import PPOConfig
 from ..train.ppo import main as ppo_main
-from ..train.reward import RewardConfig, split_by_prompt
+from ..train.rankings import split_by_prompt
+from ..train.reward import RewardConfig
 from ..train.reward import main as rm_main
 from .label import SampleConfig, judge, rank_with_oracle, sample
 

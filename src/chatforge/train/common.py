@@ -1,9 +1,10 @@
-"""Loop pieces every training stage shares: devices and DDP, optimizer and schedule, mixed
-precision, the accumulate-and-step, progress/logging/plots, and checkpoints that resume exactly.
+"""Pieces every training stage shares: devices and DDP, optimizer and schedule, mixed precision,
+the accumulate-and-step, progress/logging/plots, and checkpoints that resume exactly.
 
-A stage's main(cfg) stays linear and visible (style.md rule 5) and calls these; nothing here
-knows which stage it serves. Loss functions return (sum of token losses, number of valid tokens)
-so a step divides by the valid tokens of the whole global batch, across micro-steps and ranks.
+A stage's main(cfg) stays linear and visible (style.md rule 5): it calls these, and runs its
+steps in loop.py's one cadence; nothing here knows which stage it serves. Loss functions return
+(sum of token losses, number of valid tokens) so a step divides by the valid tokens of the whole
+global batch, across micro-steps and ranks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ import torch.nn.functional as F
 from .. import checkpoint as ckpt_io
 from .. import dtypes
 from ..config import to_dict
+from ..convert.registry import resolve
+from ..data.loader import Shards, TrainBatches
+from ..model import GPT, RewardModel
+from ..tokenizer import Tokenizer
 
 # ---- device, precision, processes -----------------------------------------------------------
 
@@ -118,19 +123,22 @@ def use_fsdp(mode: str, n_params: int, dist: Dist) -> bool:
     return dist.world > 1 and (mode == "on" or (mode == "auto" and n_params > FSDP_AUTO_PARAMS))
 
 
-def fsdp_shard(model: nn.Module, dist: Dist, dtype: str) -> nn.Module:
+def fsdp_shard(model: nn.Module, dist: Dist, dtype: str, forward_methods: tuple[str, ...] = ()) -> nn.Module:
     """Shard a GPT in place with FSDP2 (torch.distributed.fsdp.fully_shard): one unit per block
     (all-gathered just before it runs, freed after) and the root for the embeddings, final norm
     and head. Mixed precision: bf16 copies for compute and all-gathers when the run is bf16,
     gradients reduced in fp32; the sharded fp32 weights are what AdamW updates. Build the
-    optimizer after this call: its parameters are the shards (DTensors)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    optimizer after this call: its parameters are the shards (DTensors). `forward_methods`:
+    methods a loss calls instead of forward() (e.g. "hidden", then head()), which must gather too."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     dt = parse_dtype(dtype, dist.device)
     mp = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32) if dt != torch.float32 else MixedPrecisionPolicy()
     for block in model.blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    for name in forward_methods:
+        register_fsdp_forward_method(model, name)
     return model
 
 
@@ -143,7 +151,13 @@ def is_sharded(model: nn.Module) -> bool:
 # ---- optimizer and schedule -----------------------------------------------------------------
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
+def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
+    """AdamW with every stage's betas and eps (GPT-3's 0.9/0.95) over `groups` (each a dict with
+    "params" and its own "weight_decay", and "lr" where it differs from `lr`)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices (linear and embedding weights) and none on biases and
     norm gains, as in GPT-2/GPT-3 (decaying a gain pulls it toward 0, which changes the function).
     Embeddings are decayed like the other matrices (nanoGPT does the same): with tied embeddings
@@ -152,8 +166,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas=(0.9,
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    return adamw([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr)
 
 
 def lr_at(step: int, max_steps: int, lr: float, warmup: int, min_lr_ratio: float) -> float:
@@ -192,8 +205,8 @@ class HeadCrossEntropy(torch.autograd.Function):
     (softmax minus one-hot), while its logits are still in cache; backward only scales them by
     the incoming gradient. The same products as the unfused head + loss (logits in the matmul's
     dtype, log-softmax in fp32, gradients of the logits cast back to that dtype), fewer passes
-    over memory: the eager bf16 pretraining step at cpu-10m spent ~15% of its time in the loss's
-    fp32 copies, log-softmax and their backward, and ran 1.21x faster fused (benchmarks/README.md)."""
+    over memory: the loss's fp32 copies, log-softmax and their backward are a large share of an
+    eager step (measured in benchmarks/README.md)."""
 
     # fp32 logits per chunk: on a CPU about one core's L2 (256 rows of an 8192 vocabulary);
     # elsewhere (a GPU) large chunks, for few kernel launches
@@ -252,8 +265,8 @@ def head_loss_sum(model: nn.Module, x_BT: torch.Tensor, y_BT: torch.Tensor) -> t
 class LMLoss(nn.Module):
     """model + next-token loss as one module. Eager, the head and the loss run fused
     (HeadCrossEntropy); under torch.compile the plain head + loss, whose fp32 cast, log-softmax
-    and gather inductor fuses with the output head itself (measured 1.4x faster per step than
-    compiling the model alone at cpu-50m: the (B,T,V) fp32 logits are never materialised)."""
+    and gather inductor fuses with the output head itself, so the (B,T,V) fp32 logits are never
+    materialised (faster than compiling the model alone: benchmarks/README.md)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -263,6 +276,24 @@ class LMLoss(nn.Module):
         if torch.compiler.is_compiling():
             return token_loss_sum(self.model(x_BT), y_BT)
         return head_loss_sum(self.model, x_BT, y_BT)
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, batches: Iterable[tuple], dist: Dist, dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed next-token loss of `model` over held-out `batches` ((x, y, *more forward
+    arguments)) and the number of targets, both summed over ranks. Leaves the model in training mode."""
+    model.eval()
+    loss_sum = torch.zeros((), device=dist.device)
+    count = torch.zeros((), device=dist.device)
+    with autocast(dist.device, dtype):
+        for batch in batches:
+            x, y, *rest = (t.to(dist.device) for t in batch)
+            s, n = token_loss_sum(model(x, *rest), y)
+            loss_sum += s
+            count += n
+    model.train()
+    count = all_reduce_sum(count, dist)
+    return all_reduce_sum(loss_sum, dist), count
 
 
 def lm_loss(module: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,25 +403,35 @@ class RunLog:
             print(msg, file=sys.stderr, flush=True)
 
     def plot(self, path: Path, keys: Iterable[str] = ("loss", "val_loss"), title: str = "loss") -> None:
-        """A PNG of the chosen metrics against step (matplotlib, no display needed)."""
+        """A PNG of the chosen metrics against step."""
         if not self.main or not self.records:
             return
-        import matplotlib
+        with figure(path) as (fig, ax):
+            for k in keys:
+                pts = [(r["step"], r[k]) for r in self.records if k in r]
+                if pts:
+                    ax.plot(*zip(*pts), label=k, marker="o" if len(pts) < 30 else None, markersize=3)
+            ax.set_xlabel("step")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend()
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in self.records if k in r]
-            if pts:
-                ax.plot(*zip(*pts), label=k, marker="o" if len(pts) < 30 else None, markersize=3)
-        ax.set_xlabel("step")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
+@contextlib.contextmanager
+def figure(path: Path, figsize: tuple[float, float] = (7, 4), dpi: int = 100):
+    """`with figure(path) as (fig, ax): ...` draws one matplotlib figure without a display (Agg)
+    and writes it to `path` (tight layout) when the block ends; the figure is closed either way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield fig, ax
         fig.tight_layout()
-        fig.savefig(path, dpi=100)
+        fig.savefig(path, dpi=dpi)
+    finally:
         plt.close(fig)
 
 
@@ -547,6 +588,23 @@ def begin_run(cfg, resume_keys: Iterable[str]) -> tuple[Dist, Path, dict | None]
     return dist, out, state
 
 
+def load_policy(name_or_path: str, device: torch.device) -> tuple[GPT, Tokenizer, Path]:
+    """A checkpoint (folder or known model name, imported on first use) as an fp32 GPT for
+    training (a LoRA checkpoint loads with its adapters merged)."""
+    path = resolve(name_or_path)
+    ck = ckpt_io.load(path)
+    return ck.model.float().to(device), ck.tokenizer, Path(path)
+
+
+def mix_batches(path: str, model: GPT, seq_len: int, rows: int, accum: int, seed: int, rank: int = 0, world: int = 1) -> TrainBatches:
+    """Pretraining batches for the loss a fine-tuning stage mixes in (SFT's --lm-data, PPO-ptx),
+    from token shards made with the model's tokenizer."""
+    shards = Shards(path)
+    if shards.meta["vocab_size"] > model.cfg.vocab_size:
+        raise ValueError(f"{path}: shards use {shards.meta['vocab_size']} tokens, the model has {model.cfg.vocab_size}; use shards of its tokenizer")
+    return TrainBatches(shards, seq_len, rows, accum, seed, rank, world)
+
+
 def check_parent(out: Path, snapshot: str, path: Path, what: str) -> None:
     """A run resumed on top of a different parent checkpoint (retrained in place) would mix two
     models: refuse. `what` names the parent in the message ("base", "policy")."""
@@ -557,12 +615,21 @@ def check_parent(out: Path, snapshot: str, path: Path, what: str) -> None:
 
 @torch.no_grad()
 def restore_weights(out: Path, model: nn.Module, lora=None) -> None:
-    """Put a resumed run's trained weights back: its LoRA adapters (extra.safetensors) when it
-    trains adapters on a frozen base, else the whole model from its checkpoint."""
+    """Put a resumed run's trained weights back: its LoRA adapters when it trains adapters on a
+    frozen base, else the whole model from its checkpoint; and a RewardModel's head."""
+    gpt = model.gpt if isinstance(model, RewardModel) else model
     if lora is not None:
-        lora.load(ckpt_io.load_extra(out), str(out / "extra.safetensors"))
+        lora.load(ckpt_io.load_extra(out), str(out / ckpt_io.EXTRA))
     else:
-        model.load_state_dict(ckpt_io.load(out).model.state_dict())
+        gpt.load_state_dict(ckpt_io.load(out).model.state_dict())
+    if isinstance(model, RewardModel):
+        ckpt_io.load_reward_head(out, model.value_head)
+
+
+def restore_training(optimizer: torch.optim.Optimizer, model: nn.Module, state: dict, out: Path) -> None:
+    """A resumed run's optimizer (load_optimizer) and random number generators."""
+    load_optimizer(optimizer, model, state, out)
+    set_rng_state(state["rng"])
 
 
 def check_resume_config(saved: dict, current: dict, keys: Iterable[str], source: Path) -> None:

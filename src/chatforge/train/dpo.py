@@ -29,8 +29,9 @@ from ..config import to_dict
 from ..model import GPT
 from . import common as C
 from . import rl_math as R
-from .lora import DEFAULT_TARGETS, LoRA
-from .reward import RankingsTrainConfig, TokenizedRankings, load_policy, read_split, run_log, step_layout, tokenize_rankings
+from .lora import LoRA
+from .loop import Loop
+from .rankings import RankingsTrainConfig, TokenizedRankings, flatten, micro_tokens, pad, read_split, run_log, step_layout, tokenize_rankings
 
 
 @dataclass
@@ -54,23 +55,16 @@ class DPOConfig(RankingsTrainConfig):
 
 
 RESUME_KEYS = ("policy", "data", "val_data", "val_fraction", "ref", "beta", "label_smoothing", "max_len", "micro_batch", "batch_rankings",
-               "epochs", "max_steps", "lora_rank", "lora_alpha", "lora_layers", "seed")
+               "epochs", "max_steps", "lora_rank", "lora_alpha", "lora_layers", "lora_targets", "seed")
 
 
 def collate(data: TokenizedRankings, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
     """Right-padded ids (N,T) of every answer of the chosen rankings, the answer-token mask
     aligned with next-token predictions (N,T-1), and each ranking as row indices (best first)."""
-    flat, starts, groups = [], [], []
-    for i in idx:
-        base = len(flat)
-        flat += data.seqs[i]
-        starts += data.prompt_lens[i]
-        groups.append([base + j for j in data.rankings[i]])
-    T = max(len(s) for s in flat)
-    ids = torch.zeros(len(flat), T, dtype=torch.long)
-    mask = torch.zeros(len(flat), T - 1)
+    flat, starts, groups = flatten(data, idx)
+    ids, _ = pad(flat)
+    mask = torch.zeros(len(flat), ids.shape[1] - 1)
     for n, (s, p) in enumerate(zip(flat, starts)):
-        ids[n, : len(s)] = torch.tensor(s)
         mask[n, p - 1 : len(s) - 1] = 1.0
     return ids, mask, groups
 
@@ -125,146 +119,148 @@ def reference_logprobs(model: GPT, data: TokenizedRankings, batch: int, device, 
     return out
 
 
-def main(cfg: DPOConfig) -> Path:
-    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
 
-    # Data first: every line is checked before any model work.
-    train_r, val_r = read_split(cfg)
+class DPOStage:
+    """One DPO run: set up in __init__ (reference log-probabilities, policy, optimizer, log), then
+    what the loop calls (evaluate, eval_line, save) and the training step."""
 
-    # Reference log-probabilities, once; then the reference is dropped.
-    ref_path = cfg.ref or cfg.policy
-    ref, tok, ref_dir = load_policy(ref_path, dist.device)
-    max_len = min(cfg.max_len, ref.cfg.max_seq_len)
-    train, val = tokenize_rankings(train_r, tok, max_len), tokenize_rankings(val_r, tok, max_len)
-    t0 = time.time()
-    ref_train = reference_logprobs(ref, train, cfg.micro_batch, dist.device, cfg.dtype)
-    ref_val = reference_logprobs(ref, val, cfg.micro_batch, dist.device, cfg.dtype)
-    del ref
-    ref_seconds = time.time() - t0
+    def __init__(self, cfg: DPOConfig):
+        dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
+        self.cfg, self.dist, self.out = cfg, dist, out
+        # Data first: every line is checked before any model work.
+        train_r, val_r = read_split(cfg)
+        self._reference(train_r, val_r)
+        self.policy, ptok, self.policy_path = C.load_policy(cfg.policy, dist.device)
+        if ptok.hf.to_str() != self.tok.hf.to_str():
+            raise ValueError(f"{self.ref_path}: the reference's tokenizer differs from the policy's")
+        policy_snapshot = ckpt_io.snapshot_id(self.policy_path)
+        self.lora = cfg.make_lora(self.policy, cfg.seed)
+        self.start = 0
+        if state is not None:
+            C.check_parent(out, policy_snapshot, self.policy_path, "policy")
+            C.restore_weights(out, self.policy, self.lora)
+            self.start = state["step"]
 
-    policy, ptok, policy_path = load_policy(cfg.policy, dist.device)
-    if ptok.hf.to_str() != tok.hf.to_str():
-        raise ValueError(f"{ref_path}: the reference's tokenizer differs from the policy's")
-    policy_snapshot = ckpt_io.snapshot_id(policy_path)
-    lora = LoRA(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed, cfg.lora_layers) if cfg.lora_rank else None
-    start_step = 0
-    if state is not None:
-        C.check_parent(out, policy_snapshot, policy_path, "policy")
-        C.restore_weights(out, policy, lora)
-        start_step = state["step"]
+        self.per_step, self.accum, self.batches, self.max_steps = step_layout(cfg, len(self.train), dist)
+        self.sharded = self.lora is None and C.use_fsdp(cfg.fsdp, self.policy.num_params(non_embedding=False), dist)
+        if self.sharded:  # answer_logprobs runs hidden() then head(), not forward()
+            C.fsdp_shard(self.policy, dist, cfg.dtype, forward_methods=("hidden",))
+        self.optimizer = C.make_optimizer(self.lora if self.lora is not None else self.policy, cfg.lr, cfg.weight_decay)
+        if state is not None:
+            C.restore_training(self.optimizer, self.policy, state, out)
+        self.train_model: nn.Module = SequenceLogprobs(self.policy, self.lora)
+        if dist.world > 1 and not self.sharded:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model)
+        self.fpt, self.peak, self.log, self.n_pairs = run_log(cfg, self.policy, self.train, self.lora, dist, out, self.start)
+        self.meta = {
+            "stage": "dpo",
+            "parent": str(self.policy_path.resolve()),
+            "parent_snapshot": policy_snapshot,
+            "ref": str(Path(self.ref_dir).resolve()),
+            "data": [str(Path(d).resolve()) for d in cfg.data],
+            "beta": cfg.beta,
+            "lora": self.lora.meta() if self.lora is not None else None,
+        }
 
-    per_step, accum, batches, max_steps = step_layout(cfg, len(train), dist)
-    sharded = lora is None and C.use_fsdp(cfg.fsdp, policy.num_params(non_embedding=False), dist)
-    if sharded:
-        from torch.distributed.fsdp import register_fsdp_forward_method
+    def _reference(self, train_r: list, val_r: list) -> None:
+        """Tokenize the rankings and compute the reference's log-probabilities once; the
+        reference is dropped after."""
+        cfg, dev = self.cfg, self.dist.device
+        self.ref_path = cfg.ref or cfg.policy
+        ref, self.tok, self.ref_dir = C.load_policy(self.ref_path, dev)
+        self.max_len = min(cfg.max_len, ref.cfg.max_seq_len)
+        self.train, self.val = tokenize_rankings(train_r, self.tok, self.max_len), tokenize_rankings(val_r, self.tok, self.max_len)
+        t0 = time.time()
+        self.ref_train = reference_logprobs(ref, self.train, cfg.micro_batch, dev, cfg.dtype)
+        self.ref_val = reference_logprobs(ref, self.val, cfg.micro_batch, dev, cfg.dtype)
+        self.ref_seconds = time.time() - t0
 
-        C.fsdp_shard(policy, dist, cfg.dtype)
-        register_fsdp_forward_method(policy, "hidden")  # answer_logprobs runs hidden() then head(), not forward()
-    optimizer = C.make_optimizer(lora if lora is not None else policy, cfg.lr, cfg.weight_decay)
-    if state is not None:
-        C.load_optimizer(optimizer, policy, state, out)
-        C.set_rng_state(state["rng"])
-    train_model: nn.Module = SequenceLogprobs(policy, lora)
-    if dist.world > 1 and not sharded:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
-    fpt, peak, log, n_pairs = run_log(cfg, policy, train, lora, dist, out, start_step)
-    log.print(
-        f"dpo: policy {policy_path} ({policy.num_params() / 1e6:.1f}M"
-        + (f", LoRA r={cfg.lora_rank}: {lora.num_params() / 1e6:.2f}M trainable" if lora is not None else ", all trained")
-        + f"), reference {ref_path} (log-probs of {sum(len(r) for r in train.seqs) + sum(len(r) for r in val.seqs)} answers in {ref_seconds:.1f}s), "
-        f"beta {cfg.beta}, {len(train)} train rankings ({n_pairs} pairs) / {len(val)} held out, "
-        f"{per_step} rankings/step = {cfg.micro_batch} x {accum} accum x {dist.world} proc, {max_steps} steps"
-        + (f", resuming at step {start_step}" if cfg.resume else "")
-    )
-    if train.truncated or val.truncated:
-        log.print(f"dpo: {train.truncated} train / {val.truncated} held-out answers cut to {max_len} tokens")
-    meta = {
-        "stage": "dpo",
-        "parent": str(policy_path.resolve()),
-        "parent_snapshot": policy_snapshot,
-        "ref": str(Path(ref_dir).resolve()),
-        "data": [str(Path(d).resolve()) for d in cfg.data],
-        "beta": cfg.beta,
-        "lora": lora.meta() if lora is not None else None,
-    }
+    def describe(self) -> None:
+        cfg, lora, train, val = self.cfg, self.lora, self.train, self.val
+        self.log.print(
+            f"dpo: policy {self.policy_path} ({self.policy.num_params() / 1e6:.1f}M"
+            + (f", LoRA r={cfg.lora_rank}: {lora.num_params() / 1e6:.2f}M trainable" if lora is not None else ", all trained")
+            + f"), reference {self.ref_path} (log-probs of {sum(len(r) for r in train.seqs) + sum(len(r) for r in val.seqs)} answers in {self.ref_seconds:.1f}s), "
+            f"beta {cfg.beta}, {len(train)} train rankings ({self.n_pairs} pairs) / {len(val)} held out, "
+            f"{self.per_step} rankings/step = {cfg.micro_batch} x {self.accum} accum x {self.dist.world} proc, {self.max_steps} steps"
+            + (f", resuming at step {self.start}" if cfg.resume else "")
+        )
+        if train.truncated or val.truncated:
+            self.log.print(f"dpo: {train.truncated} train / {val.truncated} held-out answers cut to {self.max_len} tokens")
 
-    def run_batch(module: nn.Module, ids, mask, groups, ref_lp) -> tuple[torch.Tensor, dict]:
-        return pairs_loss(module(ids, mask), ref_lp, groups, cfg.beta, cfg.label_smoothing)
+    def begin(self) -> Loop:
+        """The run's header line, the model in training mode, and the loop that drives it."""
+        self.describe()
+        self.policy.train()
+        return Loop("dpo", self, self.cfg, self.dist, self.log, self.max_steps, self.start,
+                    flops_per_token=self.fpt, peak_flops=self.peak, optimizer=self.optimizer, eval_first=True)
+
+    def _batch_loss(self, module: nn.Module, ids, mask, groups, ref_lp) -> tuple[torch.Tensor, dict]:
+        return pairs_loss(module(ids, mask), ref_lp, groups, self.cfg.beta, self.cfg.label_smoothing)
 
     @torch.no_grad()
-    def evaluate() -> dict:
-        policy.eval()
-        sums = torch.zeros(4, device=dist.device)  # loss, correct, pairs, margin
-        mine = list(range(dist.rank, len(val), dist.world))
+    def evaluate(self) -> dict:
+        cfg, dev = self.cfg, self.dist.device
+        self.policy.eval()
+        sums = torch.zeros(4, device=dev)  # loss, correct, pairs, margin
+        mine = list(range(self.dist.rank, len(self.val), self.dist.world))
         for i in range(0, len(mine), cfg.micro_batch):
             idx = mine[i : i + cfg.micro_batch]
-            ids, mask, groups = collate(val, idx)
-            ref_lp = torch.cat([ref_val[j] for j in idx]).to(dist.device)
-            with C.autocast(dist.device, cfg.dtype):
-                loss, st = run_batch(C.unwrap(train_model), ids.to(dist.device), mask.to(dist.device), groups, ref_lp)
-            sums += torch.tensor([loss.item(), st["correct"], st["pairs"], st["margin"]], device=dist.device)
-        sums = C.all_reduce_sum(sums, dist)
-        policy.train()
+            ids, mask, groups = collate(self.val, idx)
+            ref_lp = torch.cat([self.ref_val[j] for j in idx]).to(dev)
+            with C.autocast(dev, cfg.dtype):
+                loss, st = self._batch_loss(C.unwrap(self.train_model), ids.to(dev), mask.to(dev), groups, ref_lp)
+            sums += torch.tensor([loss.item(), st["correct"], st["pairs"], st["margin"]], device=dev)
+        sums = C.all_reduce_sum(sums, self.dist)
+        self.policy.train()
         pairs = max(1.0, sums[2].item())
-        return {"val_loss": sums[0].item() / max(1, len(val)), "val_accuracy": sums[1].item() / pairs, "val_margin": sums[3].item() / pairs}
+        return {"val_loss": sums[0].item() / max(1, len(self.val)), "val_accuracy": sums[1].item() / pairs, "val_margin": sums[3].item() / pairs}
 
-    def save(step: int, metrics: dict) -> None:
-        meta.update(step=step, metrics=metrics)
-        C.save_training(out, policy, tok, meta, optimizer, step, to_dict(cfg), dist, extra_tensors=lora.tensors() if lora is not None else None)
-        log.plot(out / "loss.png", keys=("loss", "val_loss", "accuracy", "val_accuracy"), title=f"DPO from {policy_path.name}")
+    def eval_line(self, step: int, m: dict) -> str:
+        if step == 0:
+            return f"step 0: held-out loss {m['val_loss']:.4f} (= ln 2 at the start), accuracy {m['val_accuracy']:.3f}"
+        return f"step {step}: held-out loss {m['val_loss']:.4f}, accuracy {m['val_accuracy']:.3f}, margin {m['val_margin']:.3f}"
 
-    stats: dict = {}
+    def save(self, step: int, metrics: dict) -> None:
+        self.meta.update(step=step, metrics=metrics)
+        extra = self.lora.tensors() if self.lora is not None else None
+        C.save_training(self.out, self.policy, self.tok, self.meta, self.optimizer, step, to_dict(self.cfg), self.dist, extra_tensors=extra)
+        self.log.plot(self.out / "loss.png", keys=("loss", "val_loss", "accuracy", "val_accuracy"), title=f"DPO from {self.policy_path.name}")
 
-    def loss_fn(module: nn.Module, batch) -> tuple[torch.Tensor, None]:
-        ids, mask, groups, ref_lp = batch
-        loss, st = run_batch(module, ids, mask, groups, ref_lp)
-        for k, v in st.items():
-            stats[k] = stats.get(k, 0.0) + v
-        return loss, None
-
-    policy.train()
-    progress = C.Progress(fpt, peak, max_steps, start_step)
-    metrics: dict = {}
-    step = start_step
-    t_start = time.time()
-    if step == 0:
-        metrics.update(evaluate())
-        log.log({"step": 0, **metrics})
-        log.print(f"step 0: held-out loss {metrics['val_loss']:.4f} (= ln 2 at the start), accuracy {metrics['val_accuracy']:.3f}")
-    while step < max_steps:
-        if step > start_step and step % cfg.eval_every == 0:
-            metrics.update(evaluate())
-            log.log({"step": step, **metrics})
-            log.print(f"step {step}: held-out loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}, margin {metrics['val_margin']:.3f}")
-        if step > start_step and step % cfg.save_every == 0:
-            save(step, metrics)
-        lr = C.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
+    def train_step(self, step: int) -> tuple[dict, dict, float]:
+        """One optimizer step: its train_step result, the pair statistics per pair (accuracy,
+        margin, chosen and rejected rewards) and the token positions, over all ranks."""
+        dev = self.dist.device
         micro = []
-        for i in range(accum):
-            idx = batches.get(step, i)
-            ids, mask, groups = collate(train, idx)
-            micro.append((ids.to(dist.device), mask.to(dist.device), groups, torch.cat([ref_train[j] for j in idx]).to(dist.device)))
-        stats.clear()
-        r = C.train_step(train_model, micro, loss_fn, optimizer, dist, cfg.dtype, cfg.grad_clip, count_fn=lambda b: len(b[2]))
-        tot = C.all_reduce_sum(torch.tensor([stats["correct"], stats["pairs"], stats["margin"], stats["chosen"], stats["rejected"]], device=dist.device), dist)
-        tokens = C.all_reduce_sum(torch.tensor(float(sum(b[0].numel() for b in micro)), device=dist.device), dist).item()
-        p = progress.update(step, tokens)
-        step += 1
+        for i in range(self.accum):
+            idx = self.batches.get(step, i)
+            ids, mask, groups = collate(self.train, idx)
+            micro.append((ids.to(dev), mask.to(dev), groups, torch.cat([self.ref_train[j] for j in idx]).to(dev)))
+        stats: dict = {}
+
+        def loss_fn(module: nn.Module, batch) -> tuple[torch.Tensor, None]:
+            loss, st = self._batch_loss(module, *batch)
+            for k, v in st.items():
+                stats[k] = stats.get(k, 0.0) + v
+            return loss, None
+
+        r = C.train_step(self.train_model, micro, loss_fn, self.optimizer, self.dist, self.cfg.dtype, self.cfg.grad_clip, count_fn=lambda b: len(b[2]))
+        tot = C.all_reduce_sum(torch.tensor([stats["correct"], stats["pairs"], stats["margin"], stats["chosen"], stats["rejected"]], device=dev), self.dist)
         pairs = max(1.0, tot[1].item())
-        rec = {"step": step, "loss": r["loss"], "accuracy": tot[0].item() / pairs, "margin": tot[2].item() / pairs, "chosen_reward": tot[3].item() / pairs,
-               "rejected_reward": tot[4].item() / pairs, "lr": lr, "grad_norm": r["grad_norm"], "tok_per_s": p["tok_per_s"]}
-        if step % cfg.log_every == 0 or step == max_steps:
-            log.log(rec)
-            log.print(
-                f"step {step}/{max_steps} | loss {r['loss']:.4f} | pair acc {rec['accuracy']:.3f} | margin {rec['margin']:+.3f} "
-                f"(chosen {rec['chosen_reward']:+.3f}, rejected {rec['rejected_reward']:+.3f}) | lr {lr:.2e} | {p['tok_per_s']:,.0f} tok/s | ETA {C.fmt_time(p['eta_s'])}"
-            )
-    metrics.update(evaluate())
-    log.log({"step": step, **metrics})
-    log.print(f"step {step}: held-out loss {metrics['val_loss']:.4f}, accuracy {metrics['val_accuracy']:.3f}, margin {metrics['val_margin']:.3f}")
-    save(step, metrics)
-    log.print(f"dpo: checkpoint {out}, {time.time() - t_start:.0f}s")
+        per_pair = {"accuracy": tot[0].item() / pairs, "margin": tot[2].item() / pairs, "chosen_reward": tot[3].item() / pairs,
+                    "rejected_reward": tot[4].item() / pairs}
+        return r, per_pair, micro_tokens(micro, self.dist)
+
+
+def main(cfg: DPOConfig) -> Path:
+    run = DPOStage(cfg)
+    loop = run.begin()
+    for step in loop:
+        r, pp, tokens = run.train_step(step)
+        loop.done(tokens, {"loss": r["loss"], **pp}, r["grad_norm"],
+                  f"loss {r['loss']:.4f} | pair acc {pp['accuracy']:.3f} | margin {pp['margin']:+.3f} "
+                  f"(chosen {pp['chosen_reward']:+.3f}, rejected {pp['rejected_reward']:+.3f})")
+    loop.finish()
+    run.log.print(f"dpo: checkpoint {run.out}, {time.time() - loop.t0:.0f}s")
     C.teardown_dist()
-    return out
+    return run.out

@@ -14,22 +14,52 @@ B; tests/test_lora.py checks that against PEFT when it is installed):
 - No extra dependency for a feature that is ~60 lines.
 
 Adapters are saved as `<layer>.lora_A.weight` / `<layer>.lora_B.weight` (PEFT's names and
-shapes) in a checkpoint's extra.safetensors; checkpoint.load merges them (checkpoint.merge_lora),
-and `merge()` folds them into the weights for good.
+shapes, checkpoint.adapter_keys) in a checkpoint's extra.safetensors; checkpoint.load merges them
+(checkpoint.merge_lora), and `merge()` folds them into the weights for good.
+
+LoRAConfig is the one set of LoRA fields (and flags) of every stage that fine-tunes.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import merge_lora
+from .. import checkpoint as ckpt_io
 
 DEFAULT_TARGETS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
+
+
+@dataclass
+class LoRAConfig:
+    """The LoRA fields of SFT, the reward model, DPO and PPO: one set of flags. A mixin: list it
+    before the stage's RunConfig base (class SFTConfig(LoRAConfig, ScheduleConfig)); its checks
+    run, then the base's."""
+
+    lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters with the base frozen
+    lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
+    lora_layers: int = 0  # adapters only in the last N transformer blocks (0 = every block); the backward stops below them
+    lora_dropout: float = 0.0  # dropout on the adapters' input
+    lora_targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS))  # linear layers that get adapters
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.lora_rank < 0 or self.lora_layers < 0:
+            raise ValueError(f"{name}: lora_rank={self.lora_rank} and lora_layers={self.lora_layers} must be >= 0 (0 = no adapters, every block)")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"{name}.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        super().__post_init__()  # the RunConfig base listed after this mixin
+
+    def make_lora(self, model: nn.Module, seed: int) -> LoRA | None:
+        """Adapters on `model` as configured (its own weights frozen), or None when lora_rank is 0."""
+        if not self.lora_rank:
+            return None
+        return LoRA(model, self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets, seed, self.lora_layers)
 
 
 def _block_index(name: str, n_blocks: int) -> int:
@@ -99,14 +129,14 @@ class LoRA(nn.Module):
         """The adapters under PEFT's names, for a checkpoint's extra.safetensors."""
         out = {}
         for n, a, b in zip(self.names, self.A, self.B):
-            out[f"{n}.lora_A.weight"] = a.detach()
-            out[f"{n}.lora_B.weight"] = b.detach()
+            a_key, b_key = ckpt_io.adapter_keys(n)
+            out[a_key], out[b_key] = a.detach(), b.detach()
         return out
 
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor], source: str) -> None:
         for n, a, b in zip(self.names, self.A, self.B):
-            for key, p in ((f"{n}.lora_A.weight", a), (f"{n}.lora_B.weight", b)):
+            for key, p in zip(ckpt_io.adapter_keys(n), (a, b)):
                 if key not in tensors or tuple(tensors[key].shape) != tuple(p.shape):
                     raise ValueError(f"{source}: adapter {key} is missing or has another shape (rank or targets changed?)")
                 p.copy_(tensors[key])
@@ -121,4 +151,4 @@ class LoRA(nn.Module):
     def merge(self, model: nn.Module) -> None:
         """Fold W += scale * B A into the model's weights and detach the hooks (same function after)."""
         self.remove()
-        merge_lora(model, self.tensors(), self.scale)
+        ckpt_io.merge_lora(model, self.tensors(), self.scale)

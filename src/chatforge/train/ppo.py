@@ -57,20 +57,23 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
+from ..checkpoint import load_reward_model
 from ..config import to_dict
 from ..convert.registry import resolve
 from ..data.rankings import prompt_ids, read_prompts
 from ..engine import Engine, SamplingParams
-from ..model import GPT, shared_depth
+from ..model import GPT, RewardModel, shared_depth
 from . import common as C
 from . import rl_math as R
-from .lora import DEFAULT_TARGETS, LoRA
-from .reward import RewardModel, ShuffledBatches, load_policy, load_reward_model
+from .common import load_policy
+from .lora import LoRA, LoRAConfig
+from .loop import Loop, RunConfig
+from .rankings import ShuffledBatches
 from .verify import FAMILIES, check_prompt, family_of, verify
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(LoRAConfig, RunConfig):
     policy: str = ""  # SFT checkpoint folder (or known model name) to start from
     rm: str = ""  # reward model checkpoint (`chatforge rm`); also initialises the value model (not needed by grpo/rloo with --reward tasks)
     prompts: list[str] = field(default_factory=list)  # prompt JSONL files ({"messages"} or {"prompt"})
@@ -106,17 +109,13 @@ class PPOConfig:
     ptx_rows: int = 4  # pretraining windows per optimizer step
     ptx_seq_len: int = 128  # tokens per pretraining window
     lora_rank: int = 0  # 0 = train all weights; r > 0 = rank-r adapters on policy and value
-    lora_alpha: float = 32.0  # adapter scale is lora_alpha / lora_rank
-    lora_layers: int = 0  # adapters only in the last N transformer blocks (0 = every block); the backward stops below them
     dtype: str = "auto"  # autocast for scoring and training: "bf16", "fp32" or "auto" (dtypes.py)
     eval_every: int = 5  # iterations between held-out RM evaluations (and at the end)
     save_every: int = 5  # iterations between checkpoints (and at the end)
     log_every: int = 1  # iterations between progress lines
     show_samples: int = 2  # answers printed with each progress line
     time_budget_s: float = 0.0  # stop (evaluate and save) after the iteration that passes this many seconds; 0 = no limit
-    resume: bool = False  # continue from out/'s train_state.pt
     seed: int = 0  # prompt order, rollout seeds, minibatch order, adapter init
-    device: str = "auto"  # "auto", "cpu", "cuda"
 
     def __post_init__(self) -> None:
         if not self.policy:
@@ -138,25 +137,27 @@ class PPOConfig:
             raise ValueError("PPOConfig.prompts is required: prompt JSONL files")
         if self.time_budget_s < 0:
             raise ValueError(f"PPOConfig.time_budget_s={self.time_budget_s} must be >= 0 (0 = no limit)")
-        for name in ("iterations", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "eval_every", "save_every", "log_every", "kl_horizon", "ptx_rows", "ptx_seq_len"):
+        for name in ("iterations", "rollout_batch", "max_new_tokens", "ppo_epochs", "minibatch", "kl_horizon", "ptx_rows", "ptx_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PPOConfig.{name}={getattr(self, name)} must be positive")
         if self.rollout_batch % self.minibatch:
             raise ValueError(f"PPOConfig.rollout_batch={self.rollout_batch} is not a multiple of minibatch={self.minibatch}")
         if self.samples_per_prompt < 1 or self.rollout_batch % self.samples_per_prompt:
             raise ValueError(f"PPOConfig.samples_per_prompt={self.samples_per_prompt} must be >= 1 and divide rollout_batch={self.rollout_batch}")
-        if self.lr <= 0 or self.value_lr < 0 or self.kl_coef < 0 or self.kl_target < 0 or self.lora_rank < 0:
-            raise ValueError("PPOConfig: lr must be > 0; value_lr, kl_coef, kl_target, lora_rank >= 0")
+        if self.lr <= 0 or self.value_lr < 0 or self.kl_coef < 0 or self.kl_target < 0:
+            raise ValueError("PPOConfig: lr must be > 0; value_lr, kl_coef, kl_target >= 0")
         if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1 and self.clip > 0 and self.value_clip > 0):
             raise ValueError(f"PPOConfig: gamma={self.gamma} in (0,1], lam={self.lam} in [0,1], clip and value_clip > 0")
         if self.ptx_coef < 0 or bool(self.ptx_coef) != bool(self.ptx_data):
             raise ValueError(f"PPOConfig: PPO-ptx needs both ptx_data and ptx_coef > 0 (got {self.ptx_data!r}, {self.ptx_coef})")
-        C.parse_dtype(self.dtype)
+        super().__post_init__()
 
 
 ALGOS = ("ppo",) + R.GROUP_ALGOS
+STATS = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "grad_norm", "ptx_loss", "kl_loss")  # per minibatch, averaged
 REWARDS = ("rm", "tasks", "rm+tasks")
-RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "samples_per_prompt", "algo", "reward", "kl_mode", "max_new_tokens", "ppo_epochs", "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "lora_layers", "seed")
+RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "samples_per_prompt", "algo", "reward", "kl_mode", "max_new_tokens", "ppo_epochs",
+               "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "lora_layers", "lora_targets", "seed")
 
 
 # ---- rollouts as tensors ----------------------------------------------------------------------
@@ -246,165 +247,213 @@ def adapters_off(lora: LoRA | None):
 # ---- the stage ---------------------------------------------------------------------------------
 
 
-def main(cfg: PPOConfig) -> Path:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("chatforge ppo runs in one process; launch it without torchrun")
-    dist, out, state = C.begin_run(cfg, RESUME_KEYS)
-    dev = dist.device
+class PPOStage:
+    """One PPO (or GRPO, RLOO) run: set up in __init__ (models, optimizer, prompts, engine, log),
+    then what the loop calls (evaluate, eval_line, save) and one iteration: rollout, scoring,
+    training."""
 
-    # Models: policy (trainable), reference (frozen), reward model (frozen), value (trainable, from the RM).
-    # Group methods have no value model; the RM is loaded when the reward or the value model needs it.
-    use_rm, use_tasks, group_algo = "rm" in cfg.reward, "tasks" in cfg.reward, cfg.algo in R.GROUP_ALGOS
-    policy, tok, policy_path = load_policy(cfg.policy, dev)
-    rm: RewardModel | None = None
-    value: RewardModel | None = None
-    rm_meta: dict = {}
-    if use_rm or not group_algo:
-        rm, rm_tok, rm_meta = load_reward_model(cfg.rm, dev)
-        if rm_tok.hf.to_str() != tok.hf.to_str():
-            raise ValueError(f"{cfg.rm}: the reward model's tokenizer differs from the policy's; train the RM from this policy's SFT checkpoint")
-        if not group_algo:  # copied before the RM is frozen: the value model trains
-            value = RewardModel(copy.deepcopy(rm.gpt), copy.deepcopy(rm.value_head))
-        for p in rm.parameters():
-            p.requires_grad_(False)
-    lora = LoRA(policy, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed, cfg.lora_layers) if cfg.lora_rank else None
-    value_lora = LoRA(value.gpt, cfg.lora_rank, cfg.lora_alpha, 0.0, DEFAULT_TARGETS, cfg.seed + 1, cfg.lora_layers) if cfg.lora_rank and value is not None else None
-    ref_path = resolve(cfg.ref) if cfg.ref else policy_path  # a known model name resolves to its cached folder
-    ref: GPT | None = None
-    if lora is None or ref_path.resolve() != policy_path.resolve():
-        ref = load_policy(str(ref_path), dev)[0].eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-    if ref is not None and ref.cfg.vocab_size != policy.cfg.vocab_size:
-        raise ValueError(f"{ref_path}: the reference's vocabulary ({ref.cfg.vocab_size}) differs from the policy's ({policy.cfg.vocab_size})")
-    policy_snapshot = ckpt_io.snapshot_id(policy_path)
+    def __init__(self, cfg: PPOConfig):
+        dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
+        self.cfg, self.dist, self.out, self.dev = cfg, dist, out, dist.device
+        self.use_rm, self.use_tasks, self.group_algo = "rm" in cfg.reward, "tasks" in cfg.reward, cfg.algo in R.GROUP_ALGOS
+        self._models()
+        policy, lora, value = self.policy, self.lora, self.value
+        self.kl_ctl = R.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else R.FixedKL(cfg.kl_coef)
+        self.policy_params = list(lora.parameters()) if lora is not None else list(policy.parameters())
+        self.value_module = (nn.ModuleList([self.value_lora, value.value_head]) if self.value_lora is not None else value) if value is not None else None
+        self.value_params = [p for p in self.value_module.parameters() if p.requires_grad] if self.value_module is not None else []
+        groups = [{"params": self.policy_params, "lr": cfg.lr}] + ([{"params": self.value_params, "lr": cfg.value_lr or cfg.lr}] if self.value_params else [])
+        self.optimizer = C.adamw(groups, cfg.lr)
+        self.start = 0
+        if state is not None:
+            C.check_parent(out, self.policy_snapshot, self.policy_path, "policy")
+            C.restore_weights(out, policy, lora)
+            if self.value_module is not None:
+                with torch.no_grad():
+                    self.value_module.load_state_dict(state["value"])
+            C.restore_training(self.optimizer, policy, state, out)
+            self.kl_ctl.load_state_dict(state["kl_ctl"])
+            self.start = state["step"]
+        self._prompts()
+        self.engine = Engine(policy, self.tok, max_batch=cfg.rollout_batch)
+        self.log = C.RunLog(out, dist, resume_step=self.start if cfg.resume else None)
+        self.meta = {
+            "stage": "ppo",
+            "algo": cfg.algo,
+            "reward": cfg.reward,
+            "parent": str(self.policy_path.resolve()),
+            "parent_snapshot": self.policy_snapshot,
+            "rm": str(Path(cfg.rm).resolve()) if self.rm is not None else None,
+            "ref": str(self.ref_path.resolve()),
+            "prompts": [str(Path(p).resolve()) for p in cfg.prompts],
+            "lora": lora.meta() if lora is not None else None,
+        }
+        # Blocks that policy, reference, value model and reward model hold alike and frozen (LoRA in
+        # the top blocks only, a reward model trained the same way): run once per batch, not 4 times.
+        frozen_rm = self.rm if self.use_rm else None  # loaded only to start the value model from: never run
+        ref = [self.ref] if self.ref is not None else []
+        self.shared = shared_depth([policy] + [m.gpt for m in (value, frozen_rm) if m is not None] + ref)
 
-    kl_ctl = R.AdaptiveKL(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else R.FixedKL(cfg.kl_coef)
-    policy_params = list(lora.parameters()) if lora is not None else list(policy.parameters())
-    value_module = (nn.ModuleList([value_lora, value.value_head]) if value_lora is not None else value) if value is not None else None
-    value_params = [p for p in value_module.parameters() if p.requires_grad] if value_module is not None else []
-    groups = [{"params": policy_params, "lr": cfg.lr}] + ([{"params": value_params, "lr": cfg.value_lr or cfg.lr}] if value_params else [])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True)
-    start = 0
-    if state is not None:
-        C.check_parent(out, policy_snapshot, policy_path, "policy")
-        C.restore_weights(out, policy, lora)
-        if value_module is not None:
-            with torch.no_grad():
-                value_module.load_state_dict(state["value"])
-        optimizer.load_state_dict(state["optimizer"])
-        kl_ctl.load_state_dict(state["kl_ctl"])
-        C.set_rng_state(state["rng"])
-        start = state["step"]
+    def _models(self) -> None:
+        """Policy (trainable), reference (frozen), reward model (frozen), value (trainable, from the
+        RM). Group methods have no value model; the RM is loaded when the reward or the value model needs it."""
+        cfg, dev = self.cfg, self.dev
+        self.policy, self.tok, self.policy_path = load_policy(cfg.policy, dev)
+        policy, tok = self.policy, self.tok
+        self.rm: RewardModel | None = None
+        self.value: RewardModel | None = None
+        self.rm_meta: dict = {}
+        if self.use_rm or not self.group_algo:
+            self.rm, rm_tok, self.rm_meta = load_reward_model(cfg.rm, dev)
+            if rm_tok.hf.to_str() != tok.hf.to_str():
+                raise ValueError(f"{cfg.rm}: the reward model's tokenizer differs from the policy's; train the RM from this policy's SFT checkpoint")
+            if not self.group_algo:  # copied before the RM is frozen: the value model trains
+                self.value = RewardModel(copy.deepcopy(self.rm.gpt), copy.deepcopy(self.rm.value_head))
+            for p in self.rm.parameters():
+                p.requires_grad_(False)
+        self.lora = cfg.make_lora(policy, cfg.seed)
+        self.value_lora = cfg.make_lora(self.value.gpt, cfg.seed + 1) if self.value is not None else None
+        self.ref_path = resolve(cfg.ref) if cfg.ref else self.policy_path  # a known model name resolves to its cached folder
+        self.ref: GPT | None = None
+        if self.lora is None or self.ref_path.resolve() != self.policy_path.resolve():
+            self.ref = load_policy(str(self.ref_path), dev)[0].eval()
+            for p in self.ref.parameters():
+                p.requires_grad_(False)
+        if self.ref is not None and self.ref.cfg.vocab_size != policy.cfg.vocab_size:
+            raise ValueError(f"{self.ref_path}: the reference's vocabulary ({self.ref.cfg.vocab_size}) differs from the policy's ({policy.cfg.vocab_size})")
+        self.policy_snapshot = ckpt_io.snapshot_id(self.policy_path)
 
-    # Prompts: all checked (and fitted to the context) before the first rollout.
-    prompts = read_prompts(cfg.prompts)
-    eval_prompts = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
-    max_len = policy.cfg.max_seq_len
-    for lst in (prompts, eval_prompts):
-        for p in lst:
-            n = len(prompt_ids(tok, p.messages))
-            if n + cfg.max_new_tokens + 1 > max_len:  # + the end-of-turn token the RM reads after a cut answer
-                raise ValueError(f"{p.source}: prompt of {n} tokens + max_new_tokens={cfg.max_new_tokens} + 1 end-of-turn token exceeds the context ({max_len}); shorten it or lower --max-new-tokens")
-    if use_tasks:
-        for p in prompts:
-            check_prompt(p.extra.get("gold"), p.source)
-    prompt_tokens = [prompt_ids(tok, p.messages) for p in prompts]
-    G = cfg.samples_per_prompt
-    order = ShuffledBatches(len(prompts), cfg.rollout_batch // G, 1, cfg.seed)
-    ptx = None
-    if cfg.ptx_data:
-        from ..data.loader import Shards, TrainBatches
+    def _prompts(self) -> None:
+        """Prompts: all checked (and fitted to the context) before the first rollout; the
+        prompt order and the pretraining mix's batches."""
+        cfg, tok = self.cfg, self.tok
+        self.prompts = read_prompts(cfg.prompts)
+        self.eval_prompts = read_prompts(cfg.eval_prompts) if cfg.eval_prompts else []
+        max_len = self.policy.cfg.max_seq_len
+        for lst in (self.prompts, self.eval_prompts):
+            for p in lst:
+                n = len(prompt_ids(tok, p.messages))
+                if n + cfg.max_new_tokens + 1 > max_len:  # + the end-of-turn token the RM reads after a cut answer
+                    raise ValueError(f"{p.source}: prompt of {n} tokens + max_new_tokens={cfg.max_new_tokens} + 1 end-of-turn token exceeds "
+                                     f"the context ({max_len}); shorten it or lower --max-new-tokens")
+        if self.use_tasks:
+            for p in self.prompts:
+                check_prompt(p.extra.get("gold"), p.source)
+        self.prompt_tokens = [prompt_ids(tok, p.messages) for p in self.prompts]
+        self.G = cfg.samples_per_prompt
+        self.order = ShuffledBatches(len(self.prompts), cfg.rollout_batch // self.G, 1, cfg.seed)
+        self.ptx = C.mix_batches(cfg.ptx_data, self.policy, min(cfg.ptx_seq_len, max_len), cfg.ptx_rows, 1, cfg.seed) if cfg.ptx_data else None
 
-        shards = Shards(cfg.ptx_data)
-        if shards.meta["vocab_size"] > policy.cfg.vocab_size:
-            raise ValueError(f"{cfg.ptx_data}: shards use {shards.meta['vocab_size']} tokens, the policy has {policy.cfg.vocab_size}; use shards of its tokenizer")
-        ptx = TrainBatches(shards, min(cfg.ptx_seq_len, max_len), cfg.ptx_rows, 1, cfg.seed)
+    def describe(self) -> None:
+        cfg, G = self.cfg, self.G
+        n_train = sum(p.numel() for p in self.policy_params) + sum(p.numel() for p in self.value_params)
+        rewards_desc = " + ".join(([f"{cfg.rm_weight} x reward model {cfg.rm} (shift {self.rm_meta.get('reward_shift', 0):+.3f})"] if self.use_rm else [])
+                                  + ([f"{cfg.task_weight} x verified answers (format {cfg.format_weight}, language {cfg.language_weight})"] if self.use_tasks else []))
+        self.log.print(
+            f"{cfg.algo}: policy {self.policy_path} ({self.policy.num_params() / 1e6:.1f}M), reward {rewards_desc}, "
+            f"reference {'policy without adapters' if self.ref is None else self.ref_path}, "
+            + (f"LoRA r={cfg.lora_rank} " if self.lora is not None else "full ")
+            + f"({n_train / 1e6:.2f}M trainable{' incl. value' if self.value is not None else ', no value model'}), {len(self.prompts)} prompts, "
+            f"{cfg.iterations} iterations x {cfg.rollout_batch} rollouts"
+            + (f" ({cfg.rollout_batch // G} prompts x {G}, scored against their siblings)" if G > 1 else "") + ", "
+            f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}, beta {self.kl_ctl.value}"
+            + (f" adaptive to KL {cfg.kl_target}" if cfg.kl_target else " fixed") + f" (KL in the {cfg.kl_mode})"
+            + (f", PPO-ptx gamma={cfg.ptx_coef}" if self.ptx else "")
+            + (f", resuming at iteration {self.start}" if cfg.resume else "")
+        )
+        self.log.print(f"{cfg.algo}: the lowest {self.shared} of {self.policy.cfg.n_layer} blocks are shared by the policy and the frozen models"
+                       if self.shared else f"{cfg.algo}: no block is shared by the policy and the frozen models")
 
-    engine = Engine(policy, tok, max_batch=cfg.rollout_batch)
-    log = C.RunLog(out, dist, resume_step=start if cfg.resume else None)
-    n_train = sum(p.numel() for p in policy_params) + sum(p.numel() for p in value_params)
-    rewards_desc = " + ".join(([f"{cfg.rm_weight} x reward model {cfg.rm} (shift {rm_meta.get('reward_shift', 0):+.3f})"] if use_rm else [])
-                              + ([f"{cfg.task_weight} x verified answers (format {cfg.format_weight}, language {cfg.language_weight})"] if use_tasks else []))
-    log.print(
-        f"{cfg.algo}: policy {policy_path} ({policy.num_params() / 1e6:.1f}M), reward {rewards_desc}, "
-        f"reference {'policy without adapters' if ref is None else ref_path}, "
-        + (f"LoRA r={cfg.lora_rank} " if lora is not None else "full ")
-        + f"({n_train / 1e6:.2f}M trainable{' incl. value' if value is not None else ', no value model'}), {len(prompts)} prompts, {cfg.iterations} iterations x {cfg.rollout_batch} rollouts"
-        + (f" ({cfg.rollout_batch // G} prompts x {G}, scored against their siblings)" if G > 1 else "") + ", "
-        f"{cfg.ppo_epochs} epochs of minibatches of {cfg.minibatch}, beta {kl_ctl.value}"
-        + (f" adaptive to KL {cfg.kl_target}" if cfg.kl_target else " fixed") + f" (KL in the {cfg.kl_mode})"
-        + (f", PPO-ptx gamma={cfg.ptx_coef}" if ptx else "")
-        + (f", resuming at iteration {start}" if cfg.resume else "")
-    )
-    meta = {
-        "stage": "ppo",
-        "algo": cfg.algo,
-        "reward": cfg.reward,
-        "parent": str(policy_path.resolve()),
-        "parent_snapshot": policy_snapshot,
-        "rm": str(Path(cfg.rm).resolve()) if rm is not None else None,
-        "ref": str(ref_path.resolve()),
-        "prompts": [str(Path(p).resolve()) for p in cfg.prompts],
-        "lora": lora.meta() if lora is not None else None,
-    }
+    def begin(self) -> Loop:
+        """The run's header lines and the loop that drives it."""
+        self.describe()
+        # No MFU (rollouts, scoring and updates have no one FLOP count); the clock gives the ETA.
+        loop = Loop(self.cfg.algo, self, self.cfg, self.dist, self.log, self.cfg.iterations, self.start,
+                    budget_s=self.cfg.time_budget_s, eval_first=True)
+        self.t0 = loop.t0  # the session's clock, for the seconds a checkpoint records
+        return loop
 
-    def ref_logprobs(ids: torch.Tensor, amask: torch.Tensor, stem) -> torch.Tensor:
-        if ref is not None:
-            return policy_logprobs(ref, ids, amask, stem=stem)[0]
-        with adapters_off(lora):
-            return policy_logprobs(policy, ids, amask, stem=stem)[0]
+    def ref_logprobs(self, ids: torch.Tensor, amask: torch.Tensor, stem) -> torch.Tensor:
+        if self.ref is not None:
+            return policy_logprobs(self.ref, ids, amask, stem=stem)[0]
+        with adapters_off(self.lora):
+            return policy_logprobs(self.policy, ids, amask, stem=stem)[0]
 
-    # Blocks that policy, reference, value model and reward model hold alike and frozen (LoRA in
-    # the top blocks only, a reward model trained the same way): run once per batch, not 4 times.
-    frozen_rm = rm if use_rm else None  # loaded only to start the value model from: never run
-    shared = shared_depth([policy] + [m.gpt for m in (value, frozen_rm) if m is not None] + ([ref] if ref is not None else []))
-    log.print(f"{cfg.algo}: the lowest {shared} of {policy.cfg.n_layer} blocks are shared by the policy and the frozen models"
-              if shared else f"{cfg.algo}: no block is shared by the policy and the frozen models")
-
-    def stem_of(ids: torch.Tensor):
-        if not shared:
+    def stem_of(self, ids: torch.Tensor):
+        if not self.shared:
             return None
         with torch.no_grad():
-            return policy.stem(ids, shared)
+            return self.policy.stem(ids, self.shared)
 
     @torch.no_grad()
-    def score(ro: Rollouts, beta: float, golds: list[dict | None]) -> None:
+    def score(self, ro: Rollouts, beta: float, golds: list[dict | None]) -> None:
         """Old log-probs, reference log-probs, values, RM scores, verified answers; then the
         advantages: rewards, GAE and whitening (ppo), or each answer against its group (grpo, rloo)."""
-        policy.eval()
+        cfg, dev = self.cfg, self.dev
+        self.policy.eval()
         ids, amask = ro.ids.to(dev), ro.amask.to(dev)
         with C.autocast(dev, cfg.dtype):
-            stem = stem_of(ids)
-            ro.old_logp = policy_logprobs(policy, ids, amask, stem=stem)[0].cpu()
-            ro.ref_logp = ref_logprobs(ids, amask, stem).cpu()
-            if value is not None:
-                value.eval()
-                ro.old_values = value.values(ids, stem=stem)[:, :-1].cpu()
-            if use_rm:
-                ro.score = rm(ids, ro.rm_last.to(dev), stem=stem).cpu()
+            stem = self.stem_of(ids)
+            ro.old_logp = policy_logprobs(self.policy, ids, amask, stem=stem)[0].cpu()
+            ro.ref_logp = self.ref_logprobs(ids, amask, stem).cpu()
+            if self.value is not None:
+                self.value.eval()
+                ro.old_values = self.value.values(ids, stem=stem)[:, :-1].cpu()
+            if self.use_rm:
+                ro.score = self.rm(ids, ro.rm_last.to(dev), stem=stem).cpu()
         total = -cfg.no_eot_penalty * (~ro.finished).float()
-        if use_rm:
+        if self.use_rm:
             total = total + cfg.rm_weight * ro.score
-        if use_tasks:
+        if self.use_tasks:
             ro.verdicts = [verify(text, gold) for text, gold in zip(ro.texts, golds)]
             ro.task = torch.tensor([v.reward(cfg.format_weight, cfg.language_weight) for v in ro.verdicts])
             total = total + cfg.task_weight * ro.task
         ro.total = total
         kl = R.kl_k1(ro.old_logp, ro.ref_logp) * ro.amask
         beta_r = beta if cfg.kl_mode == "reward" else 0.0
-        if group_algo:
-            ro.adv = R.group_advantages(total - beta_r * kl.sum(1), G, cfg.algo)[:, None] * ro.amask
+        if self.group_algo:
+            ro.adv = R.group_advantages(total - beta_r * kl.sum(1), self.G, cfg.algo)[:, None] * ro.amask
             return
-        rewards = R.token_rewards(R.group_baseline(total, G), kl, ro.amask, beta_r)
+        rewards = R.token_rewards(R.group_baseline(total, self.G), kl, ro.amask, beta_r)
         adv, ro.returns = R.gae(rewards, ro.old_values * ro.amask, ro.amask, cfg.gamma, cfg.lam)
         ro.adv = R.whiten(adv, ro.amask)
 
-    def train_on(ro: Rollouts, it: int, beta: float) -> dict:
+    def minibatch_loss(self, ro: Rollouts, mb: torch.Tensor, ptx_step: int, beta: float) -> tuple[torch.Tensor, dict]:
+        """PPO's clipped policy loss + the clipped value loss (+ beta * k3 with --kl-mode loss,
+        + ptx_coef * the pretraining loss) of one minibatch, and its statistics."""
+        cfg, dev = self.cfg, self.dev
+        ids, m = ro.ids[mb].to(dev), ro.amask[mb].to(dev)
+        n = m.sum()
+        with C.autocast(dev, cfg.dtype):
+            stem = self.stem_of(ids)
+            logp, ent = policy_logprobs(self.policy, ids, m, entropy=True, stem=stem)
+            pg, clipfrac, approx_kl = R.policy_loss(logp, ro.old_logp[mb].to(dev), ro.adv[mb].to(dev), m, cfg.clip)
+            vf = vf_clipfrac = torch.zeros((), device=dev)
+            if self.value is not None:
+                v = self.value.values(ids, stem=stem)[:, :-1]
+                vf, vf_clipfrac = R.value_loss(v, ro.old_values[mb].to(dev), ro.returns[mb].to(dev), m, cfg.value_clip)
+            # Policy and value are separate models: their losses add without interacting.
+            loss = (pg + vf) / n
+            kl_loss = torch.zeros((), device=dev)
+            if cfg.kl_mode == "loss":  # k3 of the current policy against the reference: >= 0, its gradient pulls towards the reference
+                kl_loss = (R.kl_k3(logp, ro.ref_logp[mb].to(dev)) * m).sum() / n
+                loss = loss + beta * kl_loss
+            ptx_loss = torch.zeros((), device=dev)
+            if self.ptx is not None:
+                x, y = self.ptx.get(ptx_step, 0)  # a function of the step: resumes exactly
+                s, cnt = C.token_loss_sum(self.policy(x.to(dev)), y.to(dev))
+                ptx_loss = s / cnt
+                loss = loss + cfg.ptx_coef * ptx_loss
+        stats = {"pg_loss": pg.detach() / n, "vf_loss": vf.detach() / n, "clipfrac": clipfrac, "approx_kl": approx_kl, "vf_clipfrac": vf_clipfrac,
+                 "entropy": R.masked_mean(ent.detach(), m), "ptx_loss": ptx_loss.detach(), "kl_loss": kl_loss.detach()}
+        return loss, stats
+
+    def train_on(self, ro: Rollouts, it: int, beta: float) -> dict:
         """ppo_epochs passes of shuffled minibatches; returns the mean statistics."""
-        policy.train()
-        if value is not None:
-            value.train()
+        cfg = self.cfg
+        self.policy.train()
+        if self.value is not None:
+            self.value.train()
         stats: dict[str, list[float]] = {}
         gen = torch.Generator().manual_seed(seed_of(cfg.seed, it))
         steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch)
@@ -412,125 +461,50 @@ def main(cfg: PPOConfig) -> Path:
         for _ in range(cfg.ppo_epochs):
             perm = torch.randperm(ro.ids.shape[0], generator=gen)
             for i in range(0, len(perm), cfg.minibatch):
-                mb = perm[i : i + cfg.minibatch]
-                ids, m = ro.ids[mb].to(dev), ro.amask[mb].to(dev)
-                n = m.sum()
-                with C.autocast(dev, cfg.dtype):
-                    stem = stem_of(ids)
-                    logp, ent = policy_logprobs(policy, ids, m, entropy=True, stem=stem)
-                    pg, clipfrac, approx_kl = R.policy_loss(logp, ro.old_logp[mb].to(dev), ro.adv[mb].to(dev), m, cfg.clip)
-                    vf = vf_clipfrac = torch.zeros((), device=dev)
-                    if value is not None:
-                        v = value.values(ids, stem=stem)[:, :-1]
-                        vf, vf_clipfrac = R.value_loss(v, ro.old_values[mb].to(dev), ro.returns[mb].to(dev), m, cfg.value_clip)
-                    # Policy and value are separate models: their losses add without interacting.
-                    loss = (pg + vf) / n
-                    kl_loss = torch.zeros((), device=dev)
-                    if cfg.kl_mode == "loss":  # k3 of the current policy against the reference: >= 0, its gradient pulls towards the reference
-                        kl_loss = (R.kl_k3(logp, ro.ref_logp[mb].to(dev)) * m).sum() / n
-                        loss = loss + beta * kl_loss
-                    ptx_loss = torch.zeros((), device=dev)
-                    if ptx is not None:
-                        x, y = ptx.get(it * steps_per_iter + n_steps, 0)  # a function of the step: resumes exactly
-                        s, cnt = C.token_loss_sum(policy(x.to(dev)), y.to(dev))
-                        ptx_loss = s / cnt
-                        loss = loss + cfg.ptx_coef * ptx_loss
+                loss, st = self.minibatch_loss(ro, perm[i : i + cfg.minibatch], it * steps_per_iter + n_steps, beta)
                 loss.backward()
                 if cfg.grad_clip > 0:
-                    gn = torch.nn.utils.clip_grad_norm_(policy_params, cfg.grad_clip)
-                    if value_params:
-                        torch.nn.utils.clip_grad_norm_(value_params, cfg.grad_clip)
+                    gn = torch.nn.utils.clip_grad_norm_(self.policy_params, cfg.grad_clip)
+                    if self.value_params:
+                        torch.nn.utils.clip_grad_norm_(self.value_params, cfg.grad_clip)
                 else:
                     gn = torch.zeros(())
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
                 n_steps += 1
-                for k, val in (("pg_loss", pg.detach() / n), ("vf_loss", vf.detach() / n), ("clipfrac", clipfrac), ("approx_kl", approx_kl),
-                               ("vf_clipfrac", vf_clipfrac), ("entropy", R.masked_mean(ent.detach(), m)), ("grad_norm", gn), ("ptx_loss", ptx_loss.detach()),
-                               ("kl_loss", kl_loss.detach())):
-                    stats.setdefault(k, []).append(float(val))
-        policy.eval()
-        skip = {k for k, used in (("ptx_loss", ptx is not None), ("kl_loss", cfg.kl_mode == "loss"), ("vf_loss", value is not None),
-                                  ("vf_clipfrac", value is not None)) if not used}
+                st["grad_norm"] = gn
+                for k in STATS:
+                    stats.setdefault(k, []).append(float(st[k]))
+        self.policy.eval()
+        skip = {k for k, used in (("ptx_loss", self.ptx is not None), ("kl_loss", cfg.kl_mode == "loss"), ("vf_loss", self.value is not None),
+                                  ("vf_clipfrac", self.value is not None)) if not used}
         return {k: sum(v) / len(v) for k, v in stats.items() if k not in skip}
 
-    @torch.no_grad()
-    def evaluate() -> dict:
-        """RM score (with an RM in the reward) and verified correctness (prompts of verifiable
-        families) of greedy answers to the held-out prompts; never the gold labeler's score:
-        `chatforge label judge` measures it afterwards."""
-        if not eval_prompts:
-            return {}
-        ids = [prompt_ids(tok, p.messages) for p in eval_prompts]
-        scores, lengths, all_texts = [], [], []
-        for i in range(0, len(ids), cfg.rollout_batch):
-            chunk = ids[i : i + cfg.rollout_batch]
-            toks, finished, texts = generate(engine, chunk, cfg.max_new_tokens, [0] * len(chunk), temperature=0.0)
-            if use_rm:
-                ro = to_rollouts(chunk, toks, finished, texts, tok.eot_id)
-                with C.autocast(dev, cfg.dtype):
-                    scores += rm(ro.ids.to(dev), ro.rm_last.to(dev)).cpu().tolist()
-            lengths += [len(t) for t in toks]
-            all_texts += texts
-        out = {"val_length": sum(lengths) / len(lengths)}
-        if scores:
-            out["val_rm_score"] = sum(scores) / len(scores)
-        checked = [verify(t, p.extra["gold"]) for p, t in zip(eval_prompts, all_texts) if family_of(p.extra.get("gold")) in FAMILIES]
-        if checked:
-            out["val_task_correct"] = sum(v.correct for v in checked) / len(checked)
-            out["val_task_format"] = sum(v.format for v in checked) / len(checked)
-        return out
-
-    def eval_line(it: int, m: dict) -> str:
-        return (f"iteration {it}: held-out" + (f" RM score {m['val_rm_score']:+.4f}," if "val_rm_score" in m else "")
-                + (f" verified correct {m['val_task_correct']:.3f} (answer alone {m['val_task_format']:.3f})," if "val_task_correct" in m else "")
-                + f" length {m['val_length']:.1f}" + (" (the policy before RL)" if it == 0 else ""))
-
-    def save(it: int, metrics: dict) -> None:
-        meta.update(step=it, metrics=metrics, kl_coef=kl_ctl.value)
-        extra = lora.tensors() if lora is not None else None
-        extra_state = {"kl_ctl": kl_ctl.state_dict()}
-        if value_module is not None:
-            extra_state["value"] = {k: v.detach().cpu().clone() for k, v in value_module.state_dict().items()}
-        C.save_training(out, policy, tok, meta, optimizer, it, to_dict(cfg), dist, extra_state=extra_state, extra_tensors=extra)
-        log.plot(out / "ppo.png", keys=("rm_score", "task_reward", "reward", "kl", "val_rm_score", "val_task_correct"), title=f"{cfg.algo.upper()} from {policy_path.name}")
-        plot_reward_vs_kl(log.records, out / "reward_vs_kl.png")
-
-    metrics: dict = {}
-    if start == 0:
-        metrics.update(evaluate())
-        if metrics:
-            log.log({"step": 0, **metrics})
-            log.print(eval_line(0, metrics))
-    t_begin = time.time()
-    end = cfg.iterations
-    for it in range(start, cfg.iterations):
-        if it > start and it % cfg.eval_every == 0 and eval_prompts:  # without held-out prompts there is nothing to evaluate
-            metrics.update(evaluate())
-            log.log({"step": it, **metrics})
-            log.print(eval_line(it, metrics))
-        if it > start and it % cfg.save_every == 0:
-            save(it, metrics)
+    def iteration(self, it: int) -> tuple[dict, list[str]]:
+        """Rollout, scoring, training: the iteration's record and lines showing its first answers."""
+        cfg, G = self.cfg, self.G
         t0 = time.perf_counter()
-        idx = [i for i in order.get(it, 0) for _ in range(G)]  # each prompt G times, siblings adjacent
-        batch_prompts = [prompt_tokens[i] for i in idx]
-        policy.eval()
-        answers, finished, texts = generate(engine, batch_prompts, cfg.max_new_tokens, [seed_of(cfg.seed, it, j) for j in range(len(idx))])
-        ro = to_rollouts(batch_prompts, answers, finished, texts, tok.eot_id)
+        idx = [i for i in self.order.get(it, 0) for _ in range(G)]  # each prompt G times, siblings adjacent
+        batch_prompts = [self.prompt_tokens[i] for i in idx]
+        self.policy.eval()
+        answers, finished, texts = generate(self.engine, batch_prompts, cfg.max_new_tokens, [seed_of(cfg.seed, it, j) for j in range(len(idx))])
+        ro = to_rollouts(batch_prompts, answers, finished, texts, self.tok.eot_id)
         t1 = time.perf_counter()
-        beta = kl_ctl.value
-        score(ro, beta, [prompts[i].extra.get("gold") for i in idx])
+        beta = self.kl_ctl.value
+        self.score(ro, beta, [self.prompts[i].extra.get("gold") for i in idx])
         t2 = time.perf_counter()
-        train_stats = train_on(ro, it, beta)
+        train_stats = self.train_on(ro, it, beta)
         t3 = time.perf_counter()
         kl_seq = (R.kl_k1(ro.old_logp, ro.ref_logp) * ro.amask).sum(1)
-        kl_ctl.update(kl_seq.mean().item(), len(idx))
+        self.kl_ctl.update(kl_seq.mean().item(), len(idx))
         n_tokens = int(ro.amask.sum())
+        verdicts = ro.verdicts or []
         rec = {
             "step": it + 1,
-            **({"rm_score": ro.score.mean().item()} if use_rm else {}),
-            **({"task_reward": ro.task.mean().item(), "task_correct": sum(v.correct for v in ro.verdicts) / len(idx),
-                "task_format": sum(v.format for v in ro.verdicts) / len(idx), "task_language": sum(v.language for v in ro.verdicts) / len(idx)} if use_tasks else {}),
+            **({"rm_score": ro.score.mean().item()} if self.use_rm else {}),
+            **({"task_reward": ro.task.mean().item(), "task_correct": sum(v.correct for v in verdicts) / len(idx),
+                "task_format": sum(v.format for v in verdicts) / len(idx), "task_language": sum(v.language for v in verdicts) / len(idx)}
+               if self.use_tasks else {}),
             "score": ro.total.mean().item(),
             "reward": (ro.total - beta * kl_seq).mean().item(),
             "kl": kl_seq.mean().item(),
@@ -544,32 +518,84 @@ def main(cfg: PPOConfig) -> Path:
             "t_train": t3 - t2,
             "rollout_tok_per_s": n_tokens / max(1e-9, t1 - t0),
         }
-        log.log(rec)
-        if (it + 1) % cfg.log_every == 0 or it + 1 == cfg.iterations:
-            done = it + 1 - start
-            eta = (time.time() - t_begin) / done * (cfg.iterations - it - 1)
-            log.print(
-                f"iter {it + 1}/{cfg.iterations} |" + (f" RM {rec['rm_score']:+.3f} |" if use_rm else "")
-                + (f" correct {rec['task_correct']:.3f} alone {rec['task_format']:.3f} |" if use_tasks else "")
+        samples = [f"  sample | {self.prompts[idx[j]].messages[-1]['content'][:60]!r} -> {texts[j][:100]!r} (reward {ro.total[j].item():+.3f})"
+                   for j in range(min(cfg.show_samples, len(idx)))]
+        return rec, samples
+
+    def progress_line(self, rec: dict, eta_s: float) -> str:
+        cfg = self.cfg
+        return (f"iter {rec['step']}/{cfg.iterations} |" + (f" RM {rec['rm_score']:+.3f} |" if self.use_rm else "")
+                + (f" correct {rec['task_correct']:.3f} alone {rec['task_format']:.3f} |" if self.use_tasks else "")
                 + f" reward {rec['reward']:+.3f} | KL {rec['kl']:.3f} "
-                f"(beta {beta:.4f}) | entropy {rec['entropy']:.3f} | clip {rec['clipfrac']:.3f} |"
-                + (f" vf loss {rec['vf_loss']:.4f} |" if value is not None else "")
-                + f" len {rec['length']:.1f} | time rollout/score/train {t1 - t0:.1f}/{t2 - t1:.1f}/{t3 - t2:.1f}s | ETA {C.fmt_time(eta)}"
-            )
-            for j in range(min(cfg.show_samples, len(idx))):
-                log.print(f"  sample | {prompts[idx[j]].messages[-1]['content'][:60]!r} -> {texts[j][:100]!r} (reward {ro.total[j].item():+.3f})")
-        metrics.update({k: rec[k] for k in ("rm_score", "task_correct", "score", "kl", "reward", "length") if k in rec})
-        if cfg.time_budget_s and time.time() - t_begin > cfg.time_budget_s and it + 1 < cfg.iterations:
-            end = it + 1
-            log.print(f"{cfg.algo}: time budget of {cfg.time_budget_s:.0f}s spent after iteration {end} of {cfg.iterations}; stopping")
-            break
-    metrics.update(evaluate())
-    if eval_prompts:
-        log.log({"step": end, **{k: v for k, v in metrics.items() if k.startswith("val_")}})
-        log.print(eval_line(end, metrics))
-    metrics["seconds"] = round(time.time() - t_begin, 1)  # this session's wall clock (a resumed run counts from its restart)
-    save(end, metrics)
-    log.print(f"{cfg.algo}: checkpoint {out}, log {out / 'log.jsonl'}, plots {out / 'ppo.png'} and {out / 'reward_vs_kl.png'}, {time.time() - t_begin:.0f}s")
+                f"(beta {rec['beta']:.4f}) | entropy {rec['entropy']:.3f} | clip {rec['clipfrac']:.3f} |"
+                + (f" vf loss {rec['vf_loss']:.4f} |" if self.value is not None else "")
+                + f" len {rec['length']:.1f} | time rollout/score/train {rec['t_rollout']:.1f}/{rec['t_score']:.1f}/{rec['t_train']:.1f}s | ETA {C.fmt_time(eta_s)}")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """RM score (with an RM in the reward) and verified correctness (prompts of verifiable
+        families) of greedy answers to the held-out prompts; never the gold labeler's score:
+        `chatforge label judge` measures it afterwards."""
+        cfg, dev = self.cfg, self.dev
+        if not self.eval_prompts:
+            return {}
+        ids = [prompt_ids(self.tok, p.messages) for p in self.eval_prompts]
+        scores, lengths, all_texts = [], [], []
+        for i in range(0, len(ids), cfg.rollout_batch):
+            chunk = ids[i : i + cfg.rollout_batch]
+            toks, finished, texts = generate(self.engine, chunk, cfg.max_new_tokens, [0] * len(chunk), temperature=0.0)
+            if self.use_rm:
+                ro = to_rollouts(chunk, toks, finished, texts, self.tok.eot_id)
+                with C.autocast(dev, cfg.dtype):
+                    scores += self.rm(ro.ids.to(dev), ro.rm_last.to(dev)).cpu().tolist()
+            lengths += [len(t) for t in toks]
+            all_texts += texts
+        out = {"val_length": sum(lengths) / len(lengths)}
+        if scores:
+            out["val_rm_score"] = sum(scores) / len(scores)
+        checked = [verify(t, p.extra["gold"]) for p, t in zip(self.eval_prompts, all_texts) if family_of(p.extra.get("gold")) in FAMILIES]
+        if checked:
+            out["val_task_correct"] = sum(v.correct for v in checked) / len(checked)
+            out["val_task_format"] = sum(v.format for v in checked) / len(checked)
+        return out
+
+    def eval_line(self, it: int, m: dict) -> str:
+        return (f"iteration {it}: held-out" + (f" RM score {m['val_rm_score']:+.4f}," if "val_rm_score" in m else "")
+                + (f" verified correct {m['val_task_correct']:.3f} (answer alone {m['val_task_format']:.3f})," if "val_task_correct" in m else "")
+                + f" length {m['val_length']:.1f}" + (" (the policy before RL)" if it == 0 else ""))
+
+    def save(self, it: int, metrics: dict) -> None:
+        # seconds: this session's wall clock (a resumed run counts from its restart)
+        self.meta.update(step=it, metrics={**metrics, "seconds": round(time.time() - self.t0, 1)}, kl_coef=self.kl_ctl.value)
+        extra = self.lora.tensors() if self.lora is not None else None
+        extra_state = {"kl_ctl": self.kl_ctl.state_dict()}
+        if self.value_module is not None:
+            extra_state["value"] = {k: v.detach().cpu().clone() for k, v in self.value_module.state_dict().items()}
+        C.save_training(self.out, self.policy, self.tok, self.meta, self.optimizer, it, to_dict(self.cfg), self.dist,
+                        extra_state=extra_state, extra_tensors=extra)
+        keys = ("rm_score", "task_reward", "reward", "kl", "val_rm_score", "val_task_correct")
+        self.log.plot(self.out / "ppo.png", keys=keys, title=f"{self.cfg.algo.upper()} from {self.policy_path.name}")
+        plot_reward_vs_kl(self.log.records, self.out / "reward_vs_kl.png")
+
+
+def main(cfg: PPOConfig) -> Path:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("chatforge ppo runs in one process; launch it without torchrun")
+    run = PPOStage(cfg)
+    loop = run.begin()
+    for it in loop:
+        rec, samples = run.iteration(it)
+        p = loop.tick(rec["length"] * cfg.rollout_batch)  # answer tokens
+        run.log.log(rec)
+        if loop.log_due():
+            run.log.print(run.progress_line(rec, p["eta_s"]))
+            for line in samples:
+                run.log.print(line)
+        loop.metrics.update({k: rec[k] for k in ("rm_score", "task_correct", "score", "kl", "reward", "length") if k in rec})
+    loop.finish()
+    out = run.out
+    run.log.print(f"{cfg.algo}: checkpoint {out}, log {out / 'log.jsonl'}, plots {out / 'ppo.png'} and {out / 'reward_vs_kl.png'}, "
+                  f"{time.time() - loop.t0:.0f}s")
     return out
 
 
@@ -586,18 +612,10 @@ def plot_reward_vs_kl(records: list[dict], path: Path) -> None:
     pts = [(r["kl"], r["score"], r["step"]) for r in records if "kl" in r and "score" in r]
     if not pts:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=18)
-    fig.colorbar(sc, ax=ax, label="iteration")
-    ax.set_xlabel("KL(policy || reference) per answer, nats")
-    ax.set_ylabel("reward before the KL term")
-    ax.set_title("reward vs KL")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with C.figure(path, figsize=(6, 4)) as (fig, ax):
+        sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=18)
+        fig.colorbar(sc, ax=ax, label="iteration")
+        ax.set_xlabel("KL(policy || reference) per answer, nats")
+        ax.set_ylabel("reward before the KL term")
+        ax.set_title("reward vs KL")
+        ax.grid(alpha=0.3)

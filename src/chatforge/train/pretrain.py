@@ -1,12 +1,12 @@
 """Stage 0: unsupervised pretraining, maximise sum_i log P(u_i | u_<i) (Radford et al. 2018).
 
-main(cfg) reads top to bottom: build or resume, then for each step: eval, sample, save, step, log.
+main(cfg) reads top to bottom: build or resume, then for each step: eval, sample, save (when
+train/loop.py says they are due), step, log.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +19,13 @@ from ..model import GPT, PRESETS, flops_per_token, preset
 from ..sample import sample_tokens
 from ..tokenizer import Tokenizer
 from . import common as C
+from .loop import Loop, ScheduleConfig
 
 SAMPLE_PROMPTS = ["The meaning of life is", "def fibonacci(n):", "床前明月光，"]
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(ScheduleConfig):
     data: str = ""  # token-shard folder from `chatforge data prepare`
     out: str = "runs/pretrain"  # checkpoint folder (also holds log.jsonl and loss.png)
     preset: str = "cpu-small"  # model size, see model.PRESETS
@@ -39,21 +40,13 @@ class PretrainConfig:
     max_tokens: int = 0  # if > 0, train on this many tokens instead: max_steps = ceil(max_tokens / tokens per step)
     time_budget_s: float = 0.0  # stop (and save) after this many seconds; 0 = no limit
     lr: float = 2e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup_steps: int = 20  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decay on matrices
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
-    dtype: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device runs it natively (dtypes.py)
     compile: bool = False  # torch.compile the model
     eval_every: int = 100  # steps between validation runs (and at the end)
     eval_tokens: int = 65536  # validation tokens per evaluation
     sample_every: int = 0  # steps between printed samples; 0 = at each evaluation
-    save_every: int = 100  # steps between checkpoints (and at the end)
-    log_every: int = 10  # steps between progress lines
-    resume: bool = False  # continue from out/'s train_state.pt
     seed: int = 0  # weights init and data order
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"...
-    peak_flops: float = 0.0  # FLOP/s for MFU; 0 measures this device with a matmul probe
     fsdp: str = "auto"  # "on": shard weights, gradients and AdamW state over torchrun's processes (FSDP2); "off": DDP; "auto": on above 1B params
 
     def __post_init__(self) -> None:
@@ -61,20 +54,18 @@ class PretrainConfig:
             raise ValueError("PretrainConfig.data is required: a folder made by `chatforge data prepare`")
         if self.preset not in PRESETS:
             raise ValueError(f"PretrainConfig.preset={self.preset!r}; known: {', '.join(PRESETS)}")
-        for name in ("seq_len", "micro_batch", "max_steps", "eval_every", "save_every", "log_every", "eval_tokens"):
+        for name in ("seq_len", "micro_batch", "max_steps", "eval_tokens"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"PretrainConfig.{name}={getattr(self, name)} must be positive")
-        for name in ("max_tokens", "total_batch_tokens", "time_budget_s", "warmup_steps", "weight_decay", "grad_clip", "sample_every", "peak_flops"):
+        for name in ("max_tokens", "total_batch_tokens", "time_budget_s", "sample_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PretrainConfig.{name}={getattr(self, name)} must be >= 0 (0 means off/default)")
         for name in ("n_layer", "d_model", "n_head"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PretrainConfig.{name}={getattr(self, name)} must be >= 0 (0 keeps the preset's value)")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"PretrainConfig: lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
-        C.parse_dtype(self.dtype)
         if self.fsdp not in ("on", "off", "auto"):
             raise ValueError(f"PretrainConfig.fsdp={self.fsdp!r}; expected 'on', 'off' or 'auto'")
+        super().__post_init__()
 
     def model_overrides(self) -> dict:
         o = {"block": self.block}
@@ -90,131 +81,113 @@ class PretrainConfig:
 RESUME_KEYS = ("data", "preset", "block", "n_layer", "d_model", "n_head", "seq_len", "micro_batch", "total_batch_tokens", "seed")
 
 
-def main(cfg: PretrainConfig) -> Path:
-    dist = C.setup_dist(cfg.device)
-    out = Path(cfg.out)
-    shards = Shards(cfg.data)
-    tok = Tokenizer.load(cfg.data)
-    C.seed_everything(cfg.seed)
-
-    # Model: fresh from the preset, or the checkpoint being resumed.
-    start_step, state = 0, None
-    if cfg.resume:
-        state = ckpt_io.load_train_state(out)
-        C.check_resume_config(state["config"], to_dict(cfg), RESUME_KEYS, out)
-        model = ckpt_io.load(out).model.float()
-        start_step = state["step"]
-    else:
-        vocab = 64 * math.ceil(tok.vocab_size / 64)  # round up: matmuls like multiples of 64
-        mcfg = preset(cfg.preset, vocab_size=vocab, **cfg.model_overrides())
-        if cfg.seq_len > mcfg.max_seq_len:
-            raise ValueError(f"seq_len={cfg.seq_len} is longer than preset {cfg.preset}'s context ({mcfg.max_seq_len})")
-        mcfg.max_seq_len = cfg.seq_len if cfg.block == "gpt2" else mcfg.max_seq_len
-        model = GPT(mcfg)
-        model.init_weights(cfg.seed)
-    model.to(dist.device)
-    mcfg = model.cfg
-    if cfg.seq_len > mcfg.max_seq_len:
-        raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's context ({mcfg.max_seq_len})")
-
-    accum = C.grad_accum_steps(cfg.total_batch_tokens or cfg.micro_batch * cfg.seq_len * dist.world, cfg.micro_batch, cfg.seq_len, dist.world)
-    step_tokens = cfg.micro_batch * cfg.seq_len * accum * dist.world
-    max_steps = math.ceil(cfg.max_tokens / step_tokens) if cfg.max_tokens else cfg.max_steps
-    sharded = C.use_fsdp(cfg.fsdp, model.num_params(non_embedding=False), dist)
-    if sharded:
-        C.fsdp_shard(model, dist, cfg.dtype)  # before the optimizer: it holds the shards
-    optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
+def build_model(cfg: PretrainConfig, tok: Tokenizer, out: Path, state: dict | None) -> GPT:
+    """A fresh GPT from the preset, or the checkpoint being resumed."""
     if state is not None:
-        C.load_optimizer(optimizer, model, state, out)
-        C.set_rng_state(state["rng"])
-    train_model: torch.nn.Module = C.LMLoss(model)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    if dist.world > 1 and not sharded:
-        train_model = torch.nn.parallel.DistributedDataParallel(train_model)
-    batches = TrainBatches(shards, cfg.seq_len, cfg.micro_batch, accum, cfg.seed, dist.rank, dist.world)
-    fpt = flops_per_token(mcfg, cfg.seq_len)
-    peak = C.peak_flops(dist.device, cfg.dtype, cfg.peak_flops) * dist.world
-    log = C.RunLog(out, dist, resume_step=start_step if cfg.resume else None)
-    log.print(
-        f"pretrain: {model.num_params() / 1e6:.2f}M params ({mcfg.block}, L{mcfg.n_layer} d{mcfg.d_model} "
-        f"h{mcfg.n_head}/{mcfg.n_kv_head}, vocab {mcfg.vocab_size}), {fpt / 1e6:.1f} MFLOP/token, "
-        f"{step_tokens:,} tokens/step = {cfg.micro_batch}x{cfg.seq_len} x {accum} accum x {dist.world} proc, "
-        f"{max_steps} steps = {max_steps * step_tokens / 1e6:.1f}M tokens, peak {peak / 1e9:.0f} GFLOP/s, device {dist.device}, {cfg.dtype}"
-        + (", FSDP" if sharded else ", DDP" if dist.world > 1 else "")
-        + (f", resuming at step {start_step}" if cfg.resume else "")
-    )
-    val_bpt = shards.bytes_per_token("val")  # bits/byte uses the val split's average bytes per token
-    meta = {"stage": "pretrain", "parent": None, "data": str(Path(cfg.data).resolve()), "params": model.num_params()}
+        return ckpt_io.load(out).model.float()
+    vocab = 64 * math.ceil(tok.vocab_size / 64)  # round up: matmuls like multiples of 64
+    mcfg = preset(cfg.preset, vocab_size=vocab, **cfg.model_overrides())
+    if cfg.seq_len > mcfg.max_seq_len:
+        raise ValueError(f"seq_len={cfg.seq_len} is longer than preset {cfg.preset}'s context ({mcfg.max_seq_len})")
+    mcfg.max_seq_len = cfg.seq_len if cfg.block == "gpt2" else mcfg.max_seq_len
+    model = GPT(mcfg)
+    model.init_weights(cfg.seed)
+    return model
 
-    def evaluate() -> dict:
-        model.eval()
-        loss_sum = torch.zeros((), device=dist.device)
-        count = torch.zeros((), device=dist.device)
-        with torch.no_grad(), C.autocast(dist.device, cfg.dtype):
-            for x, y in val_batches(shards, cfg.seq_len, cfg.micro_batch, cfg.eval_tokens, dist.rank, dist.world):
-                s, n = C.token_loss_sum(model(x.to(dist.device)), y.to(dist.device))
-                loss_sum += s
-                count += n
-        model.train()
-        n = C.all_reduce_sum(count, dist).item()
-        loss = C.all_reduce_sum(loss_sum, dist).item() / n
-        return {"val_loss": loss, "val_bpb": C.bits_per_byte(loss, n, n * val_bpt)}
 
-    def show_samples(step: int) -> None:
-        if not dist.main and not sharded:  # sharded, every process runs the same forwards (their all-gathers must pair up)
+class PretrainStage:
+    """One pretraining run: set up in __init__ (model, optimizer, batches, log), then what the
+    loop calls (evaluate, eval_line, sample, save) and the training step."""
+
+    def __init__(self, cfg: PretrainConfig):
+        dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
+        self.cfg, self.dist, self.out = cfg, dist, out
+        self.shards = Shards(cfg.data)
+        self.tok = Tokenizer.load(cfg.data)
+        self.model = model = build_model(cfg, self.tok, out, state).to(dist.device)
+        self.start = state["step"] if state is not None else 0
+        if cfg.seq_len > model.cfg.max_seq_len:
+            raise ValueError(f"seq_len={cfg.seq_len} is longer than the model's context ({model.cfg.max_seq_len})")
+
+        self.accum = C.grad_accum_steps(cfg.total_batch_tokens or cfg.micro_batch * cfg.seq_len * dist.world, cfg.micro_batch, cfg.seq_len, dist.world)
+        self.step_tokens = cfg.micro_batch * cfg.seq_len * self.accum * dist.world
+        self.max_steps = math.ceil(cfg.max_tokens / self.step_tokens) if cfg.max_tokens else cfg.max_steps
+        self.sharded = C.use_fsdp(cfg.fsdp, model.num_params(non_embedding=False), dist)
+        if self.sharded:
+            C.fsdp_shard(model, dist, cfg.dtype)  # before the optimizer: it holds the shards
+        self.optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
+        if state is not None:
+            C.restore_training(self.optimizer, model, state, out)
+        self.train_model: torch.nn.Module = C.LMLoss(model)
+        if cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        if dist.world > 1 and not self.sharded:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model)
+        self.batches = TrainBatches(self.shards, cfg.seq_len, cfg.micro_batch, self.accum, cfg.seed, dist.rank, dist.world)
+        self.fpt = flops_per_token(model.cfg, cfg.seq_len)
+        self.peak = C.peak_flops(dist.device, cfg.dtype, cfg.peak_flops) * dist.world
+        self.log = C.RunLog(out, dist, resume_step=self.start if cfg.resume else None)
+        self.val_bpt = self.shards.bytes_per_token("val")  # bits/byte uses the val split's average bytes per token
+        self.meta = {"stage": "pretrain", "parent": None, "data": str(Path(cfg.data).resolve()), "params": model.num_params()}
+
+    def describe(self) -> None:
+        cfg, mcfg, dist = self.cfg, self.model.cfg, self.dist
+        self.log.print(
+            f"pretrain: {self.model.num_params() / 1e6:.2f}M params ({mcfg.block}, L{mcfg.n_layer} d{mcfg.d_model} "
+            f"h{mcfg.n_head}/{mcfg.n_kv_head}, vocab {mcfg.vocab_size}), {self.fpt / 1e6:.1f} MFLOP/token, "
+            f"{self.step_tokens:,} tokens/step = {cfg.micro_batch}x{cfg.seq_len} x {self.accum} accum x {dist.world} proc, "
+            f"{self.max_steps} steps = {self.max_steps * self.step_tokens / 1e6:.1f}M tokens, peak {self.peak / 1e9:.0f} GFLOP/s, "
+            f"device {dist.device}, {cfg.dtype}"
+            + (", FSDP" if self.sharded else ", DDP" if dist.world > 1 else "")
+            + (f", resuming at step {self.start}" if cfg.resume else "")
+        )
+
+    def begin(self) -> Loop:
+        """The run's header line, the model in training mode, and the loop that drives it."""
+        self.describe()
+        self.model.train()
+        return Loop("pretrain", self, self.cfg, self.dist, self.log, self.max_steps, self.start,
+                    flops_per_token=self.fpt, peak_flops=self.peak, optimizer=self.optimizer,
+                    sample_every=self.cfg.sample_every, budget_s=self.cfg.time_budget_s)
+
+    def evaluate(self) -> dict:
+        cfg = self.cfg
+        batches = val_batches(self.shards, cfg.seq_len, cfg.micro_batch, cfg.eval_tokens, self.dist.rank, self.dist.world)
+        loss_sum, count = C.eval_loss(self.model, batches, self.dist, cfg.dtype)
+        n = count.item()
+        loss = loss_sum.item() / n
+        return {"val_loss": loss, "val_bpb": C.bits_per_byte(loss, n, n * self.val_bpt)}
+
+    def eval_line(self, step: int, m: dict) -> str:
+        return f"step {step}: val loss {m['val_loss']:.4f}, {m['val_bpb']:.4f} bits/byte"
+
+    def sample(self, step: int) -> None:
+        if not self.dist.main and not self.sharded:  # sharded, every process runs the same forwards (their all-gathers must pair up)
             return
-        model.eval()
+        self.model.eval()
         for p in SAMPLE_PROMPTS:
-            ids = sample_tokens(model, tok.encode(p), 32, temperature=0.8, top_k=50, seed=step, stop_ids=(tok.eos_id,))
-            log.print(f"  sample | {p}{tok.decode(ids)!r}")
-        model.train()
+            ids = sample_tokens(self.model, self.tok.encode(p), 32, temperature=0.8, top_k=50, seed=step, stop_ids=(self.tok.eos_id,))
+            self.log.print(f"  sample | {p}{self.tok.decode(ids)!r}")
+        self.model.train()
 
-    def save(step: int, metrics: dict) -> None:
-        meta.update(step=step, max_steps=max_steps, tokens=step * step_tokens, metrics=metrics)  # tokens: D of a scaling-law fit
-        C.save_training(out, model, tok, meta, optimizer, step, to_dict(cfg), dist)
-        log.plot(out / "loss.png", title=f"pretrain {cfg.preset} ({mcfg.block})")
+    def save(self, step: int, metrics: dict) -> None:
+        # tokens: D of a scaling-law fit
+        self.meta.update(step=step, max_steps=self.max_steps, tokens=step * self.step_tokens, metrics=metrics)
+        C.save_training(self.out, self.model, self.tok, self.meta, self.optimizer, step, to_dict(self.cfg), self.dist)
+        self.log.plot(self.out / "loss.png", title=f"pretrain {self.cfg.preset} ({self.model.cfg.block})")
 
-    model.train()
-    progress = C.Progress(fpt, peak, max_steps, start_step)
-    t_start = time.time()
-    metrics: dict = {}
-    step = start_step
-    while step < max_steps:
-        with progress.paused():
-            if step > start_step and step % cfg.eval_every == 0:
-                metrics.update(evaluate())
-                log.log({"step": step, **metrics})
-                log.print(f"step {step}: val loss {metrics['val_loss']:.4f}, {metrics['val_bpb']:.4f} bits/byte")
-            if step > start_step and step % (cfg.sample_every or cfg.eval_every) == 0:
-                show_samples(step)
-            if step > start_step and step % cfg.save_every == 0:
-                save(step, metrics)
-        lr = C.lr_at(step, max_steps, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        micro = [tuple(t.to(dist.device) for t in batches.get(step, i)) for i in range(accum)]
-        r = C.train_step(train_model, micro, C.lm_loss, optimizer, dist, cfg.dtype, cfg.grad_clip)
-        p = progress.update(step, r["tokens"])
-        step += 1
-        rec = {"step": step, "loss": r["loss"], "lr": lr, "grad_norm": r["grad_norm"], "tok_per_s": p["tok_per_s"], "mfu": p["mfu"]}
-        if step % cfg.log_every == 0 or step == max_steps:
-            log.log(rec)
-            eta = min(p["eta_s"], cfg.time_budget_s - (time.time() - t_start)) if cfg.time_budget_s else p["eta_s"]
-            log.print(
-                f"step {step}/{max_steps} | loss {r['loss']:.4f} | lr {lr:.2e} | {p['tok_per_s']:,.0f} tok/s | "
-                f"MFU {100 * p['mfu']:.1f}% | ETA {C.fmt_time(eta)}"
-            )
-        if cfg.time_budget_s and C.any_rank(time.time() - t_start > cfg.time_budget_s, dist):
-            log.print(f"pretrain: time budget of {cfg.time_budget_s:.0f}s reached at step {step}")
-            break
-    metrics.update(evaluate())
-    metrics["train_loss"] = r["loss"] if step > start_step else metrics.get("train_loss")
-    log.log({"step": step, **metrics})
-    log.print(f"step {step}: val loss {metrics['val_loss']:.4f}, {metrics['val_bpb']:.4f} bits/byte")
-    show_samples(step)
-    save(step, metrics)
-    log.print(f"pretrain: checkpoint {out}, log {out / 'log.jsonl'}, plot {out / 'loss.png'}")
+    def train_step(self, step: int) -> dict:
+        micro = [tuple(t.to(self.dist.device) for t in self.batches.get(step, i)) for i in range(self.accum)]
+        return C.train_step(self.train_model, micro, C.lm_loss, self.optimizer, self.dist, self.cfg.dtype, self.cfg.grad_clip)
+
+
+def main(cfg: PretrainConfig) -> Path:
+    run = PretrainStage(cfg)
+    loop = run.begin()
+    for step in loop:
+        r = run.train_step(step)
+        loop.done(r["tokens"], {"loss": r["loss"]}, r["grad_norm"], f"loss {r['loss']:.4f}")
+    loop.finish(lambda: {"train_loss": loop.last["loss"]} if loop.last else {})
+    run.log.print(f"pretrain: checkpoint {run.out}, log {run.out / 'log.jsonl'}, plot {run.out / 'loss.png'}")
     C.teardown_dist()
-    return out
-
+    return run.out

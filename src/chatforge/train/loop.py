@@ -1,0 +1,180 @@
+"""One cadence for every training stage (pretrain, SFT, RM, DPO, PPO) and the config fields it reads.
+
+A stage's main(cfg) is: set up, then
+
+    for step in loop:            # before each step: evaluate, sample, save when due; set the lr
+        ...one step...           # the stage's own work
+        loop.done(...)           # count it, log it
+    loop.finish()                # a last evaluation, samples, the final checkpoint
+
+The loop decides when: an evaluation (and samples) before every step that is a multiple of
+eval_every (sample_every), a checkpoint before every multiple of save_every, never at the step a
+run starts or resumes at, and all three at the end. It pauses the progress clock while they run,
+so tokens/s and the ETA measure training only; it sets the scheduled lr of each step (given the
+optimizer of a ScheduleConfig stage); and it stops on a time budget that every rank agrees on (a rank that stopped alone would leave the others waiting in
+their next step's collectives). What it calls on the stage it drives is `Stage`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+from . import common as C
+
+
+class Stage(Protocol):
+    """What a Loop calls on the stage it drives; a stage with a `sample(step)` method (print
+    samples) is also asked for samples."""
+
+    def evaluate(self) -> dict:
+        """Held-out metrics ({} when there is nothing to evaluate)."""
+
+    def eval_line(self, step: int, metrics: dict) -> str:
+        """The line printed after an evaluation (`metrics`: the latest of every metric)."""
+
+    def save(self, step: int, metrics: dict) -> None:
+        """Write the checkpoint."""
+
+
+@dataclass
+class RunConfig:
+    """The fields of every training stage: where the run lives, its cadence, its process."""
+
+    out: str = ""  # checkpoint folder (also holds log.jsonl and loss.png)
+    eval_every: int = 50  # steps between validation runs (and at the end)
+    save_every: int = 100  # steps between checkpoints (and at the end)
+    log_every: int = 10  # steps between progress lines
+    resume: bool = False  # continue from out/'s train_state.pt
+    seed: int = 0  # data order and initialisation
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"...
+    dtype: str = "auto"  # "bf16" autocast, "fp32", or "auto": bf16 where the device runs it natively (dtypes.py)
+
+    def __post_init__(self) -> None:
+        for key in ("eval_every", "save_every", "log_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{type(self).__name__}.{key}={getattr(self, key)} must be positive")
+        C.parse_dtype(self.dtype)
+
+
+@dataclass
+class ScheduleConfig(RunConfig):
+    """The optimizer steps of a stage that takes them on a schedule (all but PPO, whose lr is
+    constant): warmup and cosine decay, AdamW's decay, clipping, and the peak for MFU."""
+
+    max_steps: int = 0  # optimizer steps; 0 derives them from epochs
+    lr: float = 1e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 10  # linear warmup steps
+    weight_decay: float = 0.0  # AdamW decay on matrices
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    peak_flops: float = 0.0  # FLOP/s for MFU; 0 measures this device with a matmul probe
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"{name}: lr={self.lr} must be > 0 and min_lr_ratio={self.min_lr_ratio} in [0, 1]")
+        for key in ("max_steps", "warmup_steps", "weight_decay", "grad_clip", "peak_flops"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{name}.{key}={getattr(self, key)} must be >= 0 (0 means off/default)")
+        super().__post_init__()
+
+    def lr_at(self, step: int, total: int) -> float:
+        return C.lr_at(step, total, self.lr, self.warmup_steps, self.min_lr_ratio)
+
+
+class Loop:
+    """The cadence of one run from step `start` to `total` (see the module docstring)."""
+
+    def __init__(self, name: str, stage: Stage, cfg: RunConfig, dist: C.Dist, log: C.RunLog, total: int, start: int, *,
+                 flops_per_token: float = 0.0, peak_flops: float = 0.0, optimizer: torch.optim.Optimizer | None = None,
+                 sample_every: int = 0, budget_s: float = 0.0, eval_first: bool = False):
+        self.name, self.stage, self.cfg, self.dist, self.log = name, stage, cfg, dist, log
+        self.optimizer = optimizer  # with a ScheduleConfig: the loop sets its lr
+        self.lr = 0.0
+        self.total, self.start, self.step = total, start, start
+        self.progress = C.Progress(flops_per_token, peak_flops, total, start)  # MFU is 0 without a peak
+        self.budget_s = budget_s
+        self.sample_every = sample_every or cfg.eval_every
+        self.eval_first = eval_first  # a fresh run evaluates at step 0: the number training has to beat
+        self.metrics: dict = {}  # the latest of every metric, for the checkpoint's meta.json
+        self.last: dict = {}  # the last step's record
+        self.t0 = time.time()  # the session's clock: the time budget counts from here
+
+    def __iter__(self) -> Iterator[int]:
+        if self.step == 0 and self.eval_first:
+            with self.progress.paused():
+                self._evaluate(self.stage.evaluate())
+        while self.step < self.total:
+            with self.progress.paused():
+                if self._due(self.cfg.eval_every):
+                    self._evaluate(self.stage.evaluate())
+                if self._due(self.sample_every) and hasattr(self.stage, "sample"):
+                    self.stage.sample(self.step)
+                if self._due(self.cfg.save_every):
+                    self.stage.save(self.step, self.metrics)
+            if self.optimizer is not None:
+                self._set_lr()
+            at = self.step
+            yield at
+            assert self.step == at + 1, "a loop body calls loop.done() or loop.tick() once per step"
+            if self._out_of_time():
+                self.log.print(f"{self.name}: time budget of {self.budget_s:.0f}s reached at step {self.step} of {self.total}; stopping")
+                break
+
+    def _due(self, every: int) -> bool:
+        return self.step > self.start and self.step % every == 0
+
+    def _out_of_time(self) -> bool:
+        # Asked only while steps remain, so every rank asks the same number of times.
+        return bool(self.budget_s) and self.step < self.total and C.any_rank(time.time() - self.t0 > self.budget_s, self.dist)
+
+    def _evaluate(self, result: dict, extra: dict | None = None) -> None:
+        self.metrics.update(result)
+        self.metrics.update(extra or {})
+        if result or extra:
+            self.log.log({"step": self.step, **result, **(extra or {})})
+            self.log.print(self.stage.eval_line(self.step, self.metrics))
+
+    def _set_lr(self) -> None:
+        """The scheduled lr of this step, in every parameter group."""
+        self.lr = self.cfg.lr_at(self.step, self.total)
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr
+
+    def tick(self, tokens: float) -> dict[str, float]:
+        """This step is done, having trained on `tokens` (over all ranks): tokens/s, MFU and the ETA."""
+        p = self.progress.update(self.step, tokens)
+        self.step += 1
+        if self.budget_s:
+            p["eta_s"] = min(p["eta_s"], self.budget_s - (time.time() - self.t0))
+        return p
+
+    def log_due(self) -> bool:
+        return self.step % self.cfg.log_every == 0 or self.step == self.total
+
+    def done(self, tokens: float, values: dict, grad_norm: float, text: str) -> None:
+        """tick(), then every log_every steps the step's record (its `values`: loss, ...; the lr,
+        `grad_norm`, tokens/s, MFU) and a progress line, `text` being the stage's part of it
+        ("loss 2.3456 | pair acc 0.812")."""
+        p = self.tick(tokens)
+        self.last = {"step": self.step, **values, "lr": self.lr, "grad_norm": grad_norm, "tok_per_s": p["tok_per_s"], "mfu": p["mfu"]}
+        if self.log_due():
+            self.log.log(self.last)
+            self.log.print(
+                f"step {self.step}/{self.total} | {text} | lr {self.lr:.2e} | {p['tok_per_s']:,.0f} tok/s | "
+                f"MFU {100 * p['mfu']:.1f}% | ETA {C.fmt_time(p['eta_s'])}"
+            )
+
+    def finish(self, extra: Callable[[], dict] | None = None) -> dict:
+        """The end of the run: a last evaluation, logged together with what `extra()` adds to it
+        (computed after the evaluation), samples, the final checkpoint. Returns the metrics."""
+        result = self.stage.evaluate()
+        self._evaluate(result, extra() if extra is not None else None)
+        if hasattr(self.stage, "sample"):
+            self.stage.sample(self.step)
+        self.stage.save(self.step, self.metrics)
+        return self.metrics
