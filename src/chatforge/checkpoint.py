@@ -45,12 +45,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from .config import from_dict, load_json, save_json, to_dict
-from .model import GPT, GPTConfig, RewardModel
+from .model import GPT, GPTConfig, RewardModel, rope_tables
+from .quantize import int4_groups, int8_weights
+
+try:
+    from numpy._core.multiarray import _reconstruct as _np_reconstruct  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core.multiarray import _reconstruct as _np_reconstruct
 from .tokenizer import Tokenizer
 
 REQUIRED = ("model.safetensors", "config.json", "tokenizer.json", "meta.json")
@@ -97,8 +104,6 @@ def _quantized_matrix(name: str, v: torch.Tensor) -> bool:
 
 def quantize_state(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
     """A state dict in the quantized layout above (fmt "int8" | "int4")."""
-    from .quantize import int4_groups, int8_weights
-
     if fmt not in WEIGHT_FORMATS:
         raise ValueError(f"weights={fmt!r}; expected one of {', '.join(WEIGHT_FORMATS)}")
     out: dict[str, torch.Tensor] = {}
@@ -308,8 +313,6 @@ def load_weights(model: GPT, state: dict[str, torch.Tensor], source: str) -> Non
     model.load_state_dict(state, strict=True, assign=True)
     # Buffers that are not saved (RoPE tables) were built on the meta device: rebuild them.
     if model.cfg.block == "llama":
-        from .model import rope_tables
-
         cos, sin = rope_tables(model.cfg.head_dim, model.cfg.max_seq_len, model.cfg.rope_theta)
         model.rope_cos, model.rope_sin = cos, sin
 
@@ -357,11 +360,5 @@ def load_train_state(directory: str | Path) -> dict[str, Any]:
 
 def _numpy_rng_types() -> list:
     """What np.random.get_state() pickles as: an ndarray of uint32 (numpy 1.x or 2.x module paths)."""
-    import numpy as np
-
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    return [_np_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 

@@ -31,6 +31,7 @@ from .. import console
 from ..config import load_json, save_json
 from ..eval.scaling import MIN_RUNS, Fit, describe, fit, fmt_count, frontier
 from ..model import GPT, flops_per_token, preset
+from ..plots import colors, figure
 from ..tokenizer import Tokenizer
 from ..train import common as C
 from ..train.pretrain import PretrainConfig
@@ -289,18 +290,16 @@ def fit_dir(ladder_dir: str | Path, check: list[str] | None = None, n_boot: int 
 def plot_fit(f: Fit, path: Path) -> None:
     """Loss vs compute: the runs (one colour per model size), each size's fitted curve, the
     compute-optimal frontier with its 95% band, and check runs as stars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs, checks = f.info.get("runs", []), f.info.get("checks", [])
     cs = [6 * r["n_params"] * r["tokens"] for r in runs + checks]
     grid = np.geomspace(min(cs) / 2, max(cs) * 4, 60)
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     sizes = sorted({r["n_params"] for r in runs})
-    colors = plt.cm.viridis(np.linspace(0, 0.85, len(sizes)))
-    for n, col in zip(sizes, colors):
+    with figure(path, figsize=(7.5, 4.5), dpi=90) as (fig, ax):
+        _draw_fit(ax, f, runs, checks, sizes, grid)
+
+
+def _draw_fit(ax, f: Fit, runs: list, checks: list, sizes: list, grid) -> None:
+    for n, col in zip(sizes, colors(len(sizes))):
         rs = [r for r in runs if r["n_params"] == n]
         ax.scatter([6 * n * r["tokens"] for r in rs], [r["loss"] for r in rs], color=col, zorder=3, label=f"N={fmt_count(n)}")
         ax.plot(grid, f.law.loss(n, grid / (6 * n)), color=col, lw=0.8, alpha=0.7)
@@ -320,9 +319,6 @@ def plot_fit(f: Fit, path: Path) -> None:
     ax.set_title(f"L(N,D) = {f.law.E:.2f} + {f.law.A:.3g}/N^{f.law.alpha:.2f} + {f.law.B:.3g}/D^{f.law.beta:.2f}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
 
 
 def load_fit(path: str | Path) -> Fit:

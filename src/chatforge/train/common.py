@@ -33,6 +33,7 @@ from ..config import to_dict
 from ..convert.registry import resolve
 from ..data.loader import Shards, TrainBatches
 from ..model import GPT, RewardModel
+from ..plots import figure
 from ..tokenizer import Tokenizer
 
 # ---- device, precision, processes -----------------------------------------------------------
@@ -415,24 +416,6 @@ class RunLog:
             ax.set_title(title)
             ax.grid(alpha=0.3)
             ax.legend()
-
-
-@contextlib.contextmanager
-def figure(path: Path, figsize: tuple[float, float] = (7, 4), dpi: int = 100):
-    """`with figure(path) as (fig, ax): ...` draws one matplotlib figure without a display (Agg)
-    and writes it to `path` (tight layout) when the block ends; the figure is closed either way."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=figsize)
-    try:
-        yield fig, ax
-        fig.tight_layout()
-        fig.savefig(path, dpi=dpi)
-    finally:
-        plt.close(fig)
 
 
 class Progress:

@@ -63,11 +63,12 @@ from ..convert.registry import resolve
 from ..data.rankings import prompt_ids, read_prompts
 from ..engine import Engine, SamplingParams
 from ..model import GPT, RewardModel, shared_depth
+from ..plots import figure
 from . import common as C
 from . import rl_math as R
 from .common import load_policy
-from .lora import LoRA, LoRAConfig
 from .loop import Loop, RunConfig
+from .lora import LoRA, LoRAConfig
 from .rankings import ShuffledBatches
 from .verify import FAMILIES, check_prompt, family_of, verify
 
@@ -213,16 +214,8 @@ def generate(engine: Engine, prompts: list[list[int]], max_new_tokens: int, seed
     """One answer per prompt: its tokens, whether it ended with a stop token, its text.
     Temperature 1 (no truncation of the distribution) samples the policy itself; 0 is greedy."""
     sps = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, seed=s) for s in seeds]
-    toks: list[list[int]] = [[] for _ in prompts]
-    texts = [""] * len(prompts)
-    finished = [False] * len(prompts)
-    for ev in engine.generate(prompts, sps):
-        if ev.token_id is not None:
-            toks[ev.request_id].append(ev.token_id)
-        texts[ev.request_id] += ev.text
-        if ev.finish_reason:
-            finished[ev.request_id] = ev.finish_reason == "stop"
-    return toks, finished, texts
+    done = engine.complete(prompts, sps)
+    return [c.ids for c in done], [c.finish_reason == "stop" for c in done], [c.text for c in done]
 
 
 def policy_logprobs(model: GPT, ids: torch.Tensor, amask: torch.Tensor, entropy: bool = False, stem=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -475,7 +468,6 @@ class PPOStage:
                 st["grad_norm"] = gn
                 for k in STATS:
                     stats.setdefault(k, []).append(float(st[k]))
-        self.policy.eval()
         skip = {k for k, used in (("ptx_loss", self.ptx is not None), ("kl_loss", cfg.kl_mode == "loss"), ("vf_loss", self.value is not None),
                                   ("vf_clipfrac", self.value is not None)) if not used}
         return {k: sum(v) / len(v) for k, v in stats.items() if k not in skip}
@@ -486,7 +478,6 @@ class PPOStage:
         t0 = time.perf_counter()
         idx = [i for i in self.order.get(it, 0) for _ in range(G)]  # each prompt G times, siblings adjacent
         batch_prompts = [self.prompt_tokens[i] for i in idx]
-        self.policy.eval()
         answers, finished, texts = generate(self.engine, batch_prompts, cfg.max_new_tokens, [seed_of(cfg.seed, it, j) for j in range(len(idx))])
         ro = to_rollouts(batch_prompts, answers, finished, texts, self.tok.eot_id)
         t1 = time.perf_counter()
@@ -612,7 +603,7 @@ def plot_reward_vs_kl(records: list[dict], path: Path) -> None:
     pts = [(r["kl"], r["score"], r["step"]) for r in records if "kl" in r and "score" in r]
     if not pts:
         return
-    with C.figure(path, figsize=(6, 4)) as (fig, ax):
+    with figure(path, figsize=(6, 4)) as (fig, ax):
         sc = ax.scatter([p[0] for p in pts], [p[1] for p in pts], c=[p[2] for p in pts], cmap="viridis", s=18)
         fig.colorbar(sc, ax=ax, label="iteration")
         ax.set_xlabel("KL(policy || reference) per answer, nats")

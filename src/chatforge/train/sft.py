@@ -245,12 +245,9 @@ class SFTStage:
         prompts = [self.tok.render([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in cfg.sample_prompts]
         max_seq_len = min(self.model.cfg.max_seq_len, max(map(len, prompts)) + cfg.sample_tokens + 1)
         engine = Engine(self.model, self.tok, max_batch=len(prompts), max_seq_len=max_seq_len)
-        texts = [""] * len(prompts)
-        for ev in engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=cfg.sample_tokens)):
-            texts[ev.request_id] += ev.text
-        for p, t in zip(cfg.sample_prompts, texts):
-            self.log.print(f"  sample | {p} -> {t!r}")
-        self.model.train()
+        done = engine.complete(prompts, SamplingParams(temperature=0.0, max_new_tokens=cfg.sample_tokens))
+        for p, c in zip(cfg.sample_prompts, done):
+            self.log.print(f"  sample | {p} -> {c.text!r}")
 
     def save(self, step: int, metrics: dict) -> None:
         self.meta.update(step=step, metrics=metrics)
