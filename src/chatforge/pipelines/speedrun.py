@@ -27,7 +27,7 @@ from ..config import load_json, save_json
 from ..data.corpus import build_default_corpus
 from ..data.prepare import prepare, train_tokenizer_on_files
 from ..data.prompts import build_prompts, build_verifiable_prompts
-from ..data.sft_default import default_sft_dir
+from ..data.sft_default import SFTDefaultConfig, build_sft_default, default_sft_dir
 from ..eval.gold import paired_difference
 from ..eval.tasks import TaskEvalConfig
 from ..eval.tasks import main as eval_tasks
@@ -38,7 +38,8 @@ from ..train.ppo import PPOConfig
 from ..train.ppo import main as rl_main
 from ..train.pretrain import PretrainConfig
 from ..train.pretrain import main as pretrain
-from ..train.sft import speedrun_sft
+from ..train.sft import SFTConfig
+from ..train.sft import main as sft_main
 from ..train.verify import FAMILIES
 from . import scale
 from .label import judge
@@ -235,6 +236,28 @@ def _pretrain(cfg: SpeedrunConfig, shards: Path, base: Path, t0: float) -> None:
 
 def _metrics(ckpt: Path) -> dict:
     return json.loads((ckpt / "meta.json").read_text()).get("metrics", {})
+
+
+def speedrun_sft(base: Path, out: Path, budget_s: float, seed: int = 0, device: str = "auto") -> Path:
+    """The speedrun's SFT stage: the default demonstration set (built without the teacher when it
+    is not cached yet, to keep the run short), then full fine-tuning of `base` sized to finish in
+    about `budget_s` seconds: steps = budget x the pretraining run's measured tokens/s (read from
+    its log.jsonl) / tokens per step, so the cosine schedule ends when the time does. An
+    interrupted run resumes."""
+    data = default_sft_dir()
+    if not (data / "manifest.json").is_file():
+        data = build_sft_default(SFTDefaultConfig(teacher_prompts=0))
+    seq_len, micro_batch = min(256, ckpt_io.load_config(base).max_seq_len), 16
+    rates = [r["tok_per_s"] for r in map(json.loads, (Path(base) / "log.jsonl").read_text().splitlines()) if "tok_per_s" in r] \
+        if (Path(base) / "log.jsonl").is_file() else []
+    max_steps = max(20, int(0.85 * budget_s * rates[-1] / (micro_batch * seq_len))) if rates else 0  # 15% for evals and saves
+    cfg = SFTConfig(
+        base=str(base), data=[str(data / "train")], val_data=[str(data / "heldout")], out=str(out), seq_len=seq_len,
+        micro_batch=micro_batch, epochs=3.0, max_steps=max_steps, lr=1e-3, warmup_steps=20, time_budget_s=max(30.0, budget_s),
+        eval_every=max(1, max_steps // 4) if max_steps else 100, save_every=max(1, max_steps // 4) if max_steps else 100,
+        log_every=10, resume=(Path(out) / "train_state.pt").is_file(), seed=seed, device=device,
+    )
+    return sft_main(cfg)
 
 
 def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> dict:

@@ -58,7 +58,7 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..checkpoint import load_reward_model
-from ..config import to_dict
+from ..config import mix_seed, to_dict
 from ..convert.registry import resolve
 from ..data.rankings import prompt_ids, read_prompts
 from ..engine import Engine, SamplingParams
@@ -448,7 +448,7 @@ class PPOStage:
         if self.value is not None:
             self.value.train()
         stats: dict[str, list[float]] = {}
-        gen = torch.Generator().manual_seed(seed_of(cfg.seed, it))
+        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, it))
         steps_per_iter = cfg.ppo_epochs * (cfg.rollout_batch // cfg.minibatch)
         n_steps = 0
         for _ in range(cfg.ppo_epochs):
@@ -478,7 +478,7 @@ class PPOStage:
         t0 = time.perf_counter()
         idx = [i for i in self.order.get(it, 0) for _ in range(G)]  # each prompt G times, siblings adjacent
         batch_prompts = [self.prompt_tokens[i] for i in idx]
-        answers, finished, texts = generate(self.engine, batch_prompts, cfg.max_new_tokens, [seed_of(cfg.seed, it, j) for j in range(len(idx))])
+        answers, finished, texts = generate(self.engine, batch_prompts, cfg.max_new_tokens, [mix_seed(cfg.seed, it, j) for j in range(len(idx))])
         ro = to_rollouts(batch_prompts, answers, finished, texts, self.tok.eot_id)
         t1 = time.perf_counter()
         beta = self.kl_ctl.value
@@ -588,12 +588,6 @@ def main(cfg: PPOConfig) -> Path:
     run.log.print(f"{cfg.algo}: checkpoint {out}, log {out / 'log.jsonl'}, plots {out / 'ppo.png'} and {out / 'reward_vs_kl.png'}, "
                   f"{time.time() - loop.t0:.0f}s")
     return out
-
-
-def seed_of(*parts: int) -> int:
-    """A seed for (seed, iteration, row): hashes of int tuples do not depend on PYTHONHASHSEED,
-    so a resumed run draws the same samples."""
-    return hash(parts) % (2**62)
 
 
 def plot_reward_vs_kl(records: list[dict], path: Path) -> None:

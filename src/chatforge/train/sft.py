@@ -14,7 +14,6 @@ save, step, log.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import dataclass, field
@@ -27,7 +26,6 @@ import torch.nn.functional as F
 from .. import checkpoint as ckpt_io
 from ..config import to_dict
 from ..data.chat import ChatBatches, read_conversations, tokenize, val_batches
-from ..data.sft_default import SFTDefaultConfig, build_sft_default, default_sft_dir
 from ..engine import Engine, SamplingParams
 from ..model import flops_per_token
 from . import common as C
@@ -313,25 +311,3 @@ def step_with_mix(train_model: nn.Module, micro: list, optimizer, dist: C.Dist, 
         sums = C.all_reduce_sum(torch.stack([parts["sft"], parts["lm"]]).to(dist.device), dist)
         r.update(sft_loss=sums[0].item() / n_sft, lm_loss=sums[1].item() / n_lm)
     return r
-
-
-def speedrun_sft(base: Path, out: Path, budget_s: float, seed: int = 0, device: str = "auto") -> Path:
-    """The speedrun's SFT stage: the default demonstration set (built without the teacher when it
-    is not cached yet, to keep the run short), then full fine-tuning of `base` sized to finish in
-    about `budget_s` seconds: steps = budget x the pretraining run's measured tokens/s (read from
-    its log.jsonl) / tokens per step, so the cosine schedule ends when the time does. An
-    interrupted run resumes."""
-    data = default_sft_dir()
-    if not (data / "manifest.json").is_file():
-        data = build_sft_default(SFTDefaultConfig(teacher_prompts=0))
-    seq_len, micro_batch = min(256, ckpt_io.load_config(base).max_seq_len), 16
-    rates = [r["tok_per_s"] for r in map(json.loads, (Path(base) / "log.jsonl").read_text().splitlines()) if "tok_per_s" in r] \
-        if (Path(base) / "log.jsonl").is_file() else []
-    max_steps = max(20, int(0.85 * budget_s * rates[-1] / (micro_batch * seq_len))) if rates else 0  # 15% for evals and saves
-    cfg = SFTConfig(
-        base=str(base), data=[str(data / "train")], val_data=[str(data / "heldout")], out=str(out), seq_len=seq_len,
-        micro_batch=micro_batch, epochs=3.0, max_steps=max_steps, lr=1e-3, warmup_steps=20, time_budget_s=max(30.0, budget_s),
-        eval_every=max(1, max_steps // 4) if max_steps else 100, save_every=max(1, max_steps // 4) if max_steps else 100,
-        log_every=10, resume=(Path(out) / "train_state.pt").is_file(), seed=seed, device=device,
-    )
-    return main(cfg)
