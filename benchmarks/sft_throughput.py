@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from train_throughput import hf_model  # one field-by-field Llama mapping (a script's folder is on sys.path)
 
 
 def conversations(n: int, seed: int = 0) -> list[list[dict]]:
@@ -54,18 +55,6 @@ def hf_tokenizer(tok):
     t = PreTrainedTokenizerFast(tokenizer_object=tok.hf, eos_token=IM_END, pad_token=EOT_DOC)
     t.chat_template = CHATML_JINJA
     return t
-
-
-def hf_model(cfg):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hc = LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layer,
-        num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_kv_head, head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-    )
-    return LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
 
 
 class ChatforgeRunner:

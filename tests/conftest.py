@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import random
-from typing import Iterator
+from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from chatforge.tokenizer import train_tokenizer
 from store_backends import BACKENDS, database_url
@@ -30,6 +32,33 @@ def corpus_docs(n: int = 300, seed: int = 0) -> list[str]:
         parts = [rng.choice(EN + ZH) for _ in range(rng.randint(2, 6))]
         docs.append(" ".join(parts) + f" {rng.randint(0, 999)}")
     return docs
+
+
+def run_killed(monkeypatch, owner, name: str, call: int, run: Callable[[], object]) -> None:
+    """Run `run()` with `owner.name` raising KeyboardInterrupt on its `call`-th call (the process
+    killed mid-run, e.g. a few steps after a checkpoint), then put the real function back."""
+    real = getattr(owner, name)
+    calls = 0
+
+    def dying(*a, **k):
+        nonlocal calls
+        calls += 1
+        if calls == call:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(owner, name, dying)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(owner, name, real)
+
+
+def assert_close_weights(a: Path, b: Path) -> None:
+    """Every tensor of checkpoint folder a's model.safetensors matches b's to multi-process
+    tolerance (summation order differs between process counts)."""
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.fixture(scope="session")

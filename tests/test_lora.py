@@ -26,6 +26,14 @@ def randomize(lora: LoRA, seed: int = 1) -> None:
             b.copy_(torch.randn(b.shape, generator=g) * 0.05)
 
 
+def with_random_adapters(tok) -> tuple[GPT, LoRA]:
+    """A tiny model with rank-4 adapters whose B is random, so the adapters change its output."""
+    model = tiny(tok)
+    lora = LoRA(model, rank=4, alpha=8)
+    randomize(lora)
+    return model, lora
+
+
 def ids(tok):
     return torch.tensor([tok.encode("The quick brown fox. 床前明月光")])
 
@@ -69,9 +77,7 @@ def test_only_adapters_change(tok):
 
 def test_merge_equals_adapted(tok):
     """Guards a merge that computes another function than the adapters: W + (alpha/r) B A."""
-    model = tiny(tok)
-    lora = LoRA(model, rank=4, alpha=8)
-    randomize(lora)
+    model, lora = with_random_adapters(tok)
     x = ids(tok)
     with torch.no_grad():
         adapted = model(x)
@@ -102,9 +108,7 @@ def test_adapter_on_the_output_head(tok):
 def test_checkpoint_with_adapters_loads_merged(tok, tmp_path):
     """Guards `chatforge chat` on an unmerged LoRA checkpoint silently serving the base model:
     checkpoint.load must fold the adapters in."""
-    model = tiny(tok)
-    lora = LoRA(model, rank=4, alpha=8)
-    randomize(lora)
+    model, lora = with_random_adapters(tok)
     x = ids(tok)
     with torch.no_grad():
         adapted = model(x)
@@ -126,10 +130,8 @@ def test_matches_peft(tok):
     """Guards our LoRA drifting from the standard one: PEFT's LoRA on the same modules with the
     same A, B and scale gives the same logits."""
     peft = pytest.importorskip("peft")
-    model = tiny(tok)
+    model, lora = with_random_adapters(tok)
     ref = tiny(tok)
-    lora = LoRA(model, rank=4, alpha=8)
-    randomize(lora)
     pm = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "proj", "fc"], lora_dropout=0.0))
     with torch.no_grad():
         for name, a, b in zip(lora.names, lora.A, lora.B):

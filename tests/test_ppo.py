@@ -15,6 +15,7 @@ from chatforge.model import GPT, preset
 from chatforge.train import ppo as P
 from chatforge.train import rl_math as R
 from chatforge.model import RewardModel
+from conftest import run_killed
 
 
 @pytest.fixture(autouse=True)
@@ -302,19 +303,7 @@ def test_ppo_resume_exact(tok, tmp_path, monkeypatch):
     sft, rm, prompts = make_run(tok, tmp_path)
     kw = dict(iterations=4, save_every=2, kl_target=1.0, kl_horizon=10)
     ref = P.main(ppo_cfg(tmp_path, sft, rm, prompts, out=str(tmp_path / "ref"), **kw))
-    real = P.generate
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(P, "generate", dying)
-    with pytest.raises(KeyboardInterrupt):
-        P.main(ppo_cfg(tmp_path, sft, rm, prompts, out=str(tmp_path / "run"), **kw))
-    monkeypatch.setattr(P, "generate", real)
+    run_killed(monkeypatch, P, "generate", 4, lambda: P.main(ppo_cfg(tmp_path, sft, rm, prompts, out=str(tmp_path / "run"), **kw)))
     run = P.main(ppo_cfg(tmp_path, sft, rm, prompts, out=str(tmp_path / "run"), resume=True, **kw))
     keys = ("rm_score", "kl", "pg_loss", "vf_loss", "beta", "length")
     rows = lambda d: [tuple(r[k] for k in keys) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "rm_score" in r]  # noqa: E731

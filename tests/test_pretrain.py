@@ -16,6 +16,7 @@ from chatforge.data.loader import Shards, TrainBatches, val_batches
 from chatforge.model import GPT, GPTConfig
 from chatforge.train import common as C
 from chatforge.train.pretrain import PretrainConfig, main
+from conftest import run_killed
 
 
 def cfg(shards, out, **kw):
@@ -46,19 +47,8 @@ def test_resume_after_kill(shards_dir, tmp_path, monkeypatch):
     ref = tmp_path / "ref"
     main(cfg(shards_dir, ref))
     run = tmp_path / "run"
-    calls = {"n": 0}
-    real_step = C.train_step
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 13:  # steps 11..13 run after the save at step 10, then the process "dies"
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(C, "train_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        main(cfg(shards_dir, run))
-    monkeypatch.setattr(C, "train_step", real_step)
+    # steps 11..13 run after the save at step 10, then the process "dies"
+    run_killed(monkeypatch, C, "train_step", 13, lambda: main(cfg(shards_dir, run)))
     main(cfg(shards_dir, run, resume=True))
     assert losses(run) == losses(ref)
     assert json.loads((run / "meta.json").read_text())["metrics"] == json.loads((ref / "meta.json").read_text())["metrics"]

@@ -17,6 +17,7 @@ from chatforge.checkpoint import load_reward_model
 from chatforge.train.rankings import score_all, tokenize_rankings
 from chatforge.train.reward import RewardConfig, main
 from chatforge.data.rankings import read_rankings
+from conftest import run_killed
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -128,19 +129,7 @@ def test_reward_resume_exact(tok, tmp_path, monkeypatch):
     sft = tiny_sft(tok, tmp_path / "sft")
     data = preference_file(tmp_path / "rank.jsonl", 40, seed=1)
     ref = main(rm_cfg(tmp_path, sft, data, out=str(tmp_path / "ref"), epochs=2.0))
-    real = C.train_step
-    calls = {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(C, "train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        main(rm_cfg(tmp_path, sft, data, out=str(tmp_path / "run"), epochs=2.0))
-    monkeypatch.setattr(C, "train_step", real)
+    run_killed(monkeypatch, C, "train_step", 7, lambda: main(rm_cfg(tmp_path, sft, data, out=str(tmp_path / "run"), epochs=2.0)))
     run = main(rm_cfg(tmp_path, sft, data, out=str(tmp_path / "run"), epochs=2.0, resume=True))
     losses = lambda d: [r["loss"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "loss" in r]  # noqa: E731
     assert losses(run) == losses(ref) and len(losses(ref)) >= 4

@@ -14,6 +14,7 @@ from chatforge.model import GPT, preset
 from chatforge.tokenizer import CHATML_JINJA, ChatSpec, Tokenizer
 from chatforge.train import common as C
 from chatforge.train.sft import SFTConfig, main
+from conftest import assert_close_weights, run_killed
 
 QA = [
     ("What is 2 + 3?", "5"),
@@ -306,19 +307,8 @@ def test_sft_resume_exact(base_ckpt, chat_files, tmp_path, monkeypatch):
     """Guards exact resume (shared machinery): kill after the step-5 save, resume, compare losses."""
     kw = dict(max_steps=10, save_every=5, eval_every=5, sample_prompts=[])
     ref = main(sft_cfg(base_ckpt, chat_files, tmp_path / "ref", **kw))
-    calls = {"n": 0}
-    real = C.train_step
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 8:  # steps 6..8 run after the save at step 5, then the process "dies"
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(C, "train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        main(sft_cfg(base_ckpt, chat_files, tmp_path / "run", **kw))
-    monkeypatch.setattr(C, "train_step", real)
+    # steps 6..8 run after the save at step 5, then the process "dies"
+    run_killed(monkeypatch, C, "train_step", 8, lambda: main(sft_cfg(base_ckpt, chat_files, tmp_path / "run", **kw)))
     run = main(sft_cfg(base_ckpt, chat_files, tmp_path / "run", resume=True, **kw))
     assert losses(run) == losses(ref)
     assert [r for r in records(run) if "val_loss" in r] == [r for r in records(ref) if "val_loss" in r]
@@ -522,7 +512,6 @@ def test_sft_fsdp_matches_one_process(base_ckpt, chat_files, tmp_path):
     """Guards FSDP in SFT (hidden() and head() outside forward, registered with FSDP): 2 gloo
     processes with the model sharded give 1 process's losses with accumulation, and the
     consolidated checkpoint's weights."""
-    from safetensors.torch import load_file
     from test_reward import run_cli
 
     common = ["sft", "--base", str(base_ckpt), "--data", str(chat_files[0]), "--val-data", str(chat_files[1]), "--seq-len", "64",
@@ -533,6 +522,4 @@ def test_sft_fsdp_matches_one_process(base_ckpt, chat_files, tmp_path):
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(a) == len(b) == 6
     assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
-    wa, wb = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
-    for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+    assert_close_weights(tmp_path / "one", tmp_path / "two")

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from chatforge.pipelines import scale
 from chatforge.pipelines import speedrun as S
 from chatforge.train import common as C
 from chatforge.train import pretrain as P
-from conftest import corpus_docs
+from conftest import corpus_docs, run_killed
 
 
 def _losses(folder):
@@ -39,20 +37,9 @@ def test_speedrun_skips_finished_stages_and_resumes_an_interrupted_one(tmp_path,
     ref = S.main(S.SpeedrunConfig(out=str(tmp_path / "ref"), **kw))
     assert [s for s, _ in _losses(ref / "base")][-1] == 20
 
-    calls = {"n": 0}
-    real_step = C.train_step
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 11:  # steps 9..11 run after the save at step 8, then the process "dies"
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(C, "train_step", dying)
-    with pytest.raises(KeyboardInterrupt):
-        S.main(S.SpeedrunConfig(out=str(run), **kw))
-    monkeypatch.setattr(C, "train_step", real_step)
+    # steps 9..11 run after the save at step 8, then the process "dies"
+    run_killed(monkeypatch, C, "train_step", 11, lambda: S.main(S.SpeedrunConfig(out=str(run), **kw)))
     assert not (run / ".done-pretrain").exists() and (run / "base" / "train_state.pt").is_file()
 
     def must_not_run(what):

@@ -53,6 +53,17 @@ def browser():
         b.close()
 
 
+def rank_answers(page, cards: str, order: tuple[int, ...], n: int = 3, timeout: float = 30000) -> list[str]:
+    """Wait for `n` answer cards (the CSS selector `cards`), click "Next best" on them in `order`
+    (best first) and return the cards' message ids."""
+    page.wait_for_function(f"() => document.querySelectorAll('{cards}').length === {n}", timeout=timeout)
+    found = page.locator(cards)
+    ids = [found.nth(i).get_attribute("data-id") for i in range(n)]
+    for i in order:
+        found.nth(i).locator(".pick").click()
+    return ids
+
+
 def sign_in(page, server, key: str, path: str = "/") -> None:
     page.goto(server.base_url + path)
     page.fill("#key-input", key)
@@ -121,11 +132,7 @@ def test_chat_page_stream_feedback_edit_compare_reload(server, browser):
     page.select_option("#compare", "3")
     page.fill("#prompt", "Give me three ideas")
     page.keyboard.press("Enter")
-    page.wait_for_function("() => document.querySelectorAll('.compare .answer-card').length === 3", timeout=30000)
-    cards = page.locator(".compare .answer-card")
-    ids = [cards.nth(i).get_attribute("data-id") for i in range(3)]
-    for i in (2, 0, 1):
-        cards.nth(i).locator(".pick").click()
+    ids = rank_answers(page, ".compare .answer-card", (2, 0, 1))
     page.screenshot(path=str(ARTIFACTS / "compare-tiny.png"))
     page.click(".save-ranking")
     page.wait_for_selector("text=Ranking saved")
@@ -180,11 +187,7 @@ def test_label_page_ranks_samples_and_takes_a_demonstration(server, browser):
     errors = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     sign_in(page, server, server.key_bob, "/label?kind=rank&k=3")
-    page.wait_for_function("() => document.querySelectorAll('#item .answer-card').length === 3", timeout=30000)
-    cards = page.locator("#item .answer-card")
-    ids = [cards.nth(i).get_attribute("data-id") for i in range(3)]
-    for i in (1, 2, 0):
-        cards.nth(i).locator(".pick").click()
+    ids = rank_answers(page, "#item .answer-card", (1, 2, 0))
     page.screenshot(path=str(ARTIFACTS / "label-tiny.png"))
     page.click(".save-ranking")
     page.wait_for_selector("text=The queue is done")

@@ -17,7 +17,7 @@ from chatforge.serve.config import ServeConfig
 from chatforge.store import Feedback, Generation, LabelItem, Message
 from known_models import known_checkpoint
 from serve_helpers import LiveServer
-from test_web import ARGS, ARTIFACTS, CHROMIUM, sign_in, sync_api
+from test_web import ARGS, ARTIFACTS, CHROMIUM, rank_answers, sign_in, sync_api
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")]
 
@@ -67,20 +67,15 @@ def test_readme_screenshots_with_smollm2(tmp_path):
         page.select_option("#compare", "3")
         page.fill("#prompt", "Give me a name for a friendly robot.")
         page.keyboard.press("Enter")
-        page.wait_for_function("() => document.querySelectorAll('.compare .answer-card').length === 3", timeout=120000)
-        cards = page.locator(".compare .answer-card")
-        ids = [cards.nth(i).get_attribute("data-id") for i in range(3)]
+        ids = rank_answers(page, ".compare .answer-card", (1, 0), timeout=120000)
         with server.store.session() as s:  # three real answers of one request, stored as the model's own
             gens = [s.get(Generation, s.get(Message, i).generation_id) for i in ids]
         assert len({g.request_id for g in gens}) == 1 and all(g.output.strip() and g.model == "smollm2-135m-instruct" for g in gens)
-        for i in (1, 0):
-            cards.nth(i).locator(".pick").click()
         page.screenshot(path=str(ARTIFACTS / "compare.png"))
 
         F.add_label_items(server.store, [[{"role": "user", "content": "What should I pack for a day hike?"}]], "rank")
         page.goto(server.base_url + "/label?kind=rank&k=3&max_tokens=80")
-        page.wait_for_function("() => document.querySelectorAll('#item .answer-card').length === 3", timeout=180000)
-        page.locator("#item .answer-card").nth(2).locator(".pick").click()
+        rank_answers(page, "#item .answer-card", (2,), timeout=180000)
         page.screenshot(path=str(ARTIFACTS / "label.png"))
         with server.store.session() as s:
             (item,) = s.execute(sa.select(LabelItem)).scalars()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import sys
 import typing
 from pathlib import Path
@@ -60,6 +61,28 @@ def _field_comments(cls) -> dict[str, str]:
     return out
 
 
+def _load(spec: str):
+    """`module:name` under chatforge -> that object; a command imports its stage only when it is built or run."""
+    module, name = spec.split(":")
+    return getattr(importlib.import_module(f".{module}", __package__), name)
+
+
+def _config_command(sub, name: str, help: str, config: str, entry: str, skip: tuple[str, ...] = (),
+                    defaults: dict | None = None) -> argparse.ArgumentParser:
+    """A command whose flags are a config dataclass's fields and which calls `entry(config)`
+    (both given as `module:name`); the entry is looked up when the command runs."""
+    cls = _load(config)
+    p = sub.add_parser(name, help=help)
+    add_config_args(p, cls, skip=skip, defaults=defaults)
+    p.set_defaults(func=lambda a: _load(entry)(config_from_args(cls, a)))
+    return p
+
+
+def _stage(name: str, module: str, config: str, help: str, **defaults):
+    """The adder of a top-level command that runs a stage or pipeline: `module`'s main(config)."""
+    return lambda sub: _config_command(sub, name, help, f"{module}:{config}", f"{module}:main", defaults=defaults or None)
+
+
 def _add_data(sub) -> None:
     p = sub.add_parser("data", help="build corpora and token shards")
     dsub = p.add_subparsers(dest="data_cmd", required=True)
@@ -110,20 +133,6 @@ def _run_tokenizer_train(a) -> None:
     train_tokenizer_on_files(a.input, a.vocab_size, a.out, max_chars=a.max_chars, seed=a.seed)
 
 
-def _add_pretrain(sub) -> None:
-    from .train.pretrain import PretrainConfig
-
-    p = sub.add_parser("pretrain", help="train a GPT from scratch on token shards")
-    add_config_args(p, PretrainConfig)
-    p.set_defaults(func=_run_pretrain)
-
-
-def _run_pretrain(a) -> None:
-    from .train.pretrain import PretrainConfig, main
-
-    main(config_from_args(PretrainConfig, a))
-
-
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="print a continuation of a prompt from a checkpoint or known model")
     p.add_argument("model", help="checkpoint folder or a known model name (see `chatforge models`)")
@@ -151,20 +160,6 @@ def _run_sample(a) -> None:
         ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(a.prompt)
     new = sample_tokens(ck.model, ids, a.max_new_tokens, a.temperature, a.top_k, a.seed, tuple(tok.stop_ids()))
     print((a.prompt if not a.chat else "") + tok.decode(new))
-
-
-def _add_speedrun(sub) -> None:
-    from .pipelines.speedrun import SpeedrunConfig
-
-    p = sub.add_parser("speedrun", help="the main job on a CPU, end to end: corpus -> tokenizer -> pretrain -> SFT -> reward model -> PPO -> DPO -> report card")
-    add_config_args(p, SpeedrunConfig)
-    p.set_defaults(func=_run_speedrun)
-
-
-def _run_speedrun(a) -> None:
-    from .pipelines.speedrun import SpeedrunConfig, main
-
-    main(config_from_args(SpeedrunConfig, a))
 
 
 def _add_import(sub) -> None:
@@ -406,75 +401,33 @@ def _run_usage(a) -> None:
     store.close()
 
 
-def _add_sft(sub) -> None:
-    from .train.sft import SFTConfig
-
-    p = sub.add_parser("sft", help="supervised fine-tuning on conversations (full or LoRA), loss on assistant turns only")
-    add_config_args(p, SFTConfig)
-    p.set_defaults(func=_run_sft)
-
-
-def _run_sft(a) -> None:
-    from .train.sft import SFTConfig, main
-
-    main(config_from_args(SFTConfig, a))
-
-
 def _add_sft_default(sub) -> None:
     """`chatforge data sft-default`, attached to the `data` group that _add_data made."""
-    from .data.sft_default import SFTDefaultConfig
-
     data = sub.choices["data"]
     dsub = next(a for a in data._actions if isinstance(a, argparse._SubParsersAction))
-    d = dsub.add_parser("sft-default", help="build the default bilingual SFT demonstration set with a held-out split (cached)")
-    add_config_args(d, SFTDefaultConfig)
-    d.set_defaults(func=_run_sft_default)
-
-
-def _run_sft_default(a) -> None:
-    from .data.sft_default import SFTDefaultConfig
-    from .pipelines.teacher import sft_default
-
-    sft_default(config_from_args(SFTDefaultConfig, a))
+    _config_command(dsub, "sft-default", "build the default bilingual SFT demonstration set with a held-out split (cached)",
+                    "data.sft_default:SFTDefaultConfig", "pipelines.teacher:sft_default")
 
 
 def _add_eval(sub) -> None:
-    from .eval.fidelity import FidelityConfig
-    from .eval.tasks import TaskEvalConfig
-
     p = sub.add_parser("eval", help="evaluate checkpoints")
     esub = p.add_subparsers(dest="eval_cmd", required=True)
-    t = esub.add_parser("tasks", help="exact-match accuracy on held-out questions with known answers (e.g. from data sft-default)")
-    t.add_argument("model", help="checkpoint folder or known model name")
-    add_config_args(t, TaskEvalConfig, skip=("model",))
-    t.set_defaults(func=_run_eval_tasks)
-    f = esub.add_parser("fidelity", help="each inference mode (dtypes, decode-weight copies, quantized checkpoints, GGUF via llama.cpp) against the fp32 reference")
-    f.add_argument("model", help="checkpoint folder or known model name")
-    add_config_args(f, FidelityConfig, skip=("model",))
-    f.set_defaults(func=_run_eval_fidelity)
-
-
-def _run_eval_tasks(a) -> None:
-    from .eval.tasks import TaskEvalConfig, main
-
-    main(config_from_args(TaskEvalConfig, a))
-
-
-def _run_eval_fidelity(a) -> None:
-    from .eval.fidelity import FidelityConfig, main
-
-    main(config_from_args(FidelityConfig, a))
+    for name, help, module, config in (
+        ("tasks", "exact-match accuracy on held-out questions with known answers (e.g. from data sft-default)", "eval.tasks", "TaskEvalConfig"),
+        ("fidelity", "each inference mode (dtypes, decode-weight copies, quantized checkpoints, GGUF via llama.cpp) against the fp32 reference",
+         "eval.fidelity", "FidelityConfig"),
+    ):
+        e = _config_command(esub, name, help, f"{module}:{config}", f"{module}:main", skip=("model",))
+        e.add_argument("model", help="checkpoint folder or known model name")
 
 
 def _add_label(sub) -> None:
     from .eval.gold import ORACLES
-    from .pipelines.label import SampleConfig
 
     p = sub.add_parser("label", help="comparisons for the reward model: sample K answers, rank them, judge policies")
     lsub = p.add_subparsers(dest="label_cmd", required=True)
-    s = lsub.add_parser("sample", help="K answers per prompt from a policy, for people (or the gold labeler) to rank")
-    add_config_args(s, SampleConfig)
-    s.set_defaults(func=_run_label_sample)
+    _config_command(lsub, "sample", "K answers per prompt from a policy, for people (or the gold labeler) to rank",
+                    "pipelines.label:SampleConfig", "pipelines.label:sample")
     r = lsub.add_parser("rank", help="rank a samples file in the terminal (best first), or with a gold oracle")
     r.add_argument("file", help="samples JSONL from `chatforge label sample`")
     r.add_argument("--out", default=None, help="rankings JSONL (default: FILE with .ranked.jsonl); a session resumes from it")
@@ -504,12 +457,6 @@ def _add_label(sub) -> None:
     q.set_defaults(func=_run_label_prompts)
 
 
-def _run_label_sample(a) -> None:
-    from .pipelines.label import SampleConfig, sample
-
-    sample(config_from_args(SampleConfig, a))
-
-
 def _run_label_rank(a) -> None:
     from .pipelines.label import rank
 
@@ -532,85 +479,6 @@ def _run_label_prompts(a) -> None:
         build_verifiable_prompts(a.out, a.per_task_train, a.per_task_heldout, a.seed)
         return
     build_prompts(a.sft_data or str(default_sft_dir()), a.out, a.per_task_train, a.per_task_heldout, a.seed)
-
-
-def _add_rm(sub) -> None:
-    from .train.reward import RewardConfig
-
-    p = sub.add_parser("rm", help="train a reward model from rankings (InstructGPT step 2)")
-    add_config_args(p, RewardConfig)
-    p.set_defaults(func=_run_rm)
-
-
-def _run_rm(a) -> None:
-    from .train.reward import RewardConfig, main
-
-    main(config_from_args(RewardConfig, a))
-
-
-def _add_ppo(sub) -> None:
-    from .train.ppo import PPOConfig
-
-    p = sub.add_parser("ppo", help="PPO against a reward model with a KL penalty to the SFT policy (InstructGPT step 3)")
-    add_config_args(p, PPOConfig)
-    p.set_defaults(func=_run_ppo)
-
-
-def _run_ppo(a) -> None:
-    from .train.ppo import PPOConfig, main
-
-    main(config_from_args(PPOConfig, a))
-
-
-def _add_rl(sub) -> None:
-    from .train.ppo import PPOConfig
-
-    p = sub.add_parser("rl", help="RL on the PPO machinery with group baselines: `ppo` with --algo grpo, --reward tasks "
-                                  "(verified answers) and 4 samples per prompt by default; --algo rloo|ppo, --reward rm|rm+tasks")
-    add_config_args(p, PPOConfig, defaults=dict(algo="grpo", reward="tasks", samples_per_prompt=4, out="runs/rl"))
-    p.set_defaults(func=_run_ppo)
-
-
-def _add_bon(sub) -> None:
-    from .pipelines.bon import BoNConfig
-
-    p = sub.add_parser("bon", help="best-of-n / rejection-sampling fine-tuning: sample K per prompt, keep the best by verifier or reward model, SFT on them, in rounds")
-    add_config_args(p, BoNConfig)
-    p.set_defaults(func=_run_bon)
-
-
-def _run_bon(a) -> None:
-    from .pipelines.bon import BoNConfig, main
-
-    main(config_from_args(BoNConfig, a))
-
-
-def _add_dpo(sub) -> None:
-    from .train.dpo import DPOConfig
-
-    p = sub.add_parser("dpo", help="direct preference optimisation on rankings (no reward model, no sampling)")
-    add_config_args(p, DPOConfig)
-    p.set_defaults(func=_run_dpo)
-
-
-def _run_dpo(a) -> None:
-    from .train.dpo import DPOConfig, main
-
-    main(config_from_args(DPOConfig, a))
-
-
-def _add_rlhf(sub) -> None:
-    from .pipelines.rlhf import RLHFConfig
-
-    p = sub.add_parser("rlhf", help="rounds of sample -> rank -> reward model -> PPO with the newest policy")
-    add_config_args(p, RLHFConfig)
-    p.set_defaults(func=_run_rlhf)
-
-
-def _run_rlhf(a) -> None:
-    from .pipelines.rlhf import RLHFConfig, main
-
-    main(config_from_args(RLHFConfig, a))
 
 
 def _add_feedback(sub) -> None:
@@ -659,28 +527,11 @@ def _run_feedback(a) -> None:
         store.close()
 
 
-def _add_flywheel(sub) -> None:
-    from .pipelines.flywheel import FlywheelConfig
-
-    p = sub.add_parser("flywheel", help="one round: export feedback -> SFT (optional) -> RM -> PPO -> evaluate -> register if better")
-    add_config_args(p, FlywheelConfig)
-    p.set_defaults(func=_run_flywheel)
-
-
-def _run_flywheel(a) -> None:
-    from .pipelines.flywheel import FlywheelConfig, main
-
-    main(config_from_args(FlywheelConfig, a))
-
-
 def _add_scale(sub) -> None:
-    from .pipelines.scale import LadderConfig
-
     p = sub.add_parser("scale", help="scaling laws: a ladder of small runs, a fit of L(N, D), predictions for bigger runs")
     ssub = p.add_subparsers(dest="scale_cmd", required=True)
-    d = ssub.add_parser("ladder", help="short pretraining runs over model sizes x token budgets, sized to fill --minutes")
-    add_config_args(d, LadderConfig)
-    d.set_defaults(func=_run_scale_ladder)
+    _config_command(ssub, "ladder", "short pretraining runs over model sizes x token budgets, sized to fill --minutes",
+                    "pipelines.scale:LadderConfig", "pipelines.scale:ladder")
     d = ssub.add_parser("run", help="one more run with a ladder's settings, outside its folder (e.g. to check a prediction)")
     d.add_argument("ladder", help="ladder folder (its ladder.json has the settings)")
     d.add_argument("--size", type=int, required=True, help="model size k: n_layer 2k, d_model 64k, n_head k")
@@ -700,12 +551,6 @@ def _add_scale(sub) -> None:
     d.add_argument("--flops", type=float, default=0, help="C: training FLOPs (6ND); prints the compute-optimal N and D")
     d.add_argument("--run", default="", help="a finished pretraining run: its predicted vs measured validation loss")
     d.set_defaults(func=_run_scale_predict)
-
-
-def _run_scale_ladder(a) -> None:
-    from .pipelines.scale import LadderConfig, ladder
-
-    ladder(config_from_args(LadderConfig, a))
 
 
 def _run_scale_run(a) -> None:
@@ -741,12 +586,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-ADDERS = [_add_data, _add_tokenizer, _add_pretrain, _add_sample, _add_speedrun, _add_import, _add_export, _add_quantize, _add_models, _add_chat, _add_generate]
-ADDERS += [_add_serve, _add_keys, _add_usage]
-ADDERS += [_add_sft, _add_sft_default, _add_eval]
-ADDERS += [_add_label, _add_rm, _add_ppo, _add_rl, _add_bon, _add_dpo, _add_rlhf]
-ADDERS += [_add_feedback, _add_flywheel]
-ADDERS += [_add_scale]
+ADDERS = [
+    _add_data,
+    _add_tokenizer,
+    _stage("pretrain", "train.pretrain", "PretrainConfig", "train a GPT from scratch on token shards"),
+    _add_sample,
+    _stage("speedrun", "pipelines.speedrun", "SpeedrunConfig",
+           "the main job on a CPU, end to end: corpus -> tokenizer -> pretrain -> SFT -> reward model -> PPO -> DPO -> report card"),
+    _add_import,
+    _add_export,
+    _add_quantize,
+    _add_models,
+    _add_chat,
+    _add_generate,
+    _add_serve,
+    _add_keys,
+    _add_usage,
+    _stage("sft", "train.sft", "SFTConfig", "supervised fine-tuning on conversations (full or LoRA), loss on assistant turns only"),
+    _add_sft_default,
+    _add_eval,
+    _add_label,
+    _stage("rm", "train.reward", "RewardConfig", "train a reward model from rankings (InstructGPT step 2)"),
+    _stage("ppo", "train.ppo", "PPOConfig", "PPO against a reward model with a KL penalty to the SFT policy (InstructGPT step 3)"),
+    _stage("rl", "train.ppo", "PPOConfig", "RL on the PPO machinery with group baselines: `ppo` with --algo grpo, --reward tasks "
+           "(verified answers) and 4 samples per prompt by default; --algo rloo|ppo, --reward rm|rm+tasks",
+           algo="grpo", reward="tasks", samples_per_prompt=4, out="runs/rl"),
+    _stage("bon", "pipelines.bon", "BoNConfig", "best-of-n / rejection-sampling fine-tuning: sample K per prompt, keep the best by "
+           "verifier or reward model, SFT on them, in rounds"),
+    _stage("dpo", "train.dpo", "DPOConfig", "direct preference optimisation on rankings (no reward model, no sampling)"),
+    _stage("rlhf", "pipelines.rlhf", "RLHFConfig", "rounds of sample -> rank -> reward model -> PPO with the newest policy"),
+    _add_feedback,
+    _stage("flywheel", "pipelines.flywheel", "FlywheelConfig",
+           "one round: export feedback -> SFT (optional) -> RM -> PPO -> evaluate -> register if better"),
+    _add_scale,
+]
 
 
 def main(argv: list[str] | None = None) -> int:

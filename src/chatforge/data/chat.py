@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..tokenizer import Tokenizer, check_messages
-from .text import expand_inputs
+from .text import expand_inputs, jsonl_values
 
 SUFFIXES = (".jsonl", ".parquet")
 
@@ -81,20 +81,8 @@ def record_to_conversation(obj: object, where: str) -> Conversation:
 
 
 def read_jsonl(path: Path) -> Iterator[Conversation]:
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            where = f"{path}: line {lineno}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{where}: invalid UTF-8; re-encode the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-            yield record_to_conversation(obj, where)
+    for lineno, obj in jsonl_values(path):
+        yield record_to_conversation(obj, f"{path}: line {lineno}")
 
 
 def _read_table_rows(path: Path, batches: Iterable) -> Iterator[Conversation]:

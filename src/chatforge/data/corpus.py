@@ -65,17 +65,28 @@ def publish_package(tmp: Path, dest: Path, version: str) -> tuple[Path, str]:
     return dest, done.read_text().strip()
 
 
-def fetch_deb(package: str, root: Path) -> tuple[Path, str]:
-    """Download a Debian package with `apt-get download` and unpack it; returns (folder, version)."""
-    dest = root / "deb" / package
+def fetch_package(dest: Path, download: Callable[[Path], tuple[Path, str]], tools: dict[str, str] | None = None) -> tuple[Path, str]:
+    """The unpacked package at `dest` and its version: cached, or `download(tmp)` -> (unpacked
+    folder, version) run in a temporary folder private to this process, then published.
+    `tools` (name -> how to install it) must be on PATH before anything is downloaded."""
     done = dest / ".chatforge-version"
     if done.is_file():
         return dest, done.read_text().strip()
-    _need("apt-get", "it comes with Debian and Ubuntu; on other systems build the corpus elsewhere and copy the folder")
-    _need("dpkg-deb", "apt-get install dpkg")
+    for tool, hint in (tools or {}).items():
+        _need(tool, hint)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=dest.parent))  # private to this process
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
+        unpacked, version = download(tmp)
+        return publish_package(unpacked, dest, version)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_deb(package: str, root: Path) -> tuple[Path, str]:
+    """Download a Debian package with `apt-get download` and unpack it; returns (folder, version)."""
+
+    def download(tmp: Path) -> tuple[Path, str]:
         r = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
         debs = sorted(tmp.glob(f"{package}_*.deb"))
         if r.returncode != 0 or not debs:
@@ -83,34 +94,27 @@ def fetch_deb(package: str, root: Path) -> tuple[Path, str]:
                 f"could not download Debian package {package!r}: {r.stderr.strip()[-300:] or 'no .deb produced'} "
                 "(try `apt-get update` first)"
             )
-        version = debs[-1].name.split("_")[1].replace("%3a", ":")
-        unpacked = tmp / "root"
-        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)], check=True)
-        return publish_package(unpacked, dest, version)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp / "root")], check=True)
+        return tmp / "root", debs[-1].name.split("_")[1].replace("%3a", ":")
+
+    tools = {"apt-get": "it comes with Debian and Ubuntu; on other systems build the corpus elsewhere and copy the folder",
+             "dpkg-deb": "apt-get install dpkg"}
+    return fetch_package(root / "deb" / package, download, tools)
 
 
 def fetch_npm(package: str, root: Path) -> tuple[Path, str]:
     """Download an npm package tarball with `npm pack` and unpack it; returns (folder, version)."""
-    dest = root / "npm" / package
-    done = dest / ".chatforge-version"
-    if done.is_file():
-        return dest, done.read_text().strip()
-    _need("npm", "apt-get install npm")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=dest.parent))  # private to this process
-    try:
+
+    def download(tmp: Path) -> tuple[Path, str]:
         r = subprocess.run(["npm", "pack", package, "--json"], cwd=tmp, capture_output=True, text=True)
         if r.returncode != 0:
             raise ValueError(f"could not download npm package {package!r}: {r.stderr.strip()[-300:]}")
         info = json.loads(r.stdout)[0]
-        unpacked = tmp / "root"
         with tarfile.open(tmp / info["filename"]) as tf:
-            tf.extractall(unpacked, filter="data")
-        return publish_package(unpacked, dest, info["version"])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            tf.extractall(tmp / "root", filter="data")
+        return tmp / "root", info["version"]
+
+    return fetch_package(root / "npm" / package, download, {"npm": "apt-get install npm"})
 
 
 # ---- text helpers ---------------------------------------------------------------------------
@@ -476,6 +480,20 @@ def _write_source(docs: Iterator[str], dest: Path) -> dict[str, int]:
     return {"documents": n_docs, "chars": chars, "bytes": nbytes}
 
 
+def finish_manifest(manifest: dict, path: Path, t0: float, total_keys: tuple[str, ...], language_keys: tuple[str, ...],
+                    **first: int) -> dict:
+    """Sum the sources' counts into "total" (after `first`) and per language, record the build's
+    seconds since `t0` and write the manifest, whose presence marks the build complete; returns
+    the totals."""
+    src = manifest["sources"].values()
+    manifest["total"] = {**first, **{k: sum(s[k] for s in src) for k in total_keys}}
+    for lang in ("en", "zh"):
+        manifest[lang] = {k: sum(s[k] for s in src if s["language"] == lang) for k in language_keys}
+    manifest["seconds"] = round(time.time() - t0, 1)
+    save_json(manifest, path)
+    return manifest["total"]
+
+
 def build_default_corpus(out: str | Path | None = None, force: bool = False) -> Path:
     """Fetch the packages and write the JSONL corpus; a no-op when it is already built."""
     out = Path(out) if out else default_corpus_dir()
@@ -522,13 +540,8 @@ def build_default_corpus(out: str | Path | None = None, force: bool = False) -> 
             file=sys.stderr,
             flush=True,
         )
-    src = manifest["sources"].values()
-    manifest["total"] = {k: sum(s[k] for s in src) for k in ("documents", "chars", "bytes")}
-    for lang in ("en", "zh"):
-        manifest[lang] = {k: sum(s[k] for s in src if s["language"] == lang) for k in ("documents", "chars", "bytes")}
-    manifest["seconds"] = round(time.time() - t0, 1)
-    save_json(manifest, manifest_path)
-    t = manifest["total"]
+    counts = ("documents", "chars", "bytes")
+    t = finish_manifest(manifest, manifest_path, t0, counts, counts)
     print(
         f"data default: {t['documents']:,} documents, {t['chars'] / 1e6:.1f}M chars, {t['bytes'] / 1e6:.1f} MB "
         f"(en {manifest['en']['bytes'] / 1e6:.1f} MB, zh {manifest['zh']['bytes'] / 1e6:.1f} MB) in {manifest['seconds']}s -> {out}",

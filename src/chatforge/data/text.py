@@ -71,7 +71,9 @@ def read_txt(path: Path) -> Iterator[str]:
     yield _decode(path.read_bytes(), path)
 
 
-def read_jsonl(path: Path, field: str = "text") -> Iterator[str]:
+def jsonl_values(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed JSON) for every non-blank line; invalid UTF-8 or JSON is a ValueError
+    naming the line."""
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
@@ -83,12 +85,17 @@ def read_jsonl(path: Path, field: str = "text") -> Iterator[str]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise ValueError(f"{path}: line {lineno}: expected an object with a {field!r} field")
-            text = obj[field]
-            if not isinstance(text, str):
-                raise ValueError(f"{path}: line {lineno}: field {field!r} must be a string, got {type(text).__name__}")
-            yield text
+            yield lineno, obj
+
+
+def read_jsonl(path: Path, field: str = "text") -> Iterator[str]:
+    for lineno, obj in jsonl_values(path):
+        if not isinstance(obj, dict) or field not in obj:
+            raise ValueError(f"{path}: line {lineno}: expected an object with a {field!r} field")
+        text = obj[field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}: line {lineno}: field {field!r} must be a string, got {type(text).__name__}")
+        yield text
 
 
 def read_parquet(path: Path, column: str = "text", batch_rows: int = 1024) -> Iterator[str]:

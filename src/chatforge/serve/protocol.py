@@ -156,13 +156,22 @@ class ChatChoice(_Response):
     message: ChatCompletionMessage
 
 
-class ChatCompletion(_Response):
+class _CompletionObject(_Response):
+    """What OpenAI's completion objects share; each one narrows `choices`, `object` and `usage`
+    (a field redeclared in a subclass keeps its place, so the order stays OpenAI's)."""
+
     id: str
-    choices: list[ChatChoice]
+    choices: list
     created: int
     model: str
-    object: Literal["chat.completion"] = "chat.completion"
+    object: str
     system_fingerprint: str | None = None
+    usage: CompletionUsage | None = None
+
+
+class ChatCompletion(_CompletionObject):
+    choices: list[ChatChoice]
+    object: Literal["chat.completion"] = "chat.completion"
     usage: CompletionUsage
 
 
@@ -179,13 +188,9 @@ class ChunkChoice(_Response):
     logprobs: ChoiceLogprobs | None = None
 
 
-class ChatCompletionChunk(_Response):
-    id: str
+class ChatCompletionChunk(_CompletionObject):
     choices: list[ChunkChoice]
-    created: int
-    model: str
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    system_fingerprint: str | None = None
     usage: CompletionUsage | None = None  # only on the last chunk, with stream_options.include_usage
 
 
@@ -232,13 +237,9 @@ class CompletionChoice(_Response):
     text: str
 
 
-class Completion(_Response):
-    id: str
+class Completion(_CompletionObject):
     choices: list[CompletionChoice]
-    created: int
-    model: str
     object: Literal["text_completion"] = "text_completion"
-    system_fingerprint: str | None = None
     usage: CompletionUsage | None = None  # always set, except on stream chunks before the last
 
 

@@ -122,9 +122,7 @@ def add_v1_routes(app: FastAPI, state: ServerState) -> None:
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})
     async def chat_completions(body: P.ChatCompletionRequest, request: Request, key: KeyInfo | None = Depends(current_key)):
         t0 = time.perf_counter()
-        request.state.model = body.model
-        model = _get_model(state.models, body.model)
-        request.state.model = model.id
+        model = _requested_model(request, state.models, body.model)
         _check_unsupported(body.tools, body.tool_choice, body.logit_bias, body.response_format)
         messages = _chat_messages(body, state.cfg)
         try:
@@ -160,9 +158,7 @@ def add_v1_routes(app: FastAPI, state: ServerState) -> None:
               responses={200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}})
     async def completions(body: P.CompletionRequest, request: Request, key: KeyInfo | None = Depends(current_key)):
         t0 = time.perf_counter()
-        request.state.model = body.model
-        model = _get_model(state.models, body.model)
-        request.state.model = model.id
+        model = _requested_model(request, state.models, body.model)
         _check_unsupported(None, None, body.logit_bias, None)
         if body.suffix:
             raise P.APIError(400, "suffix is not supported (no fill-in-the-middle models)", param="suffix")
@@ -231,6 +227,15 @@ def _get_model(models: ModelRegistry, name: str) -> ServedModel:
         raise P.APIError(404, f"The model `{name}` does not exist or is not loaded; this server offers: {offered}.",
                          param="model", code="model_not_found")
     return m
+
+
+def _requested_model(request: Request, models: ModelRegistry, name: str) -> ServedModel:
+    """The served model a generation request names; its ledger row names the model as asked
+    until it resolves, then by id (name@snapshot)."""
+    request.state.model = name
+    model = _get_model(models, name)
+    request.state.model = model.id
+    return model
 
 
 def _check_unsupported(tools, tool_choice, logit_bias, response_format) -> None:

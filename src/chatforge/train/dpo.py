@@ -30,8 +30,7 @@ from ..model import GPT
 from . import common as C
 from . import rl_math as R
 from .lora import LoRA
-from .loop import Loop
-from .rankings import RankingsTrainConfig, TokenizedRankings, flatten, micro_tokens, pad, read_split, run_log, step_layout, tokenize_rankings
+from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, flatten, micro_tokens, pad, read_split, run_log, step_layout, tokenize_rankings
 
 
 @dataclass
@@ -120,9 +119,11 @@ def reference_logprobs(model: GPT, data: TokenizedRankings, batch: int, device, 
 
 
 
-class DPOStage:
+class DPOStage(RankingsStage):
     """One DPO run: set up in __init__ (reference log-probabilities, policy, optimizer, log), then
     what the loop calls (evaluate, eval_line, save) and the training step."""
+
+    name = "dpo"
 
     def __init__(self, cfg: DPOConfig):
         dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
@@ -175,25 +176,14 @@ class DPOStage:
         self.ref_val = reference_logprobs(ref, self.val, cfg.micro_batch, dev, cfg.dtype)
         self.ref_seconds = time.time() - t0
 
-    def describe(self) -> None:
-        cfg, lora, train, val = self.cfg, self.lora, self.train, self.val
-        self.log.print(
-            f"dpo: policy {self.policy_path} ({self.policy.num_params() / 1e6:.1f}M"
-            + (f", LoRA r={cfg.lora_rank}: {lora.num_params() / 1e6:.2f}M trainable" if lora is not None else ", all trained")
-            + f"), reference {self.ref_path} (log-probs of {sum(len(r) for r in train.seqs) + sum(len(r) for r in val.seqs)} answers in {self.ref_seconds:.1f}s), "
-            f"beta {cfg.beta}, {len(train)} train rankings ({self.n_pairs} pairs) / {len(val)} held out, "
-            f"{self.per_step} rankings/step = {cfg.micro_batch} x {self.accum} accum x {self.dist.world} proc, {self.max_steps} steps"
-            + (f", resuming at step {self.start}" if cfg.resume else "")
-        )
-        if train.truncated or val.truncated:
-            self.log.print(f"dpo: {train.truncated} train / {val.truncated} held-out answers cut to {self.max_len} tokens")
+    def trained(self) -> nn.Module:
+        return self.policy
 
-    def begin(self) -> Loop:
-        """The run's header line, the model in training mode, and the loop that drives it."""
-        self.describe()
-        self.policy.train()
-        return Loop("dpo", self, self.cfg, self.dist, self.log, self.max_steps, self.start,
-                    flops_per_token=self.fpt, peak_flops=self.peak, optimizer=self.optimizer, eval_first=True)
+    def models_line(self) -> str:
+        cfg, train, val = self.cfg, self.train, self.val
+        return (f"policy {self.policy_path} ({self.policy.num_params() / 1e6:.1f}M{self.lora_note()}), reference {self.ref_path} "
+                f"(log-probs of {sum(len(r) for r in train.seqs) + sum(len(r) for r in val.seqs)} answers in {self.ref_seconds:.1f}s), "
+                f"beta {cfg.beta}, {len(train)} train rankings ({self.n_pairs} pairs)")
 
     def _batch_loss(self, module: nn.Module, ids, mask, groups, ref_lp) -> tuple[torch.Tensor, dict]:
         return pairs_loss(module(ids, mask), ref_lp, groups, self.cfg.beta, self.cfg.label_smoothing)

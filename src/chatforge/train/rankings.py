@@ -4,6 +4,7 @@ and what the tools that score answers with a reward model use (label, flywheel, 
 - the data: rankings tokenized as prompt + answer sequences, held out by prompt, dealt into
   batches that depend on the step number only (ShuffledBatches, also PPO's prompt order);
 - RankingsTrainConfig, the fields of both stages, and the step layout they derive from it;
+- RankingsStage: the run's header line and the loop that drives it;
 - score_all: a reward model's score of many sequences.
 
 All C(K,2) pairs of one ranking form ONE batch element (InstructGPT): a batch is a set of
@@ -19,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 
 from ..data.rankings import Ranking, fit, prompt_ids, read_rankings, response_ids
 from ..model import GPT, RewardModel, flops_per_token
 from ..tokenizer import Tokenizer
 from . import common as C
 from .lora import LoRAConfig
-from .loop import ScheduleConfig
+from .loop import Loop, ScheduleConfig
 
 # ---- data -------------------------------------------------------------------------------------
 
@@ -192,6 +194,44 @@ def run_log(cfg: RankingsTrainConfig, model: GPT, train: TokenizedRankings, lora
 def micro_tokens(micro: list, dist: C.Dist) -> float:
     """Token positions (padding included) of a step's micro-batches (ids first) over all ranks."""
     return C.all_reduce_sum(torch.tensor(float(sum(b[0].numel() for b in micro)), device=dist.device), dist).item()
+
+
+class RankingsStage:
+    """The reward model's and DPO's shared run skeleton: the header line and the loop. A subclass
+    names itself (`name`), says what it trains (`trained`, `models_line`) and sets in __init__ what
+    both compute alike: cfg, dist, log, lora, train, val, max_len, per_step, accum, max_steps,
+    start, fpt, peak, optimizer."""
+
+    name = ""
+
+    def trained(self) -> nn.Module:
+        """The module that the loop puts in training mode."""
+        raise NotImplementedError
+
+    def models_line(self) -> str:
+        """The header's start: the models and their sizes, up to the training rankings."""
+        raise NotImplementedError
+
+    def lora_note(self, also: str = "") -> str:
+        cfg, lora = self.cfg, self.lora
+        return f", LoRA r={cfg.lora_rank}: {lora.num_params() / 1e6:.2f}M trainable{also}" if lora is not None else ", all trained"
+
+    def describe(self) -> None:
+        cfg, train, val = self.cfg, self.train, self.val
+        self.log.print(
+            f"{self.name}: {self.models_line()} / {len(val)} held out, "
+            f"{self.per_step} rankings/step = {cfg.micro_batch} x {self.accum} accum x {self.dist.world} proc, {self.max_steps} steps"
+            + (f", resuming at step {self.start}" if cfg.resume else "")
+        )
+        if train.truncated or val.truncated:
+            self.log.print(f"{self.name}: {train.truncated} train / {val.truncated} held-out answers cut to {self.max_len} tokens")
+
+    def begin(self) -> Loop:
+        """The run's header line, the model in training mode, and the loop that drives it."""
+        self.describe()
+        self.trained().train()
+        return Loop(self.name, self, self.cfg, self.dist, self.log, self.max_steps, self.start,
+                    flops_per_token=self.fpt, peak_flops=self.peak, optimizer=self.optimizer, eval_first=True)
 
 
 # ---- scoring ----------------------------------------------------------------------------------

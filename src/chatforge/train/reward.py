@@ -29,8 +29,7 @@ from ..config import to_dict
 from ..model import RewardModel
 from . import common as C
 from . import rl_math as R
-from .loop import Loop
-from .rankings import RankingsTrainConfig, TokenizedRankings, collate, micro_tokens, read_split, run_log, score_all, step_layout, tokenize_rankings
+from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, collate, micro_tokens, read_split, run_log, score_all, step_layout, tokenize_rankings
 
 
 @dataclass
@@ -70,9 +69,11 @@ def evaluate_rankings(rm: RewardModel, data: TokenizedRankings, batch: int, devi
     return {"val_loss": sums[0].item() / max(1, len(data)), "val_accuracy": sums[1].item() / max(1.0, sums[2].item()), "val_pairs": int(sums[2].item())}
 
 
-class RewardStage:
+class RewardStage(RankingsStage):
     """One reward-model run: set up in __init__ (model, data, optimizer, log), then what the loop
     calls (evaluate, eval_line, save) and the training step."""
+
+    name = "rm"
 
     def __init__(self, cfg: RewardConfig):
         dist, out, state = C.begin_run(cfg, RESUME_KEYS)  # processes, seeds, and the train state to resume from
@@ -113,25 +114,13 @@ class RewardStage:
             saved_meta = ckpt_io.load_json(out / "meta.json")
             self.meta.update(reward_shift=saved_meta.get("reward_shift", 0.0), normalised=saved_meta.get("normalised", False))
 
-    def describe(self) -> None:
-        cfg, lora = self.cfg, self.lora
-        ks = sorted({len(r) for r in self.train.rankings})
-        self.log.print(
-            f"rm: base {self.base_path} ({self.rm.gpt.num_params() / 1e6:.1f}M params"
-            + (f", LoRA r={cfg.lora_rank}: {lora.num_params() / 1e6:.2f}M trainable + head" if lora is not None else ", all trained")
-            + f"), {len(self.train)} train rankings (K in {ks}, {self.n_pairs} pairs) / {len(self.val)} held out, "
-            f"{self.per_step} rankings/step = {cfg.micro_batch} x {self.accum} accum x {self.dist.world} proc, {self.max_steps} steps"
-            + (f", resuming at step {self.start}" if cfg.resume else "")
-        )
-        if self.train.truncated or self.val.truncated:
-            self.log.print(f"rm: {self.train.truncated} train / {self.val.truncated} held-out answers cut to {self.max_len} tokens")
+    def trained(self) -> nn.Module:
+        return self.rm
 
-    def begin(self) -> Loop:
-        """The run's header line, the model in training mode, and the loop that drives it."""
-        self.describe()
-        self.rm.train()
-        return Loop("rm", self, self.cfg, self.dist, self.log, self.max_steps, self.start,
-                    flops_per_token=self.fpt, peak_flops=self.peak, optimizer=self.optimizer, eval_first=True)
+    def models_line(self) -> str:
+        ks = sorted({len(r) for r in self.train.rankings})
+        return (f"base {self.base_path} ({self.rm.gpt.num_params() / 1e6:.1f}M params{self.lora_note(' + head')}), "
+                f"{len(self.train)} train rankings (K in {ks}, {self.n_pairs} pairs)")
 
     def evaluate(self) -> dict:
         return evaluate_rankings(self.rm, self.val, self.cfg.micro_batch, self.dist.device, self.cfg.dtype, self.dist)
