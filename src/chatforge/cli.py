@@ -100,6 +100,9 @@ def _add_data(sub) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=_run_data_prepare)
 
+    _config_command(dsub, "sft-default", "build the default bilingual SFT demonstration set with a held-out split (cached)",
+                    "data.sft_default:SFTDefaultConfig", "pipelines.teacher:sft_default")
+
 
 def _run_data_default(a) -> None:
     from .data.corpus import build_default_corpus
@@ -401,14 +404,6 @@ def _run_usage(a) -> None:
     store.close()
 
 
-def _add_sft_default(sub) -> None:
-    """`chatforge data sft-default`, attached to the `data` group that _add_data made."""
-    data = sub.choices["data"]
-    dsub = next(a for a in data._actions if isinstance(a, argparse._SubParsersAction))
-    _config_command(dsub, "sft-default", "build the default bilingual SFT demonstration set with a held-out split (cached)",
-                    "data.sft_default:SFTDefaultConfig", "pipelines.teacher:sft_default")
-
-
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="evaluate checkpoints")
     esub = p.add_subparsers(dest="eval_cmd", required=True)
@@ -603,7 +598,6 @@ ADDERS = [
     _add_keys,
     _add_usage,
     _stage("sft", "train.sft", "SFTConfig", "supervised fine-tuning on conversations (full or LoRA), loss on assistant turns only"),
-    _add_sft_default,
     _add_eval,
     _add_label,
     _stage("rm", "train.reward", "RewardConfig", "train a reward model from rankings (InstructGPT step 2)"),
