@@ -53,10 +53,12 @@ def run_killed(monkeypatch, owner, name: str, call: int, run: Callable[[], objec
     monkeypatch.setattr(owner, name, real)
 
 
-def assert_close_weights(a: Path, b: Path) -> None:
-    """Every tensor of checkpoint folder a's model.safetensors matches b's to multi-process
-    tolerance (summation order differs between process counts)."""
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+def assert_close_weights(a: Path, b: Path, file: str = "model.safetensors") -> None:
+    """Every tensor of checkpoint folder a's model.safetensors (or another `file`, such as
+    extra.safetensors) matches b's, and b has no other, to multi-process tolerance (summation
+    order differs between process counts)."""
+    wa, wb = load_file(str(a / file)), load_file(str(b / file))
+    assert wa.keys() == wb.keys(), f"{file}: {sorted(wa)} vs {sorted(wb)}"
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 

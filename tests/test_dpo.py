@@ -90,13 +90,14 @@ def test_dpo_learns_preference(tok, tmp_path):
 def test_dpo_two_processes_match_one(tok, tmp_path):
     """Guards DPO under DDP (the policy wrapped so DDP sees its forward) and FSDP (hidden()
     registered as a forward method): 2 processes log the same losses and held-out accuracy as 1
-    process with the same global batch."""
+    process with the same global batch. The 5 held-out rankings split 3/2 over the processes:
+    under FSDP the one with fewer still joins every evaluation forward (rankings.rank_batches)."""
     from test_reward import assert_same_logs, preference_file, run_cli, tiny_sft
 
     sft = tiny_sft(tok, tmp_path / "sft")
     data = preference_file(tmp_path / "rank.jsonl", 24, seed=2)
     common = ["dpo", "--policy", str(sft), "--data", str(data), "--max-len", "64", "--micro-batch", "2", "--batch-rankings", "4", "--max-steps", "4",
-              "--lr", "3e-3", "--beta", "0.5", "--warmup-steps", "1", "--eval-every", "2", "--log-every", "1", "--dtype", "fp32", "--device", "cpu",
+              "--val-fraction", "0.2", "--lr", "3e-3", "--beta", "0.5", "--warmup-steps", "1", "--eval-every", "2", "--log-every", "1", "--dtype", "fp32", "--device", "cpu",
               "--peak-flops", "1e11"]
     run_cli(common + ["--out", str(tmp_path / "one")], 1, tmp_path)
     run_cli(common + ["--out", str(tmp_path / "two")], 2, tmp_path)

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from chatforge import checkpoint as ckpt_io
 from chatforge.model import GPT, preset
@@ -17,7 +18,7 @@ from chatforge.checkpoint import load_reward_model
 from chatforge.train.rankings import score_all, tokenize_rankings
 from chatforge.train.reward import RewardConfig, main
 from chatforge.data.rankings import read_rankings
-from conftest import run_killed
+from conftest import assert_close_weights, run_killed
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -137,31 +138,78 @@ def test_reward_resume_exact(tok, tmp_path, monkeypatch):
     assert torch.equal(a.value_head.weight, b.value_head.weight) and torch.equal(a.value_head.bias, b.value_head.bias)
 
 
-def test_reward_config_errors(tmp_path):
+def test_reward_config_errors(tmp_path, capsys):
+    """Guards the config's refusals, --fsdp among them: FSDP with LoRA adapters (which DDP
+    handles) is refused by name, from the command line too."""
+    from chatforge.cli import main as cli_main
+
     with pytest.raises(ValueError, match="base is required"):
         RewardConfig(data=["x"])
     with pytest.raises(ValueError, match="val_fraction"):
         RewardConfig(base="x", data=["y"], val_fraction=1.5)
+    with pytest.raises(ValueError, match=r"RewardConfig\.fsdp='yes'"):
+        RewardConfig(base="x", data=["y"], fsdp="yes")
+    assert RewardConfig(base="x", data=["y"], lora_rank=4).fsdp == "auto"  # auto with LoRA: DDP
+    assert cli_main(["rm", "--base", "x", "--data", "y", "--fsdp", "on", "--lora-rank", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "RewardConfig.fsdp='on'" in err and "only without LoRA" in err
 
 
-def run_cli(args, nproc, tmp_path):
-    """`chatforge ARGS` in one process, or in `nproc` processes under torchrun (gloo)."""
+def test_reward_fsdp_needs_processes(tok, tmp_path):
+    """Guards --fsdp on in a single process silently training the reward model unsharded."""
+    sft = tiny_sft(tok, tmp_path / "sft")
+    data = preference_file(tmp_path / "rank.jsonl", 12, seed=0)
+    with pytest.raises(ValueError, match="torchrun"):
+        main(rm_cfg(tmp_path, sft, data, fsdp="on", max_steps=1))
+
+
+KILLED = """import sys
+from chatforge.cli import main
+from chatforge.train import common as C
+
+real, calls = C.train_step, [0]
+
+
+def dying(*a, **k):
+    calls[0] += 1
+    if calls[0] == {call}:
+        raise KeyboardInterrupt
+    return real(*a, **k)
+
+
+C.train_step = dying
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def run_cli(args, nproc, tmp_path, kill_at: int = 0):
+    """`chatforge ARGS` in one process, or in `nproc` processes under torchrun (gloo). With
+    `kill_at`, every process is killed at its kill_at-th training step (conftest.run_killed's
+    KeyboardInterrupt, raised in each process) and the run must fail."""
     import os
     import socket
     import subprocess
     import sys
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    entry = ["-m", "chatforge"]
+    if kill_at:
+        script = tmp_path / f"killed_at_{kill_at}.py"
+        script.write_text(KILLED.format(call=kill_at))
+        entry = [str(script)]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "chatforge", *args]
+        cmd = [sys.executable, *entry, *args]
     else:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "--master_addr=127.0.0.1",
-               "-m", "chatforge", *args]
+               *entry, *args]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    if kill_at:
+        assert r.returncode != 0 and "interrupted" in r.stderr, r.stderr[-2000:]
+    else:
+        assert r.returncode == 0, r.stderr[-2000:]
 
 
 @pytest.mark.slow
@@ -185,3 +233,62 @@ def assert_same_logs(one, two) -> None:
     for x, y in zip(a, b):  # a row has a loss or a held-out accuracy; the other field is None
         assert [v is None for v in x] == [v is None for v in y]
         assert [v for v in x if v is not None] == pytest.approx([v for v in y if v is not None], rel=1e-5, abs=1e-5)
+
+
+# ---- FSDP: the reward model sharded over 2 gloo processes --------------------------------------
+
+FSDP_ARGS = ["--max-len", "64", "--micro-batch", "2", "--batch-rankings", "4", "--max-steps", "6", "--val-fraction", "0.2", "--lr", "3e-3",
+             "--warmup-steps", "1", "--eval-every", "2", "--save-every", "2", "--log-every", "1", "--dtype", "fp32", "--device", "cpu",
+             "--peak-flops", "1e11"]
+
+
+@pytest.fixture(scope="module")
+def rm_fsdp_runs(tok, tmp_path_factory):
+    """One reward model trained in 1 process (2 micro-steps of 2 rankings a step) and the same
+    in 2 processes with FSDP (1 micro-step each): (the command, the two run folders, the root).
+    The 5 held-out rankings split 3/2 over the processes: unequal shares of the evaluation."""
+    root = tmp_path_factory.mktemp("rm_fsdp")
+    sft = tiny_sft(tok, root / "sft")
+    data = preference_file(root / "rank.jsonl", 24, seed=2)
+    common = ["rm", "--base", str(sft), "--data", str(data), *FSDP_ARGS]
+    run_cli(common + ["--out", str(root / "one")], 1, root)
+    run_cli(common + ["--out", str(root / "fsdp"), "--fsdp", "on"], 2, root)
+    return common, root / "one", root / "fsdp", root
+
+
+@pytest.mark.slow
+def test_reward_fsdp_matches_one_process(rm_fsdp_runs):
+    """Guards the reward model under FSDP (the GPT's blocks and the root, scalar head included,
+    sharded): the same losses and held-out accuracy as 1 process with accumulation, and a
+    consolidated checkpoint whose weights and head (after the final normalisation, applied to
+    the bias's shard) match, in the folder `load_reward_model` and `ppo --rm` read."""
+    _, one, fsdp, _ = rm_fsdp_runs
+    assert_same_logs(one, fsdp)
+    assert_close_weights(one, fsdp)
+    assert_close_weights(one, fsdp, file=ckpt_io.EXTRA)
+    assert set(ckpt_io.load_extra(fsdp)) == set(ckpt_io.REWARD_HEAD)
+    rm, _, meta = load_reward_model(fsdp)
+    assert meta["stage"] == "rm" and meta["normalised"] and meta["step"] == 6
+    assert (fsdp / ckpt_io.SHARDED_OPTIMIZER / ".metadata").is_file() and "optimizer" not in ckpt_io.load_train_state(fsdp)
+    ref = load_reward_model(one)[0]
+    ids = torch.tensor([[1, 5, 9, 14, 3], [2, 7, 7, 30, 11]])
+    torch.testing.assert_close(rm(ids, torch.tensor([4, 2])), ref(ids, torch.tensor([4, 2])), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_reward_fsdp_resumes_exactly(rm_fsdp_runs):
+    """Guards exact resume under FSDP: a run killed in its 4th step (after the step-2 checkpoint)
+    and resumed from the sharded optimizer state logs the same losses as the uninterrupted
+    FSDP run and ends with the same weights and head."""
+    common, _, fsdp, root = rm_fsdp_runs
+    run = root / "killed"
+    run_cli(common + ["--out", str(run), "--fsdp", "on"], 2, root, kill_at=4)
+    assert json.loads((run / "meta.json").read_text())["step"] == 2
+    run_cli(common + ["--out", str(run), "--fsdp", "on", "--resume"], 2, root)
+    losses = lambda d: [r["loss"] for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "loss" in r]  # noqa: E731
+    assert losses(run) == losses(fsdp) and len(losses(run)) == 6
+    for file in ("model.safetensors", ckpt_io.EXTRA):
+        a, b = load_file(str(fsdp / file)), load_file(str(run / file))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (file, k)

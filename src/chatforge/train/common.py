@@ -125,17 +125,18 @@ def use_fsdp(mode: str, n_params: int, dist: Dist) -> bool:
 
 
 def fsdp_shard(model: nn.Module, dist: Dist, dtype: str, forward_methods: tuple[str, ...] = ()) -> nn.Module:
-    """Shard a GPT in place with FSDP2 (torch.distributed.fsdp.fully_shard): one unit per block
-    (all-gathered just before it runs, freed after) and the root for the embeddings, final norm
-    and head. Mixed precision: bf16 copies for compute and all-gathers when the run is bf16,
-    gradients reduced in fp32; the sharded fp32 weights are what AdamW updates. Build the
-    optimizer after this call: its parameters are the shards (DTensors). `forward_methods`:
-    methods a loss calls instead of forward() (e.g. "hidden", then head()), which must gather too."""
+    """Shard a GPT (or a RewardModel) in place with FSDP2 (torch.distributed.fsdp.fully_shard):
+    one unit per block (all-gathered just before it runs, freed after) and the root for the
+    embeddings, final norm and head (a RewardModel's scalar head too). Mixed precision: bf16
+    copies for compute and all-gathers when the run is bf16, gradients reduced in fp32; the
+    sharded fp32 weights are what AdamW updates. Build the optimizer after this call: its
+    parameters are the shards (DTensors). `forward_methods`: methods a loss calls instead of
+    forward() (e.g. "hidden", then head()), which must gather too."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     dt = parse_dtype(dtype, dist.device)
     mp = MixedPrecisionPolicy(param_dtype=dt, reduce_dtype=torch.float32) if dt != torch.float32 else MixedPrecisionPolicy()
-    for block in model.blocks:
+    for block in (model.gpt if isinstance(model, RewardModel) else model).blocks:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     for name in forward_methods:
@@ -501,9 +502,11 @@ def save_training(
     extra_tensors: dict | None = None,
 ) -> None:
     """Checkpoint with everything --resume needs: weights, optimizer, RNG, step, the stage config.
-    A sharded (FSDP) model is consolidated: every process sends its shards, rank 0 writes the
-    ordinary checkpoint folder (chat, serve and export read it as any other), and the sharded
-    AdamW state goes beside it through torch.distributed.checkpoint (each process writes its own)."""
+    A RewardModel is stored as its GPT plus the scalar head in extra.safetensors (what
+    checkpoint.load_reward_model reads). A sharded (FSDP) model is consolidated: every process
+    sends its shards, rank 0 writes the ordinary checkpoint folder (chat, serve and export read it
+    as any other), and the sharded AdamW state goes beside it through torch.distributed.checkpoint
+    (each process writes its own)."""
     if is_sharded(model):
         _save_sharded(out, model, tokenizer, meta, optimizer, step, config, dist, extra_state, extra_tensors)
         return
@@ -511,7 +514,31 @@ def save_training(
         return
     state = {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), "config": config}
     state.update(extra_state or {})
-    ckpt_io.save(out, unwrap(model), tokenizer, meta, train_state=state, extra_tensors=extra_tensors)
+    _save_folder(out, unwrap(model), tokenizer, meta, state, extra_tensors)
+
+
+def _save_folder(out, model: nn.Module, tokenizer, meta, state: dict, extra_tensors, extra_dirs=None) -> None:
+    """The checkpoint folder of a whole (unsharded) GPT or RewardModel: a RewardModel's head goes
+    to extra.safetensors beside its GPT, under RewardModel.head_tensors' names."""
+    if isinstance(model, RewardModel):
+        model, extra_tensors = model.gpt, {**model.head_tensors(), **(extra_tensors or {})}
+    ckpt_io.save(out, model, tokenizer, meta, train_state=state, extra_tensors=extra_tensors, extra_dirs=extra_dirs)
+
+
+def _consolidated(bare: nn.Module, full: dict[str, torch.Tensor]) -> nn.Module:
+    """An unsharded copy of `bare` (a GPT or a RewardModel) that holds the full state dict `full`
+    (on the CPU; built on the meta device, so no second initialisation)."""
+    gpt = bare.gpt if isinstance(bare, RewardModel) else bare
+    with torch.device("meta"):
+        plain = type(gpt)(gpt.cfg)
+    if gpt is bare:
+        ckpt_io.load_weights(plain, full, source="FSDP consolidation")
+        return plain
+    part = lambda prefix: {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}  # noqa: E731
+    ckpt_io.load_weights(plain, part("gpt."), source="FSDP consolidation")
+    head = nn.Linear(gpt.cfg.d_model, 1, device="meta")
+    head.load_state_dict(part("value_head."), strict=True, assign=True)
+    return RewardModel(plain, head)
 
 
 def _save_sharded(out, model, tokenizer, meta, optimizer, step, config, dist, extra_state, extra_tensors) -> None:
@@ -532,11 +559,8 @@ def _save_sharded(out, model, tokenizer, meta, optimizer, step, config, dist, ex
     dcp.save({"optimizer": get_optimizer_state_dict(bare, optimizer)}, checkpoint_id=str(staging))
     torch_dist.barrier()
     if dist.main:
-        with torch.device("meta"):
-            plain = type(bare)(bare.cfg)
-        ckpt_io.load_weights(plain, full, source="FSDP consolidation")
         state = {"step": step, "rng": rng_state(), "config": config, "world": dist.world, **(extra_state or {})}
-        ckpt_io.save(out, plain, tokenizer, meta, train_state=state, extra_tensors=extra_tensors, extra_dirs={ckpt_io.SHARDED_OPTIMIZER: staging})
+        _save_folder(out, _consolidated(bare, full), tokenizer, meta, state, extra_tensors, extra_dirs={ckpt_io.SHARDED_OPTIMIZER: staging})
     torch_dist.barrier()
 
 

@@ -30,7 +30,7 @@ from ..model import GPT
 from . import common as C
 from . import rl_math as R
 from .lora import LoRA
-from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, flatten, micro_tokens, pad, read_split, run_log, step_layout, tokenize_rankings
+from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, flatten, micro_tokens, pad, rank_batches, read_split, run_log, step_layout, tokenize_rankings
 
 
 @dataclass
@@ -41,11 +41,8 @@ class DPOConfig(RankingsTrainConfig):
     beta: float = 0.1  # strength of the implicit KL constraint (DPO paper: 0.1)
     label_smoothing: float = 0.0  # assumed share of flipped labels (conservative DPO); 0 = plain DPO
     lr: float = 5e-6  # peak learning rate
-    fsdp: str = "auto"  # "on": shard the policy's weights, gradients and AdamW state over torchrun's processes (FSDP2, no LoRA); "off": DDP; "auto": on above 1B params
 
     def __post_init__(self) -> None:
-        if self.fsdp not in ("on", "off", "auto") or (self.fsdp == "on" and self.lora_rank):
-            raise ValueError(f"DPOConfig.fsdp={self.fsdp!r}: 'on', 'off' or 'auto', and 'on' only without LoRA (adapters are small: DDP)")
         if not self.policy:
             raise ValueError("DPOConfig.policy is required: the SFT checkpoint to start from")
         if self.beta <= 0 or not 0 <= self.label_smoothing < 0.5:
@@ -143,15 +140,11 @@ class DPOStage(RankingsStage):
             self.start = state["step"]
 
         self.per_step, self.accum, self.batches, self.max_steps = step_layout(cfg, len(self.train), dist)
-        self.sharded = self.lora is None and C.use_fsdp(cfg.fsdp, self.policy.num_params(non_embedding=False), dist)
-        if self.sharded:  # answer_logprobs runs hidden() then head(), not forward()
-            C.fsdp_shard(self.policy, dist, cfg.dtype, forward_methods=("hidden",))
+        self.shard(self.policy, forward_methods=("hidden",))  # answer_logprobs runs hidden() then head(), not forward()
         self.optimizer = C.make_optimizer(self.lora if self.lora is not None else self.policy, cfg.lr, cfg.weight_decay)
         if state is not None:
             C.restore_training(self.optimizer, self.policy, state, out)
-        self.train_model: nn.Module = SequenceLogprobs(self.policy, self.lora)
-        if dist.world > 1 and not self.sharded:
-            self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model)
+        self.train_model = self.replicated(SequenceLogprobs(self.policy, self.lora))
         self.fpt, self.peak, self.log, self.n_pairs = run_log(cfg, self.policy, self.train, self.lora, dist, out, self.start)
         self.meta = {
             "stage": "dpo",
@@ -193,14 +186,13 @@ class DPOStage(RankingsStage):
         cfg, dev = self.cfg, self.dist.device
         self.policy.eval()
         sums = torch.zeros(4, device=dev)  # loss, correct, pairs, margin
-        mine = list(range(self.dist.rank, len(self.val), self.dist.world))
-        for i in range(0, len(mine), cfg.micro_batch):
-            idx = mine[i : i + cfg.micro_batch]
+        for idx, counts in rank_batches(len(self.val), cfg.micro_batch, self.dist):
             ids, mask, groups = collate(self.val, idx)
             ref_lp = torch.cat([self.ref_val[j] for j in idx]).to(dev)
             with C.autocast(dev, cfg.dtype):
                 loss, st = self._batch_loss(C.unwrap(self.train_model), ids.to(dev), mask.to(dev), groups, ref_lp)
-            sums += torch.tensor([loss.item(), st["correct"], st["pairs"], st["margin"]], device=dev)
+            if counts:
+                sums += torch.tensor([loss.item(), st["correct"], st["pairs"], st["margin"]], device=dev)
         sums = C.all_reduce_sum(sums, self.dist)
         self.policy.train()
         pairs = max(1.0, sums[2].item())

@@ -4,7 +4,8 @@ and what the tools that score answers with a reward model use (label, flywheel, 
 - the data: rankings tokenized as prompt + answer sequences, held out by prompt, dealt into
   batches that depend on the step number only (ShuffledBatches, also PPO's prompt order);
 - RankingsTrainConfig, the fields of both stages, and the step layout they derive from it;
-- RankingsStage: the run's header line and the loop that drives it;
+- RankingsStage: the trained model spread over processes (FSDP2 or DDP), the run's header line
+  and the loop that drives it; rank_batches, the evaluation batches every process joins;
 - score_all: a reward model's score of many sequences.
 
 All C(K,2) pairs of one ranking form ONE batch element (InstructGPT): a batch is a set of
@@ -149,9 +150,12 @@ class RankingsTrainConfig(LoRAConfig, ScheduleConfig):
     warmup_steps: int = 5  # linear warmup steps
     eval_every: int = 50  # steps between held-out evaluations (and at the end)
     seed: int = 0  # held-out split, data order, adapter and head init
+    fsdp: str = "auto"  # "on": shard the trained model's weights, gradients and AdamW state over torchrun's processes (FSDP2, no LoRA); "off": DDP; "auto": on above 1B params
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        if self.fsdp not in ("on", "off", "auto") or (self.fsdp == "on" and self.lora_rank):
+            raise ValueError(f"{name}.fsdp={self.fsdp!r}: 'on', 'off' or 'auto', and 'on' only without LoRA (adapters are small: DDP)")
         if not self.data:
             raise ValueError(f"{name}.data is required: rankings or pairwise JSONL files")
         for key in ("max_len", "micro_batch"):
@@ -191,18 +195,42 @@ def run_log(cfg: RankingsTrainConfig, model: GPT, train: TokenizedRankings, lora
     return fpt, peak, C.RunLog(out, dist, resume_step=start_step if cfg.resume else None), n_pairs
 
 
+def rank_batches(n: int, batch: int, dist: C.Dist) -> list[tuple[list[int], bool]]:
+    """This rank's share of items 0..n-1 (every world-th) for an evaluation, in batches of up to
+    `batch`, each with whether it counts: as many batches on every rank, since a sharded model's
+    forward is a collective that every rank must join. A rank whose share ran out gets stand-in
+    batches ([0], False): it runs the forward and counts nothing."""
+    mine = list(range(dist.rank, n, dist.world))
+    return [(mine[i : i + batch] or [0], i < len(mine)) for i in range(0, -(-n // dist.world), batch)]
+
+
 def micro_tokens(micro: list, dist: C.Dist) -> float:
     """Token positions (padding included) of a step's micro-batches (ids first) over all ranks."""
     return C.all_reduce_sum(torch.tensor(float(sum(b[0].numel() for b in micro)), device=dist.device), dist).item()
 
 
 class RankingsStage:
-    """The reward model's and DPO's shared run skeleton: the header line and the loop. A subclass
-    names itself (`name`), says what it trains (`trained`, `models_line`) and sets in __init__ what
-    both compute alike: cfg, dist, log, lora, train, val, max_len, per_step, accum, max_steps,
-    start, fpt, peak, optimizer."""
+    """The reward model's and DPO's shared run skeleton: how the trained model is spread over
+    processes, the header line and the loop. A subclass names itself (`name`), says what it
+    trains (`trained`, `models_line`) and sets in __init__ what both compute alike: cfg, dist,
+    log, lora, train, val, max_len, per_step, accum, max_steps, start, fpt, peak, optimizer (and
+    calls `shard` before making the optimizer)."""
 
     name = ""
+    sharded = False
+
+    def shard(self, model: nn.Module, forward_methods: tuple[str, ...] = ()) -> None:
+        """Shard `model` with FSDP2 when cfg.fsdp asks for it (C.use_fsdp; never with LoRA, whose
+        adapters are small: they use DDP), and set `sharded`. Call before making the optimizer:
+        its parameters are the shards. `forward_methods`: see C.fsdp_shard."""
+        n_params = sum(p.numel() for p in model.parameters())
+        self.sharded = self.lora is None and C.use_fsdp(self.cfg.fsdp, n_params, self.dist)
+        if self.sharded:
+            C.fsdp_shard(model, self.dist, self.cfg.dtype, forward_methods)
+
+    def replicated(self, module: nn.Module) -> nn.Module:
+        """`module` under DDP when several processes train it unsharded, else `module` itself."""
+        return torch.nn.parallel.DistributedDataParallel(module) if self.dist.world > 1 and not self.sharded else module
 
     def trained(self) -> nn.Module:
         """The module that the loop puts in training mode."""

@@ -29,7 +29,7 @@ from ..config import to_dict
 from ..model import RewardModel
 from . import common as C
 from . import rl_math as R
-from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, collate, micro_tokens, read_split, run_log, score_all, step_layout, tokenize_rankings
+from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, collate, micro_tokens, rank_batches, read_split, run_log, score_all, step_layout, tokenize_rankings
 
 
 @dataclass
@@ -57,13 +57,13 @@ def evaluate_rankings(rm: RewardModel, data: TokenizedRankings, batch: int, devi
     was = rm.training
     rm.eval()
     sums = torch.zeros(3, device=device)  # loss, correct pairs, pairs
-    mine = list(range(dist.rank, len(data), dist.world))
-    for i in range(0, len(mine), batch):
-        ids, last, groups = collate(data, mine[i : i + batch])
+    for idx, counts in rank_batches(len(data), batch, dist):
+        ids, last, groups = collate(data, idx)
         with C.autocast(dist.device, dtype):
             scores = rm(ids.to(device), last.to(device))
-        loss, correct, pairs = R.ranking_loss(scores, groups)
-        sums += torch.tensor([loss.item(), correct, pairs], device=device)
+        if counts:
+            loss, correct, pairs = R.ranking_loss(scores, groups)
+            sums += torch.tensor([loss.item(), correct, pairs], device=device)
     sums = C.all_reduce_sum(sums, dist)
     rm.train(was)
     return {"val_loss": sums[0].item() / max(1, len(data)), "val_accuracy": sums[1].item() / max(1.0, sums[2].item()), "val_pairs": int(sums[2].item())}
@@ -94,11 +94,12 @@ class RewardStage(RankingsStage):
         self.train, self.val = tokenize_rankings(train_r, self.tok, self.max_len), tokenize_rankings(val_r, self.tok, self.max_len)
         self.per_step, self.accum, self.batches, self.max_steps = step_layout(cfg, len(self.train), dist)
 
+        self.shard(self.rm)  # the GPT's blocks, and the root with the embeddings and the scalar head; the loss calls forward()
         trainable = nn.ModuleList([self.lora, self.rm.value_head]) if self.lora is not None else self.rm
         self.optimizer = C.make_optimizer(trainable, cfg.lr, cfg.weight_decay)
         if state is not None:
             C.restore_training(self.optimizer, self.rm, state, out)
-        self.train_model: nn.Module = torch.nn.parallel.DistributedDataParallel(self.rm) if dist.world > 1 else self.rm
+        self.train_model = self.replicated(self.rm)
         self.fpt, self.peak, self.log, self.n_pairs = run_log(cfg, gpt, self.train, self.lora, dist, out, self.start)
         self.meta = {
             "stage": "rm",
@@ -135,10 +136,8 @@ class RewardStage(RankingsStage):
 
     def save(self, step: int, metrics: dict) -> None:
         self.meta.update(step=step, metrics=metrics)
-        extra = self.rm.head_tensors()
-        if self.lora is not None:
-            extra.update(self.lora.tensors())
-        C.save_training(self.out, self.rm.gpt, self.tok, self.meta, self.optimizer, step, to_dict(self.cfg), self.dist, extra_tensors=extra)
+        extra = self.lora.tensors() if self.lora is not None else None  # the head goes beside the GPT (C.save_training)
+        C.save_training(self.out, self.rm, self.tok, self.meta, self.optimizer, step, to_dict(self.cfg), self.dist, extra_tensors=extra)
         self.log.plot(self.out / "loss.png", keys=("loss", "val_loss", "accuracy", "val_accuracy"), title=f"reward model from {self.base_path.name}")
 
     def train_step(self, step: int) -> tuple[dict, float, float]:
@@ -161,12 +160,16 @@ class RewardStage(RankingsStage):
         return r, acc[0].item() / max(1.0, acc[1].item()), micro_tokens(micro, self.dist)
 
     def normalise(self) -> dict:
-        """Shift the head's bias so the SFT policy's answers (the training rankings' responses) score 0 on average."""
-        if not self.dist.main:
+        """Shift the head's bias so the SFT policy's answers (the training rankings' responses) score
+        0 on average. Rank 0 scores them; sharded, every rank does (each forward is a collective),
+        and shifts its shard of the bias."""
+        if not (self.dist.main or self.sharded):
             return {}
         scores = score_all(self.rm, [s for row in self.train.seqs for s in row], self.cfg.micro_batch * 4, self.dist.device, self.cfg.dtype)
         shift = scores.mean().item()
         with torch.no_grad():
+            if self.sharded:  # FSDP keeps the root's weights gathered after a forward: shift the shard, which is what is saved
+                self.rm.reshard()
             self.rm.value_head.bias -= shift
         self.meta.update(reward_shift=self.meta["reward_shift"] + shift, normalised=True, reward_std=scores.std().item())
         return {"reward_std": scores.std().item()}
