@@ -13,6 +13,7 @@ from chatforge import checkpoint as ckpt_io
 from chatforge.model import GPT, preset
 from chatforge.train import ppo as P
 from chatforge.train import rl_math as R
+from chatforge.train.curriculum import FamilyCurriculum
 from chatforge.train.verify import FAMILIES, Verdict, check_prompt, dates, numbers, verify, weekdays, zh_number
 
 
@@ -121,7 +122,38 @@ def test_rl_config_errors():
         P.PPOConfig(**base, algo="rloo", reward="rm+tasks", samples_per_prompt=2)
     with pytest.raises(ValueError, match="kl_mode='both'"):
         P.PPOConfig(**base, algo="grpo", reward="tasks", samples_per_prompt=2, kl_mode="both")
+    with pytest.raises(ValueError, match="curriculum='hard' is unknown"):
+        P.PPOConfig(**base, algo="grpo", reward="tasks", samples_per_prompt=2, curriculum="hard")
+    with pytest.raises(ValueError, match="curriculum='signal'.*needs --reward tasks"):
+        P.PPOConfig(**base, rm="y", algo="grpo", reward="rm", samples_per_prompt=2, curriculum="signal")
     P.PPOConfig(**base, algo="grpo", reward="tasks", samples_per_prompt=4)  # no reward model needed
+
+
+def test_curriculum_by_hand():
+    """Guards the family curriculum: a family answered half the time (groups differ) is drawn far
+    more often than one always or never solved, but those stay drawn (the floor); draws are
+    deterministic per seed, stay inside each family's prompts, and the state round-trips."""
+    keys = ["en/a"] * 10 + ["en/b"] * 10 + ["zh/c"] * 10
+    cur = FamilyCurriculum(keys, decay=0.9, floor=0.02)
+    assert cur.weights() == pytest.approx({"en/a": 1 / 3, "en/b": 1 / 3, "zh/c": 1 / 3})  # no evidence yet: uniform
+    for _ in range(5):  # a: never right, b: right half the time, c: always right
+        cur.update(["en/a"] * 8 + ["en/b"] * 8 + ["zh/c"] * 8, [False] * 8 + [True, False] * 4 + [True] * 8)
+    # decayed counts after 5 rounds of 8: sum 8 * 0.9^k, k < 5 = 32.76 asked
+    assert cur.asked["en/a"] == pytest.approx(8 * sum(0.9**k for k in range(5)))
+    assert cur.pass_rate("en/a") == pytest.approx(1 / (cur.asked["en/a"] + 2))
+    assert cur.pass_rate("en/b") == pytest.approx(0.5)
+    w = cur.weights()
+    assert w["en/b"] > 3 * w["en/a"] and w["zh/c"] == pytest.approx(w["en/a"]) and w["en/a"] > 0
+    draws = [cur.draw(8, seed) for seed in range(200)]
+    assert draws[0] == cur.draw(8, 0) and draws[0] != draws[1]
+    fam = [keys[i] for d in draws for i in d]
+    assert fam.count("en/b") / len(fam) == pytest.approx(w["en/b"], abs=0.05)
+    assert all(len(set(d)) == len(d) for d in draws)  # no prompt twice in one draw while the family has enough
+    twin = FamilyCurriculum(keys)
+    twin.load_state_dict(cur.state_dict())
+    assert twin.weights() == cur.weights() and twin.draw(8, 7) == cur.draw(8, 7)
+    with pytest.raises(ValueError, match="no prompts"):
+        FamilyCurriculum([])
 
 
 # ---- whole runs on a tiny model -------------------------------------------------------------------
@@ -179,6 +211,28 @@ def test_group_rl_raises_verified_reward(tok, tmp_path, algo, kl_mode):
     P.main(P.PPOConfig(out=str(tmp_path / "half"), iterations=6, **kw))
     half = P.main(P.PPOConfig(out=str(tmp_path / "half"), iterations=12, resume=True, **kw))
     rows = lambda d: [(r["step"], r["task_reward"], r["kl"], r["pg_loss"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "task_reward" in r]  # noqa: E731
+    assert rows(half) == rows(out)
+
+
+def test_curriculum_run_resumes_identically(tok, tmp_path):
+    """Guards --curriculum signal in a whole run: the draw follows the families' pass rates, the
+    log records the weights, and a run cut at iteration 2 and resumed logs what the straight run
+    logged (the curriculum's counts are saved with the train state)."""
+    torch.set_num_threads(1)
+    sft = tiny_sft(tok, tmp_path)
+    lines = ([{"messages": [{"role": "user", "content": f"2001年3月{d}日是星期几？"}], "gold": key("weekday", ["星期一"], "zh")} for d in range(1, 9)]
+             + [{"messages": [{"role": "user", "content": f"{d} + 2 = ?"}], "gold": key("arithmetic", [str(d + 2)], "en")} for d in range(8)])
+    f = write_prompts(tmp_path / "p.jsonl", lines)
+    kw = dict(policy=str(sft), prompts=[f], algo="grpo", reward="tasks", samples_per_prompt=4, rollout_batch=8, minibatch=8, ppo_epochs=1,
+              max_new_tokens=4, lr=1e-2, curriculum="signal", dtype="fp32", device="cpu", eval_every=100, save_every=2, show_samples=0)
+    out = P.main(P.PPOConfig(out=str(tmp_path / "rl"), iterations=4, **kw))
+    recs = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "task_reward" in r]
+    assert len(recs) == 4 and set(recs[-1]["curriculum"]) == {"zh/weekday", "en/arithmetic"}
+    assert sum(recs[-1]["curriculum"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert "curriculum" in ckpt_io.load_train_state(out)
+    P.main(P.PPOConfig(out=str(tmp_path / "half"), iterations=2, **kw))
+    half = P.main(P.PPOConfig(out=str(tmp_path / "half"), iterations=4, resume=True, **kw))
+    rows = lambda d: [(r["step"], r["task_reward"], r["kl"], r["curriculum"]) for r in map(json.loads, (d / "log.jsonl").read_text().splitlines()) if "task_reward" in r]  # noqa: E731
     assert rows(half) == rows(out)
 
 

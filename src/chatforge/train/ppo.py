@@ -70,6 +70,8 @@ from .common import load_policy
 from .loop import Loop, RunConfig
 from .lora import LoRA, LoRAConfig
 from .rankings import ShuffledBatches
+from .curriculum import MODES as CURRICULA
+from .curriculum import FamilyCurriculum
 from .verify import FAMILIES, check_prompt, family_of, verify
 
 
@@ -115,6 +117,7 @@ class PPOConfig(LoRAConfig, RunConfig):
     save_every: int = 5  # iterations between checkpoints (and at the end)
     log_every: int = 1  # iterations between progress lines
     show_samples: int = 2  # answers printed with each progress line
+    curriculum: str = "off"  # "signal": draw prompts by (language, family) where the verified pass rate p makes groups differ, weight p(1-p) + floor (train/curriculum.py); "off": a shuffled order
     time_budget_s: float = 0.0  # stop (evaluate and save) after the iteration that passes this many seconds; 0 = no limit
     seed: int = 0  # prompt order, rollout seeds, minibatch order, adapter init
 
@@ -149,6 +152,10 @@ class PPOConfig(LoRAConfig, RunConfig):
             raise ValueError("PPOConfig: lr must be > 0; value_lr, kl_coef, kl_target >= 0")
         if not (0 < self.gamma <= 1 and 0 <= self.lam <= 1 and self.clip > 0 and self.value_clip > 0):
             raise ValueError(f"PPOConfig: gamma={self.gamma} in (0,1], lam={self.lam} in [0,1], clip and value_clip > 0")
+        if self.curriculum not in CURRICULA:
+            raise ValueError(f"PPOConfig.curriculum={self.curriculum!r} is unknown; use one of {', '.join(CURRICULA)}")
+        if self.curriculum != "off" and "tasks" not in self.reward:
+            raise ValueError(f"PPOConfig.curriculum={self.curriculum!r} weighs task families by their verified pass rate; it needs --reward tasks or rm+tasks")
         if self.ptx_coef < 0 or bool(self.ptx_coef) != bool(self.ptx_data):
             raise ValueError(f"PPOConfig: PPO-ptx needs both ptx_data and ptx_coef > 0 (got {self.ptx_data!r}, {self.ptx_coef})")
         super().__post_init__()
@@ -157,7 +164,7 @@ class PPOConfig(LoRAConfig, RunConfig):
 ALGOS = ("ppo",) + R.GROUP_ALGOS
 STATS = ("pg_loss", "vf_loss", "clipfrac", "approx_kl", "vf_clipfrac", "entropy", "grad_norm", "ptx_loss", "kl_loss")  # per minibatch, averaged
 REWARDS = ("rm", "tasks", "rm+tasks")
-RESUME_KEYS = ("policy", "rm", "prompts", "ref", "rollout_batch", "samples_per_prompt", "algo", "reward", "kl_mode", "max_new_tokens", "ppo_epochs",
+RESUME_KEYS = ("curriculum", "policy", "rm", "prompts", "ref", "rollout_batch", "samples_per_prompt", "algo", "reward", "kl_mode", "max_new_tokens", "ppo_epochs",
                "minibatch", "ptx_data", "ptx_rows", "ptx_seq_len", "lora_rank", "lora_alpha", "lora_layers", "lora_targets", "seed")
 
 
@@ -268,6 +275,8 @@ class PPOStage:
             self.kl_ctl.load_state_dict(state["kl_ctl"])
             self.start = state["step"]
         self._prompts()
+        if state is not None and self.curriculum is not None:
+            self.curriculum.load_state_dict(state["curriculum"])
         self.engine = Engine(policy, self.tok, max_batch=cfg.rollout_batch)
         self.log = C.RunLog(out, dist, resume_step=self.start if cfg.resume else None)
         self.meta = {
@@ -335,7 +344,17 @@ class PPOStage:
         self.prompt_tokens = [prompt_ids(tok, p.messages) for p in self.prompts]
         self.G = cfg.samples_per_prompt
         self.order = ShuffledBatches(len(self.prompts), cfg.rollout_batch // self.G, 1, cfg.seed)
+        self.curriculum = FamilyCurriculum([self.family_key(p.extra["gold"]) for p in self.prompts]) if cfg.curriculum != "off" else None
         self.ptx = C.mix_batches(cfg.ptx_data, self.policy, min(cfg.ptx_seq_len, max_len), cfg.ptx_rows, 1, cfg.seed) if cfg.ptx_data else None
+
+    @staticmethod
+    def family_key(gold: dict) -> str:
+        return f"{gold.get('lang', '?')}/{family_of(gold)}"
+
+    def draw(self, it: int) -> list[int]:
+        """This iteration's prompts: the shuffled order's next batch, or the curriculum's draw."""
+        n = self.cfg.rollout_batch // self.G
+        return self.curriculum.draw(n, mix_seed(self.cfg.seed, it, -1)) if self.curriculum is not None else self.order.get(it, 0)
 
     def describe(self) -> None:
         cfg, G = self.cfg, self.G
@@ -476,13 +495,15 @@ class PPOStage:
         """Rollout, scoring, training: the iteration's record and lines showing its first answers."""
         cfg, G = self.cfg, self.G
         t0 = time.perf_counter()
-        idx = [i for i in self.order.get(it, 0) for _ in range(G)]  # each prompt G times, siblings adjacent
+        idx = [i for i in self.draw(it) for _ in range(G)]  # each prompt G times, siblings adjacent
         batch_prompts = [self.prompt_tokens[i] for i in idx]
         answers, finished, texts = generate(self.engine, batch_prompts, cfg.max_new_tokens, [mix_seed(cfg.seed, it, j) for j in range(len(idx))])
         ro = to_rollouts(batch_prompts, answers, finished, texts, self.tok.eot_id)
         t1 = time.perf_counter()
         beta = self.kl_ctl.value
         self.score(ro, beta, [self.prompts[i].extra.get("gold") for i in idx])
+        if self.curriculum is not None:
+            self.curriculum.update([self.family_key(self.prompts[i].extra["gold"]) for i in idx], [v.correct for v in ro.verdicts])
         t2 = time.perf_counter()
         train_stats = self.train_on(ro, it, beta)
         t3 = time.perf_counter()
@@ -504,6 +525,7 @@ class PPOStage:
             "length": n_tokens / len(idx),
             "finished": ro.finished.float().mean().item(),
             **train_stats,
+            **({"curriculum": {k: round(v, 4) for k, v in self.curriculum.weights().items()}} if self.curriculum is not None else {}),
             "t_rollout": t1 - t0,
             "t_score": t2 - t1,
             "t_train": t3 - t2,
@@ -511,6 +533,8 @@ class PPOStage:
         }
         samples = [f"  sample | {self.prompts[idx[j]].messages[-1]['content'][:60]!r} -> {texts[j][:100]!r} (reward {ro.total[j].item():+.3f})"
                    for j in range(min(cfg.show_samples, len(idx)))]
+        if self.curriculum is not None:
+            samples.append(f"  curriculum | pass rates {self.curriculum.summary()}")
         return rec, samples
 
     def progress_line(self, rec: dict, eta_s: float) -> str:
@@ -560,6 +584,8 @@ class PPOStage:
         self.meta.update(step=it, metrics={**metrics, "seconds": round(time.time() - self.t0, 1)}, kl_coef=self.kl_ctl.value)
         extra = self.lora.tensors() if self.lora is not None else None
         extra_state = {"kl_ctl": self.kl_ctl.state_dict()}
+        if self.curriculum is not None:
+            extra_state["curriculum"] = self.curriculum.state_dict()
         if self.value_module is not None:
             extra_state["value"] = {k: v.detach().cpu().clone() for k, v in self.value_module.state_dict().items()}
         C.save_training(self.out, self.policy, self.tok, self.meta, self.optimizer, it, to_dict(self.cfg), self.dist,
