@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import socket
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -51,6 +56,42 @@ def run_killed(monkeypatch, owner, name: str, call: int, run: Callable[[], objec
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(owner, name, real)
+
+
+def run_chatforge(args: list[str], nproc: int = 1, timeout: float = 300, entry: list[str] | None = None) -> subprocess.CompletedProcess:
+    """`chatforge ARGS` (or the script `entry`) in one process, or in `nproc` processes under
+    torchrun (gloo, one thread each), as a finished process with its output. Past `timeout` the
+    test fails instead of waiting on a hang (ranks stuck in mismatched collectives): the launcher
+    gets SIGTERM, on which torchrun stops its workers (they run in sessions of their own, out of
+    reach of a kill of the launcher's group). Output goes through files, which workers still
+    holding them open cannot block the way a pipe's EOF would."""
+    entry = entry or ["-m", "chatforge"]
+    cmd = [sys.executable, *entry, *args]
+    if nproc > 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "--master_addr=127.0.0.1",
+               *entry, *args]
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out, stderr=err, text=True)
+        try:
+            p.wait(timeout=timeout)
+            hung = False
+        except subprocess.TimeoutExpired:
+            hung = True
+            p.terminate()
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        out.seek(0)
+        err.seek(0)
+        r = subprocess.CompletedProcess(cmd, p.returncode, out.read(), err.read())
+    if hung:
+        pytest.fail(f"`chatforge {' '.join(args[:1])}` in {nproc} processes still running after {timeout:.0f}s (hung?):\n{r.stderr[-3000:]}")
+    return r
 
 
 def assert_close_weights(a: Path, b: Path, file: str = "model.safetensors") -> None:

@@ -91,7 +91,7 @@ def test_dpo_two_processes_match_one(tok, tmp_path):
     """Guards DPO under DDP (the policy wrapped so DDP sees its forward) and FSDP (hidden()
     registered as a forward method): 2 processes log the same losses and held-out accuracy as 1
     process with the same global batch. The 5 held-out rankings split 3/2 over the processes:
-    under FSDP the one with fewer still joins every evaluation forward (rankings.rank_batches)."""
+    under FSDP the one with fewer still joins every evaluation forward (data/loader.rank_batches)."""
     from test_reward import assert_same_logs, preference_file, run_cli, tiny_sft
 
     sft = tiny_sft(tok, tmp_path / "sft")

@@ -5,26 +5,24 @@ and resume from the sharded optimizer state exactly."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from chatforge import checkpoint
+from chatforge.model import GPT, preset
+from chatforge.sample import sample_tokens
 
-from test_ddp import ARGS, _free_port, _losses
+from conftest import run_chatforge
+from test_ddp import ARGS, _losses
 
 
-def _run(args: list[str], nproc: int = 1) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "chatforge"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={_free_port()}", "--master_addr=127.0.0.1",
-        "-m", "chatforge"]
-    r = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=300)
+def _run(args: list[str], nproc: int = 1, timeout: float = 300) -> str:
+    """Run `chatforge ARGS` (conftest.run_chatforge), which must succeed; its stderr."""
+    r = run_chatforge(args, nproc, timeout)
     assert r.returncode == 0, r.stderr[-3000:]
+    return r.stderr
 
 
 @pytest.mark.slow
@@ -66,3 +64,41 @@ def test_fsdp_needs_processes(shards_dir, tmp_path):
                             device="cpu", dtype="fp32", fsdp="on", peak_flops=1e11))
     with pytest.raises(ValueError, match="fsdp"):
         PretrainConfig(data=str(shards_dir), fsdp="yes")
+
+
+def _val_losses(out):
+    return [(r["step"], r["val_loss"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "val_loss" in r]
+
+
+@pytest.mark.slow
+def test_fsdp_uneven_validation_share(shards_dir, tmp_path):
+    """Guards evaluation under FSDP when the validation windows split unevenly: 9 windows in
+    batches of 4 are 2 batches on rank 0 and 1 on rank 1, and every evaluation forward is a
+    collective, so rank 1 runs a stand-in batch that counts nothing (data/loader.rank_batches)
+    instead of leaving rank 0 waiting (a hang, here a failure after the timeout). The validation
+    loss is 1 process's over the same windows; samples run on both ranks in lockstep."""
+    common = ["pretrain", "--data", str(shards_dir), "--total-batch-tokens", "256", *ARGS,
+              "--max-steps", "2", "--eval-every", "1", "--save-every", "2", "--eval-tokens", str(9 * 32)]
+    _run([*common, "--out", str(tmp_path / "one")])
+    err = _run([*common, "--out", str(tmp_path / "two"), "--fsdp", "on"], nproc=2, timeout=120)
+    a, b = _val_losses(tmp_path / "one"), _val_losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2]
+    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-5, abs=1e-6)
+    assert "sample |" in err
+
+
+def test_lockstep_sampling_runs_every_forward(tok):
+    """Guards samples from a sharded model hanging: with lockstep=True the sampler runs all
+    max_new_tokens forwards even after a stop token (processes that disagreed on when a sample
+    stops would otherwise run different numbers of all-gathers), and returns the same tokens."""
+    model = GPT(preset("cpu-tiny", vocab_size=512))
+    model.init_weights(0)
+    prompt = tok.encode("The quick brown fox")
+    free = sample_tokens(model, prompt, 12, temperature=0.0)
+    stop = free[3]  # greedy decoding reaches it at the latest by the 4th token
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    early = sample_tokens(model, prompt, 12, temperature=0.0, stop_ids=(stop,))
+    n_early = len(calls)
+    assert sample_tokens(model, prompt, 12, temperature=0.0, stop_ids=(stop,), lockstep=True) == early == free[: free.index(stop)]
+    assert n_early <= 4 and len(calls) - n_early == 12

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from chatforge import checkpoint
 from chatforge.cli import main as cli_main
-from chatforge.data.loader import Shards, TrainBatches, val_batches
+from chatforge.data.loader import Shards, TrainBatches, rank_batches, val_batches
 from chatforge.model import GPT, GPTConfig
 from chatforge.train import common as C
 from chatforge.train.pretrain import PretrainConfig, main
@@ -269,14 +269,32 @@ def test_loader_windows_and_ranks(tmp_path):
 
 def test_val_batches_deterministic_and_split_over_ranks(tmp_path):
     """Guards validation drifting between evaluations or ranks double-counting windows: windows are
-    consecutive from the start of val.bin, capped at max_tokens, and dealt round-robin to ranks."""
+    consecutive from the start of val.bin, capped at max_tokens, and dealt round-robin to ranks.
+    And guards an uneven share hanging FSDP: every rank gets as many batches (9 windows in
+    batches of 4 are 5 + 4 windows, 2 batches each), a stand-in batch's targets all -100."""
     sh = Shards(write_shards(tmp_path / "s", np.arange(500), np.arange(1000)))
     xs = [x for x, _ in val_batches(sh, seq_len=10, batch=4, max_tokens=95)]
     assert [x.shape[0] for x in xs] == [4, 4, 1]  # 95 // 10 = 9 windows
     starts = torch.cat(xs)[:, 0].tolist()
     assert starts == [10 * w for w in range(9)]
-    ranked = sorted(int(x[0]) for r in range(2) for xb, _ in val_batches(sh, 10, 4, 95, rank=r, world=2) for x in xb)
-    assert ranked == starts
+    per_rank = [list(val_batches(sh, 10, 4, 95, rank=r, world=2)) for r in range(2)]
+    assert [len(b) for b in per_rank] == [2, 2]
+    counted = [(xb, yb) for batches in per_rank for xb, yb in batches if (yb != -100).any()]
+    assert sorted(int(x[0]) for xb, _ in counted for x in xb) == starts
+    stand_in = per_rank[1][1][1]
+    assert bool((stand_in == -100).all()) and all(bool((yb != -100).all()) for _, yb in counted)
+
+
+def test_rank_batches_even_over_ranks():
+    """Guards the evaluation layout every stage shares (pretrain, SFT, RM, DPO): each item counted
+    on exactly one rank, as many batches on every rank, stand-ins ([0], not counted) where a
+    rank's share ran out (a rank with none at all still joins)."""
+    for n, batch, world in [(9, 4, 2), (5, 2, 2), (1, 3, 2), (7, 1, 3), (0, 2, 2), (8, 4, 2)]:
+        shares = [rank_batches(n, batch, r, world) for r in range(world)]
+        assert len({len(s) for s in shares}) == 1, (n, batch, world)
+        assert sorted(i for s in shares for idx, counts in s if counts for i in idx) == list(range(n))
+        assert all(idx == [0] for s in shares for idx, counts in s if not counts)
+    assert rank_batches(9, 4, 1, 2) == [([1, 3, 5, 7], True), ([0], False)]
 
 
 def test_loader_errors(tmp_path):

@@ -18,7 +18,7 @@ from chatforge.checkpoint import load_reward_model
 from chatforge.train.rankings import score_all, tokenize_rankings
 from chatforge.train.reward import RewardConfig, main
 from chatforge.data.rankings import read_rankings
-from conftest import assert_close_weights, run_killed
+from conftest import assert_close_weights, run_chatforge, run_killed
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -182,34 +182,22 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_cli(args, nproc, tmp_path, kill_at: int = 0):
-    """`chatforge ARGS` in one process, or in `nproc` processes under torchrun (gloo). With
+def run_cli(args, nproc, tmp_path, kill_at: int = 0, timeout: float = 300):
+    """`chatforge ARGS` in one process, or in `nproc` processes under torchrun (gloo), failing
+    after `timeout` seconds (conftest.run_chatforge); returns the finished process. With
     `kill_at`, every process is killed at its kill_at-th training step (conftest.run_killed's
     KeyboardInterrupt, raised in each process) and the run must fail."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    entry = ["-m", "chatforge"]
+    entry = None
     if kill_at:
         script = tmp_path / f"killed_at_{kill_at}.py"
         script.write_text(KILLED.format(call=kill_at))
         entry = [str(script)]
-    if nproc == 1:
-        cmd = [sys.executable, *entry, *args]
-    else:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={port}", "--master_addr=127.0.0.1",
-               *entry, *args]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = run_chatforge(args, nproc, timeout, entry)
     if kill_at:
         assert r.returncode != 0 and "interrupted" in r.stderr, r.stderr[-2000:]
     else:
         assert r.returncode == 0, r.stderr[-2000:]
+    return r
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from chatforge.data.chat import ChatBatches, collate, pack_rows, read_conversati
 from chatforge.model import GPT, preset
 from chatforge.tokenizer import CHATML_JINJA, ChatSpec, Tokenizer
 from chatforge.train import common as C
-from chatforge.train.sft import SFTConfig, main
+from chatforge.train.sft import SAMPLE_PROMPTS, SFTConfig, main
 from conftest import assert_close_weights, run_killed
 
 QA = [
@@ -523,3 +523,25 @@ def test_sft_fsdp_matches_one_process(base_ckpt, chat_files, tmp_path):
     assert len(a) == len(b) == 6
     assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
     assert_close_weights(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_sft_fsdp_uneven_validation_share(base_ckpt, chat_files, tmp_path):
+    """Guards SFT evaluation under FSDP when the held-out rows split unevenly: 5 conversations
+    (one per row) in batches of 2 are 2 batches on rank 0 and 1 on rank 1, and every forward of a
+    sharded model is a collective, so rank 1 runs a stand-in batch that counts nothing
+    (data/loader.rank_batches) instead of leaving rank 0 waiting (a hang, here a failure after the
+    timeout). The validation losses are 1 process's over the same rows, and the samples, which
+    the KV-cache engine cannot make from sharded weights, come from every rank in lockstep."""
+    from test_reward import run_cli
+
+    val = write_jsonl(tmp_path / "val.jsonl", chats(5, seed=1))
+    common = ["sft", "--base", str(base_ckpt), "--data", str(chat_files[0]), "--val-data", str(val), "--seq-len", "64",
+              "--micro-batch", "2", "--batch-rows", "4", "--max-steps", "2", "--lr", "3e-3", "--warmup-steps", "1", "--eval-every", "1",
+              "--save-every", "2", "--log-every", "1", "--sample-tokens", "4", "--dtype", "fp32", "--device", "cpu", "--peak-flops", "1e11"]
+    run_cli(common + ["--out", str(tmp_path / "one")], 1, tmp_path)
+    err = run_cli(common + ["--out", str(tmp_path / "two"), "--fsdp", "on"], 2, tmp_path, timeout=120).stderr
+    a, b = ([(r["step"], r["val_loss"]) for r in records(tmp_path / d) if "val_loss" in r] for d in ("one", "two"))
+    assert [s for s, _ in a] == [s for s, _ in b] == [0, 1, 2]
+    assert [v for _, v in a] == pytest.approx([v for _, v in b], rel=1e-5, abs=1e-6)
+    assert err.count("sample |") == 2 * len(SAMPLE_PROMPTS)  # at step 1 and at the end

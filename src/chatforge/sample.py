@@ -21,9 +21,13 @@ def sample_tokens(
     top_k: int = 0,
     seed: int | None = None,
     stop_ids: tuple[int, ...] = (),
+    lockstep: bool = False,
 ) -> list[int]:
-    """New token ids after `prompt_ids` (greedy when temperature == 0). The context keeps its last
-    max_seq_len tokens."""
+    """New token ids after `prompt_ids` (greedy when temperature == 0), up to the first of
+    `stop_ids`. The context keeps its last max_seq_len tokens. `lockstep`: run all
+    max_new_tokens forwards even after a stop token, for a model sharded over processes (FSDP),
+    whose forwards are collectives that every process must join the same number of times; the
+    processes need not agree on when a sample stops."""
     if temperature < 0:
         raise ValueError(f"temperature={temperature} must be >= 0")
     if not prompt_ids:
@@ -34,15 +38,21 @@ def sample_tokens(
     ids = list(prompt_ids)
     out: list[int] = []
     ctx = model.cfg.max_seq_len
+    stopped = False
     for _ in range(max_new_tokens):
         x = torch.tensor([ids[-ctx:]], device=device)
         logits = model(x)[0, -1].float()
+        if stopped:
+            continue
         if temperature == 0:
             nxt = int(logits.argmax())
         else:
             nxt = int(torch.multinomial(top_k_probs(logits, temperature, top_k), 1, generator=gen))
         if nxt in stop_ids:
-            break
+            if not lockstep:
+                break
+            stopped = True
+            continue
         ids.append(nxt)
         out.append(nxt)
     return out

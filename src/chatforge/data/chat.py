@@ -36,6 +36,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ..tokenizer import Tokenizer, check_messages
+from .loader import rank_batches
 from .text import expand_inputs, jsonl_values
 
 SUFFIXES = (".jsonl", ".parquet")
@@ -302,8 +303,10 @@ class ChatBatches:
 
 
 def val_batches(data: Tokenized, row_len: int, pack: bool, batch: int, rank: int = 0, world: int = 1) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Validation rows in file order (the same every time), dealt round-robin to ranks."""
+    """Validation rows in file order (the same every time), dealt round-robin to ranks, as many
+    batches on each (loader.rank_batches: a sharded model's forward needs every rank): a stand-in
+    batch has every target -100, so it adds no loss and no tokens."""
     rows = pack_rows([len(i) for i in data.ids], list(range(len(data))), row_len, pack)
-    mine = rows[rank::world]
-    for i in range(0, len(mine), batch):
-        yield collate(data, mine[i : i + batch], pack)
+    for idx, counts in rank_batches(len(rows), batch, rank, world):
+        x, y, *rest = collate(data, [rows[i] for i in idx], pack)
+        yield x, (y if counts else torch.full_like(y, -100)), *rest

@@ -5,7 +5,8 @@ Training windows start at random offsets drawn from a generator seeded by (seed,
 - the global batch of a step is the same whatever the number of processes: row j of the global
   batch goes to micro-step j // (world*B) on rank (j // B) % world. Two processes with B rows
   each see exactly the rows one process sees with gradient accumulation 2.
-Validation reads consecutive windows from the start of val.bin, the same every time.
+Validation reads consecutive windows from the start of val.bin, the same every time, dealt to
+ranks by rank_batches (as many batches on every rank, which a sharded model needs).
 """
 
 from __future__ import annotations
@@ -71,15 +72,24 @@ class TrainBatches:
         return t[:, :-1], t[:, 1:]
 
 
+def rank_batches(n: int, batch: int, rank: int = 0, world: int = 1) -> list[tuple[list[int], bool]]:
+    """This rank's share of items 0..n-1 (every world-th) for an evaluation, in batches of up to
+    `batch`, each with whether it counts: as many batches on every rank, since a sharded (FSDP)
+    model's forward is a collective that every rank must join. A rank whose share ran out gets
+    stand-in batches ([0], False): it runs the forward and counts nothing."""
+    mine = list(range(rank, n, world))
+    return [(mine[i : i + batch] or [0], i < len(mine)) for i in range(0, -(-n // world), batch)]
+
+
 def val_batches(shards: Shards, seq_len: int, batch: int, max_tokens: int, rank: int = 0, world: int = 1):
     """Consecutive, non-overlapping windows from the start of val.bin, up to `max_tokens` in total,
-    dealt round-robin to ranks."""
+    dealt round-robin to ranks, as many batches on each (rank_batches): a stand-in batch has
+    every target -100, so it adds no loss and no tokens."""
     data = shards.split("val")
     n_windows = min((len(data) - 1) // seq_len, max(1, max_tokens // seq_len))
     if n_windows < 1:
         raise ValueError(f"{shards.dir}: val split has {len(data)} tokens, fewer than seq_len={seq_len}+1")
-    mine = list(range(rank, n_windows, world))
-    for i in range(0, len(mine), batch):
-        buf = np.stack([data[w * seq_len : w * seq_len + seq_len + 1].astype(np.int64) for w in mine[i : i + batch]])
+    for windows, counts in rank_batches(n_windows, batch, rank, world):
+        buf = np.stack([data[w * seq_len : w * seq_len + seq_len + 1].astype(np.int64) for w in windows])
         t = torch.from_numpy(buf)
-        yield t[:, :-1], t[:, 1:]
+        yield t[:, :-1], (t[:, 1:] if counts else torch.full_like(t[:, 1:], -100))

@@ -26,11 +26,12 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..config import to_dict
+from ..data.loader import rank_batches
 from ..model import GPT
 from . import common as C
 from . import rl_math as R
 from .lora import LoRA
-from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, flatten, micro_tokens, pad, rank_batches, read_split, run_log, step_layout, tokenize_rankings
+from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, flatten, micro_tokens, pad, read_split, run_log, step_layout, tokenize_rankings
 
 
 @dataclass
@@ -186,7 +187,7 @@ class DPOStage(RankingsStage):
         cfg, dev = self.cfg, self.dist.device
         self.policy.eval()
         sums = torch.zeros(4, device=dev)  # loss, correct, pairs, margin
-        for idx, counts in rank_batches(len(self.val), cfg.micro_batch, self.dist):
+        for idx, counts in rank_batches(len(self.val), cfg.micro_batch, self.dist.rank, self.dist.world):
             ids, mask, groups = collate(self.val, idx)
             ref_lp = torch.cat([self.ref_val[j] for j in idx]).to(dev)
             with C.autocast(dev, cfg.dtype):

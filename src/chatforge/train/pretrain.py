@@ -166,7 +166,8 @@ class PretrainStage:
             return
         self.model.eval()
         for p in SAMPLE_PROMPTS:
-            ids = sample_tokens(self.model, self.tok.encode(p), 32, temperature=0.8, top_k=50, seed=step, stop_ids=(self.tok.eos_id,))
+            ids = sample_tokens(self.model, self.tok.encode(p), 32, temperature=0.8, top_k=50, seed=step, stop_ids=(self.tok.eos_id,),
+                                lockstep=self.sharded)
             self.log.print(f"  sample | {p}{self.tok.decode(ids)!r}")
         self.model.train()
 

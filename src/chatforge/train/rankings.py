@@ -5,7 +5,8 @@ and what the tools that score answers with a reward model use (label, flywheel, 
   batches that depend on the step number only (ShuffledBatches, also PPO's prompt order);
 - RankingsTrainConfig, the fields of both stages, and the step layout they derive from it;
 - RankingsStage: the trained model spread over processes (FSDP2 or DDP), the run's header line
-  and the loop that drives it; rank_batches, the evaluation batches every process joins;
+  and the loop that drives it (evaluations deal held-out items with data/loader.rank_batches,
+  as many batches on every process);
 - score_all: a reward model's score of many sequences.
 
 All C(K,2) pairs of one ranking form ONE batch element (InstructGPT): a batch is a set of
@@ -193,15 +194,6 @@ def run_log(cfg: RankingsTrainConfig, model: GPT, train: TokenizedRankings, lora
     peak = C.peak_flops(dist.device, cfg.dtype, cfg.peak_flops) * dist.world
     n_pairs = sum(len(r) * (len(r) - 1) // 2 for r in train.rankings)
     return fpt, peak, C.RunLog(out, dist, resume_step=start_step if cfg.resume else None), n_pairs
-
-
-def rank_batches(n: int, batch: int, dist: C.Dist) -> list[tuple[list[int], bool]]:
-    """This rank's share of items 0..n-1 (every world-th) for an evaluation, in batches of up to
-    `batch`, each with whether it counts: as many batches on every rank, since a sharded model's
-    forward is a collective that every rank must join. A rank whose share ran out gets stand-in
-    batches ([0], False): it runs the forward and counts nothing."""
-    mine = list(range(dist.rank, n, dist.world))
-    return [(mine[i : i + batch] or [0], i < len(mine)) for i in range(0, -(-n // dist.world), batch)]
 
 
 def micro_tokens(micro: list, dist: C.Dist) -> float:

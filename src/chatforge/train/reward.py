@@ -26,10 +26,11 @@ import torch.nn as nn
 
 from .. import checkpoint as ckpt_io
 from ..config import to_dict
+from ..data.loader import rank_batches
 from ..model import RewardModel
 from . import common as C
 from . import rl_math as R
-from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, collate, micro_tokens, rank_batches, read_split, run_log, score_all, step_layout, tokenize_rankings
+from .rankings import RankingsStage, RankingsTrainConfig, TokenizedRankings, collate, micro_tokens, read_split, run_log, score_all, step_layout, tokenize_rankings
 
 
 @dataclass
@@ -57,7 +58,7 @@ def evaluate_rankings(rm: RewardModel, data: TokenizedRankings, batch: int, devi
     was = rm.training
     rm.eval()
     sums = torch.zeros(3, device=device)  # loss, correct pairs, pairs
-    for idx, counts in rank_batches(len(data), batch, dist):
+    for idx, counts in rank_batches(len(data), batch, dist.rank, dist.world):
         ids, last, groups = collate(data, idx)
         with C.autocast(dist.device, dtype):
             scores = rm(ids.to(device), last.to(device))

@@ -28,6 +28,7 @@ from ..config import to_dict
 from ..data.chat import ChatBatches, read_conversations, tokenize, val_batches
 from ..engine import Engine, SamplingParams
 from ..model import flops_per_token
+from ..sample import sample_tokens
 from . import common as C
 from .lora import LoRA, LoRAConfig
 from .loop import Loop, ScheduleConfig
@@ -238,14 +239,22 @@ class SFTStage:
 
     def sample(self, step: int) -> None:
         cfg = self.cfg
-        if not self.dist.main or not cfg.sample_prompts or self.sharded:  # sharded, rank 0 alone cannot run the model (the engine is not FSDP-aware)
+        if not cfg.sample_prompts or not (self.dist.main or self.sharded):
             return
         prompts = [self.tok.render([{"role": "user", "content": p}], add_generation_prompt=True)[0] for p in cfg.sample_prompts]
-        max_seq_len = min(self.model.cfg.max_seq_len, max(map(len, prompts)) + cfg.sample_tokens + 1)
-        engine = Engine(self.model, self.tok, max_batch=len(prompts), max_seq_len=max_seq_len)
-        done = engine.complete(prompts, SamplingParams(temperature=0.0, max_new_tokens=cfg.sample_tokens))
-        for p, c in zip(cfg.sample_prompts, done):
-            self.log.print(f"  sample | {p} -> {c.text!r}")
+        if self.sharded:
+            # The engine reads the weights directly, which FSDP holds in shards: every process runs
+            # the recompute sampler instead, whose forwards gather them (as many on each process).
+            self.model.eval()
+            texts = [self.tok.decode(sample_tokens(self.model, p, cfg.sample_tokens, temperature=0.0, stop_ids=tuple(self.tok.stop_ids()), lockstep=True))
+                     for p in prompts]
+            self.model.train()
+        else:
+            max_seq_len = min(self.model.cfg.max_seq_len, max(map(len, prompts)) + cfg.sample_tokens + 1)
+            engine = Engine(self.model, self.tok, max_batch=len(prompts), max_seq_len=max_seq_len)
+            texts = [c.text for c in engine.complete(prompts, SamplingParams(temperature=0.0, max_new_tokens=cfg.sample_tokens))]
+        for p, text in zip(cfg.sample_prompts, texts):
+            self.log.print(f"  sample | {p} -> {text!r}")
 
     def save(self, step: int, metrics: dict) -> None:
         self.meta.update(step=step, metrics=metrics)
