@@ -4,9 +4,12 @@ residual adds) run as a few fused kernels: inductor's C++ code on the CPU, CUDA 
 (`mode="reduce-overhead"`) on a GPU. Opt-in: Engine(compile_decode=True), `--compile-decode`.
 
 Static shapes, so that each graph is compiled once:
-- Slot buckets: a step of n streams runs the graph of the smallest bucket (1, 2, 4, 8, ... up to
-  the engine's max_batch) that holds them; the rows beyond n are dummies (token 0 at position 0 of
-  free slots, which a prefill rewrites before anyone reads them) whose logits are dropped.
+- Slot buckets: a step of n streams runs the graph of a bucket (1, 2, 4, 8, ... up to the
+  engine's max_batch) that holds them: the smallest one compiled already, else the smallest one
+  (compiled now), so that streams leaving an engine that was not warmed do not stall the others
+  for another compilation; never across the weight copies' FEW_ROWS, which would change the
+  arithmetic. The rows beyond n are dummies (token 0 at position 0 of free slots, which a
+  prefill rewrites before anyone reads them) whose logits are dropped.
 - Positions are tensors, and every layer's keys and values are written into the slot cache's
   preallocated per-layer tensors inside the graph (index_put_), never a Python int in the graph.
 - The attended length: on the CPU the graph reads the cache up to the batch's longest position, a
@@ -39,12 +42,16 @@ class CompileFailed(RuntimeError):
     """torch.compile could not compile a decode bucket (the cause is chained)."""
 
 
-def buckets(max_batch: int) -> list[int]:
-    """Slot counts that decode steps are padded up to: powers of two below max_batch, and max_batch."""
-    out = [1]
-    while out[-1] * 2 < max_batch:
-        out.append(out[-1] * 2)
-    return out + [max_batch] if out[-1] < max_batch else out
+def buckets(max_batch: int, also: tuple[int, ...] = ()) -> list[int]:
+    """Slot counts that decode steps are padded up to: powers of two below max_batch, max_batch,
+    and the counts in `also` (the weight copies' FEW_ROWS: a padded step must take the same
+    few-rows-or-many path as the eager step of its real rows)."""
+    out = {max_batch, *(n for n in also if 1 <= n < max_batch)}
+    n = 1
+    while n < max_batch:
+        out.add(n)
+        n *= 2
+    return sorted(out)
 
 
 class _BucketCache:
@@ -70,12 +77,13 @@ class _BucketCache:
 
 class CompiledDecode:
     """Decode steps of `model` (the engine's own modules) over `cache`, compiled per slot bucket.
-    `head` maps final hidden states to logits (the engine's output layer, on its copies)."""
+    `head` maps final hidden states to logits (the engine's output layer, on its copies);
+    `few_rows`: steps of at most this many rows multiply by the decode copies (FastLinears)."""
 
-    def __init__(self, model: GPT, cache: SlotCache, head: Callable[[torch.Tensor], torch.Tensor], max_batch: int):
+    def __init__(self, model: GPT, cache: SlotCache, head: Callable[[torch.Tensor], torch.Tensor], max_batch: int, few_rows: int = 0):
         self.model, self.cache, self.head = model, cache, head
         self.device = cache.k[0].device
-        self.buckets = buckets(max_batch)
+        self.buckets, self.few_rows = buckets(max_batch, (few_rows,)), few_rows
         self.compiles = dict.fromkeys(self.buckets, 0)  # graphs compiled per bucket (1 each once warm)
         self.compile_seconds = dict.fromkeys(self.buckets, 0.0)
         self.full_span = self.device.type == "cuda"  # attend over the whole cache under a mask (static shapes for CUDA graphs)
@@ -92,10 +100,12 @@ class CompiledDecode:
         self._limits = torch._dynamo.config.patch(recompile_limit=len(self.buckets) + 8)
 
     def bucket(self, n: int) -> int:
-        """The bucket a step of n streams runs in."""
+        """The bucket a step of n streams runs in (module docstring)."""
         if not 1 <= n <= self.buckets[-1]:
             raise ValueError(f"{n} streams: the compiled decode step takes 1..{self.buckets[-1]}")
-        return next(b for b in self.buckets if b >= n)
+        top = self.few_rows if n <= self.few_rows else self.buckets[-1]
+        fits = [b for b in self.buckets if n <= b <= top]
+        return next((b for b in fits if self.compiles[b]), fits[0])
 
     def _step(self, ids_B1: torch.Tensor, pos_B: torch.Tensor, rows_B: torch.Tensor, keys_S: torch.Tensor) -> torch.Tensor:
         mask = (keys_S[None, :] <= pos_B[:, None])[:, None, None, :]  # (B,1,1,S): row i attends to positions <= pos[i]

@@ -143,7 +143,9 @@ class Engine:
         self.fast = FastLinears(self.model, pack, decode_weights) if pack or decode_weights is not None else None
         if self.fast is not None:
             self.fast.refresh()  # now rather than in the first request's time to first token
-        self.compiled = CompiledDecode(self.model, self.cache, self.head, max_batch) if compile_decode else None
+        self.compiled = None
+        if compile_decode:
+            self.compiled = CompiledDecode(self.model, self.cache, self.head, max_batch, self.fast.few_rows if self.fast else 0)
         self.active: list[Request] = []
         self.waiting: list[Request] = []
         self._ids = itertools.count()
