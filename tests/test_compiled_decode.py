@@ -10,6 +10,7 @@ import torch
 
 from chatforge.engine import Engine, SamplingParams
 from chatforge.engine.compiled import buckets
+from chatforge.eval.fidelity import check_mode
 from chatforge.model import GPT, GPTConfig
 
 TEXTS = ["The quick brown fox jumps", "床前明月光，疑是地上霜。", "To be or not to be, that is the question.", "A", "Paris"]
@@ -117,3 +118,12 @@ def test_compile_failure_decodes_eagerly(tok, monkeypatch):
     with pytest.raises(RuntimeError, match="compile_decode=True"):
         compiled.warm()
 
+
+
+def test_fidelity_takes_compiled_modes():
+    """Guards the `+compiled` suffix of eval fidelity's engine modes (and that it is refused elsewhere)."""
+    for mode in ("auto+compiled", "fp32+compiled", "fp32+int4+compiled", "ckpt:/some/dir+compiled"):
+        check_mode(mode)
+    for bad in ("fp32+compiled+int4", "compiled", "fp32+int4+compiled+compiled"):
+        with pytest.raises(ValueError, match="unknown fidelity mode"):
+            check_mode(bad)

@@ -153,3 +153,10 @@ class CompiledDecode:
                 self([0] * b, [1] * b)
                 out[b] = self.compile_seconds[b]
         return out
+
+
+def warm_report(seconds: dict[int, float]) -> str:
+    """Engine.warm's result in words (for the commands that print it)."""
+    if not seconds:
+        return "not compiled: decoding eagerly (see the warning)"
+    return "compiled for " + ", ".join(f"{b} stream{'s' * (b > 1)} in {s:.0f} s" for b, s in seconds.items())
