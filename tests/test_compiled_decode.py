@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
-from chatforge.engine import Engine, SamplingParams
+from chatforge.engine import Engine, EngineLoop, SamplingParams
 from chatforge.engine.compiled import buckets
 from chatforge.eval.fidelity import check_mode
 from chatforge.model import GPT, GPTConfig
@@ -61,6 +62,28 @@ def test_buckets(tok):
         c.bucket(9)
 
 
+def test_compile_bookkeeping(tok, monkeypatch):
+    """Guards the per-bucket counts (without compiling: a stand-in for the compiled function that
+    adds a graph the first time it sees a bucket): warm() compiles the buckets that steps skipped
+    by running in a larger compiled one, and a bucket compiling twice is warned about."""
+    c = Engine(tiny(tok), tok, max_batch=4, compile_decode=True).compiled
+    seen: set[int] = set()
+
+    def stand_in(ids_B1, pos_B, rows_B, keys_S):
+        if ids_B1.shape[0] not in seen:
+            seen.add(ids_B1.shape[0])
+            counters["stats"]["unique_graphs"] += 1
+        return torch.zeros(ids_B1.shape[0], 7)
+
+    monkeypatch.setattr(c, "_compiled", stand_in)
+    assert c([5, 6, 7], [3, 9, 4]).shape == (3, 7)
+    assert c.compiles == {1: 0, 2: 0, 4: 1} and c.bucket(1) == 4
+    assert sorted(c.warm()) == [1, 2] and c.compiles == {1: 1, 2: 1, 4: 1} and c.bucket(1) == 1
+    seen.clear()
+    with pytest.warns(UserWarning, match="for 2 streams compiled again"):
+        c([5, 6], [3, 3])
+
+
 def test_compiled_greedy_equals_eager_and_reuses_the_bucket(fp32, tok):
     """Guards the compiled step's arithmetic and its static shapes: 3 and then 4 streams in one
     graph (dummy rows), prompts of different lengths (per-row masks), and positions far past the
@@ -84,6 +107,24 @@ def test_streams_joining_and_leaving(fp32, tok):
     new = [3, 9, 5, 14, 7, 11]
     assert greedy(compiled, prompts, new) == greedy(eager, prompts, new)
     assert sum(compiled.compiled.compiles.values()) == 1
+
+
+def test_engine_loop_thread_reuses_the_graphs(fp32, tok):
+    """Guards serving: graphs compiled on the caller's thread (serve warms them at start) are the
+    ones the engine loop's thread runs, with the same tokens and no compilation."""
+    eager, compiled = fp32
+    prompts = [tok.encode(t) for t in TEXTS[:2]]
+    greedy(compiled, prompts, 2)  # on this thread: compiles a bucket unless an earlier test did
+    before = dict(compiled.compiled.compiles)
+    sp = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True)
+    loop = EngineLoop(compiled)
+    try:
+        handles = [loop.submit(p, sp) for p in prompts]
+        got = [[ev.token_id for ev in h if ev.token_id is not None] for h in handles]
+    finally:
+        loop.close()
+    assert got == greedy(eager, prompts, 8)
+    assert compiled.compiled.compiles == before
 
 
 def test_int4_copies_compiled_equal_eager_after_warm(tok):

@@ -116,8 +116,10 @@ class CompiledDecode:
     def __call__(self, last_ids: list[int], positions: list[int]) -> torch.Tensor:
         """Logits (n, V) in fp32 of one decode step: stream i (in slot i) feeds token last_ids[i]
         at position positions[i]. Run it under the engine's installed weight copies."""
+        return self._run(self.bucket(len(last_ids)), last_ids, positions)
+
+    def _run(self, b: int, last_ids: list[int], positions: list[int]) -> torch.Tensor:
         n = len(last_ids)
-        b = self.bucket(n)
         pad = b - n
         ids = torch.tensor([*last_ids, *[0] * pad], device=self.device)[:, None]
         pos = torch.tensor([*positions, *[0] * pad], device=self.device)
@@ -150,7 +152,7 @@ class CompiledDecode:
         out = {}
         for b in self.buckets:
             if self.compiles[b] == 0:
-                self([0] * b, [1] * b)
+                self._run(b, [0] * b, [1] * b)
                 out[b] = self.compile_seconds[b]
         return out
 
