@@ -33,8 +33,8 @@ class _PackedLinear:
     """A linear layer on a oneDNN-packed weight copy. torch.compile cannot trace a packed (opaque,
     mkldnn-layout) tensor, so while compiling (the compiled decode step, compiled.py) the layer is
     the custom op `chatforge::packed_linear`, which names its weight by an integer handle and has
-    a shape-only fake implementation; eager calls go straight to oneDNN (the custom op's dispatch
-    costs more than a small decode matmul)."""
+    a shape-only fake implementation; eager calls go straight to oneDNN, without the custom op's
+    Python dispatch."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         self.out_features = weight.shape[0]
