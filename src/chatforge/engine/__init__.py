@@ -4,6 +4,7 @@ sampling.py  SamplingParams, per-request state, penalties, top-k/top-p, stop str
 cache.py     the slot KV cache, the prompt prefix cache, the decode-attention kernel choice
 linears.py   FastLinears: weight copies (oneDNN-packed, bf16/fp16/int8/int4 for decode steps)
 engine.py    Engine: continuous batching, prefill/decode steps, detokenization, generate/complete/score
+compiled.py  CompiledDecode: the decode step as torch.compile'd graphs, one per slot bucket (opt-in)
 loop.py      EngineLoop: the scheduler in a background thread with per-request event queues (serving)
 """
 

@@ -2,7 +2,8 @@
 prefix cache that lets prompts sharing a beginning skip computing it, and the decode-attention
 kernel that reads the slot cache.
 
-- A preallocated KV cache per slot (L, slots, K kv-heads, positions, D): grouped-query aware.
+- A preallocated KV cache per slot, one (slots, K kv-heads, positions, D) tensor per layer (the
+  compiled decode step, compiled.py, writes each in place): grouped-query aware.
   Active requests always occupy slots 0..n-1, so a decode step attends to a plain slice of the
   cache (no gather); a finished request's slot is refilled by moving the last one into it.
 - Decode attention: model.attend's fused kernel, or plain matmuls where those run faster
@@ -58,9 +59,9 @@ class SlotCache:
 
     def __init__(self, model: GPT, slots: int, max_len: int, device, dtype, contiguous_decode: bool = False):
         c = model.cfg
-        shape = (c.n_layer, slots, c.n_kv_head, max_len, c.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (slots, c.n_kv_head, max_len, c.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
         self.max_len = max_len
         self.contiguous_decode = contiguous_decode
         self._rows = slice(0, 0)
@@ -90,7 +91,7 @@ class SlotCache:
         return (torch.arange(self._read, device=device)[None, :] <= self._pos[:, None])[:, None, None, :]
 
     def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor):
-        kc, vc = self.k[layer, self._rows], self.v[layer, self._rows]
+        kc, vc = self.k[layer][self._rows], self.v[layer][self._rows]
         if self._prefill:
             o, T = self._offset, k_BKTD.shape[2]
             kc[:, :, o : o + T] = k_BKTD
@@ -112,8 +113,9 @@ class SlotCache:
         return k, v
 
     def move(self, src: int, dst: int, length: int) -> None:
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+        for k, v in zip(self.k, self.v):
+            k[dst, :, :length] = k[src, :, :length]
+            v[dst, :, :length] = v[src, :, :length]
 
 
 class PrefixCache:
@@ -126,9 +128,9 @@ class PrefixCache:
     that does not change while the engine lives (serving, chatting), never for PPO rollouts."""
 
     def __init__(self, cache: SlotCache, capacity: int, min_tokens: int = 8):
-        L, _, K, _, D = cache.k.shape
+        L, (_, K, _, D) = len(cache.k), cache.k[0].shape
         self.capacity, self.min_tokens = min(capacity, cache.max_len), min_tokens
-        self.k = torch.zeros(L, K, self.capacity, D, device=cache.k.device, dtype=cache.k.dtype)
+        self.k = torch.zeros(L, K, self.capacity, D, device=cache.k[0].device, dtype=cache.k[0].dtype)
         self.v = torch.zeros_like(self.k)
         self.tokens: list[int] = []
         self.hit_tokens = 0  # prompt tokens served from here rather than computed (a counter)
@@ -144,14 +146,16 @@ class PrefixCache:
         n = min(len(prompt), self.capacity)
         if common_prefix(self.tokens, prompt) >= n:
             return
-        self.k[:, :, :n] = cache.k[:, slot, :, :n]
-        self.v[:, :, :n] = cache.v[:, slot, :, :n]
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            self.k[layer, :, :n] = k[slot, :, :n]
+            self.v[layer, :, :n] = v[slot, :, :n]
         self.tokens = list(prompt[:n])
 
     def load(self, cache: SlotCache, rows: slice, n: int) -> None:
         """Copy the first n stored positions into cache rows `rows`."""
-        cache.k[:, rows, :, :n] = self.k[:, None, :, :n]
-        cache.v[:, rows, :, :n] = self.v[:, None, :, :n]
+        for layer, (k, v) in enumerate(zip(cache.k, cache.v)):
+            k[rows, :, :n] = self.k[layer, None, :, :n]
+            v[rows, :, :n] = self.v[layer, None, :, :n]
         self.hit_tokens += n * (rows.stop - rows.start)
 
 

@@ -8,6 +8,8 @@
   that may span tokens, max_new_tokens, and the end of the context window.
 - Incremental detokenization never emits half a UTF-8 character.
 - Linear layers run on copies of the weights made for speed (linears.FastLinears).
+- Optionally (`compile_decode`) decode steps run as torch.compile'd graphs, one per slot bucket
+  (compiled.CompiledDecode); prefills stay eager.
 
 The caller's model is not changed: the engine runs its own modules over the model's parameters
 (`own_modules`), in eval mode, with its own weight copies and attention kernel; the model keeps
@@ -38,6 +40,7 @@ from ..console import StatusLine
 from ..model import GPT, Attention
 from ..tokenizer import Tokenizer
 from .cache import PrefixCache, SlotCache, attend_decode_by_matmuls, matmul_decode_attention_wins
+from .compiled import CompiledDecode, CompileFailed
 from .linears import FastLinears
 from .sampling import Request, SamplingParams, sample_next
 
@@ -97,6 +100,7 @@ class Engine:
         decode_weights: str | None = None,
         packed: bool | None = None,
         prefix_cache: int = 0,
+        compile_decode: bool = False,
     ):
         """`max_seq_len` bounds prompt + output per request (default: the model's context, at most
         2048); the KV cache holds max_batch x max_seq_len positions.
@@ -107,6 +111,8 @@ class Engine:
         available (the CPU, in the model's dtype or else fp32).
         `prefix_cache` > 0 keeps that many tokens of the latest prompt's keys/values to reuse for
         prompts that start the same way (PrefixCache; only for weights that do not change).
+        `compile_decode` runs decode steps as torch.compile'd graphs, one per slot bucket, compiled
+        on first use or by `warm()` (compiled.CompiledDecode): the same tokens, fewer small ops.
         `device` is only checked: the model runs where it is (the engine never moves it)."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
@@ -137,10 +143,33 @@ class Engine:
         self.fast = FastLinears(self.model, pack, decode_weights) if pack or decode_weights is not None else None
         if self.fast is not None:
             self.fast.refresh()  # now rather than in the first request's time to first token
+        self.compiled = None
+        if compile_decode:
+            self.compiled = CompiledDecode(self.model, self.cache, self.head, max_batch, self.fast.few_rows if self.fast else 0)
         self.active: list[Request] = []
         self.waiting: list[Request] = []
         self._ids = itertools.count()
         self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def warm(self) -> dict[int, float]:
+        """Compile the decode step's slot buckets now rather than in the first requests' time
+        (compile_decode=True engines; an idle engine): the seconds per bucket compiled here.
+        {} when compilation failed (then the engine decodes eagerly, with a warning)."""
+        if self.compiled is None:
+            raise RuntimeError("warm() is for an engine made with compile_decode=True")
+        if self.has_work:
+            raise RuntimeError("warm() needs an idle engine (its dummy steps write into free slots)")
+        with self.fast.installed() if self.fast is not None else nullcontext():
+            try:
+                return self.compiled.warm()
+            except CompileFailed as e:
+                self._compile_failed(e)
+                return {}
+
+    def _compile_failed(self, e: CompileFailed) -> None:
+        warnings.warn(f"{e}; this engine decodes eagerly from now on")
+        self.compiled = None
 
     def new_request_id(self) -> int:
         """A request id no other request of this engine has (for `add(request_id=)`)."""
@@ -321,14 +350,22 @@ class Engine:
     def _decode(self) -> list[Event]:
         reqs = list(self.active)
         positions = [r.length - 1 for r in reqs]
-        last = torch.tensor([[r.out[-1]] for r in reqs], device=self.device)
-        pos = torch.tensor(positions, device=self.device)
+        last_ids = [r.out[-1] for r in reqs]
 
         def forward() -> torch.Tensor:
+            if self.compiled is not None:
+                return self.compiled(last_ids, positions)
             mask = self.cache.decode(positions, self.device)
+            last = torch.tensor(last_ids, device=self.device)[:, None]
+            pos = torch.tensor(positions, device=self.device)
             return self.head(self.model.hidden(last, pos[:, None], mask, self.cache)[:, -1]).float()
 
-        return self._sample(reqs, self._finite(forward))
+        try:
+            logits = self._finite(forward)
+        except CompileFailed as e:
+            self._compile_failed(e)
+            logits = self._finite(forward)
+        return self._sample(reqs, logits)
 
     def _finite(self, forward: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The logits of `forward()` (one step: it rewrites the same cache positions when run
@@ -337,8 +374,10 @@ class Engine:
         the step runs again on the model's own weights, and the engine keeps those from now on."""
         logits = forward()
         if self.fast is not None and self.fast.decode == torch.float16 and not bool(torch.isfinite(logits).all()):
-            warnings.warn("fp16 decode weights overflowed (non-finite logits): this engine decodes with the model's own weights from now on")
+            warnings.warn("fp16 decode weights overflowed (non-finite logits): this engine decodes with the model's own weights "
+                          "from now on" + (", eagerly (the compiled decode step was made for the copies)" if self.compiled else ""))
             self.fast.drop_copies()
+            self.compiled = None
             logits = forward()
         return logits
 

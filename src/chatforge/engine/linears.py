@@ -8,6 +8,8 @@ arithmetic itself (codes, kernels, their fp32 emulation) is quantize.py's.
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 
@@ -21,6 +23,42 @@ from ..model import GPT
 
 def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+_PACKED: weakref.WeakValueDictionary[int, _PackedLinear] = weakref.WeakValueDictionary()  # live packed layers by handle
+_HANDLES = itertools.count()
+
+
+class _PackedLinear:
+    """A linear layer on a oneDNN-packed weight copy. torch.compile cannot trace a packed (opaque,
+    mkldnn-layout) tensor, so while compiling (the compiled decode step, compiled.py) the layer is
+    the custom op `chatforge::packed_linear`, which names its weight by an integer handle and has
+    a shape-only fake implementation; eager calls go straight to oneDNN, without the custom op's
+    Python dispatch."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.out_features = weight.shape[0]
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        self.bias = bias
+        self.handle = next(_HANDLES)
+        _PACKED[self.handle] = self
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return packed_linear(x, self.handle, self.out_features)
+        return _mkldnn_linear(x, self.weight, self.bias)
+
+
+@torch.library.custom_op("chatforge::packed_linear", mutates_args=())
+def packed_linear(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    """x times the packed weight `handle` (a _PackedLinear that is still alive), plus its bias."""
+    layer = _PACKED[handle]
+    return _mkldnn_linear(x, layer.weight, layer.bias)
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(x: torch.Tensor, handle: int, out_features: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], out_features))
 
 
 def _cast_linear(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -139,9 +177,7 @@ class FastLinears:
         w, b = w.detach(), None if b is None else b.detach()
         many = functools.partial(F.linear, weight=w, bias=b)
         if self.compute is not None:
-            packed = functools.partial(
-                _mkldnn_linear, weight=torch.ops.mkldnn._reorder_linear_weight(w.to(self.compute), None), bias=None if b is None else b.to(self.compute)
-            )
+            packed = _PackedLinear(w.to(self.compute), None if b is None else b.to(self.compute))
             many = packed if self.compute == self.dtype else functools.partial(_cast_linear, fn=packed, dtype=self.compute)
         if self.few_rows == 0:
             return many
@@ -165,7 +201,7 @@ class FastLinears:
         else:
             hw, hb = w.to(self.decode), None if b is None else b.to(self.decode)
             if self.available(self.device, self.decode):
-                fn = functools.partial(_mkldnn_linear, weight=torch.ops.mkldnn._reorder_linear_weight(hw, None), bias=hb)
+                fn = _PackedLinear(hw, hb)
             else:
                 fn = functools.partial(F.linear, weight=hw, bias=hb)
             few = functools.partial(_cast_linear, fn=fn, dtype=self.decode)

@@ -22,7 +22,10 @@ the decode weights (bf16, fp16, int8, int4), "auto" (what chat/generate/serve ru
 dtypes.inference_mode), "ckpt:PATH" (another checkpoint of the same model with the same tokenizer,
 such as `chatforge quantize` output, in its default mode) and "gguf:PATH" (a GGUF file through
 llama.cpp's Python bindings, where `llama_cpp` is importable). A mode this machine cannot run is a
-row marked unavailable, with the reason.
+row marked unavailable, with the reason. Any engine mode + "+compiled" (e.g. "auto+compiled")
+decodes with the compiled decode step (engine/compiled.py, `--compile-decode`), its buckets
+compiled before anything is measured: its greedy answers and decode speed are the compiled step's,
+its text scores the same as the mode's own (scoring never runs the decode step).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from ..convert.registry import resolve
 from ..data.prepare import in_val
 from ..data.text import iter_documents
 from ..engine import FEW_ROWS, Engine, SamplingParams
+from ..engine.compiled import warm_report
 from .tasks import is_exact, load_items
 
 BASE_MODES = ("fp32", "bf16", "fp16")
@@ -83,14 +87,20 @@ class FidelityConfig:
             check_mode(m)
 
 
+COMPILED = "+compiled"  # the suffix of an engine mode decoding with the compiled step
+
+
 def check_mode(mode: str) -> None:
     """A ValueError naming `mode` unless it is one of the forms in the module docstring."""
-    if mode == "auto" or mode.startswith(("ckpt:", "gguf:")) and len(mode) > 5:
+    if mode.startswith("gguf:") and len(mode) > 5:
         return
-    base, _, copy = mode.partition("+")
+    engine_mode = mode.removesuffix(COMPILED)
+    if engine_mode == "auto" or engine_mode.startswith("ckpt:") and len(engine_mode) > 5:
+        return
+    base, _, copy = engine_mode.partition("+")
     if base not in BASE_MODES or (copy and copy not in COPIES):
         raise ValueError(f"unknown fidelity mode {mode!r}; expected DTYPE or DTYPE+COPY (DTYPE in {', '.join(BASE_MODES)}, "
-                         f"COPY in {', '.join(COPIES)}), auto, ckpt:PATH or gguf:PATH")
+                         f"COPY in {', '.join(COPIES)}), auto, ckpt:PATH (any of these may end in {COMPILED}) or gguf:PATH")
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -153,15 +163,23 @@ class Unavailable(Exception):
 class EngineRunner:
     """A mode on chatforge's engine."""
 
-    def __init__(self, name: str, model, tok, dtype_name: str, decode: str | None, max_len: int, packed: bool | None = None):
+    def __init__(self, name: str, model, tok, dtype_name: str, decode: str | None, max_len: int, packed: bool | None = None,
+                 compile_decode: bool = False):
         self.name, self.tok = name, tok
         batch = FEW_ROWS[decode] if decode is not None else 8  # decode steps that use the copies
         try:
-            self.engine = Engine(model, tok, max_batch=batch, max_seq_len=max_len, decode_weights=decode, packed=packed)
+            self.engine = Engine(model, tok, max_batch=batch, max_seq_len=max_len, decode_weights=decode, packed=packed,
+                                 compile_decode=compile_decode)
         except ValueError as e:  # a kernel this CPU or torch build lacks
             raise Unavailable(str(e)) from e
         self.decode_path = self.engine.fast is not None and self.engine.fast.few_rows > 0
         self.describe = f"{dtype_name} activations" + (f", {decode} decode copies" if decode else "")
+        self.compile_s: dict[int, float] = {}
+        if compile_decode:
+            self.compile_s = self.engine.warm()
+            if not self.compile_s:
+                raise Unavailable("the decode step did not compile (see the warning)")
+            self.describe += f", compiled decode step ({warm_report(self.compile_s)})"
 
     def score(self, ids_BT, decode_path: bool):
         return self.engine.score(ids_BT, decode_path=decode_path)
@@ -298,17 +316,18 @@ def main(cfg: FidelityConfig) -> dict:
     def runner(mode: str):
         if mode.startswith("gguf:"):
             return LlamaCppRunner(mode, mode[5:], tok, max_len)
-        if mode.startswith("ckpt:"):
-            other = ckpt_io.load(mode[5:], dtype=dtypes.torch_dtype(auto[0]))
+        engine_mode, compiled = mode.removesuffix(COMPILED), mode.endswith(COMPILED)
+        if engine_mode.startswith("ckpt:"):
+            other = ckpt_io.load(engine_mode[5:], dtype=dtypes.torch_dtype(auto[0]))
             if other.tokenizer.encode(PROBE) != tok.encode(PROBE) or other.model.cfg.vocab_size != ref_ck.model.cfg.vocab_size:
                 raise ValueError(f"mode {mode}: its tokenizer or vocabulary differs from {path}'s; compare checkpoints of the same model")
-            return EngineRunner(mode, other.model, tok, *auto, max_len)
-        if mode == "auto":
+            return EngineRunner(mode, other.model, tok, *auto, max_len, compile_decode=compiled)
+        if engine_mode == "auto":
             dt, dec = auto
         else:
-            dt, _, copy = mode.partition("+")
+            dt, _, copy = engine_mode.partition("+")
             dec = copy or None
-        return EngineRunner(mode, model_in(dt), tok, dt, dec, max_len)
+        return EngineRunner(mode, model_in(dt), tok, dt, dec, max_len, compile_decode=compiled)
 
     # The reference: fp32 weights and activations, no copies. Its text scores come from the plain
     # forward; its greedy answers from the engine's fp32 path (oneDNN-packed copies of the same
@@ -337,6 +356,8 @@ def main(cfg: FidelityConfig) -> dict:
             print(f"eval fidelity: {mode}: unavailable ({e})", file=sys.stderr)
             continue
         row["describe"] = r.describe
+        if getattr(r, "compile_s", None):
+            row["compile_s"] = r.compile_s  # seconds per slot bucket
         parts: dict[str, list] = {"prefill": [], "decode": []}
         first_pass = not ref_ppl_parts
         for wi in range(0, len(wins), 4):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Callable
 from .. import checkpoint, dtypes
 from ..convert.registry import KNOWN, resolve
 from ..engine import Engine, EngineLoop, Event
+from ..engine.compiled import warm_report
 from ..tokenizer import Tokenizer
 
 
@@ -78,8 +80,10 @@ def load_model(
     decode_weights: str = "same",
     install: bool = False,
     prefix_cache: int = 1024,
+    compile_decode: bool = False,
 ) -> ServedModel:
-    """Resolve a checkpoint folder or known model name, load it and start its engine loop."""
+    """Resolve a checkpoint folder or known model name, load it and start its engine loop (with
+    `compile_decode`, after compiling every slot bucket of its decode step)."""
     path = resolve(name_or_path, install=install)
     dt, copies = dtypes.inference_mode(dtype, decode_weights, device)
     ck = checkpoint.load(path, device=device, dtype=dtypes.torch_dtype(dt, device))
@@ -87,7 +91,10 @@ def load_model(
     name = name_or_path if name_or_path in KNOWN else Path(path).resolve().name
     engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
                     decode_weights=copies,
-                    prefix_cache=prefix_cache)
+                    prefix_cache=prefix_cache, compile_decode=compile_decode)
+    if compile_decode:
+        print(f"{name}: compiling the decode step for up to {max_batch} streams ...", file=sys.stderr, flush=True)
+        print(f"{name}: decode step {warm_report(engine.warm())}", file=sys.stderr, flush=True)
     created = int(calendar.timegm(time.strptime(ck.meta["created"], "%Y-%m-%dT%H:%M:%SZ"))) if "created" in ck.meta else int(time.time())
     # The engine loop's own bound on its waiting list is only a backstop (capacity_left is checked first).
     loop = EngineLoop(engine, max_waiting=max_batch + max_waiting)
