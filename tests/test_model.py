@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatforge.model import GPT, GPTConfig, flops_per_token, preset
+from chatforge.model import (
+    GPT,
+    GPTConfig,
+    apply_rope,
+    flops_per_token,
+    preset,
+    rope_tables,
+)
 
 
 def tiny(block: str, **kw) -> GPT:
@@ -145,3 +152,25 @@ def test_stem_continues_exactly(block):
     hook.remove()
     b.blocks[0].attn.qkv.weight.requires_grad_(True)
     assert shared_depth([a, b]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_rotate_half(dtype):
+    """Guards apply_rope's flip-and-signed-sin form: output and input gradient equal, bit for bit,
+    the textbook x*cos + [-x2, x1]*sin (HF's rotate_half layout) in fp32 and bf16."""
+    cos, sin = rope_tables(8, 16, 10000.0)
+    pos = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
+    cos, sin = cos[pos].to(dtype), sin[pos].to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 5, 8, generator=g).to(dtype)
+    grad = torch.randn(2, 3, 5, 8, generator=g).to(dtype)
+
+    x = x0.clone().requires_grad_()
+    y = apply_rope(x, cos, sin)
+    y.backward(grad)
+    ref_x = x0.clone().requires_grad_()
+    x1, x2 = ref_x[..., :4], ref_x[..., 4:]
+    ref = ref_x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+    ref.backward(grad)
+    assert not torch.equal(y, x0 * cos[:, None])  # the rotation did something
+    assert torch.equal(y, ref) and torch.equal(x.grad, ref_x.grad)

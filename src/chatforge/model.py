@@ -128,10 +128,14 @@ def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+    """x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]. The halves are swapped by one flip and
+    the sign goes on the (per-position, not per-head) sin table: the same products bit for bit,
+    without the slices, negation and concatenation whose backward zero-fills and adds whole
+    (B,H,T,D) tensors (a training step's cost: benchmarks/README.md)."""
     d = x_BHTD.shape[-1] // 2
-    x1, x2 = x_BHTD[..., :d], x_BHTD[..., d:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x_BHTD * cos_BTD[:, None] + rotated * sin_BTD[:, None]
+    sin_BTD = torch.cat([-sin_BTD[..., :d], sin_BTD[..., d:]], dim=-1)
+    swapped = x_BHTD.unflatten(-1, (2, d)).flip(-2).flatten(-2)  # [x2, x1]
+    return x_BHTD * cos_BTD[:, None] + swapped * sin_BTD[:, None]
 
 
 class Attention(nn.Module):
