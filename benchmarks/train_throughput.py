@@ -27,6 +27,64 @@ def hf_model(cfg):
     return LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
 
 
+def measure(cfg, batch: int, seq: int, dt: str, rounds: int, steps: int, compile: bool = True) -> dict:
+    """tokens/s of chatforge's eager step, its compiled step (when `compile`) and HF's, each timed
+    in `rounds` alternating rounds of `steps` optimizer steps, on one random (batch, seq) batch.
+    Returns {"chatforge": [tok/s per round], "compiled": [...], "hf": [...], "compile_s": s, "params": n}."""
+    from chatforge.model import GPT
+    from chatforge.train import common as C
+
+    dist = C.Dist()
+    torch.manual_seed(0)
+    ours = GPT(cfg)
+    ours.init_weights(0)
+    theirs = hf_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (batch, seq))
+    y = torch.randint(0, cfg.vocab_size, (batch, seq))
+
+    opt_ours = C.make_optimizer(ours, 1e-4, 0.1)
+    opt_theirs = C.make_optimizer(theirs, 1e-4, 0.1)
+    eager = C.LMLoss(ours)  # exactly what `chatforge pretrain` steps
+    if compile:
+        torch._dynamo.reset()  # a fresh compile per model: dynamo stops recompiling after a few models
+    compiled = torch.compile(C.LMLoss(ours)) if compile else None  # and `chatforge pretrain --compile`
+
+    def step_ours():
+        C.train_step(eager, [(x, y)], C.lm_loss, opt_ours, dist, dt, 1.0)
+
+    def step_compiled():
+        C.train_step(compiled, [(x, y)], C.lm_loss, opt_ours, dist, dt, 1.0)
+
+    def step_theirs():
+        with C.autocast(dist.device, dt):
+            logits = theirs(input_ids=x).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
+        opt_theirs.step()
+        opt_theirs.zero_grad(set_to_none=True)
+
+    compile_s = 0.0
+    systems = [("chatforge", step_ours), ("hf", step_theirs)]
+    if compile:
+        t0 = time.perf_counter()
+        step_compiled()
+        step_compiled()
+        compile_s = time.perf_counter() - t0
+        systems.insert(1, ("compiled", step_compiled))
+    for _, f in systems:  # warm up allocator and kernels
+        f()
+    times: dict = {name: [] for name, _ in systems}
+    for _ in range(rounds):
+        for name, f in systems:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                f()
+            times[name].append((time.perf_counter() - t0) / steps)
+    out = {name: [batch * seq / t for t in ts] for name, ts in times.items()}
+    return {**out, "compile_s": compile_s, "params": ours.num_params()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", nargs="+", default=["cpu-10m", "cpu-50m"])
@@ -41,64 +99,20 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from chatforge.model import GPT, flops_per_token, preset
+    from chatforge import dtypes
+    from chatforge.model import flops_per_token, preset
     from chatforge.train import common as C
 
-    from chatforge import dtypes
-
-    dist = C.Dist()
-    dt = dtypes.resolve(a.dtype, dist.device)
-    peak = C.peak_flops(dist.device, dt)
+    device = C.Dist().device
+    dt = dtypes.resolve(a.dtype, device)
+    peak = C.peak_flops(device, dt)
     print(f"{dt} matmul peak here: {peak / 1e9:.0f} GFLOP/s ({a.threads} threads)")
     rows = []
     for size in a.sizes:
         cfg = preset(size, vocab_size=a.vocab, max_seq_len=a.seq)
-        torch.manual_seed(0)
-        ours = GPT(cfg)
-        ours.init_weights(0)
-        theirs = hf_model(cfg)
-        fpt = flops_per_token(cfg, a.seq)
-        x = torch.randint(0, a.vocab, (a.batch, a.seq))
-        y = torch.randint(0, a.vocab, (a.batch, a.seq))
-
-        opt_ours = C.make_optimizer(ours, 1e-4, 0.1)
-        opt_theirs = C.make_optimizer(theirs, 1e-4, 0.1)
-        eager = C.LMLoss(ours)  # exactly what `chatforge pretrain` steps
-        compiled = torch.compile(C.LMLoss(ours))  # and `chatforge pretrain --compile`
-
-        def step_ours():
-            C.train_step(eager, [(x, y)], C.lm_loss, opt_ours, dist, dt, 1.0)
-
-        def step_compiled():
-            C.train_step(compiled, [(x, y)], C.lm_loss, opt_ours, dist, dt, 1.0)
-
-        def step_theirs():
-            with C.autocast(dist.device, dt):
-                logits = theirs(input_ids=x).logits
-            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(theirs.parameters(), 1.0)
-            opt_theirs.step()
-            opt_theirs.zero_grad(set_to_none=True)
-
-        t0 = time.perf_counter()
-        step_compiled()
-        step_compiled()
-        compile_s = time.perf_counter() - t0
-        for f in (step_ours, step_theirs):  # warm up allocator and kernels
-            f()
-        times = {"chatforge": [], "compiled": [], "hf": []}
-        systems = (("chatforge", step_ours), ("compiled", step_compiled), ("hf", step_theirs))
-        for _ in range(a.rounds):
-            for name, f in systems:
-                t0 = time.perf_counter()
-                for _ in range(a.steps):
-                    f()
-                times[name].append((time.perf_counter() - t0) / a.steps)
-        tokens = a.batch * a.seq
-        r = {name: tokens / statistics.median(t) for name, t in times.items()}
-        rows.append((size, ours.num_params() / 1e6, r["chatforge"], r["compiled"], r["hf"], fpt, compile_s))
-        del ours, theirs, opt_ours, opt_theirs, compiled, eager
+        r = measure(cfg, a.batch, a.seq, dt, a.rounds, a.steps)
+        med = {k: statistics.median(r[k]) for k in ("chatforge", "compiled", "hf")}
+        rows.append((size, r["params"] / 1e6, med["chatforge"], med["compiled"], med["hf"], flops_per_token(cfg, a.seq), r["compile_s"]))
 
     print(f"\nbatch {a.batch}x{a.seq}, vocab {a.vocab}, fp32 weights + {dt} autocast, AdamW, {a.threads} threads, median of {a.rounds} rounds")
     print("chatforge = eager; +compile = torch.compile (pretrain --compile; compile time excluded, shown); HF = eager LlamaForCausalLM, sdpa")

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from chatforge.model import GPT, GPTConfig, flops_per_token, preset
+from chatforge.model import (
+    GPT,
+    GPTConfig,
+    RMSNorm,
+    apply_rope,
+    flops_per_token,
+    preset,
+    rope_tables,
+)
 
 
 def tiny(block: str, **kw) -> GPT:
@@ -145,3 +153,55 @@ def test_stem_continues_exactly(block):
     hook.remove()
     b.blocks[0].attn.qkv.weight.requires_grad_(True)
     assert shared_depth([a, b]) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_rotate_half(dtype):
+    """Guards apply_rope's flip-and-signed-sin form: output and input gradient equal, bit for bit,
+    the textbook x*cos + [-x2, x1]*sin (HF's rotate_half layout) in fp32 and bf16."""
+    cos, sin = rope_tables(8, 16, 10000.0)
+    pos = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]])
+    cos, sin = cos[pos].to(dtype), sin[pos].to(dtype)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 3, 5, 8, generator=g).to(dtype)
+    grad = torch.randn(2, 3, 5, 8, generator=g).to(dtype)
+
+    x = x0.clone().requires_grad_()
+    y = apply_rope(x, cos, sin)
+    y.backward(grad)
+    ref_x = x0.clone().requires_grad_()
+    x1, x2 = ref_x[..., :4], ref_x[..., 4:]
+    ref = ref_x * cos[:, None] + torch.cat([-x2, x1], dim=-1) * sin[:, None]
+    ref.backward(grad)
+    assert not torch.equal(y, x0 * cos[:, None])  # the rotation did something
+    assert torch.equal(y, ref) and torch.equal(x.grad, ref_x.grad)
+
+
+def test_rmsnorm_under_autocast_equals_composite():
+    """Guards RMSNormTo (RMSNorm while training under autocast): its bf16 output equals F.rms_norm
+    in fp32 followed by the cast autocast made before, bit for bit, and the gradients of the input
+    and the gain equal autograd's through that composite (fp32 rounding), here through a bf16 linear."""
+    g = torch.Generator().manual_seed(0)
+    norm = RMSNorm(16, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(16, generator=g))
+    x0 = 3 * torch.randn(2, 5, 16, generator=g)
+    w = 0.2 * torch.randn(8, 16, generator=g)
+
+    def run(fused: bool):
+        x = x0.clone().requires_grad_()
+        norm.weight.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h = norm(x) if fused else torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-5)
+            y = torch.nn.functional.linear(h, w)
+        y.float().square().sum().backward()
+        return h, x.grad, norm.weight.grad
+
+    h, gx, gw = run(True)
+    h_ref, gx_ref, gw_ref = run(False)
+    assert h.dtype == torch.bfloat16 and h_ref.dtype == torch.float32
+    assert torch.equal(h, h_ref.to(torch.bfloat16))
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert norm(x0).dtype == torch.float32  # inference keeps the plain fp32 path

@@ -100,6 +100,31 @@ class KVCache(Protocol):
         ...
 
 
+class RMSNormTo(torch.autograd.Function):
+    """fp32 RMSNorm whose output is rounded once to `dtype` (the autocast dtype of the matmul that
+    reads it), for training under autocast. The same forward values as F.rms_norm followed by
+    autocast's cast; the backward is written out (grad_x = rstd * (g*w - xhat * mean(g*w*xhat)),
+    grad_w = sum of g*xhat over rows) in fewer passes over (B,T,C) than autograd's chain of the
+    composite norm and the two casts."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        y = torch.empty(x.shape, dtype=dtype, device=x.device)
+        torch.mul(x * rstd, w, out=y)
+        ctx.save_for_backward(x, w, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, w, rstd = ctx.saved_tensors
+        xhat = x * rstd
+        gw = g * w  # fp32, as w is; g comes in the autocast dtype
+        grad_w = (g * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        dot = (gw * xhat).mean(-1, keepdim=True)
+        return torch.addcmul(gw, xhat, dot, value=-1.0).mul_(rstd), grad_w, None, None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -107,6 +132,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.dtype == torch.float32 and self.weight.dtype == torch.float32 and torch.is_grad_enabled()
+                and torch.is_autocast_enabled(x.device.type)):  # training under autocast: see RMSNormTo
+            return RMSNormTo.apply(x, self.weight, self.eps, torch.get_autocast_dtype(x.device.type))
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts: ~30% less time per call (decode)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalise in fp32 (as Llama does) and cast back: bf16 variance is too coarse.
@@ -128,10 +156,14 @@ def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+    """x*cos + rotate_half(x)*sin, rotate_half(x) = [-x2, x1]. The halves are swapped by one flip and
+    the sign goes on the (per-position, not per-head) sin table: the same products bit for bit,
+    without the slices, negation and concatenation whose backward zero-fills and adds whole
+    (B,H,T,D) tensors (a training step's cost: benchmarks/README.md)."""
     d = x_BHTD.shape[-1] // 2
-    x1, x2 = x_BHTD[..., :d], x_BHTD[..., d:]
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return x_BHTD * cos_BTD[:, None] + rotated * sin_BTD[:, None]
+    sin_BTD = torch.cat([-sin_BTD[..., :d], sin_BTD[..., d:]], dim=-1)
+    swapped = x_BHTD.unflatten(-1, (2, d)).flip(-2).flatten(-2)  # [x2, x1]
+    return x_BHTD * cos_BTD[:, None] + swapped * sin_BTD[:, None]
 
 
 class Attention(nn.Module):
