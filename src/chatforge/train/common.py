@@ -75,7 +75,10 @@ def setup_dist(device: str = "auto") -> Dist:
 
 
 def teardown_dist() -> None:
+    # Ranks leave together: a rank that tears the group down while rank 0 still scores and saves
+    # (rank-0-only work at the end of a DDP run) left a 2-process RM run hanging once in CI.
     if torch_dist.is_initialized():
+        torch_dist.barrier()
         torch_dist.destroy_process_group()
 
 
