@@ -56,7 +56,7 @@ class SpeedrunConfig:
     until: str = "dpo"  # last stage: "pretrain", "sft", "rlhf", "rl" or "dpo" (everything)
     pretrain_share: float = 0.5  # share of the budget for pretraining (SFT gets sft_share, the RLHF stages what is left)
     sft_share: float = 0.2  # share of the budget for SFT
-    rl_share: float = 0.1  # share of the budget for RL with verified answers (GRPO), inside what SFT leaves
+    rl_share: float = 0.2  # share of the budget for RL with verified answers (GRPO), inside what SFT leaves
     chars_per_source: int = 2_000_000  # characters taken from each corpus source for the mix
     vocab_size: int = 8192  # BPE vocabulary
     preset: str = "auto"  # model size: "auto" = the one a scaling-law fit predicts best for the pretraining minutes here, or a model.PRESETS name
@@ -333,8 +333,8 @@ def verified_rl(cfg: SpeedrunConfig, out: Path, sft: Path, gold_sft: dict, gold_
     if not _done(out, "rl"):
         # Iterations are an upper bound; the time budget ends the stage (and it resumes from its last save).
         rl_main(PPOConfig(policy=str(sft), prompts=[str(vp / "train.jsonl")], out=str(rl_dir), algo="grpo", reward="tasks", samples_per_prompt=8,
-                          rollout_batch=32, minibatch=16, ppo_epochs=1, max_new_tokens=16, lr=2e-5, kl_coef=0.02, format_weight=0.2,
-                          language_weight=0.1, iterations=400, time_budget_s=budget, eval_every=400, save_every=10, show_samples=1,
+                          rollout_batch=32, minibatch=16, ppo_epochs=1, max_new_tokens=16, lr=1e-4, kl_coef=0.02, curriculum="signal", format_weight=0.2,
+                          language_weight=0.1, iterations=5000, time_budget_s=budget, eval_every=5000, save_every=50, show_samples=1,
                           seed=cfg.seed, device=cfg.device, resume=(rl_dir / "train_state.pt").is_file()))
         _mark_done(out, "rl")
     heldout = default_sft_dir() / "heldout"
