@@ -776,3 +776,70 @@ def test_matmul_decode_attention_is_the_engines_choice(tok, monkeypatch):
     assert engine.cache.contiguous_decode and all(mod.attend is attend_decode_by_matmuls for mod in engine.model.modules() if hasattr(mod, "attend"))
     assert [c.ids[:3] for c in engine.complete(prompts, sp)] == [c.ids[:3] for c in fused]  # bf16: later near-ties may flip
     assert all(mod.attend is attend for mod in m.modules() if hasattr(mod, "attend"))
+
+
+def _long_prompts(tok):
+    base = "The quick brown fox jumps over the lazy dog. 床前明月光，疑是地上霜。"
+    return [tok.encode(t) for t in ["Hi", base * 3, "A journey of a thousand miles", base * 2 + "x", "学而时习之"]]
+
+
+@pytest.mark.parametrize("block", ["llama", "gpt2"])
+@pytest.mark.parametrize("prefix_cache", [0, 64])
+def test_chunked_prefill_gives_the_same_answers(tok, block, prefix_cache):
+    """Guards chunked prefill (chunk offsets, masks over the cached chunks, the chunked prompt's slot
+    moving when a stream before it finishes, prefix reuse at its first chunk) changing any answer:
+    long prompts joining running streams, in fewer slots than requests, with different lengths to
+    generate, give an unchunked engine's tokens and log-probs."""
+    m = tiny(tok, block)
+    prompts = _long_prompts(tok)
+    assert max(map(len, prompts)) > 3 * 8
+    sps = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True, logprobs=True) for n in (3, 9, 14, 6, 11)]
+
+    def answers(engine):
+        toks, lps = {}, {}
+        for ev in engine.generate(prompts, sps):
+            if ev.token_id is not None:
+                toks.setdefault(ev.request_id, []).append(ev.token_id)
+                lps.setdefault(ev.request_id, []).append(ev.logprob)
+        return toks, lps
+
+    ref_toks, ref_lps = answers(Engine(m, tok, max_batch=3, prefix_cache=prefix_cache))
+    eng = Engine(m, tok, max_batch=3, prefix_cache=prefix_cache, prefill_chunk=8)
+    toks, lps = answers(eng)
+    assert toks == ref_toks
+    for i in ref_lps:
+        torch.testing.assert_close(torch.tensor(lps[i]), torch.tensor(ref_lps[i]), rtol=1e-4, atol=1e-4)
+    assert not eng.has_work and eng.chunking is None
+
+
+def test_chunked_prefill_interleaves_with_decoding(tok):
+    """Guards the point of chunking: while a long prompt is prefilled, the running stream gets a
+    token every other step instead of waiting for the whole prefill; the slot count includes the
+    chunked prompt; cancelling it mid-prefill frees the engine for the next request."""
+    m = tiny(tok)
+    short, long = tok.encode("Hi there"), _long_prompts(tok)[1]
+    chunks = -(-len(long) // 8)
+    eng = Engine(m, tok, max_batch=2, prefill_chunk=8)
+    sp = SamplingParams(temperature=0, max_new_tokens=40, ignore_eos=True)
+    a = eng.add(short, sp)
+    eng.step()  # prefills the short prompt: its first token
+    b = eng.add(long, sp)
+    per_step = []
+    while b not in (ids := [ev.request_id for ev in eng.step()]):
+        per_step.append(ids)
+        assert eng.slots_in_use == 2
+    assert chunks >= 4
+    assert per_step == [[], [a]] * (chunks - 1)  # then the last chunk gives b its first token
+    eng.abort_all()
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(m, tok, prefill_chunk=-1)
+
+    eng = Engine(m, tok, max_batch=2, prefill_chunk=8)
+    b = eng.add(long, sp)
+    eng.step()
+    assert eng.chunking is not None
+    eng.cancel(b)
+    assert [(ev.request_id, ev.finish_reason) for ev in eng.step()] == [(b, "cancelled")]
+    assert not eng.has_work
+    outs, _, _ = run(eng, [short], SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True))
+    assert outs[0] == run(Engine(m, tok, max_batch=2), [short], SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True))[0][0]

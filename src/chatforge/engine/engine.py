@@ -10,6 +10,9 @@
 - Linear layers run on copies of the weights made for speed (linears.FastLinears).
 - Optionally (`compile_decode`) decode steps run as torch.compile'd graphs, one per slot bucket
   (compiled.CompiledDecode); prefills stay eager.
+- Optionally (`prefill_chunk`) a prompt longer than the chunk is prefilled a chunk per step,
+  alternating with decode steps of the running streams, so one long prompt does not stall every
+  stream for its whole prefill (their time between tokens is bounded by one chunk).
 
 The caller's model is not changed: the engine runs its own modules over the model's parameters
 (`own_modules`), in eval mode, with its own weight copies and attention kernel; the model keeps
@@ -101,6 +104,7 @@ class Engine:
         packed: bool | None = None,
         prefix_cache: int = 0,
         compile_decode: bool = False,
+        prefill_chunk: int = 0,
     ):
         """`max_seq_len` bounds prompt + output per request (default: the model's context, at most
         2048); the KV cache holds max_batch x max_seq_len positions.
@@ -113,6 +117,8 @@ class Engine:
         prompts that start the same way (PrefixCache; only for weights that do not change).
         `compile_decode` runs decode steps as torch.compile'd graphs, one per slot bucket, compiled
         on first use or by `warm()` (compiled.CompiledDecode): the same tokens, fewer small ops.
+        `prefill_chunk` > 0 prefills a prompt of more tokens than that in chunks of that many, one
+        per step, alternating with the running streams' decode steps; 0 prefills every prompt whole.
         `device` is only checked: the model runs where it is (the engine never moves it)."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
@@ -133,6 +139,14 @@ class Engine:
         self.cache = SlotCache(self.model, max_batch, self.max_len, self.device, self.dtype, contiguous_decode=matmuls)
         if prefix_cache < 0:
             raise ValueError(f"prefix_cache={prefix_cache} must be >= 0 tokens")
+        if prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk={prefill_chunk} must be >= 0 tokens (0 = prefill whole prompts)")
+        self.prefill_chunk = prefill_chunk
+        # The request being prefilled a chunk at a time: its slot is always the one after the
+        # active streams' (len(self.active)); `_chunk_done` of its prompt's positions are cached.
+        self.chunking: Request | None = None
+        self._chunk_done = 0
+        self._chunk_turn = False  # alternates chunk and decode steps while both have work
         self.prefix = PrefixCache(self.cache, prefix_cache) if prefix_cache else None
         self.max_batch = max_batch
         self.stop_ids = set(tokenizer.stop_ids())
@@ -212,7 +226,7 @@ class Engine:
     def cancel(self, rid: int) -> None:
         """Mark a request cancelled; its slot is freed at the next step."""
         with self._lock:
-            for r in self.active + self.waiting:
+            for r in self.active + self.waiting + ([self.chunking] if self.chunking else []):
                 if r.rid == rid:
                     r.cancelled = True
 
@@ -221,10 +235,16 @@ class Engine:
         with self._lock:
             self.waiting.clear()
             self.active.clear()
+            self.chunking = None
+
+    @property
+    def slots_in_use(self) -> int:
+        """Slots holding a request: the active streams and a prompt being prefilled in chunks."""
+        return len(self.active) + (self.chunking is not None)
 
     @property
     def has_work(self) -> bool:
-        return bool(self.active or self.waiting)
+        return bool(self.active or self.waiting or self.chunking)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams | list[SamplingParams] | None = None) -> Iterator[Event]:
         """Stream events for `prompts`; request_id is the prompt's index. Stopping the iteration
@@ -286,19 +306,32 @@ class Engine:
             for r in [r for r in self.waiting if r.cancelled]:
                 self.waiting.remove(r)
                 events.append(Event(r.rid, None, finish_reason="cancelled"))
-            joining = self._joiners(self.max_batch - len(self.active))
+            if self.chunking is not None and self.chunking.cancelled:
+                events.append(Event(self.chunking.rid, None, finish_reason="cancelled"))
+                self.chunking = None
+            joining = [] if self.chunking is not None else self._joiners(self.max_batch - len(self.active))
             del self.waiting[: len(joining)]
         for r in [r for r in self.active if r.cancelled]:
             events.append(Event(r.rid, None, finish_reason="cancelled"))
             self._release(r)
-        if not (joining or self.active):
+        if len(joining) == 1 and self._chunked(joining[0]):
+            self.chunking, self._chunk_done, self._chunk_turn = joining[0], 0, True
+            joining = []
+        if not (joining or self.active or self.chunking):
             return events
         with self.fast.installed() if self.fast is not None else nullcontext():
             if joining:
                 events += self._prefill(joining)
+            elif self.chunking is not None and (self._chunk_turn or not self.active):
+                events += self._prefill_chunk()
+                self._chunk_turn = False
             else:
                 events += self._decode()
+                self._chunk_turn = True
         return events
+
+    def _chunked(self, r: Request) -> bool:
+        return 0 < self.prefill_chunk < len(r.prompt)
 
     def _joiners(self, free: int) -> list[Request]:
         """The waiting requests (in order) to prefill together in this step: as many as there are
@@ -308,6 +341,8 @@ class Engine:
         group: list[Request] = []
         real = longest = 0
         for r in self.waiting[:free]:
+            if self._chunked(r):  # a long prompt goes alone, a chunk per step (_prefill_chunk)
+                return group or [r]
             n = len(r.prompt)
             padded = (len(group) + 1) * max(longest, n)
             if group and (padded > 2 * (real + n) or padded > PREFILL_TOKENS):
@@ -347,13 +382,44 @@ class Engine:
         self.active += reqs
         return self._sample(reqs, logits)
 
+    def _prefill_chunk(self) -> list[Event]:
+        """The next chunk of the request being prefilled in chunks, in the slot after the active
+        streams'; at its last chunk it samples its first token and joins them."""
+        r, slot, dev = self.chunking, len(self.active), self.device
+        done = self._chunk_done
+        if done == 0 and self.prefix is not None:
+            done = self.prefix.match([r.prompt])
+            if done:
+                self.prefix.load(self.cache, slice(slot, slot + 1), done)
+        T = min(self.prefill_chunk, len(r.prompt) - done)
+        ids = torch.tensor([r.prompt[done : done + T]], device=dev)
+        pos = torch.arange(done, done + T, device=dev)[None]
+        mask = None
+        if done:  # queries at done..done+T-1 see the cached positions and their own causal part
+            mask = (torch.arange(done + T, device=dev)[None, :] <= pos[0][:, None])[None, None]
+
+        def forward() -> torch.Tensor:
+            self.cache.prefill(slot, 1, offset=done)
+            return self.head(self.model.hidden(ids, pos, mask, self.cache)[:, -1]).float()
+
+        logits = self._finite(forward)
+        self._chunk_done = done + T
+        if self._chunk_done < len(r.prompt):
+            return []
+        self.chunking = None
+        if self.prefix is not None:
+            self.prefix.store(r.prompt, self.cache, slot)
+        self.active.append(r)
+        return self._sample([r], logits)
+
     def _decode(self) -> list[Event]:
         reqs = list(self.active)
         positions = [r.length - 1 for r in reqs]
         last_ids = [r.out[-1] for r in reqs]
 
         def forward() -> torch.Tensor:
-            if self.compiled is not None:
+            # A compiled step's dummy rows write into the free slots, the chunked prompt's among them.
+            if self.compiled is not None and self.chunking is None:
                 return self.compiled(last_ids, positions)
             mask = self.cache.decode(positions, self.device)
             last = torch.tensor(last_ids, device=self.device)[:, None]
@@ -420,6 +486,8 @@ class Engine:
             self.cache.move(last, i, moved.length)
             self.active[i] = moved
         self.active.pop()
+        if self.chunking is not None and self._chunk_done:  # its slot follows the active ones'
+            self.cache.move(last + 1, last, self._chunk_done)
 
     # ---- text ---------------------------------------------------------------------------
     def _detok(self, r: Request) -> tuple[str, bool]:

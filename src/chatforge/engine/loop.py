@@ -114,7 +114,7 @@ class EngineLoop:
 
     @property
     def active_slots(self) -> int:
-        return len(self.engine.active)
+        return self.engine.slots_in_use
 
     def submit(
         self, prompt: Sequence[int], sampling: SamplingParams | None = None, sink: Callable[[Event | BaseException], None] | None = None

@@ -22,6 +22,7 @@ class ServeConfig:
     max_batch: int = 32  # engine slots per model: requests generated together
     max_waiting: int = 64  # requests queued per model beyond the slots; more get 503 + Retry-After
     max_seq_len: int = 0  # context window cap in tokens; 0 = the model's own
+    prefill_chunk: int = 0  # prefill prompts longer than this a chunk per step, between the running streams' decode steps; 0 = whole
     prefix_cache: int = 1024  # tokens of the latest prompt kept to reuse for prompts that start the same way (the system prompt); 0 = off
     max_concurrent_per_key: int = 64  # requests one key may have running; more get 429
     max_n: int = 16  # largest `n` (choices per request)
@@ -37,6 +38,8 @@ class ServeConfig:
             raise ValueError("serve: give at least one model (a checkpoint folder or a known name)")
         if not 0 < self.port < 65536:
             raise ValueError(f"port={self.port} must be in 1..65535")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk={self.prefill_chunk} must be >= 0 tokens (0 = prefill whole prompts)")
         for name in ("max_batch", "max_concurrent_per_key", "max_n", "max_messages", "max_message_chars", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

@@ -52,7 +52,7 @@ class ServedModel:
         """Requests that can still be taken: free slots plus room in the waiting queue. Counted over
         slots and queue together because the engine admits waiting requests only at its next step:
         right after a step frees slots, the queue alone would look fuller than it is."""
-        return self.engine.max_batch + self.max_waiting - len(self.engine.active) - len(self.engine.waiting)
+        return self.engine.max_batch + self.max_waiting - self.engine.slots_in_use - len(self.engine.waiting)
 
     @property
     def id(self) -> str:
@@ -81,6 +81,7 @@ def load_model(
     install: bool = False,
     prefix_cache: int = 1024,
     compile_decode: bool = False,
+    prefill_chunk: int = 0,
 ) -> ServedModel:
     """Resolve a checkpoint folder or known model name, load it and start its engine loop (with
     `compile_decode`, after compiling every slot bucket of its decode step)."""
@@ -91,7 +92,7 @@ def load_model(
     name = name_or_path if name_or_path in KNOWN else Path(path).resolve().name
     engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
                     decode_weights=copies,
-                    prefix_cache=prefix_cache, compile_decode=compile_decode)
+                    prefix_cache=prefix_cache, compile_decode=compile_decode, prefill_chunk=prefill_chunk)
     if compile_decode:
         print(f"{name}: compiling the decode step for up to {max_batch} streams ...", file=sys.stderr, flush=True)
         print(f"{name}: decode step {warm_report(engine.warm())}", file=sys.stderr, flush=True)
