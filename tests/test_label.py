@@ -222,3 +222,22 @@ class _ByteTok:
 
     def encode(self, text):
         return list(text.encode())
+
+
+def test_judged_judges_again_after_a_move(tmp_path, monkeypatch):
+    """Guards resuming a pipeline from a moved or copied run folder: judge files are keyed by the
+    policy's path, so a file without the policy's current path is judged again instead of failing
+    with a KeyError, and a file that has it is read without judging."""
+    calls = []
+
+    def fake_judge(policies, prompts_files, out=None, **kw):
+        calls.append((policies, prompts_files, kw))
+        old = json.loads(open(out).read()) if (tmp_path / "judge.json").is_file() else {}
+        (tmp_path / "judge.json").write_text(json.dumps({**old, policies[0]: {"gold_score": 0.5}}))
+
+    monkeypatch.setattr(L, "judge", fake_judge)
+    (tmp_path / "judge.json").write_text(json.dumps({"/old/place/ppo": {"gold_score": 0.4}}))
+    assert L.judged("/new/place/ppo", tmp_path / "judge.json", ["p.jsonl"], max_new_tokens=8) == {"gold_score": 0.5}
+    assert calls == [(["/new/place/ppo"], ["p.jsonl"], {"max_new_tokens": 8})]
+    assert L.judged("/new/place/ppo", tmp_path / "judge.json", ["p.jsonl"])["gold_score"] == 0.5
+    assert len(calls) == 1

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .. import checkpoint as ckpt_io
-from ..config import mix_seed, save_json
+from ..config import load_json, mix_seed, save_json
 from ..convert.registry import resolve
 from ..data.rankings import Prompt, Ranking, check_ranking, distinct_responses, prompt_ids, read_prompts, read_rankings, write_jsonl
 from ..engine import Engine, SamplingParams
@@ -222,4 +222,14 @@ def judge(policies: list[str], prompts_files: list[str], samples: int = 1, tempe
     if out:
         save_json(results, out)
     return results
+
+
+def judged(policy: str, out: str | Path, prompts_files: list[str], **judge_kw) -> dict:
+    """`policy`'s gold-labeler result from the judge file `out`, judging it first when the file
+    lacks it: not made yet, or made before the run's folder was moved or copied (judge files are
+    keyed by the policy's path, so a resumed pipeline in its new place judges again)."""
+    p = Path(out)
+    if not p.is_file() or policy not in load_json(p):
+        judge([policy], prompts_files, out=str(p), **judge_kw)
+    return load_json(p)[policy]
 

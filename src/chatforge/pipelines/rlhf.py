@@ -28,7 +28,7 @@ from ..train.ppo import main as ppo_main
 from ..train.rankings import split_by_prompt
 from ..train.reward import RewardConfig
 from ..train.reward import main as rm_main
-from .label import SampleConfig, judge, rank_with_oracle, sample
+from .label import SampleConfig, judge, judged, rank_with_oracle, sample
 
 
 @dataclass
@@ -152,10 +152,8 @@ def main(cfg: RLHFConfig) -> dict:
                 save_json(rm_gold_agreement(str(rm_dir), held, device=cfg.device), rg)
             row["rm_gold_accuracy"] = load_json(rg)
         if cfg.eval_prompts:
-            jr = d / "judge.json"
-            if not jr.is_file():
-                judge([policy], cfg.eval_prompts, samples=cfg.judge_samples, max_new_tokens=cfg.sample_tokens, device=cfg.device, out=str(jr))
-            row["gold"] = load_json(jr)[policy]
+            row["gold"] = judged(policy, d / "judge.json", cfg.eval_prompts, samples=cfg.judge_samples, max_new_tokens=cfg.sample_tokens,
+                                 device=cfg.device)
             row["gold_vs_sft"] = paired_difference(row["gold"], report["sft"])
         report["rounds"].append(row)
         say(f"round {r}: RM held-out accuracy {row['rm_val_accuracy']:.3f}"

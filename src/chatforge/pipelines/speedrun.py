@@ -42,7 +42,7 @@ from ..train.sft import SFTConfig
 from ..train.sft import main as sft_main
 from ..train.verify import FAMILIES
 from . import scale
-from .label import judge
+from .label import judged
 from .rlhf import RLHFConfig
 from .rlhf import main as rlhf
 
@@ -312,10 +312,8 @@ def after_pretrain(cfg: SpeedrunConfig, out: Path, shards: Path, t0: float) -> d
                       beta=0.1, max_len=256, eval_every=20, save_every=50, seed=cfg.seed, device=cfg.device,
                       resume=(dpo_dir / "train_state.pt").is_file()))
         _mark_done(out, "dpo")
-    f = out / "eval" / "judge_dpo.json"
-    if not f.is_file():
-        judge([str(dpo_dir)], [str(prompts / "heldout.jsonl")], max_new_tokens=32, device=cfg.device, out=str(f))
-    report["gold_dpo"] = load_json(f)[str(dpo_dir)]["gold_score"]
+    report["gold_dpo"] = judged(str(dpo_dir), out / "eval" / "judge_dpo.json", [str(prompts / "heldout.jsonl")], max_new_tokens=32,
+                                device=cfg.device)["gold_score"]
     return report
 
 
@@ -345,10 +343,7 @@ def verified_rl(cfg: SpeedrunConfig, out: Path, sft: Path, gold_sft: dict, gold_
         eval_tasks(TaskEvalConfig(model=str(sft), out=str(f_sft), **common))
     if not f_rl.is_file():
         eval_tasks(TaskEvalConfig(model=str(rl_dir), out=str(f_rl), baseline=str(f_sft), **common))
-    f_gold = out / "eval" / "judge_rl.json"
-    if not f_gold.is_file():
-        judge([str(rl_dir)], [str(gold_prompts)], max_new_tokens=32, device=cfg.device, out=str(f_gold))
-    gold_rl = load_json(f_gold)[str(rl_dir)]
+    gold_rl = judged(str(rl_dir), out / "eval" / "judge_rl.json", [str(gold_prompts)], max_new_tokens=32, device=cfg.device)
     meta = load_json(rl_dir / "meta.json")
     rl_log = [r for r in map(json.loads, (rl_dir / "log.jsonl").read_text().splitlines()) if "kl" in r]
     result = {"rl_exact": load_json(f_rl)["paired"], "rl_correct": load_json(f_rl).get("paired_correct"), "gold_rl": gold_rl["gold_score"],
