@@ -233,7 +233,9 @@ def test_judged_judges_again_after_a_move(tmp_path, monkeypatch):
     def fake_judge(policies, prompts_files, out=None, **kw):
         calls.append((policies, prompts_files, kw))
         old = json.loads(open(out).read()) if (tmp_path / "judge.json").is_file() else {}
-        (tmp_path / "judge.json").write_text(json.dumps({**old, policies[0]: {"gold_score": 0.5}}))
+        results = {policies[0]: {"gold_score": 0.5}}
+        (tmp_path / "judge.json").write_text(json.dumps({**old, **results}))
+        return results
 
     monkeypatch.setattr(L, "judge", fake_judge)
     (tmp_path / "judge.json").write_text(json.dumps({"/old/place/ppo": {"gold_score": 0.4}}))

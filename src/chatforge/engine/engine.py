@@ -352,18 +352,49 @@ class Engine:
         return group
 
     def _prefill(self, reqs: list[Request]) -> list[Event]:
-        start, n, dev = len(self.active), len(reqs), self.device
+        start, n = len(self.active), len(reqs)
         # Positions 0..P-1 come from the prefix cache when every prompt of the group starts with it.
         P = self.prefix.match([r.prompt for r in reqs]) if self.prefix is not None else 0
         if P:
             self.prefix.load(self.cache, slice(start, start + n), P)
-        lens = [len(r.prompt) - P for r in reqs]
+        logits = self._prefill_logits(start, [r.prompt[P:] for r in reqs], P)
+        if self.prefix is not None:
+            self.prefix.store(reqs[0].prompt, self.cache, start)
+        self.active += reqs
+        return self._sample(reqs, logits)
+
+    def _prefill_chunk(self) -> list[Event]:
+        """The next chunk of the request being prefilled in chunks, in the slot after the active
+        streams'; at its last chunk it samples its first token and joins them."""
+        r, slot = self.chunking, len(self.active)
+        done = self._chunk_done
+        if done == 0 and self.prefix is not None:
+            done = self.prefix.match([r.prompt])
+            if done:
+                self.prefix.load(self.cache, slice(slot, slot + 1), done)
+        end = min(done + self.prefill_chunk, len(r.prompt))
+        logits = self._prefill_logits(slot, [r.prompt[done:end]], done)
+        self._chunk_done = end
+        if end < len(r.prompt):
+            return []
+        self.chunking = None
+        if self.prefix is not None:
+            self.prefix.store(r.prompt, self.cache, slot)
+        self.active.append(r)
+        return self._sample([r], logits)
+
+    def _prefill_logits(self, start: int, rows: list[list[int]], P: int) -> torch.Tensor:
+        """Logits (n, V) after the last token of each row, prefilling slots start..start+n-1 with
+        the rows' tokens from position P on (positions before P are in the cache already: a
+        prefix, or a prompt's earlier chunks). Rows are right-padded to the longest."""
+        n, dev = len(rows), self.device
+        lens = [len(x) for x in rows]
         T = max(lens)
         ids = torch.zeros(n, T, dtype=torch.long)
-        for i, r in enumerate(reqs):
-            ids[i, : lens[i]] = torch.tensor(r.prompt[P:])
+        for i, x in enumerate(rows):
+            ids[i, : lens[i]] = torch.tensor(x)
         pos = torch.arange(P, P + T, device=dev).expand(n, T)
-        mask = None  # no padding and no prefix: plain causal attention takes the faster kernel
+        mask = None  # no padding and nothing cached: plain causal attention takes the faster kernel
         if P or min(lens) != T:
             keys = torch.arange(P + T, device=dev)
             causal = keys[None, :] <= pos[0][:, None]  # (T, P+T): query at P+t sees keys up to P+t
@@ -376,41 +407,7 @@ class Engine:
             h = self.model.hidden(ids.to(dev), pos, mask, self.cache)
             return self.head(h[torch.arange(n, device=dev), torch.tensor(lens, device=dev) - 1]).float()
 
-        logits = self._finite(forward)
-        if self.prefix is not None:
-            self.prefix.store(reqs[0].prompt, self.cache, start)
-        self.active += reqs
-        return self._sample(reqs, logits)
-
-    def _prefill_chunk(self) -> list[Event]:
-        """The next chunk of the request being prefilled in chunks, in the slot after the active
-        streams'; at its last chunk it samples its first token and joins them."""
-        r, slot, dev = self.chunking, len(self.active), self.device
-        done = self._chunk_done
-        if done == 0 and self.prefix is not None:
-            done = self.prefix.match([r.prompt])
-            if done:
-                self.prefix.load(self.cache, slice(slot, slot + 1), done)
-        T = min(self.prefill_chunk, len(r.prompt) - done)
-        ids = torch.tensor([r.prompt[done : done + T]], device=dev)
-        pos = torch.arange(done, done + T, device=dev)[None]
-        mask = None
-        if done:  # queries at done..done+T-1 see the cached positions and their own causal part
-            mask = (torch.arange(done + T, device=dev)[None, :] <= pos[0][:, None])[None, None]
-
-        def forward() -> torch.Tensor:
-            self.cache.prefill(slot, 1, offset=done)
-            return self.head(self.model.hidden(ids, pos, mask, self.cache)[:, -1]).float()
-
-        logits = self._finite(forward)
-        self._chunk_done = done + T
-        if self._chunk_done < len(r.prompt):
-            return []
-        self.chunking = None
-        if self.prefix is not None:
-            self.prefix.store(r.prompt, self.cache, slot)
-        self.active.append(r)
-        return self._sample([r], logits)
+        return self._finite(forward)
 
     def _decode(self) -> list[Event]:
         reqs = list(self.active)

@@ -229,7 +229,7 @@ def judged(policy: str, out: str | Path, prompts_files: list[str], **judge_kw) -
     lacks it: not made yet, or made before the run's folder was moved or copied (judge files are
     keyed by the policy's path, so a resumed pipeline in its new place judges again)."""
     p = Path(out)
-    if not p.is_file() or policy not in load_json(p):
-        judge([policy], prompts_files, out=str(p), **judge_kw)
-    return load_json(p)[policy]
-
+    results = load_json(p) if p.is_file() else {}
+    if policy not in results:
+        results = judge([policy], prompts_files, out=str(p), **judge_kw)
+    return results[policy]
