@@ -8,11 +8,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 import torch
+import torch.nn.functional as F
 
 from chatforge.engine import Engine, EngineLoop, FEW_ROWS, FastLinears, QueueFull, SamplingParams
 from chatforge.engine.sampling import Request, penalized_logits, sample_next, sampling_probs
 from chatforge.model import GPT, GPTConfig
 from chatforge.sample import sample_tokens
+from chatforge.train import common as C
 
 
 def tiny(tok, block="llama", seed=0):
@@ -484,6 +486,14 @@ def test_packed_weights_match_and_follow_updates(tok):
             prm.add_(torch.randn_like(prm) * 0.05)
     ref = sample_tokens(m, p, 12, temperature=0)
     assert [e.token_id for e in packed.generate([p], sp)] == ref
+    # the project's optimizer step (the fused kernel, which leaves version counters alone by itself)
+    opt = C.make_optimizer(m, 0.05, 0.0)
+    x = torch.tensor([p])
+    F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+    opt.step()
+    ref2 = sample_tokens(m, p, 12, temperature=0)
+    assert ref2 != ref  # the step changed the greedy answer, so a stale copy would show
+    assert [e.token_id for e in packed.generate([p], sp)] == ref2
 
 
 def test_penalties_and_filters_by_hand():

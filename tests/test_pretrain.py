@@ -217,6 +217,42 @@ def test_optimizer_groups():
     assert len(decay) + len(no_decay) == len(list(m.parameters()))
 
 
+def test_fused_adamw_equals_foreach():
+    """Guards the fused AdamW kernel (train.common.adamw): its updates equal the foreach
+    implementation's, with weight decay on one group, over a few steps of real gradients; and each
+    step raises the weights' version counters, as the engine's copies need to see an update."""
+    def run(impl):
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=16))
+        m.init_weights(0)
+        if impl == "chatforge":
+            opt = C.make_optimizer(m, 1e-2, 0.1)
+        else:
+            decay = [p for p in m.parameters() if p.dim() >= 2]
+            rest = [p for p in m.parameters() if p.dim() < 2]
+            opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                                    lr=1e-2, betas=(0.9, 0.95), eps=1e-8, foreach=True)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randint(0, 50, (2, 16), generator=g)
+            F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten()).backward()
+            before = [p._version for p in m.parameters()]
+            opt.step()
+            assert all(p._version > v for p, v in zip(m.parameters(), before))
+            opt.zero_grad()
+        return opt, list(m.parameters())
+
+    opt, fused = run("chatforge")
+    assert opt.defaults["fused"]
+    _, ref = run("foreach")
+    torch.manual_seed(0)
+    init = GPT(GPTConfig(vocab_size=50, n_layer=2, n_head=2, d_model=16, max_seq_len=16))
+    init.init_weights(0)
+    assert all(not torch.equal(a, b) for a, b in zip(fused, init.parameters()))  # every tensor was updated
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_progress_excludes_pauses(monkeypatch):
     """Guards tokens/s and ETA counting evaluation/save pauses as training time, and the moving
     window forgetting slow first steps."""

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.graph import increment_version
 
 from .. import checkpoint as ckpt_io
 from .. import dtypes
@@ -160,12 +161,32 @@ def is_sharded(model: nn.Module) -> bool:
 # ---- optimizer and schedule -----------------------------------------------------------------
 
 
+class FusedAdamW(torch.optim.AdamW):
+    """torch's fused AdamW kernel, plus the version bump it leaves out: the kernel updates the
+    weights in place without raising their version counters (measured on torch 2.13's CPU kernel),
+    and the engine's decode-weight copies (engine/linears.py) are rebuilt only when a version
+    changes, so PPO/GRPO rollouts after a step sampled from the weights before it."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = super().step(closure)
+        increment_version([p for g in self.param_groups for p in g["params"] if p.grad is not None])
+        return loss
+
+
 def adamw(groups: list[dict], lr: float) -> torch.optim.AdamW:
     """AdamW with every stage's betas and eps (GPT-3's 0.9/0.95) over `groups` (each a dict with
-    "params" and its own "weight_decay", and "lr" where it differs from `lr`). foreach, not the
-    fused kernel: fused measured faster, but PPO/GRPO runs under it neither resumed exactly nor
-    learned as the group-RL tests expect (not yet understood), so it stays off."""
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, foreach=True)
+    "params" and its own "weight_decay", and "lr" where it differs from `lr`). The fused kernel
+    (one pass per tensor instead of ~8 foreach passes; several times faster on a CPU, same update to
+    fp32 rounding) for plain tensors; foreach for FSDP's sharded ones (DTensors), the path tested
+    there, and where this torch or device has no fused kernel."""
+    kw = dict(lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    if not any(is_dtensor(p) for g in groups for p in g["params"]):
+        try:
+            return FusedAdamW(groups, fused=True, **kw)
+        except (RuntimeError, ValueError, TypeError):  # no fused kernel for this device or dtype in this torch
+            pass
+    return torch.optim.AdamW(groups, foreach=True, **kw)
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
