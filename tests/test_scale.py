@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 
 from chatforge.cli import main as cli_main
 from chatforge.eval.scaling import Fit, Law, fit, fit_law
-from chatforge.pipelines.scale import LadderConfig, collect_runs, fit_dir, ladder, load_fit
+from chatforge import checkpoint as ckpt_io
+from chatforge.pipelines.scale import LadderConfig, collect_runs, fit_dir, ladder, load_fit, size_lr
 
 TRUE = Law(E=1.8, A=400.0, alpha=0.34, B=410.0, beta=0.28)  # Chinchilla-like exponents, CPU-sized constants
 N = np.repeat([6e5, 1.8e6, 4.2e6, 8.4e6], 3)
@@ -101,6 +103,9 @@ def _tiny_ladder_end_to_end(shards_dir, tmp_path, capsys):
     assert len(runs) == 6 and len({r["n_params"] for r in runs}) == 2
     big = runs[-1]
     assert big["loss"] < runs[0]["loss"]
+    for r in runs:  # each size trained at its rate of the ladder's rule
+        k = r["shape"][0] // 2
+        assert ckpt_io.load_train_state(Path(r["path"]))["config"]["lr"] == pytest.approx(3e-3 * k**-0.5)
 
     check = tmp_path / "check"
     assert cli_main(["scale", "run", str(lad), "--size", "2", "--tokens", str(2 * 11520), "--out", str(check), "--device", "cpu"]) == 0
@@ -144,6 +149,14 @@ def _tiny_ladder_end_to_end(shards_dir, tmp_path, capsys):
         ladder(_ladder_cfg(shards_dir, lad, lr=1e-3))
     assert cli_main(["scale", "predict", str(tmp_path / "few")]) == 2
     assert "no fit" in capsys.readouterr().err
+
+
+def test_size_lr_rule():
+    """Guards the learning rate per size: lr * k^-lr_exponent, and one rate for every size in a plan
+    written before the rule existed (so its runs and check runs keep the rate they trained at)."""
+    assert size_lr({"lr": 3e-3, "lr_exponent": 0.5}, 4) == pytest.approx(1.5e-3)
+    assert size_lr({"lr": 3e-3, "lr_exponent": 1.0}, 3) == pytest.approx(1e-3)
+    assert size_lr({"lr": 3e-3}, 5) == 3e-3
 
 
 def test_ladder_config_errors(shards_dir, tmp_path):
@@ -194,3 +207,20 @@ def test_plans_for_tiers(capsys):
     assert cli_main(["speedrun", "--tier", "8gpu", "--dry-run", "--minutes", "600"]) == 0
     out = capsys.readouterr().out
     assert "sizing from the shipped fit" in out and "<- chosen" in out and "GB/device" in out
+
+
+def test_speedrun_trains_the_chosen_size_at_the_fits_rate(tmp_path, monkeypatch):
+    """Guards `speedrun --preset auto`: the size a fit picks trains at the learning rate its ladder
+    used for that size (lr * k^-lr_exponent from the fit's info), and an explicit --lr wins."""
+    from chatforge.config import save_json
+    from chatforge.pipelines import scale, speedrun
+
+    monkeypatch.setattr(scale, "measure_seconds_per_token", lambda *a, **k: 1e-5)  # a machine on which size 3 is best
+    path = tmp_path / "fit.json"
+    save_json(Fit(law=TRUE, info={"lr": 3e-3, "lr_exponent": 0.5}).to_dict(), path)
+    cfg = speedrun.SpeedrunConfig(out=str(tmp_path / "run"), fit=str(path), device="cpu")
+    model, tokens, why = speedrun.size_pretraining(cfg, 600)
+    k = model["n_layer"] // 2
+    assert k > 1 and model["lr"] == pytest.approx(3e-3 * k**-0.5) and any("x k^-0.5" in line for line in why)
+    model, _, _ = speedrun.size_pretraining(speedrun.SpeedrunConfig(out=str(tmp_path / "run"), fit=str(path), lr=5e-4, device="cpu"), 600)
+    assert model["lr"] == 5e-4

@@ -10,7 +10,9 @@
 
 Model sizes come from one knob, k (as nanochat derives a model from its depth): n_layer = 2k,
 d_model = 64k, n_head = k (head_dim 64), Llama blocks. Every ladder run uses the same batch,
-context, learning rate and validation windows, so that only N and D differ between runs.
+context and validation windows, so that only N and D differ between runs; the peak learning rate
+follows one rule of the size, lr * k^-lr_exponent (wider models need a smaller one: at one rate for
+all sizes, bigger models were no better at the same tokens and the fit's size term vanished).
 """
 
 from __future__ import annotations
@@ -98,7 +100,8 @@ class LadderConfig:
     tokens: int = 0  # the smallest token budget; 0 derives it from --minutes and measured step times
     seq_len: int = 256  # tokens per training window
     micro_batch: int = 16  # windows per optimizer step
-    lr: float = 3e-3  # peak learning rate of every run
+    lr: float = 3e-3  # peak learning rate of size 1; size k trains at lr * k^-lr_exponent
+    lr_exponent: float = 0.5  # 0 = one rate for every size; size 3 did best at 1.5e-3 of 0.75/1.5/3/6e-3 (README, scaling)
     eval_tokens: int = 65536  # validation tokens of each run's final loss (the same windows for all)
     seed: int = 0  # init and data order
     dtype: str = "auto"  # "bf16", "fp32" or "auto" (dtypes.py)
@@ -154,8 +157,13 @@ def plan_ladder(cfg: LadderConfig) -> dict:
         raise ValueError(f"the ladder spans {span:.1f}x in compute (sizes {cfg.sizes}, {cfg.budgets} budgets); a fit needs >= 30x: add sizes or budgets")
     peak = C.peak_flops(C.pick_device(cfg.device), cfg.dtype)  # once for the ladder, not in every run: it times matmuls
     return {"data": str(Path(cfg.data).resolve()), "peak_flops": peak, "seq_len": cfg.seq_len, "micro_batch": cfg.micro_batch, "lr": cfg.lr,
-            "eval_tokens": cfg.eval_tokens, "seed": cfg.seed, "dtype": cfg.dtype, "sizes": cfg.sizes, "budgets": cfg.budgets,
+            "lr_exponent": cfg.lr_exponent, "eval_tokens": cfg.eval_tokens, "seed": cfg.seed, "dtype": cfg.dtype, "sizes": cfg.sizes, "budgets": cfg.budgets,
             "vocab_size": vocab, "seconds_per_token": sec_per_token, "compute_span": span, "runs": runs}
+
+
+def size_lr(plan: dict, k: int) -> float:
+    """The peak learning rate of size k under a ladder plan's rule (plans from before the rule: one rate)."""
+    return plan["lr"] * k ** -plan.get("lr_exponent", 0.0)
 
 
 def run_config(plan: dict, k: int, tokens: int, out: Path, device: str = "auto"):
@@ -163,7 +171,7 @@ def run_config(plan: dict, k: int, tokens: int, out: Path, device: str = "auto")
     steps = math.ceil(tokens / (plan["micro_batch"] * plan["seq_len"]))
     return PretrainConfig(
         data=plan["data"], out=str(out), preset="cpu-small", **size_overrides(k), seq_len=plan["seq_len"], micro_batch=plan["micro_batch"],
-        max_steps=steps, max_tokens=tokens, lr=plan["lr"], warmup_steps=max(1, min(50, steps // 10)), eval_every=steps,
+        max_steps=steps, max_tokens=tokens, lr=size_lr(plan, k), warmup_steps=max(1, min(50, steps // 10)), eval_every=steps,
         save_every=max(1, steps // 4), log_every=max(1, steps // 20), eval_tokens=plan["eval_tokens"], sample_every=10 * steps,
         dtype=plan["dtype"], seed=plan["seed"], device=device, peak_flops=plan.get("peak_flops", 0.0), resume=(out / "train_state.pt").is_file(),
     )
@@ -187,8 +195,9 @@ def ladder(cfg: LadderConfig) -> Path:
     if plan_file.is_file():
         plan = load_json(plan_file)
         mine = {"data": str(Path(cfg.data).resolve()), "sizes": cfg.sizes, "budgets": cfg.budgets, "seq_len": cfg.seq_len,
-                "micro_batch": cfg.micro_batch, "lr": cfg.lr, "eval_tokens": cfg.eval_tokens, "seed": cfg.seed}
-        diff = [f"{k}: planned {plan.get(k)!r}, now {v!r}" for k, v in mine.items() if plan.get(k) != v]
+                "micro_batch": cfg.micro_batch, "lr": cfg.lr, "lr_exponent": cfg.lr_exponent, "eval_tokens": cfg.eval_tokens, "seed": cfg.seed}
+        planned = {"lr_exponent": 0.0, **plan}  # plans from before the rule ran one rate for all sizes
+        diff = [f"{k}: planned {planned.get(k)!r}, now {v!r}" for k, v in mine.items() if planned.get(k) != v]
         if diff:
             raise ValueError(f"{plan_file}: this folder holds a different ladder ({'; '.join(diff)}); use a new --out")
         say(f"continuing the ladder planned in {plan_file}")
@@ -203,7 +212,7 @@ def ladder(cfg: LadderConfig) -> Path:
         d = out / r["name"]
         state = run_state(d)
         est = f", ~{r['est_s'] / 60:.1f} min" if r.get("est_s") else ""
-        say(f"run {i + 1}/{len(runs)} {r['name']}: size {r['size']}, N {fmt_count(r['n_params'])}, D {fmt_count(r['tokens'])} tokens{est} ({state})")
+        say(f"run {i + 1}/{len(runs)} {r['name']}: size {r['size']}, N {fmt_count(r['n_params'])}, D {fmt_count(r['tokens'])} tokens, lr {size_lr(plan, r['size']):.2e}{est} ({state})")
         if state != "done":
             pretrain(run_config(plan, r["size"], r["tokens"], d, cfg.device))
     say(f"ladder done in {(time.time() - t0) / 60:.1f} min; next: chatforge scale fit {out}")
@@ -260,7 +269,7 @@ def fit_dir(ladder_dir: str | Path, check: list[str] | None = None, n_boot: int 
     plan_file = root / LADDER_PLAN
     if plan_file.is_file():
         p = load_json(plan_file)
-        f.info.update(seq_len=p["seq_len"], micro_batch=p["micro_batch"], lr=p["lr"], vocab_size=p["vocab_size"])
+        f.info.update(seq_len=p["seq_len"], micro_batch=p["micro_batch"], lr=p["lr"], lr_exponent=p.get("lr_exponent", 0.0), vocab_size=p["vocab_size"])
     checks = []
     for c in check or []:
         r = read_run(Path(c))

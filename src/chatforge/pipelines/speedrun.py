@@ -65,7 +65,7 @@ class SpeedrunConfig:
     dry_run: bool = False  # print the plan (model, tokens, FLOPs, memory per device, hours) and stop
     seq_len: int = 256  # training window
     micro_batch: int = 16  # windows per step
-    lr: float = 3e-3  # peak learning rate
+    lr: float = 0.0  # peak learning rate of pretraining; 0 = the fit's rule for the size it picks (scale.size_lr), 3e-3 for a preset
     seed: int = 0  # data mix, init and order
     device: str = "auto"  # "auto", "cpu" or "cuda"
 
@@ -113,7 +113,7 @@ def mix_corpus(corpus: Path, out_file: Path, chars_per_source: int, seed: int) -
 
 
 def size_pretraining(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, int, list[str]]:
-    """(PretrainConfig model fields, training tokens, the lines that say why) for `seconds` of
+    """(PretrainConfig model fields and lr, training tokens, the lines that say why) for `seconds` of
     pretraining. "auto": the fit predicts the loss each candidate size reaches in the time this
     machine gives it (throughput measured on a small model, then re-measured on the chosen one);
     a preset name: that model, as many tokens as its measured step time allows."""
@@ -121,13 +121,17 @@ def size_pretraining(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, int, li
     if cfg.preset != "auto":
         s_tok = scale.measure_seconds_per_token(cfg.vocab_size, cfg.preset, cfg.seq_len, cfg.micro_batch, cfg.device)
         tokens = max(20, int(seconds / s_tok / 1.08 / tokens_per_step)) * tokens_per_step  # ~8% for evaluations and saves
-        return {"preset": cfg.preset}, tokens, [f"preset {cfg.preset}: {1 / s_tok:,.0f} tokens/s measured -> {tokens:,} tokens in ~{seconds / 60:.1f} min"]
+        return {"preset": cfg.preset, "lr": cfg.lr or 3e-3}, tokens, [f"preset {cfg.preset}: {1 / s_tok:,.0f} tokens/s measured -> {tokens:,} tokens in ~{seconds / 60:.1f} min"]
     p, why = plan(cfg, seconds)
     best = p["best"]
     s_tok = scale.measure_seconds_per_token(cfg.vocab_size, best["overrides"]["n_layer"] // 2, cfg.seq_len, cfg.micro_batch, cfg.device)
     tokens = max(20, int(seconds / s_tok / 1.08 / tokens_per_step)) * tokens_per_step
     why.append(f"  {best['model']} measured at {1 / s_tok:,.0f} tokens/s -> {tokens:,} tokens (~8% of the time kept for evaluations and saves)")
-    return {"preset": "cpu-small", **best["overrides"]}, tokens, why
+    info = scale.load_fit(cfg.fit or scale.DEFAULT_FIT).info
+    rule = {"lr": info.get("lr", 3e-3), "lr_exponent": info.get("lr_exponent", 0.0)}  # the rates the fit's ladder trained at
+    lr = cfg.lr or scale.size_lr(rule, best["overrides"]["n_layer"] // 2)
+    why.append(f"  peak lr {lr:.2e}" + ("" if cfg.lr else f": the ladder's rule {rule['lr']:g} x k^-{rule['lr_exponent']:g} for size k"))
+    return {"preset": "cpu-small", **best["overrides"], "lr": lr}, tokens, why
 
 
 def plan(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, list[str]]:
@@ -202,7 +206,7 @@ def _pretrain(cfg: SpeedrunConfig, shards: Path, base: Path, t0: float) -> None:
     if resume:
         state = ckpt_io.load_train_state(base)
         saved = state["config"]
-        model = {k: saved[k] for k in ("preset", "n_layer", "d_model", "n_head")}
+        model = {k: saved[k] for k in ("preset", "n_layer", "d_model", "n_head", "lr")}
         tokens, max_steps = saved["max_tokens"], saved["max_steps"]
         say(f"5/10 pretrain: resuming {base} at step {state['step']}/{max_steps}")
     else:
@@ -221,7 +225,6 @@ def _pretrain(cfg: SpeedrunConfig, shards: Path, base: Path, t0: float) -> None:
         micro_batch=cfg.micro_batch,
         max_steps=max_steps,
         max_tokens=tokens,
-        lr=cfg.lr,
         warmup_steps=min(50, max_steps // 10),
         eval_every=max(1, max_steps // 5),
         save_every=max(1, max_steps // 5),
