@@ -161,9 +161,16 @@ def plan_ladder(cfg: LadderConfig) -> dict:
             "vocab_size": vocab, "seconds_per_token": sec_per_token, "compute_span": span, "runs": runs}
 
 
+def lr_rule(d: dict) -> dict:
+    """The learning-rate rule ({"lr", "lr_exponent"}) of a ladder plan or a fit's info; those from
+    before the rule ran one rate for every size (3e-3 where none was recorded)."""
+    return {"lr": d.get("lr", 3e-3), "lr_exponent": d.get("lr_exponent", 0.0)}
+
+
 def size_lr(plan: dict, k: int) -> float:
-    """The peak learning rate of size k under a ladder plan's rule (plans from before the rule: one rate)."""
-    return plan["lr"] * k ** -plan.get("lr_exponent", 0.0)
+    """The peak learning rate of size k under the rule of a ladder plan or a fit's info (lr_rule)."""
+    rule = lr_rule(plan)
+    return rule["lr"] * k ** -rule["lr_exponent"]
 
 
 def run_config(plan: dict, k: int, tokens: int, out: Path, device: str = "auto"):
@@ -196,7 +203,7 @@ def ladder(cfg: LadderConfig) -> Path:
         plan = load_json(plan_file)
         mine = {"data": str(Path(cfg.data).resolve()), "sizes": cfg.sizes, "budgets": cfg.budgets, "seq_len": cfg.seq_len,
                 "micro_batch": cfg.micro_batch, "lr": cfg.lr, "lr_exponent": cfg.lr_exponent, "eval_tokens": cfg.eval_tokens, "seed": cfg.seed}
-        planned = {"lr_exponent": 0.0, **plan}  # plans from before the rule ran one rate for all sizes
+        planned = {**plan, **lr_rule(plan)}
         diff = [f"{k}: planned {planned.get(k)!r}, now {v!r}" for k, v in mine.items() if planned.get(k) != v]
         if diff:
             raise ValueError(f"{plan_file}: this folder holds a different ladder ({'; '.join(diff)}); use a new --out")
@@ -269,7 +276,7 @@ def fit_dir(ladder_dir: str | Path, check: list[str] | None = None, n_boot: int 
     plan_file = root / LADDER_PLAN
     if plan_file.is_file():
         p = load_json(plan_file)
-        f.info.update(seq_len=p["seq_len"], micro_batch=p["micro_batch"], lr=p["lr"], lr_exponent=p.get("lr_exponent", 0.0), vocab_size=p["vocab_size"])
+        f.info.update(seq_len=p["seq_len"], micro_batch=p["micro_batch"], **lr_rule(p), vocab_size=p["vocab_size"])
     checks = []
     for c in check or []:
         r = read_run(Path(c))

@@ -127,8 +127,7 @@ def size_pretraining(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, int, li
     s_tok = scale.measure_seconds_per_token(cfg.vocab_size, best["overrides"]["n_layer"] // 2, cfg.seq_len, cfg.micro_batch, cfg.device)
     tokens = max(20, int(seconds / s_tok / 1.08 / tokens_per_step)) * tokens_per_step
     why.append(f"  {best['model']} measured at {1 / s_tok:,.0f} tokens/s -> {tokens:,} tokens (~8% of the time kept for evaluations and saves)")
-    info = scale.load_fit(cfg.fit or scale.DEFAULT_FIT).info
-    rule = {"lr": info.get("lr", 3e-3), "lr_exponent": info.get("lr_exponent", 0.0)}  # the rates the fit's ladder trained at
+    rule = p["lr_rule"]
     lr = cfg.lr or scale.size_lr(rule, best["overrides"]["n_layer"] // 2)
     why.append(f"  peak lr {lr:.2e}" + ("" if cfg.lr else f": the ladder's rule {rule['lr']:g} x k^-{rule['lr_exponent']:g} for size k"))
     return {"preset": "cpu-small", **best["overrides"], "lr": lr}, tokens, why
@@ -146,6 +145,7 @@ def plan(cfg: SpeedrunConfig, seconds: float) -> tuple[dict, list[str]]:
         p = scale.plan_run(f, tier, seconds, cfg.vocab_size, flops_per_s=rate, mem_gb=ram)
     else:
         p = scale.plan_run(f, tier, seconds, cfg.vocab_size)
+    p["lr_rule"] = scale.lr_rule(f.info)  # the rates the fit's ladder trained its sizes at
     source = cfg.fit or f"the shipped fit ({scale.DEFAULT_FIT.name}, {len(f.info.get('runs', []))} CPU runs)"
     why = [f"sizing from {source}: L(N, D) = {f.law.E:.2f} + {f.law.A:.4g}/N^{f.law.alpha:.3f} + {f.law.B:.4g}/D^{f.law.beta:.3f}"]
     if tier.name == "cpu":

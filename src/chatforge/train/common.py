@@ -167,7 +167,6 @@ class FusedAdamW(torch.optim.AdamW):
     and the engine's decode-weight copies (engine/linears.py) are rebuilt only when a version
     changes, so PPO/GRPO rollouts after a step sampled from the weights before it."""
 
-    @torch.no_grad()
     def step(self, closure=None):
         loss = super().step(closure)
         increment_version([p for g in self.param_groups for p in g["params"] if p.grad is not None])
