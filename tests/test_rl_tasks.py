@@ -319,6 +319,30 @@ def test_bon_rounds_keep_verified_answers(tok, tmp_path):
         B.BoNConfig(policy="x", prompts=["p"], k=1)
 
 
+def test_bon_time_budget_stops_between_rounds(tok, tmp_path):
+    """Guards `bon --time-budget-s` (how the speedrun gives rejection sampling its minutes): the
+    first round always runs; with its seconds spent no second round starts; the seconds and the
+    kept answers per family are in the round's stats; a rerun without the budget keeps round 1
+    (its checkpoint untouched) and runs the rounds that were not started."""
+    from chatforge.pipelines import bon as B
+
+    sft = tiny_sft(tok, tmp_path)
+    lines = [{"messages": [{"role": "user", "content": f"2001年3月{d}日是星期几？"}], "gold": key("weekday", ["星期一"], "zh")} for d in range(1, 5)]
+    f = write_prompts(tmp_path / "p.jsonl", lines)
+    kw = dict(policy=str(sft), prompts=[f], out=str(tmp_path / "bon"), rounds=3, k=2, prompts_per_round=4, min_reward=0.1, format_weight=0.0,
+              language_weight=1.0, max_new_tokens=4, epochs=1.0, lr=1e-3, dtype="fp32", device="cpu")
+    rep = B.main(B.BoNConfig(time_budget_s=1e-3, **kw))
+    assert [r["round"] for r in rep["rounds"]] == [1] and rep["seconds"] > 0
+    stats = json.loads((tmp_path / "bon" / "round1" / "stats.json").read_text())
+    assert stats["seconds"] > 0 and stats["kept_by_family"] == {"zh/weekday": stats["kept"]}
+    mtime = (tmp_path / "bon" / "round1" / "sft" / "meta.json").stat().st_mtime
+    rep = B.main(B.BoNConfig(**kw))
+    assert [r["round"] for r in rep["rounds"]] == [1, 2, 3] and rep["policy"].endswith("round3/sft")
+    assert (tmp_path / "bon" / "round1" / "sft" / "meta.json").stat().st_mtime == mtime
+    with pytest.raises(ValueError, match="time_budget_s=-1"):
+        B.BoNConfig(policy="x", prompts=["p"], time_budget_s=-1)
+
+
 def test_time_budget_stops_and_saves(tok, tmp_path):
     """Guards --time-budget-s (how the speedrun gives its RL stage minutes, not iterations): the
     loop stops after the iteration that passes the budget, and the checkpoint records that step."""
@@ -342,6 +366,9 @@ def test_report_card_shows_the_rl_stage():
          "gold_rl_vs_sft": {"mean": 0.03, "stderr": 0.01}, "rl_kl": 0.5, "rl_length": 3.2, "rl_iterations": 12, "rl_minutes": 2.0, "minutes": 20.0}
     card = report_card(r)
     assert "10.0% -> 25.0% (+15.0 +- 5.0 points paired, n=40)" in card and "en/arithmetic" in card
+    assert "rejection-sampling" not in card
+    card = report_card({**r, "rft_exact": {**cell, "new": 0.2, "mean": 0.1}, "rft_rounds": 3, "rft_minutes": 1.5})
+    assert "after its 3 rejection-sampling rounds (1.5 min), before GRPO" in card and "10.0% -> 20.0% (+10.0 +- 5.0)" in card
     assert "0.420 -> 0.450 (+0.030 +- 0.010 paired)" in card and "0.500, 3.2 tokens, 12, 2.0" in card
 
 

@@ -8,14 +8,18 @@ Round r (1-based), all under OUT/round<r>/:
                     reaches --min-reward (a wrong answer is better left untaught)
     sft/            the newest policy fine-tuned on kept.jsonl (cross-entropy on the kept answers)
 Every step is skipped when its output is complete, so an interrupted run continues where it
-stopped. The sampling temperature is 1 (the policy's own distribution), so what is kept is the
-best of what the policy can already say: each round moves it towards its own best answers.
+stopped. With --time-budget-s no round starts that would not fit in what is left of the budget
+(judged by the longest round so far; each round's seconds are kept in its stats.json). The
+sampling temperature is 1 (the policy's own distribution), so what is kept is the best of what
+the policy can already say: each round moves it towards its own best answers.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,6 +60,7 @@ class BoNConfig:
     dtype: str = "auto"  # autocast for training: "bf16", "fp32" or "auto"
     seed: int = 0  # sampling seeds and SFT order derive from it
     device: str = "auto"  # "auto", "cpu", "cuda"
+    time_budget_s: float = 0.0  # 0 = every round; else start no round that would end past it (judged by the longest round so far)
 
     def __post_init__(self) -> None:
         if not self.policy or not self.prompts:
@@ -69,6 +74,8 @@ class BoNConfig:
                              f"prompts_per_round={self.prompts_per_round} >= 1 and max_new_tokens >= 1")
         if self.epochs <= 0 or self.lr <= 0:
             raise ValueError(f"BoNConfig: epochs={self.epochs} and lr={self.lr} must be positive")
+        if self.time_budget_s < 0:
+            raise ValueError(f"BoNConfig.time_budget_s={self.time_budget_s} must be >= 0 (0 = no limit)")
 
 
 say = functools.partial(console.say, "bon")  # say(msg): "[bon] msg" on stderr
@@ -105,8 +112,13 @@ def main(cfg: BoNConfig) -> dict:
             check_prompt(p.extra.get("gold"), p.source)
     report: dict = {"rounds": []}
     policy = cfg.policy
+    spent, longest = 0.0, 0.0  # seconds of the finished rounds (kept in their stats.json, so a resumed run counts them)
     for r in range(1, cfg.rounds + 1):
         d = out / f"round{r}"
+        if cfg.time_budget_s and r > 1 and not (out / f".done-round{r}").is_file() and spent + longest > cfg.time_budget_s:
+            say(f"round {r}: not started: {spent:.0f}s spent, a round takes up to {longest:.0f}s, budget {cfg.time_budget_s:.0f}s")
+            break
+        t0 = time.time()
         d.mkdir(exist_ok=True)
         n = len(prompts)
         start = ((r - 1) * cfg.prompts_per_round) % n
@@ -133,6 +145,9 @@ def main(cfg: BoNConfig) -> dict:
             flat = [x for row in rewards for x in row]
             stats = {"prompts": len(chosen), "kept": len(kept), "mean_reward": sum(flat) / len(flat),
                      "best_of_k_reward": sum(max(row) for row in rewards) / len(rewards)}
+            if cfg.scorer == "tasks":  # where the kept answers come from: the families the policy can already solve sometimes
+                by = collections.Counter(f"{p.extra['gold'].get('lang', '?')}/{p.extra['gold']['task']}" for p, j in zip(chosen, best) if j is not None)
+                stats["kept_by_family"] = dict(sorted(by.items()))
             save_json(stats, stats_file)
         stats = load_json(stats_file)
         say(f"round {r}: mean reward {stats['mean_reward']:.3f}, best of {cfg.k} {stats['best_of_k_reward']:.3f}; "
@@ -152,9 +167,14 @@ def main(cfg: BoNConfig) -> dict:
                                sample_prompts=[chosen[0].messages[-1]["content"]], seed=cfg.seed + r, device=cfg.device,
                                resume=(sft_dir / "train_state.pt").is_file()))
             (out / f".done-round{r}").write_text("done\n")
+            stats["seconds"] = stats.get("seconds", 0.0) + time.time() - t0
+            save_json(stats, stats_file)
+        spent += stats.get("seconds", 0.0)
+        longest = max(longest, stats.get("seconds", 0.0))
         policy = str(sft_dir)
         report["rounds"].append({"round": r, **stats, "policy": policy})
     report["policy"] = policy
+    report["seconds"] = round(spent, 1)
     save_json(report, out / "report.json")
     say(f"done: newest policy {policy}, report {out / 'report.json'}")
     return report
