@@ -673,6 +673,36 @@ def test_prefix_cache_gives_the_same_answers(tok, block):
     assert eng.prefix.hit_tokens >= 4 * shared  # every group after the first starts from the cache
 
 
+@pytest.mark.parametrize("block", ["llama", "gpt2"])
+def test_a_prompt_asked_several_times_is_prefilled_once(tok, block):
+    """Guards the shared prefill of identical prompts in one step (RL groups, best-of-n): each
+    copy's answer and log-probs are those it gets alone with its seed, from a prefill computed
+    once per distinct prompt, also mixed with other prompts, a prefix cache and fewer slots."""
+    m = tiny(tok, block)
+    a, b = tok.encode("<system> Be brief. </system> How many days are in June?"), tok.encode("2 + 2 =")
+    prompts = [a, b, a, a, b, a]
+    sps = [SamplingParams(temperature=1.0, max_new_tokens=8, seed=s, ignore_eos=True, logprobs=True) for s in range(len(prompts))]
+
+    def answers(engine, ps, sp):
+        got = {}
+        for ev in engine.generate(ps, sp):
+            if ev.token_id is not None:
+                got.setdefault(ev.request_id, []).append((ev.token_id, ev.logprob))
+        return [got[i] for i in range(len(ps))]
+
+    alone = [answers(Engine(m, tok, max_batch=1), [p], sp)[0] for p, sp in zip(prompts, sps)]
+    assert len({tuple(t for t, _ in x) for x in alone}) > 2  # the seeds really give different answers
+    for eng in (Engine(m, tok, max_batch=6), Engine(m, tok, max_batch=6, prefix_cache=64), Engine(m, tok, max_batch=3)):
+        got = answers(eng, prompts, sps)
+        assert [[t for t, _ in x] for x in got] == [[t for t, _ in x] for x in alone]
+        torch.testing.assert_close(torch.tensor([[lp for _, lp in x] for x in got]), torch.tensor([[lp for _, lp in x] for x in alone]),
+                                   rtol=1e-4, atol=1e-4)
+        assert eng.shared_prompt_tokens > 0  # copies that joined with their first were not computed again
+    eng = Engine(m, tok, max_batch=6)
+    answers(eng, prompts, sps)
+    assert eng.shared_prompt_tokens == 3 * len(a) + len(b)  # every copy, when all join in one step
+
+
 def test_prefix_cache_needs_a_common_start(tok):
     """Guards reuse of a prefix that is not there: different prompts compute everything."""
     m = tiny(tok)

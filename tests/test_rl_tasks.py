@@ -5,11 +5,14 @@ the bad-input errors, and a tiny end-to-end GRPO run whose verified reward rises
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from chatforge import checkpoint as ckpt_io
+from chatforge.data.rankings import read_prompts
 from chatforge.model import GPT, preset
 from chatforge.train import ppo as P
 from chatforge.train import rl_math as R
@@ -310,6 +313,9 @@ def test_bon_rounds_keep_verified_answers(tok, tmp_path):
         (s,) = [s for s in samples if s["messages"] == k["messages"][:-1]]
         assert k["messages"][-1]["content"] in s["responses"] and k["metadata"]["reward"] >= 0.1
     assert ckpt_io.is_checkpoint(tmp_path / "bon" / "round1" / "sft") and rep["policy"].endswith("sft")
+    assert 1 <= rep["length"] <= 4 and rep["kl_to_start"] == pytest.approx(rep["kl_to_start"])  # measured: a number, not NaN
+    same = B.kl_to_start(str(sft), str(sft), read_prompts([f]), 4, 0, "cpu")
+    assert same["kl"] == 0.0 and same["n"] == 8  # a policy is at KL 0 from itself
     mtime = (tmp_path / "bon" / "round1" / "sft" / "meta.json").stat().st_mtime
     B.main(cfg)
     assert (tmp_path / "bon" / "round1" / "sft" / "meta.json").stat().st_mtime == mtime
@@ -341,6 +347,16 @@ def test_bon_time_budget_stops_between_rounds(tok, tmp_path):
     assert (tmp_path / "bon" / "round1" / "sft" / "meta.json").stat().st_mtime == mtime
     with pytest.raises(ValueError, match="time_budget_s=-1"):
         B.BoNConfig(policy="x", prompts=["p"], time_budget_s=-1)
+    lora = tmp_path / "lora_sft"  # a LoRA checkpoint is refused before any sampling
+    shutil.copytree(sft, lora)
+    (lora / "meta.json").write_text(json.dumps({**json.loads((lora / "meta.json").read_text()), "lora": {"rank": 2, "alpha": 4}}))
+    with pytest.raises(ValueError, match="unmerged adapters"):
+        B.main(B.BoNConfig(**{**kw, "policy": str(lora), "out": str(tmp_path / "bon_lora")}))
+    assert not (tmp_path / "bon_lora" / "round1").exists()
+    # with LoRA each round's adapters are merged, so the next round can fine-tune its checkpoint
+    rep = B.main(B.BoNConfig(**{**kw, "rounds": 2, "lora_rank": 2, "out": str(tmp_path / "bon_lora2")}))
+    assert [r["round"] for r in rep["rounds"]] == [1, 2]
+    assert not ckpt_io.load_json(tmp_path / "bon_lora2" / "round2" / "sft" / "meta.json").get("lora")
 
 
 def test_time_budget_stops_and_saves(tok, tmp_path):
@@ -379,3 +395,57 @@ def test_speedrun_rl_share_checked():
     with pytest.raises(ValueError, match="rl_share=0.5"):
         SpeedrunConfig(rl_share=0.5)
     SpeedrunConfig(until="rl")
+
+
+def test_speedrun_rl_stage_runs_rejection_sampling_then_grpo(tmp_path, monkeypatch):
+    """Guards the speedrun's RL wiring (README "The speedrun's RL stage"): rejection sampling
+    starts from SFT with its share of the minutes; GRPO starts from the rounds' newest policy,
+    keeps the SFT model as its KL reference and gets the minutes the rounds left; SFT, the rounds
+    and GRPO are evaluated on the same held-out items (the last two paired against SFT); a rerun
+    trains nothing again."""
+    from chatforge.pipelines import speedrun as S
+
+    out, sft = tmp_path / "run", tmp_path / "run" / "sft"
+    calls: dict = {"eval": []}
+    cell = {"n": 4, "base": 0.25, "new": 0.5, "mean": 0.25, "stderr": 0.1, "better": 1, "worse": 0}
+
+    def fake_bon(cfg):
+        calls["bon"] = cfg
+        pol = Path(cfg.out) / "round2" / "sft"
+        (Path(cfg.out)).mkdir(parents=True)
+        (Path(cfg.out) / "report.json").write_text(json.dumps({"rounds": [{"round": 1}, {"round": 2}], "policy": str(pol), "seconds": 60.0}))
+
+    def fake_rl(cfg):
+        calls["rl"] = cfg
+        Path(cfg.out).mkdir(parents=True)
+        (Path(cfg.out) / "meta.json").write_text(json.dumps({"step": 7, "metrics": {"kl": 0.3, "seconds": 120.0}}))
+        (Path(cfg.out) / "log.jsonl").write_text(json.dumps({"kl": 0.3, "length": 3.0}) + "\n")
+
+    def fake_eval(cfg):
+        calls["eval"].append((cfg.model, cfg.baseline))
+        Path(cfg.out).write_text(json.dumps({"paired": {"[all]": cell}} if cfg.baseline else {}))
+
+    monkeypatch.setattr(S, "build_verifiable_prompts", lambda d, **k: Path(d).mkdir(parents=True) or (Path(d) / "heldout.jsonl").write_text(""))
+    monkeypatch.setattr(S, "default_sft_dir", lambda: tmp_path / "sftdata")
+    monkeypatch.setattr(S, "bon", fake_bon)
+    monkeypatch.setattr(S, "rl_main", fake_rl)
+    monkeypatch.setattr(S, "eval_tasks", fake_eval)
+    monkeypatch.setattr(S, "judged", lambda *a, **k: {"gold_score": 0.5})
+    monkeypatch.setattr(S, "paired_difference", lambda a, b: {"mean": 0.0, "stderr": 0.0})
+    (out / "eval").mkdir(parents=True)
+    cfg = S.SpeedrunConfig(out=str(out), minutes=10.0, rl_share=0.2)  # 120 s of RL
+    r = S.verified_rl(cfg, out, sft, {"gold_score": 0.4}, tmp_path / "gold.jsonl")
+    assert calls["bon"].policy == str(sft) and calls["bon"].time_budget_s == pytest.approx(120 * S.RFT_SHARE)
+    rft_policy = str(out / "rl_rft" / "round2" / "sft")
+    assert (calls["rl"].policy, calls["rl"].ref, calls["rl"].algo) == (rft_policy, str(sft), "grpo")
+    assert calls["rl"].time_budget_s == pytest.approx(60.0)  # 120 s less the rounds' 60
+    assert calls["eval"] == [(str(sft), ""), (rft_policy, str(out / "eval" / "tasks_verifiable_sft.json")),
+                             (str(out / "rl"), str(out / "eval" / "tasks_verifiable_sft.json"))]
+    assert (r["rft_rounds"], r["rft_minutes"], r["rl_minutes"], r["rl_iterations"]) == (2, 1.0, 3.0, 7) and r["rft_exact"] == cell
+
+    def must_not_run(*a, **k):
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(S, "bon", must_not_run)
+    monkeypatch.setattr(S, "rl_main", must_not_run)
+    assert S.verified_rl(cfg, out, sft, {"gold_score": 0.4}, tmp_path / "gold.jsonl") == r

@@ -148,6 +148,7 @@ class Engine:
         self._chunk_done = 0
         self._chunk_turn = False  # alternates chunk and decode steps while both have work
         self.prefix = PrefixCache(self.cache, prefix_cache) if prefix_cache else None
+        self.shared_prompt_tokens = 0  # prompt tokens copied from the same prompt's prefill in the same step (a counter)
         self.max_batch = max_batch
         self.stop_ids = set(tokenizer.stop_ids())
         can_pack = any(FastLinears.available(self.device, d) for d in (self.dtype, torch.float32))
@@ -352,12 +353,29 @@ class Engine:
         return group
 
     def _prefill(self, reqs: list[Request]) -> list[Event]:
-        start, n = len(self.active), len(reqs)
+        # A prompt asked several times in one group (n answers to one prompt: RL groups, best-of-n,
+        # ranking samples) is computed once: its copies take the first one's keys and values and
+        # logits, and sample from them with their own seeds. The first of each prompt gets the
+        # slots first, the copies the slots after them.
+        first: dict[tuple[int, ...], int] = {}
+        for i, r in enumerate(reqs):
+            first.setdefault(tuple(r.prompt), i)
+        uniq = sorted(first.values())
+        copies = sorted(set(range(len(reqs))) - set(uniq))
+        rank = {i: j for j, i in enumerate(uniq)}
+        src = [rank[first[tuple(reqs[i].prompt)]] for i in copies]  # the row each copy takes after
+        reqs = [reqs[i] for i in uniq + copies]
+        start, u = len(self.active), len(uniq)
         # Positions 0..P-1 come from the prefix cache when every prompt of the group starts with it.
-        P = self.prefix.match([r.prompt for r in reqs]) if self.prefix is not None else 0
+        P = self.prefix.match([r.prompt for r in reqs[:u]]) if self.prefix is not None else 0
         if P:
-            self.prefix.load(self.cache, slice(start, start + n), P)
-        logits = self._prefill_logits(start, [r.prompt[P:] for r in reqs], P)
+            self.prefix.load(self.cache, slice(start, start + u), P)
+        logits = self._prefill_logits(start, [r.prompt[P:] for r in reqs[:u]], P)
+        for j, row in enumerate(src):
+            self.cache.move(start + row, start + u + j, len(reqs[u + j].prompt))
+        self.shared_prompt_tokens += sum(len(r.prompt) for r in reqs[u:])
+        if copies:
+            logits = torch.cat([logits, logits[src]])
         if self.prefix is not None:
             self.prefix.store(reqs[0].prompt, self.cache, start)
         self.active += reqs

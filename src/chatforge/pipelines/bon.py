@@ -20,6 +20,8 @@ import collections
 import functools
 import json
 import time
+
+import torch
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,9 +29,14 @@ from .. import checkpoint as ckpt_io
 from .. import console
 from ..checkpoint import load_reward_model
 from ..config import load_json, save_json
+from ..convert.registry import resolve
 from ..data.rankings import Ranking, read_prompts, write_jsonl
 from ..eval.gold import reward_scores
+from ..data.rankings import prompt_ids
+from ..engine import Engine
+from ..train import rl_math as R
 from ..train.common import pick_device
+from ..train.ppo import generate, to_rollouts
 from ..train.sft import SFTConfig
 from ..train.sft import main as sft_main
 from ..train.verify import check_prompt, verify
@@ -103,9 +110,32 @@ def rm_rewards(rm_path: str, prompts, answers: list[list[str]], dtype: str, devi
     return [flat[i * k : (i + 1) * k] for i in range(len(answers))]
 
 
+@torch.no_grad()
+def kl_to_start(policy: str, start: str, prompts, max_new_tokens: int, seed: int, device: str) -> dict:
+    """How far the rounds moved the policy, in PPO's units: one answer per prompt sampled from
+    `policy` (temperature 1), KL = the mean over answers of sum over their tokens of
+    log policy - log start (the k1 estimate of KL(policy || start) per answer), and the answers'
+    mean length in tokens."""
+    new, ref = load_policy(policy, device), load_policy(start, device)
+    ids = [prompt_ids(new.tokenizer, p.messages) for p in prompts]
+    engine = Engine(new.model, new.tokenizer, max_batch=min(32, len(ids)))
+    answers, finished, texts = generate(engine, ids, max_new_tokens, [seed * 1000 + i for i in range(len(ids))])
+    ro = to_rollouts(ids, answers, finished, texts, None)
+    dev = next(new.model.parameters()).device
+    ids_BT, mask = ro.ids.to(dev), ro.amask.to(dev)
+    lp_new = R.answer_logprobs(new.model, ids_BT, mask)[0]
+    lp_ref = R.answer_logprobs(ref.model, ids_BT, mask)[0]
+    kl = ((lp_new - lp_ref) * mask).sum(1)
+    return {"kl": kl.mean().item(), "length": mask.sum(1).mean().item(), "n": len(ids)}
+
+
 def main(cfg: BoNConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    start = resolve(cfg.policy)
+    if load_json(start / "meta.json").get("lora"):  # found now, not after the first round's sampling
+        raise ValueError(f"{start}: a LoRA checkpoint with unmerged adapters; the rounds fine-tune plain weights: start from its merged "
+                         f"form (`chatforge sft ... --merge`)")
     prompts = read_prompts(cfg.prompts)
     if cfg.scorer == "tasks":
         for p in prompts:
@@ -161,8 +191,9 @@ def main(cfg: BoNConfig) -> dict:
             say(f"round {r}: SFT of {policy} on the {stats['kept']} kept answers -> {sft_dir}")
             # Every kept answer is worth teaching, so none is held out: the validation line is the
             # loss on the kept answers themselves (the held-out measure is `eval tasks` / `label judge`).
+            # With LoRA the adapters are merged into the round's checkpoint: the next round fine-tunes it, and SFT starts only from plain weights.
             sft_main(SFTConfig(base=policy, data=[str(kept_file)], val_data=[str(kept_file)], out=str(sft_dir), epochs=cfg.epochs, lr=cfg.lr,
-                               seq_len=min(512, 64 + 4 * cfg.max_new_tokens), micro_batch=8, warmup_steps=2, lora_rank=cfg.lora_rank,
+                               seq_len=min(512, 64 + 4 * cfg.max_new_tokens), micro_batch=8, warmup_steps=2, lora_rank=cfg.lora_rank, merge=cfg.lora_rank > 0,
                                lora_layers=cfg.lora_layers, dtype=cfg.dtype, eval_every=10**6, save_every=10**6, log_every=10,
                                sample_prompts=[chosen[0].messages[-1]["content"]], seed=cfg.seed + r, device=cfg.device,
                                resume=(sft_dir / "train_state.pt").is_file()))
@@ -175,6 +206,11 @@ def main(cfg: BoNConfig) -> dict:
         report["rounds"].append({"round": r, **stats, "policy": policy})
     report["policy"] = policy
     report["seconds"] = round(spent, 1)
+    if policy != cfg.policy:
+        measured = kl_to_start(policy, cfg.policy, prompts[:64], cfg.max_new_tokens, cfg.seed, cfg.device)
+        report.update(kl_to_start=measured["kl"], length=measured["length"])
+        say(f"KL to {cfg.policy} {measured['kl']:.3f} nats per answer, answers {measured['length']:.1f} tokens "
+            f"(one sampled answer to each of the first {measured['n']} prompts)")
     save_json(report, out / "report.json")
     say(f"done: newest policy {policy}, report {out / 'report.json'}")
     return report

@@ -62,7 +62,7 @@ class SampleConfig:
 def sample_answers(model, tok, prompts: list[Prompt], k: int, max_new_tokens: int, temperature: float, top_p: float, seed: int, max_batch: int,
                    label: str = "") -> list[list[str]]:
     """K sampled answers for every prompt; answer j of prompt i uses the seed (seed, i, j)."""
-    engine = Engine(model, tok, max_batch=max_batch)
+    engine = Engine(model, tok, max_batch=max_batch, prefix_cache=model.cfg.max_seq_len)  # the weights stay put while it samples
     ids, sps = [], []
     for i, p in enumerate(prompts):
         pid = prompt_ids(tok, p.messages)
