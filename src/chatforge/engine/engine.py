@@ -357,23 +357,26 @@ class Engine:
         # ranking samples) is computed once: its copies take the first one's keys and values and
         # logits, and sample from them with their own seeds. The first of each prompt gets the
         # slots first, the copies the slots after them.
-        first: dict[tuple[int, ...], int] = {}
-        for i, r in enumerate(reqs):
-            first.setdefault(tuple(r.prompt), i)
-        uniq = sorted(first.values())
-        copies = sorted(set(range(len(reqs))) - set(uniq))
-        rank = {i: j for j, i in enumerate(uniq)}
-        src = [rank[first[tuple(reqs[i].prompt)]] for i in copies]  # the row each copy takes after
-        reqs = [reqs[i] for i in uniq + copies]
-        start, u = len(self.active), len(uniq)
+        row: dict[tuple[int, ...], int] = {}  # a prompt -> its row among the distinct prompts
+        firsts, copies, src = [], [], []  # src: the row each copy takes after
+        for r in reqs:
+            key = tuple(r.prompt)
+            if key in row:
+                copies.append(r)
+                src.append(row[key])
+            else:
+                row[key] = len(firsts)
+                firsts.append(r)
+        reqs = firsts + copies
+        start, u = len(self.active), len(firsts)
         # Positions 0..P-1 come from the prefix cache when every prompt of the group starts with it.
-        P = self.prefix.match([r.prompt for r in reqs[:u]]) if self.prefix is not None else 0
+        P = self.prefix.match([r.prompt for r in firsts]) if self.prefix is not None else 0
         if P:
             self.prefix.load(self.cache, slice(start, start + u), P)
-        logits = self._prefill_logits(start, [r.prompt[P:] for r in reqs[:u]], P)
-        for j, row in enumerate(src):
-            self.cache.move(start + row, start + u + j, len(reqs[u + j].prompt))
-        self.shared_prompt_tokens += sum(len(r.prompt) for r in reqs[u:])
+        logits = self._prefill_logits(start, [r.prompt[P:] for r in firsts], P)
+        for j, (r, i) in enumerate(zip(copies, src)):
+            self.cache.move(start + i, start + u + j, len(r.prompt))
+        self.shared_prompt_tokens += sum(len(r.prompt) for r in copies)
         if copies:
             logits = torch.cat([logits, logits[src]])
         if self.prefix is not None:

@@ -20,24 +20,23 @@ import collections
 import functools
 import json
 import time
-
-import torch
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from .. import checkpoint as ckpt_io
 from .. import console
 from ..checkpoint import load_reward_model
 from ..config import load_json, save_json
 from ..convert.registry import resolve
-from ..data.rankings import Ranking, read_prompts, write_jsonl
-from ..eval.gold import reward_scores
-from ..data.rankings import prompt_ids
+from ..data.rankings import Ranking, prompt_ids, read_prompts, write_jsonl
 from ..engine import Engine
+from ..eval.gold import reward_scores
 from ..train import rl_math as R
 from ..train.common import pick_device
 from ..train.ppo import generate, to_rollouts
-from ..train.sft import SFTConfig
+from ..train.sft import SFTConfig, check_plain_base
 from ..train.sft import main as sft_main
 from ..train.verify import check_prompt, verify
 from .label import load_policy, sample_answers
@@ -132,10 +131,7 @@ def kl_to_start(policy: str, start: str, prompts, max_new_tokens: int, seed: int
 def main(cfg: BoNConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    start = resolve(cfg.policy)
-    if load_json(start / "meta.json").get("lora"):  # found now, not after the first round's sampling
-        raise ValueError(f"{start}: a LoRA checkpoint with unmerged adapters; the rounds fine-tune plain weights: start from its merged "
-                         f"form (`chatforge sft ... --merge`)")
+    check_plain_base(resolve(cfg.policy))  # the first round's SFT would refuse it, after the sampling: refused now
     prompts = read_prompts(cfg.prompts)
     if cfg.scorer == "tasks":
         for p in prompts:
@@ -198,7 +194,7 @@ def main(cfg: BoNConfig) -> dict:
                                sample_prompts=[chosen[0].messages[-1]["content"]], seed=cfg.seed + r, device=cfg.device,
                                resume=(sft_dir / "train_state.pt").is_file()))
             (out / f".done-round{r}").write_text("done\n")
-            stats["seconds"] = stats.get("seconds", 0.0) + time.time() - t0
+            stats["seconds"] = time.time() - t0
             save_json(stats, stats_file)
         spent += stats.get("seconds", 0.0)
         longest = max(longest, stats.get("seconds", 0.0))

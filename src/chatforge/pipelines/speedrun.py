@@ -365,7 +365,7 @@ def verified_rl(cfg: SpeedrunConfig, out: Path, sft: Path, gold_sft: dict, gold_
     common = dict(data=[str(heldout)], families=list(FAMILIES), max_per_task=40, max_new_tokens=24, seed=cfg.seed)
     for model, f, base in ((sft, f_sft, None), (rft_policy, f_rft, f_sft), (rl_dir, f_rl, f_sft)):
         if not f.is_file():
-            eval_tasks(TaskEvalConfig(model=str(model), out=str(f), **({"baseline": str(base)} if base else {}), **common))
+            eval_tasks(TaskEvalConfig(model=str(model), out=str(f), baseline=str(base) if base else "", **common))
     gold_rl = judged(str(rl_dir), out / "eval" / "judge_rl.json", [str(gold_prompts)], max_new_tokens=32, device=cfg.device)
     meta = load_json(rl_dir / "meta.json")
     rl_log = [r for r in map(json.loads, (rl_dir / "log.jsonl").read_text().splitlines()) if "kl" in r]

@@ -121,11 +121,16 @@ def split_validation(convs: list, fraction: float, seed: int) -> tuple[list, lis
     return [c for i, c in enumerate(convs) if i not in val], [c for i, c in enumerate(convs) if i in val]
 
 
+def check_plain_base(path: Path) -> None:
+    """SFT fine-tunes plain weights: a LoRA checkpoint with unmerged adapters is refused."""
+    if ckpt_io.load_json(path / "meta.json").get("lora"):
+        raise ValueError(f"{path}: a LoRA checkpoint with unmerged adapters; fine-tune its merged form (train it with --merge)")
+
+
 def load_base(cfg: SFTConfig, device: torch.device):
     """The base checkpoint (a folder or a known name, imported on first use), as fp32 for training."""
     model, tok, path = C.load_policy(cfg.base, device)
-    if ckpt_io.load_json(path / "meta.json").get("lora"):
-        raise ValueError(f"{path}: a LoRA checkpoint with unmerged adapters; fine-tune its merged form (train it with --merge)")
+    check_plain_base(path)
     return model, tok, path
 
 
