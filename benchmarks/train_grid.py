@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternating timing rounds per system")
     ap.add_argument("--steps", type=int, default=2, help="timed optimizer steps per round")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (pretrain --compile)")
+    ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (pretrain --compile on; auto picks it when measured faster)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
     a = ap.parse_args()
     for w in a.widths:

@@ -47,7 +47,7 @@ def measure(cfg, batch: int, seq: int, dt: str, rounds: int, steps: int, compile
     eager = C.LMLoss(ours)  # exactly what `chatforge pretrain` steps
     if compile:
         torch._dynamo.reset()  # a fresh compile per model: dynamo stops recompiling after a few models
-    compiled = torch.compile(C.LMLoss(ours)) if compile else None  # and `chatforge pretrain --compile`
+    compiled = torch.compile(C.LMLoss(ours)) if compile else None  # and `chatforge pretrain --compile on` (auto, once it pays)
 
     def step_ours():
         C.train_step(eager, [(x, y)], C.lm_loss, opt_ours, dist, dt, 1.0)

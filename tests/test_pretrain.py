@@ -15,6 +15,7 @@ from chatforge.cli import main as cli_main
 from chatforge.data.loader import Shards, TrainBatches, rank_batches, val_batches
 from chatforge.model import GPT, GPTConfig
 from chatforge.train import common as C
+from chatforge.train import loop as L
 from chatforge.train.pretrain import PretrainConfig, main
 from conftest import run_killed
 
@@ -270,6 +271,87 @@ def test_progress_excludes_pauses(monkeypatch):
     assert r["tok_per_s"] == pytest.approx(100.0)
     assert r["mfu"] == pytest.approx(10.0 * 100.0 / 2000.0)
     assert r["eta_s"] == pytest.approx(7 * 1.0)
+
+
+
+class TimedLoop:
+    """What StepCompiler reads from a Loop, with step times set by the test."""
+
+    def __init__(self, eta_s: float):
+        self.name, self.eta_s, self.step_s, self.step, self.lines = "pretrain", eta_s, 0.0, 0, []
+        self.progress = C.Progress(0.0, 0.0, 100, 0)
+        self.records: list[dict] = []
+        self.log = type("Log", (), {"print": lambda _, line: self.lines.append(line), "log": lambda _, r: self.records.append(r)})()
+
+    def last_step_s(self) -> float:
+        return self.step_s
+
+
+def drive(compiler, loop, module, seconds):
+    """Steps of the given durations; for each, the module the next step trains with."""
+    used = []
+    for s in seconds:
+        loop.step_s = s
+        module = compiler.after_step(loop, module)
+        used.append(module)
+    return used
+
+
+@pytest.mark.parametrize("compiled_s, keeps", [(0.5, True), (1.0, False)])
+def test_compile_auto_keeps_the_compiled_step_only_when_measured_faster(monkeypatch, compiled_s, keeps):
+    """Guards --compile auto: PROBE eager steps timed (the first left out), then compiled when
+    the run has long enough left; the compiling step is not a speed sample; after PROBE compiled
+    steps the faster of the two is kept for good."""
+    compiled = []
+    monkeypatch.setattr(L.torch, "compile", lambda m: compiled.append(m) or ("compiled", m))
+    monkeypatch.setattr(L, "compiler_missing", lambda device: "")
+    sc, loop = L.StepCompiler("auto", torch.device("cpu")), TimedLoop(eta_s=3600)
+    eager = torch.nn.Linear(2, 2)
+    P = sc.PROBE
+    used = drive(sc, loop, eager, [5.0] + [1.0] * P)  # a slow warmup step, then P eager ones
+    assert used[:-1] == [eager] * P and used[-1] == ("compiled", eager) and compiled == [eager]
+    used = drive(sc, loop, used[-1], [60.0] + [9.0] + [compiled_s] * P)  # compiling, a first compiled step, P more
+    assert sc.compile_s == 60.0 and sc.eager_s == 1.0 and sc.compiled_s == compiled_s
+    assert used[-1] == (("compiled", eager) if keeps else eager)
+    assert drive(sc, loop, used[-1], [0.1, 9.0]) == [used[-1]] * 2 and len(compiled) == 1  # decided for good
+    assert ("keeping it" if keeps else "back to eager") in loop.lines[-1] and loop.records[-1]["compile_kept"] is keeps
+
+
+def test_compile_auto_stays_eager_for_short_runs_or_without_a_compiler(monkeypatch):
+    """Guards a compilation paid by a run too short to repay it (tests, best-of-n rounds), or
+    tried where inductor has no compiler; and "off"/"on"/unknown modes."""
+    monkeypatch.setattr(L.torch, "compile", lambda m: pytest.fail("compiled"))
+    m = torch.nn.Linear(2, 2)
+    short = TimedLoop(eta_s=L.StepCompiler.MIN_LEFT_S - 1)
+    assert drive(L.StepCompiler("auto", torch.device("cpu")), short, m, [1.0] * 10) == [m] * 10
+    assert "too short" in short.lines[-1]
+    monkeypatch.setattr(L, "compiler_missing", lambda device: "no C++ compiler on PATH")
+    long = TimedLoop(eta_s=3600)
+    assert drive(L.StepCompiler("auto", torch.device("cpu")), long, m, [1.0] * 10) == [m] * 10
+    assert "no C++ compiler" in long.lines[-1]
+    assert drive(L.StepCompiler("off", torch.device("cpu")), long, m, [1.0] * 10) == [m] * 10
+    assert drive(L.StepCompiler("auto", torch.device("cpu"), world=2), long, m, [1.0] * 10) == [m] * 10  # DDP wraps at setup
+    with pytest.raises(ValueError, match="no C\\+\\+ compiler.*--compile off"):
+        L.StepCompiler("on", torch.device("cpu")).setup(m)
+    with pytest.raises(ValueError, match="compile='yes'"):
+        cfg("x", "y", compile="yes")
+
+
+def test_compiled_training_step_matches_eager(shards_dir, tmp_path, monkeypatch, capsys):
+    """Guards the compiled training step (inductor) against the eager one: a run that switches
+    to it mid-way (--compile auto, thresholds lowered so a tiny run qualifies) trains to the same
+    fp32 losses as an eager run, and its checkpoint is the bare model's."""
+    monkeypatch.setattr(L.StepCompiler, "MIN_LEFT_S", 0.0)
+    monkeypatch.setattr(L.StepCompiler, "PROBE", 2)
+    monkeypatch.setattr(L.StepCompiler, "MIN_GAIN", 0.0)  # keep it whatever the timing on a busy machine
+    kw = dict(preset="cpu-tiny", n_layer=1, max_steps=8, eval_every=100, save_every=100, warmup_steps=1)
+    main(cfg(shards_dir, tmp_path / "eager", compile="off", **kw))
+    main(cfg(shards_dir, tmp_path / "auto", compile="auto", **kw))
+    assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "eager"), rel=1e-4, abs=1e-4)
+    assert "compiling the training step" in capsys.readouterr().err
+    assert [r for r in map(json.loads, (tmp_path / "auto" / "log.jsonl").read_text().splitlines()) if "compile_kept" in r][0]["compile_kept"]
+    a, b = checkpoint.load(tmp_path / "eager").model.state_dict(), checkpoint.load(tmp_path / "auto").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 
 
 # ---- the token-shard loader --------------------------------------------------------------------

@@ -289,6 +289,17 @@ def losses(out):
     return [r["loss"] for r in records(out) if "loss" in r]
 
 
+def test_compiled_sft_step_matches_eager(base_ckpt, chat_files, tmp_path):
+    """Guards the compiled SFT step (--compile on; auto picks it for long runs): with LoRA and
+    packed rows it trains to the eager run's losses. Compiled, the rows are padded to seq_len and
+    the loss runs over every position (no boolean indexing), so the graph has one static shape:
+    the varying row lengths once made inductor's dynamic-shape graph fail a stride check."""
+    kw = dict(max_steps=6, save_every=100, eval_every=100, lora_rank=4)
+    eager = main(sft_cfg(base_ckpt, chat_files, tmp_path / "eager", compile="off", **kw))
+    compiled = main(sft_cfg(base_ckpt, chat_files, tmp_path / "compiled", compile="on", **kw))
+    assert losses(compiled) == pytest.approx(losses(eager), rel=1e-4, abs=1e-4)
+
+
 def test_sft_learns(base_ckpt, chat_files, tmp_path):
     """Guards an SFT loop that does not learn (wrong targets, mask, schedule): the training loss
     falls and the validation loss ends well below the base model's."""

@@ -211,12 +211,13 @@ def pack_rows(lengths: list[int], order: list[int], row_len: int, pack: bool) ->
     return rows
 
 
-def collate(data: Tokenized, rows: list[list[int]], pack: bool) -> tuple[torch.Tensor, ...]:
+def collate(data: Tokenized, rows: list[list[int]], pack: bool, pad_to: int = 0) -> tuple[torch.Tensor, ...]:
     """Tensors for a list of rows: x, y (-100 = no loss), and for packed rows the position ids
     (B,T) and the block-diagonal causal attention mask (B,1,T,T), True = may attend.
-    Rows are as long as the longest one in the batch."""
+    Rows are as long as the longest one in the batch, or `pad_to` (one shape for every batch:
+    a compiled step then never recompiles)."""
     B = len(rows)
-    T = max(sum(len(data.ids[i]) - 1 for i in r) for r in rows)
+    T = max(max(sum(len(data.ids[i]) - 1 for i in r) for r in rows), pad_to)
     x = np.zeros((B, T), dtype=np.int64)
     y = np.full((B, T), -100, dtype=np.int64)
     pos = np.zeros((B, T), dtype=np.int64)
@@ -293,9 +294,9 @@ class ChatBatches:
         first = step * self.rows_per_step + (micro * self.world + self.rank) * self.B
         return [self._global_row(first + j) for j in range(self.B)]
 
-    def get(self, step: int, micro: int) -> tuple[torch.Tensor, ...]:
+    def get(self, step: int, micro: int, pad_to: int = 0) -> tuple[torch.Tensor, ...]:
         """(x, y) padded rows, or (x, y, pos, mask) packed rows (see collate)."""
-        return collate(self.data, self.rows(step, micro), self.pack)
+        return collate(self.data, self.rows(step, micro), self.pack, pad_to)
 
     def positions(self, step: int, micro: int) -> int:
         """Real (not padding) input positions of a micro-batch: what throughput counts."""

@@ -17,6 +17,8 @@ their next step's collectives). What it calls on the stage it drives is `Stage`.
 
 from __future__ import annotations
 
+import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
@@ -103,6 +105,7 @@ class Loop:
         self.metrics: dict = {}  # the latest of every metric, for the checkpoint's meta.json
         self.last: dict = {}  # the last step's record
         self.t0 = time.time()  # the session's clock: the time budget counts from here
+        self.eta_s = float("inf")  # training seconds left at the current speed (capped by the time budget), after each step
 
     def __iter__(self) -> Iterator[int]:
         if self.step == 0 and self.eval_first:
@@ -151,7 +154,12 @@ class Loop:
         self.step += 1
         if self.budget_s:
             p["eta_s"] = min(p["eta_s"], self.budget_s - (time.time() - self.t0))
+        self.eta_s = p["eta_s"]
         return p
+
+    def last_step_s(self) -> float:
+        """Seconds the last step took (evaluations, samples and saves not counted)."""
+        return self.progress.recent[-1][0]
 
     def log_due(self) -> bool:
         return self.step % self.cfg.log_every == 0 or self.step == self.total
@@ -178,3 +186,90 @@ class Loop:
             self.stage.sample(self.step)
         self.stage.save(self.step, self.metrics)
         return self.metrics
+
+
+# ---- torch.compile of the training step -----------------------------------------------------
+
+COMPILE_MODES = ("auto", "on", "off")
+
+
+def compiler_missing(device: torch.device) -> str:
+    """Why torch.compile cannot build kernels for `device` here, or "" when it can."""
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return "" if has_triton() else "Triton is not installed (inductor writes its CUDA kernels in it)"
+    if device.type == "cpu":
+        return "" if any(shutil.which(c) for c in ("g++", "c++", "clang++")) else "no C++ compiler on PATH (inductor builds its CPU kernels with one)"
+    return f"torch.compile is not tried on {device.type}"
+
+
+class StepCompiler:
+    """A stage's `--compile`: "on" compiles the training module at setup, "off" never does, and
+    "auto" decides by measuring, on this machine, model and shape. It times PROBE eager steps;
+    when the run has more than MIN_LEFT_S seconds left (its ETA, capped by a time budget) it
+    compiles the module (the next step pays for the compilation and is not counted), times PROBE
+    compiled steps, and keeps the compiled module only when its median step is at least 3% faster
+    than the eager median; otherwise it goes back to eager for good. So short runs (tests,
+    best-of-n rounds) never pay a compilation, and a machine where inductor's kernels lose keeps
+    the eager step. Compiled and eager modules share their parameters, so the optimizer and the
+    checkpoints do not notice the switch. Multi-process runs compile only with "on" (DDP has to
+    wrap the compiled module at setup)."""
+
+    PROBE = 5  # steps timed on each side
+    MIN_LEFT_S = 900.0  # compiling took ~1-3 min on 2 cores and saved ~1/3 of a step (benchmarks/README.md): repaid after ~3x its time
+    MIN_GAIN = 1.03
+
+    def __init__(self, mode: str, device: torch.device, world: int = 1):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"--compile {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+        self.mode, self.device = mode, device
+        self.phase = "eager" if mode == "auto" and world == 1 else "done"
+        self.eager: torch.nn.Module | None = None
+        self.times: list[float] = []  # step seconds of the phase being timed
+        self.eager_s = self.compiled_s = self.compile_s = 0.0
+        self.compiled = False  # whether the module in use is the compiled one (a stage may then pad its batches to one shape)
+
+    def setup(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module to train with from the first step ("on": compiled)."""
+        if self.mode != "on":
+            return module
+        why = compiler_missing(self.device)
+        if why:
+            raise ValueError(f"--compile on: {why}; use --compile off (or auto, which then stays eager)")
+        self.compiled = True
+        return torch.compile(module)
+
+    def after_step(self, loop: "Loop", module: torch.nn.Module) -> torch.nn.Module:
+        """The module to train with from the next step on, given the step `loop` just counted."""
+        if self.phase == "done":
+            return module
+        if self.phase == "compiling":  # this step compiled the graph: not a sample of its speed
+            self.compile_s = loop.last_step_s()
+            loop.progress.recent.clear()  # tok/s and the ETA restart from the compiled steps
+            self.phase = "compiled"
+            return module
+        self.times.append(loop.last_step_s())
+        if len(self.times) <= self.PROBE:  # the first eager step warms up: PROBE after it
+            return module
+        if self.phase == "eager":
+            self.eager_s = statistics.median(self.times[1:])
+            self.times = []
+            left = loop.eta_s
+            why = compiler_missing(self.device) if left > self.MIN_LEFT_S else f"{left / 60:.1f} min left, too short to repay it"
+            if why:
+                loop.log.print(f"{loop.name}: --compile auto: staying eager ({why})")
+                self.phase = "done"
+                return module
+            loop.log.print(f"{loop.name}: --compile auto: {left / 60:.0f} min left at {self.eager_s:.3f} s a step; "
+                           "compiling the training step (the next step pays for it), then comparing")
+            self.eager, self.phase, self.compiled = module, "compiling", True
+            return torch.compile(module)
+        self.compiled_s = statistics.median(self.times[1:])
+        gain = self.eager_s / self.compiled_s
+        keep = gain >= self.MIN_GAIN
+        loop.log.print(f"{loop.name}: --compile auto: compiled step {self.compiled_s:.3f} s vs eager {self.eager_s:.3f} s "
+                       f"({gain:.2f}x; compiling took {self.compile_s:.0f} s): " + ("keeping it" if keep else "back to eager"))
+        loop.log.log({"step": loop.step, "compile_kept": keep, "eager_step_s": self.eager_s, "compiled_step_s": self.compiled_s, "compile_s": self.compile_s})
+        self.phase, self.compiled = "done", keep
+        return module if keep else self.eager

@@ -19,7 +19,7 @@ from ..model import GPT, PRESETS, flops_per_token, preset
 from ..sample import sample_tokens
 from ..tokenizer import Tokenizer
 from . import common as C
-from .loop import Loop, ScheduleConfig
+from .loop import COMPILE_MODES, Loop, ScheduleConfig, StepCompiler
 
 SAMPLE_PROMPTS = ["The meaning of life is", "def fibonacci(n):", "床前明月光，"]
 
@@ -42,7 +42,7 @@ class PretrainConfig(ScheduleConfig):
     lr: float = 2e-3  # peak learning rate
     warmup_steps: int = 20  # linear warmup steps
     weight_decay: float = 0.1  # AdamW decay on matrices
-    compile: bool = False  # torch.compile the model
+    compile: str = "auto"  # torch.compile the training step: "on", "off", or "auto" (compile when the run is long enough and keep it only if measured faster: loop.StepCompiler)
     eval_every: int = 100  # steps between validation runs (and at the end)
     eval_tokens: int = 65536  # validation tokens per evaluation
     sample_every: int = 0  # steps between printed samples; 0 = at each evaluation
@@ -65,6 +65,8 @@ class PretrainConfig(ScheduleConfig):
                 raise ValueError(f"PretrainConfig.{name}={getattr(self, name)} must be >= 0 (0 keeps the preset's value)")
         if self.fsdp not in ("on", "off", "auto"):
             raise ValueError(f"PretrainConfig.fsdp={self.fsdp!r}; expected 'on', 'off' or 'auto'")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"PretrainConfig.compile={self.compile!r}; expected one of {', '.join(COMPILE_MODES)}")
         super().__post_init__()
 
     def model_overrides(self) -> dict:
@@ -118,9 +120,8 @@ class PretrainStage:
         self.optimizer = C.make_optimizer(model, cfg.lr, cfg.weight_decay)
         if state is not None:
             C.restore_training(self.optimizer, model, state, out)
-        self.train_model: torch.nn.Module = C.LMLoss(model)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.compiler = StepCompiler(cfg.compile, dist.device, dist.world)
+        self.train_model: torch.nn.Module = self.compiler.setup(C.LMLoss(model))
         if dist.world > 1 and not self.sharded:
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model)
         self.batches = TrainBatches(self.shards, cfg.seq_len, cfg.micro_batch, self.accum, cfg.seed, dist.rank, dist.world)
@@ -188,6 +189,7 @@ def main(cfg: PretrainConfig) -> Path:
     for step in loop:
         r = run.train_step(step)
         loop.done(r["tokens"], {"loss": r["loss"]}, r["grad_norm"], f"loss {r['loss']:.4f}")
+        run.train_model = run.compiler.after_step(loop, run.train_model)
     loop.finish(lambda: {"train_loss": loop.last["loss"]} if loop.last else {})
     run.log.print(f"pretrain: checkpoint {run.out}, log {run.out / 'log.jsonl'}, plot {run.out / 'loss.png'}")
     C.teardown_dist()

@@ -31,7 +31,7 @@ from ..model import flops_per_token
 from ..sample import sample_tokens
 from . import common as C
 from .lora import LoRA, LoRAConfig
-from .loop import Loop, ScheduleConfig
+from .loop import COMPILE_MODES, Loop, ScheduleConfig, StepCompiler
 
 SAMPLE_PROMPTS = ["What is 12 + 7?", "Hello! How are you today?", "「床前明月光」的下一句是什么？", "3米等于多少厘米？"]
 
@@ -54,7 +54,7 @@ class SFTConfig(LoRAConfig, ScheduleConfig):
     merge: bool = False  # LoRA: fold the adapters into the weights in the final checkpoint (no resume after)
     lm_data: str = ""  # token-shard folder for the pretraining-loss mix; empty = no mix
     lm_coef: float = 0.0  # lambda in L = L_sft + lambda * L_lm (GPT-1 used 0.5)
-    compile: bool = False  # torch.compile the model
+    compile: str = "auto"  # torch.compile the training step: "on", "off", or "auto" (compile when the run is long enough and keep it only if measured faster: loop.StepCompiler)
     sample_every: int = 0  # steps between printed samples; 0 = at each evaluation
     sample_prompts: list[str] = field(default_factory=lambda: list(SAMPLE_PROMPTS))  # user turns answered at each sample
     sample_tokens: int = 48  # new tokens per sample (greedy)
@@ -80,6 +80,8 @@ class SFTConfig(LoRAConfig, ScheduleConfig):
             raise ValueError(f"SFTConfig: the pretraining mix needs both lm_data and lm_coef > 0 (got {self.lm_data!r}, {self.lm_coef})")
         if self.fsdp not in ("on", "off", "auto") or (self.fsdp == "on" and self.lora_rank):
             raise ValueError(f"SFTConfig.fsdp={self.fsdp!r}: 'on', 'off' or 'auto', and 'on' only for full fine-tuning (LoRA's adapters are small: DDP)")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"SFTConfig.compile={self.compile!r}; expected one of {', '.join(COMPILE_MODES)}")
         super().__post_init__()
 
 
@@ -102,8 +104,11 @@ class SFTLoss(nn.Module):
     def forward(self, x, y, pos=None, mask=None, lm_x=None, lm_y=None) -> tuple[torch.Tensor, torch.Tensor]:
         # The output head and softmax run only where there is a target (the assistant tokens):
         # prompts, system turns and padding cost the transformer body but not the (wide) head.
-        keep = y != -100
-        sft = F.cross_entropy(self.model.head(self.model.hidden(x, pos, mask)[keep]).float(), y[keep], reduction="sum")
+        if torch.compiler.is_compiling():  # static shapes (no boolean indexing); inductor fuses the head with the loss
+            sft, _ = C.token_loss_sum(self.model.head(self.model.hidden(x, pos, mask)), y)
+        else:
+            keep = y != -100
+            sft = F.cross_entropy(self.model.head(self.model.hidden(x, pos, mask)[keep]).float(), y[keep], reduction="sum")
         if lm_x is None:
             return sft, torch.zeros((), device=sft.device)
         lm, _ = C.token_loss_sum(self.model(lm_x), lm_y)
@@ -161,9 +166,8 @@ class SFTStage:
         self.optimizer = C.make_optimizer(lora if lora is not None else model, cfg.lr, cfg.weight_decay)
         if state is not None:
             C.restore_training(self.optimizer, model, state, out)
-        self.train_model: nn.Module = SFTLoss(model, lora)
-        if cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+        self.compiler = StepCompiler(cfg.compile, dist.device, dist.world)
+        self.train_model: nn.Module = self.compiler.setup(SFTLoss(model, lora))
         if dist.world > 1 and not self.sharded:
             self.train_model = torch.nn.parallel.DistributedDataParallel(self.train_model)
         # LoRA skips the weight gradients: ~4N FLOPs per token (forward 2N, input gradients 2N), not 6N.
@@ -272,7 +276,7 @@ class SFTStage:
         dev = self.dist.device
         micro, positions = [], 0
         for i in range(self.accum):
-            x, y, *rest = self.batches.get(step, i)
+            x, y, *rest = self.batches.get(step, i, pad_to=self.cfg.seq_len if self.compiler.compiled else 0)
             pos, mask = rest if rest else (None, None)
             lm = self.lm_batches.get(step, i) if self.lm_batches is not None else (None, None)
             micro.append(tuple(None if t is None else t.to(dev) for t in (x, y, pos, mask, *lm)))
@@ -298,6 +302,7 @@ def main(cfg: SFTConfig) -> Path:
         mix = {"sft_loss": r["sft_loss"], "lm_loss": r["lm_loss"]} if "lm_loss" in r else {}
         loop.done(positions, {"loss": r["loss"], **mix}, r["grad_norm"],
                   f"loss {r['loss']:.4f}" + (f" (sft {mix['sft_loss']:.4f}, lm {mix['lm_loss']:.4f})" if mix else ""))
+        run.train_model = run.compiler.after_step(loop, run.train_model)
     loop.finish(lambda: {"train_loss": loop.last["loss"]} if loop.last else {})
     run.merge()
     run.log.print(f"sft: checkpoint {run.out}, log {run.out / 'log.jsonl'}, plot {run.out / 'loss.png'}")
