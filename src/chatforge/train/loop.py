@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 import torch
+from torch.utils._triton import has_triton
 
 from . import common as C
 
@@ -196,8 +197,6 @@ COMPILE_MODES = ("auto", "on", "off")
 def compiler_missing(device: torch.device) -> str:
     """Why torch.compile cannot build kernels for `device` here, or "" when it can."""
     if device.type == "cuda":
-        from torch.utils._triton import has_triton
-
         return "" if has_triton() else "Triton is not installed (inductor writes its CUDA kernels in it)"
     if device.type == "cpu":
         return "" if any(shutil.which(c) for c in ("g++", "c++", "clang++")) else "no C++ compiler on PATH (inductor builds its CPU kernels with one)"
@@ -206,18 +205,20 @@ def compiler_missing(device: torch.device) -> str:
 
 class StepCompiler:
     """A stage's `--compile`: "on" compiles the training module at setup, "off" never does, and
-    "auto" decides by measuring, on this machine, model and shape. It times PROBE eager steps;
-    when the run has more than MIN_LEFT_S seconds left (its ETA, capped by a time budget) it
-    compiles the module (the next step pays for the compilation and is not counted), times PROBE
-    compiled steps, and keeps the compiled module only when its median step is at least 3% faster
-    than the eager median; otherwise it goes back to eager for good. So short runs (tests,
-    best-of-n rounds) never pay a compilation, and a machine where inductor's kernels lose keeps
-    the eager step. Compiled and eager modules share their parameters, so the optimizer and the
-    checkpoints do not notice the switch. Multi-process runs compile only with "on" (DDP has to
-    wrap the compiled module at setup)."""
+    "auto" decides by measuring, on this machine, model and shape. After PROBE eager steps (and a
+    warm-up one), when the run has more than MIN_LEFT_S seconds left (its ETA, capped by a time
+    budget), it compiles the module (the next step pays for the compilation, and the one after it
+    warms the compiled graph up: neither is timed), then runs PROBE pairs of steps, eager and
+    compiled alternating, so that a machine drifting in speed (a busy neighbour, clocks) slows both
+    sides of a pair alike, and keeps the compiled module for good only when the median of the
+    pairs' eager/compiled time ratios is at least MIN_GAIN; otherwise eager for good. Short runs
+    (tests, best-of-n rounds) never pay a compilation, and where inductor's kernels lose the
+    eager step stays. Both modules share their parameters, so the optimizer and the checkpoints
+    do not notice the switches. Multi-process runs compile only with "on" (DDP has to wrap the
+    compiled module at setup)."""
 
-    PROBE = 5  # steps timed on each side
-    MIN_LEFT_S = 900.0  # compiling took ~1-3 min on 2 cores and saved ~1/3 of a step (benchmarks/README.md): repaid after ~3x its time
+    PROBE = 5  # eager steps before deciding to compile; eager/compiled pairs compared after
+    MIN_LEFT_S = 900.0  # compiling took 15-52 s idle and up to ~100 s loaded on 2 cores and saved 6-35% of a step (benchmarks/README.md)
     MIN_GAIN = 1.03
 
     def __init__(self, mode: str, device: torch.device, world: int = 1):
@@ -225,10 +226,12 @@ class StepCompiler:
             raise ValueError(f"--compile {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
         self.mode, self.device = mode, device
         self.phase = "eager" if mode == "auto" and world == 1 else "done"
-        self.eager: torch.nn.Module | None = None
-        self.times: list[float] = []  # step seconds of the phase being timed
-        self.eager_s = self.compiled_s = self.compile_s = 0.0
-        self.compiled = False  # whether the module in use is the compiled one (a stage may then pad its batches to one shape)
+        self.eager_module: torch.nn.Module | None = None
+        self.compiled_module: torch.nn.Module | None = None
+        self.steps = 0  # steps seen in the current phase
+        self.pairs: list[list[float]] = []  # [eager seconds, compiled seconds] of each compared pair
+        self.compile_s = 0.0
+        self.compiled = False  # whether the module for the next step is the compiled one (a stage may then pad its batches to one shape)
 
     def setup(self, module: torch.nn.Module) -> torch.nn.Module:
         """The module to train with from the first step ("on": compiled)."""
@@ -240,36 +243,51 @@ class StepCompiler:
         self.compiled = True
         return torch.compile(module)
 
+    def _use(self, compiled: bool) -> torch.nn.Module:
+        self.compiled = compiled
+        return self.compiled_module if compiled else self.eager_module
+
     def after_step(self, loop: "Loop", module: torch.nn.Module) -> torch.nn.Module:
         """The module to train with from the next step on, given the step `loop` just counted."""
         if self.phase == "done":
             return module
-        if self.phase == "compiling":  # this step compiled the graph: not a sample of its speed
-            self.compile_s = loop.last_step_s()
-            loop.progress.recent.clear()  # tok/s and the ETA restart from the compiled steps
-            self.phase = "compiled"
-            return module
-        self.times.append(loop.last_step_s())
-        if len(self.times) <= self.PROBE:  # the first eager step warms up: PROBE after it
-            return module
+        self.steps += 1
         if self.phase == "eager":
-            self.eager_s = statistics.median(self.times[1:])
-            self.times = []
+            if self.steps <= self.PROBE:  # the ETA settles over the first steps
+                return module
             left = loop.eta_s
             why = compiler_missing(self.device) if left > self.MIN_LEFT_S else f"{left / 60:.1f} min left, too short to repay it"
             if why:
                 loop.log.print(f"{loop.name}: --compile auto: staying eager ({why})")
                 self.phase = "done"
                 return module
-            loop.log.print(f"{loop.name}: --compile auto: {left / 60:.0f} min left at {self.eager_s:.3f} s a step; "
-                           "compiling the training step (the next step pays for it), then comparing")
-            self.eager, self.phase, self.compiled = module, "compiling", True
-            return torch.compile(module)
-        self.compiled_s = statistics.median(self.times[1:])
-        gain = self.eager_s / self.compiled_s
+            loop.log.print(f"{loop.name}: --compile auto: {left / 60:.0f} min left; compiling the training step "
+                           f"(the next step pays for it), then timing {self.PROBE} eager/compiled pairs of steps")
+            self.eager_module, self.compiled_module = module, torch.compile(module)
+            self.phase, self.steps = "compiling", 0
+            return self._use(True)
+        if self.phase == "compiling":
+            if self.steps == 1:  # the compiling step
+                self.compile_s = loop.last_step_s()
+                return self._use(True)  # a warm-up compiled step
+            self.phase, self.steps = "comparing", 0
+            return self._use(False)
+        # comparing: odd steps ran eager, even ones compiled
+        if self.steps % 2:
+            self.pairs.append([loop.last_step_s()])
+            return self._use(True)
+        self.pairs[-1].append(loop.last_step_s())
+        if len(self.pairs) < self.PROBE:
+            return self._use(False)
+        ratios = [e / c for e, c in self.pairs]
+        gain = statistics.median(ratios)
         keep = gain >= self.MIN_GAIN
-        loop.log.print(f"{loop.name}: --compile auto: compiled step {self.compiled_s:.3f} s vs eager {self.eager_s:.3f} s "
-                       f"({gain:.2f}x; compiling took {self.compile_s:.0f} s): " + ("keeping it" if keep else "back to eager"))
-        loop.log.log({"step": loop.step, "compile_kept": keep, "eager_step_s": self.eager_s, "compiled_step_s": self.compiled_s, "compile_s": self.compile_s})
-        self.phase, self.compiled = "done", keep
-        return module if keep else self.eager
+        eager_s, compiled_s = (statistics.median(x) for x in zip(*self.pairs))
+        loop.log.print(f"{loop.name}: --compile auto: compiled step {compiled_s:.3f} s vs eager {eager_s:.3f} s, {gain:.2f}x "
+                       f"(median of {len(ratios)} alternating pairs, {min(ratios):.2f}-{max(ratios):.2f}; compiling took {self.compile_s:.0f} s): "
+                       + ("keeping it" if keep else "back to eager"))
+        loop.log.log({"step": loop.step, "compile_kept": keep, "compile_gain": gain, "eager_step_s": eager_s, "compiled_step_s": compiled_s,
+                      "compile_s": self.compile_s})
+        loop.progress.recent.clear()  # tok/s and the ETA restart at the speed kept
+        self.phase = "done"
+        return self._use(keep)
