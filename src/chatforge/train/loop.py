@@ -194,6 +194,12 @@ class Loop:
 COMPILE_MODES = ("auto", "on", "off")
 
 
+def check_compile_mode(mode: str, field: str) -> None:
+    """A clear error naming `field` (e.g. "SFTConfig.compile") for a mode that is not one of COMPILE_MODES."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"{field}={mode!r}; expected one of {', '.join(COMPILE_MODES)}")
+
+
 def compiler_missing(device: torch.device) -> str:
     """Why torch.compile cannot build kernels for `device` here, or "" when it can."""
     if device.type == "cuda":
@@ -222,8 +228,7 @@ class StepCompiler:
     MIN_GAIN = 1.03
 
     def __init__(self, mode: str, device: torch.device, world: int = 1):
-        if mode not in COMPILE_MODES:
-            raise ValueError(f"--compile {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+        check_compile_mode(mode, "--compile")
         self.mode, self.device = mode, device
         self.phase = "eager" if mode == "auto" and world == 1 else "done"
         self.eager_module: torch.nn.Module | None = None

@@ -19,7 +19,7 @@ from ..model import GPT, PRESETS, flops_per_token, preset
 from ..sample import sample_tokens
 from ..tokenizer import Tokenizer
 from . import common as C
-from .loop import COMPILE_MODES, Loop, ScheduleConfig, StepCompiler
+from .loop import Loop, ScheduleConfig, StepCompiler, check_compile_mode
 
 SAMPLE_PROMPTS = ["The meaning of life is", "def fibonacci(n):", "床前明月光，"]
 
@@ -65,8 +65,7 @@ class PretrainConfig(ScheduleConfig):
                 raise ValueError(f"PretrainConfig.{name}={getattr(self, name)} must be >= 0 (0 keeps the preset's value)")
         if self.fsdp not in ("on", "off", "auto"):
             raise ValueError(f"PretrainConfig.fsdp={self.fsdp!r}; expected 'on', 'off' or 'auto'")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"PretrainConfig.compile={self.compile!r}; expected one of {', '.join(COMPILE_MODES)}")
+        check_compile_mode(self.compile, "PretrainConfig.compile")
         super().__post_init__()
 
     def model_overrides(self) -> dict:

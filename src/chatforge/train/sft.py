@@ -31,7 +31,7 @@ from ..model import flops_per_token
 from ..sample import sample_tokens
 from . import common as C
 from .lora import LoRA, LoRAConfig
-from .loop import COMPILE_MODES, Loop, ScheduleConfig, StepCompiler
+from .loop import Loop, ScheduleConfig, StepCompiler, check_compile_mode
 
 SAMPLE_PROMPTS = ["What is 12 + 7?", "Hello! How are you today?", "「床前明月光」的下一句是什么？", "3米等于多少厘米？"]
 
@@ -80,8 +80,7 @@ class SFTConfig(LoRAConfig, ScheduleConfig):
             raise ValueError(f"SFTConfig: the pretraining mix needs both lm_data and lm_coef > 0 (got {self.lm_data!r}, {self.lm_coef})")
         if self.fsdp not in ("on", "off", "auto") or (self.fsdp == "on" and self.lora_rank):
             raise ValueError(f"SFTConfig.fsdp={self.fsdp!r}: 'on', 'off' or 'auto', and 'on' only for full fine-tuning (LoRA's adapters are small: DDP)")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"SFTConfig.compile={self.compile!r}; expected one of {', '.join(COMPILE_MODES)}")
+        check_compile_mode(self.compile, "SFTConfig.compile")
         super().__post_init__()
 
 
@@ -104,11 +103,12 @@ class SFTLoss(nn.Module):
     def forward(self, x, y, pos=None, mask=None, lm_x=None, lm_y=None) -> tuple[torch.Tensor, torch.Tensor]:
         # The output head and softmax run only where there is a target (the assistant tokens):
         # prompts, system turns and padding cost the transformer body but not the (wide) head.
+        h = self.model.hidden(x, pos, mask)
         if torch.compiler.is_compiling():  # static shapes (no boolean indexing); inductor fuses the head with the loss
-            sft, _ = C.token_loss_sum(self.model.head(self.model.hidden(x, pos, mask)), y)
+            sft, _ = C.token_loss_sum(self.model.head(h), y)
         else:
             keep = y != -100
-            sft = F.cross_entropy(self.model.head(self.model.hidden(x, pos, mask)[keep]).float(), y[keep], reduction="sum")
+            sft = F.cross_entropy(self.model.head(h[keep]).float(), y[keep], reduction="sum")
         if lm_x is None:
             return sft, torch.zeros((), device=sft.device)
         lm, _ = C.token_loss_sum(self.model(lm_x), lm_y)
