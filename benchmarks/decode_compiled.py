@@ -32,7 +32,7 @@ def load() -> str:
 
 
 def get_model(random: bool, install: bool):
-    """(model in fp32, tokenizer, description)."""
+    """(model in fp32, tokenizer, description, whether int4 copies hold its weights exactly)."""
     from chatforge import checkpoint
     from chatforge.convert.registry import resolve
 
@@ -40,7 +40,7 @@ def get_model(random: bool, install: bool):
         try:
             path = resolve("smollm2-135m-instruct", install=install)
             ck = checkpoint.load(path, dtype=torch.float32)
-            return ck.model.eval(), ck.tokenizer, f"SmolLM2-135M-Instruct ({path})"
+            return ck.model.eval(), ck.tokenizer, f"SmolLM2-135M-Instruct ({path})", checkpoint.exact_int4(path)
         except ValueError as e:
             print(f"SmolLM2-135M-Instruct unavailable ({e}); random weights instead", flush=True)
     from chatforge.model import GPT, GPTConfig
@@ -52,7 +52,7 @@ def get_model(random: bool, install: bool):
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=30, d_model=576, n_head=9, n_kv_head=3, d_ff=1536, max_seq_len=2048)
     m = GPT(cfg)
     m.init_weights(0)
-    return m.eval(), tok, "random weights in SmolLM2-135M's shape (vocab 1024, throwaway tokenizer)"
+    return m.eval(), tok, "random weights in SmolLM2-135M's shape (vocab 1024, throwaway tokenizer)", False
 
 
 def prompts_of(tok, n: int) -> list[list[int]]:
@@ -97,13 +97,13 @@ def main() -> None:
     from chatforge import dtypes
     from chatforge.engine import Engine
 
-    model, tok, what = get_model(a.random, a.install)
+    model, tok, what, exact_int4 = get_model(a.random, a.install)
     print(f"{what}; torch {torch.__version__}, {a.threads} threads; {load()} at start", flush=True)
     prompts = prompts_of(tok, max(a.streams))
     max_len = a.max_seq_len or PROMPT_TOKENS + a.new_tokens + 8
     rows = []
     for mode in a.modes:
-        _, copies = dtypes.inference_mode("fp32", mode, "cpu") if mode != "auto" else dtypes.inference_mode("auto", "auto", "cpu")
+        _, copies = dtypes.inference_mode("fp32", mode, "cpu") if mode != "auto" else dtypes.inference_mode("auto", "auto", "cpu", exact_int4)
         label = f"fp32+{copies}" if copies else "fp32"
         eager = Engine(model, tok, max_batch=max(a.streams), max_seq_len=max_len, decode_weights=copies)
         compiled = Engine(model, tok, max_batch=max(a.streams), max_seq_len=max_len, decode_weights=copies, compile_decode=True)

@@ -143,11 +143,12 @@ def _wait_http(url: str, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise SystemExit(f"{url} did not answer within {timeout} s")
 
 
-def start_chatforge(model: str, db: str, args, decode_weights: str) -> tuple[subprocess.Popen, str]:
+def start_chatforge(model: str, db: str, args, decode_weights: str, compiled: bool) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     cmd = [sys.executable, "-m", "chatforge", "serve", model, "--port", str(port), "--db", db, "--dtype", args.dtype,
            "--max-batch", str(args.max_batch), "--max-waiting", str(max(64, args.requests)),
-           "--max-concurrent-per-key", str(max(64, max(args.clients) + 1)), "--decode-weights", decode_weights]
+           "--max-concurrent-per-key", str(max(64, max(args.clients) + 1)), "--decode-weights", decode_weights,
+           *(["--compile-decode"] * compiled)]
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _wait_http(url + "/health", proc)
@@ -213,6 +214,7 @@ def main() -> None:
     ap.add_argument("--decode-weights", nargs="+", default=["auto"], choices=DECODE_NAMES,
                     help="chatforge's decode weight copies (serve --decode-weights); several: one run each")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--compile-decode", action="store_true", help="also run each chatforge system with serve --compile-decode")
     ap.add_argument("--check-ledger", action="store_true", help="compare the usage ledger with what clients received")
     ap.add_argument("--llama-server", default=None, help="path to llama-server: also benchmark it on the same GGUF")
     ap.add_argument("--gguf", default=None, help="GGUF for llama-server (default: the known model's packaged file)")
@@ -234,11 +236,15 @@ def main() -> None:
     store.close()
 
     results: dict[tuple[str, int], LoadResult] = {}
-    systems = [("chatforge" if dw == "auto" else f"chatforge ({dw} decode)", None, dw) for dw in args.decode_weights]
+    systems = [("chatforge" + (f" ({dw} decode)" if dw != "auto" else "") + (" compiled" if compiled else ""), None, dw, compiled)
+               for dw in args.decode_weights for compiled in (False, True)[: 1 + args.compile_decode]]
     if args.llama_server:
-        systems.append(("llama-server", args.llama_server, ""))
-    for system, binary, decode_weights in systems:
-        proc, url = start_chatforge(ckpt, db, args, decode_weights) if binary is None else start_llama_server(binary, gguf, args)
+        systems.append(("llama-server", args.llama_server, "", False))
+    for system, binary, decode_weights, compiled in systems:
+        if binary is None:
+            proc, url = start_chatforge(ckpt, db, args, decode_weights, compiled)
+        else:
+            proc, url = start_llama_server(binary, gguf, args)
         try:
             model = Path(ckpt).name if binary is None else "gguf"
             asyncio.run(run_load(url, key, model, 1, 2, 8))  # warm-up
@@ -260,7 +266,7 @@ def main() -> None:
         print(f"| {system} | {c} | {len(r.completed) / r.wall_s:.2f} | {r.completion_tokens / r.wall_s:.1f} | {r.p50('ttft'):.3f} | "
               f"{r.p95('ttft'):.3f} | {r.p50('latency'):.3f} | {r.p95('latency'):.3f} | {sum(r.errors.values())} |")
     if args.llama_server:
-        for system, binary, _ in systems:
+        for system, binary, _, _ in systems:
             if binary is not None:
                 continue
             for c in args.clients:

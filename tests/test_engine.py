@@ -324,6 +324,107 @@ def test_int4_linear():
     assert int4_weights(torch.randn(40, 96)) is None and int4_weights(torch.randn(48, 80)) is None
 
 
+def test_native_kernels_linear():
+    """Guards the project's int4 kernel (csrc/grouped_linear.cpp, built here): x @ W.T with fp32
+    activations equals an fp64 matmul on its dequantized weights to fp32 rounding at every row
+    count (1-8 in one pass over the weights, more in several), weights already 4-bit per group
+    come back exactly (fp16 scales and minimums), other weights within half a step, shapes it does
+    not take are declined, and torch.compile traces it (the compiled decode step)."""
+    from chatforge.quantize import INT4_GROUP, int4_native_dequantized, int4_native_linear, int4_native_weights, native_kernels
+
+    assert native_kernels() is None, native_kernels()
+    torch.manual_seed(0)
+    out_f, in_f = 40, 96
+    q = torch.randint(0, 16, (out_f, in_f // INT4_GROUP, INT4_GROUP))
+    q[..., 0], q[..., 1] = 0, 15  # every group spans the full 4-bit range, as Q4_1's quantizer makes it
+    scale = (torch.rand(out_f, in_f // INT4_GROUP, 1) * 0.01 + 0.001).half().float()  # Q4_1 keeps them in fp16
+    lo = (torch.randn(out_f, in_f // INT4_GROUP, 1) * 0.01).half().float()
+    w = (q * scale + lo).reshape(out_f, in_f)
+    packed, sm = int4_native_weights(w)
+    assert packed.shape == (out_f, in_f // 2) and packed.dtype == torch.uint8 and sm.dtype == torch.float16
+    torch.testing.assert_close(int4_native_dequantized(packed, sm), w, atol=1e-6, rtol=0)
+    bias = torch.randn(out_f)
+    for rows in (1, 2, 5, 8, 11):
+        x = torch.randn(rows, 1, in_f)
+        y = int4_native_linear(x, packed, sm, bias)
+        assert y.shape == (rows, 1, out_f) and y.dtype == torch.float32
+        ref = (x.double() @ w.double().t() + bias.double()).float()
+        torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-5)  # fp32 sums, no bf16 anywhere
+    g = torch.randn(out_f, in_f)
+    deq = int4_native_dequantized(*int4_native_weights(g))
+    groups = g.reshape(out_f, -1, INT4_GROUP)
+    step = (groups.amax(-1) - groups.amin(-1)) / 15
+    err = (deq - g).abs().reshape(out_f, -1, INT4_GROUP).amax(-1)
+    assert (err <= step / 2 + 2 ** -10 * groups.abs().amax(-1)).all()  # half a step, plus fp16 scales and minimums
+    assert int4_native_weights(torch.randn(48, 80)) is None
+    compiled = torch.compile(lambda x: int4_native_linear(x, packed, sm, None), fullgraph=True)
+    x = torch.randn(2, in_f)
+    torch.testing.assert_close(compiled(x), int4_native_linear(x, packed, sm, None))
+
+
+def test_exact_low_bit_weights_decode_as_fp32(tok):
+    """Guards the exact int4 path (what --decode-weights auto runs on a Q4_1 import): a model whose
+    block matrices are 4-bit groups and whose output layer is 8-bit groups (as a GGUF Q4_1 file
+    stores them) decodes on int4 copies and the 8-bit output kernel with the exact engine's greedy
+    tokens and log-probs (fp32 rounding), while an output layer that is not 8-bit keeps fp32."""
+    from chatforge.quantize import int4_native_dequantized, int4_native_weights, int8_exact_groups
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128, tie_embeddings=False)
+    m = GPT(cfg)
+    m.init_weights(0)
+    with torch.no_grad():
+        for lin in [mod for mod in m.blocks.modules() if isinstance(mod, torch.nn.Linear)]:
+            lin.weight.copy_(int4_native_dequantized(*int4_native_weights(lin.weight + torch.randn_like(lin.weight) * 0.02)))
+        out = m.output_weight()
+        scale = (out.reshape(out.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127).half().float()
+        out.copy_((torch.round(out.reshape(out.shape[0], -1, 32) / scale) * scale).reshape(out.shape))
+    assert int8_exact_groups(m.output_weight()) is not None
+    m.eval()
+    p = tok.encode("The quick brown fox jumps over the lazy dog, 床前明月光")
+    sp = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=True)
+    exact = [e for e in Engine(m, tok, packed=False).generate([p], sp) if e.token_id is not None]
+    engine = Engine(m, tok, decode_weights="int4")
+    fast = [e for e in engine.generate([p], sp) if e.token_id is not None]
+    assert [e.token_id for e in fast] == [e.token_id for e in exact]
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(fast, exact)) < 1e-4
+    head = engine.fast.head.keywords["few"]
+    assert head.act == torch.float32 and head.kernel.func.__name__ == "int8_groups_linear"
+    with torch.no_grad():
+        m.output_weight().add_(1e-3)  # no longer 8-bit groups: the output layer goes back to fp32
+    engine.fast.refresh()
+    assert "few" not in getattr(engine.fast.head, "keywords", {})
+
+
+def test_int4_without_the_native_kernel(tok, monkeypatch, tmp_path):
+    """Guards the fallback where the kernel cannot be built (no compiler): native_kernels names the
+    reason with a warning instead of raising, int4 copies then run torch's bf16 kernel (rounded
+    activations: close to exact, not equal), and no checkpoint counts as exactly 4-bit, so
+    --decode-weights auto keeps fp16 copies."""
+    from torch.utils import cpp_extension
+
+    from chatforge import checkpoint, quantize
+
+    def no_compiler(**kw):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    monkeypatch.setenv("CHATFORGE_CACHE", str(tmp_path))
+    with pytest.warns(UserWarning, match="could not be built: RuntimeError: Error building extension"):
+        assert "command not found" in quantize.native_kernels.__wrapped__()
+    for mod in (quantize, checkpoint):
+        monkeypatch.setattr(mod, "native_kernels", lambda: "no compiler")
+    assert not checkpoint.exact_int4({"weights": "int4"})
+    m = tiny(tok)
+    fast = FastLinears(m, pack=True, decode_weights="int4")
+    fast.refresh()
+    lin = fast.linears[0]
+    x = torch.randn(1, lin.in_features)
+    few = fast.forwards[0].keywords["few"]
+    assert few.act == torch.bfloat16  # torch's kernel
+    torch.testing.assert_close(few(x), lin(x), atol=0.05, rtol=0.05)
+
+
 @pytest.mark.parametrize("fmt,block", [("bf16", "llama"), ("fp16", "llama"), ("int8", "llama"), ("int4", "llama"), ("fp16", "gpt2"),
                                        ("int8", "gpt2"), ("int4", "gpt2")])
 def test_decode_weights_round_only_decode_steps(tok, fmt, block):
@@ -729,6 +830,10 @@ def test_inference_mode_resolution(monkeypatch):
     assert dtypes.inference_mode("fp32", "auto", "cpu") == ("fp32", None)  # fp32 asked for: exact
     assert dtypes.inference_mode("bf16", "same", "cpu") == ("bf16", None)
     assert dtypes.inference_mode("fp32", "int8") == ("fp32", "int8") and dtypes.inference_mode("auto", "same") == ("fp32", None)
+    # weights that are 4-bit already (checkpoint.exact_int4): int4 copies hold them exactly
+    assert dtypes.inference_mode("auto", "auto", "cpu", exact_int4=True) == ("fp32", "int4")
+    assert dtypes.inference_mode("auto", "fp16", "cpu", exact_int4=True) == ("fp32", "fp16")
+    assert dtypes.inference_mode("auto", "auto", "cuda", exact_int4=True) == ("fp32", None)
     with pytest.raises(ValueError, match="decode_weights='q4'"):
         dtypes.inference_mode("auto", "q4")
 

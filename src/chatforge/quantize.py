@@ -13,13 +13,33 @@ GGUF's Q4_1, multiplied by torch's `_weight_int4pack_mm_for_cpu` (bf16 activatio
 far slower: benchmarks/README.md). A model imported from a Q4_1 file gets back the file's own
 4-bit values (each group's min and max are its q = 0 and q = 15), up to the bf16 rounding of the
 scales.
+
+Where a C++ compiler is at hand, int4 decode copies use the project's own kernel instead
+(csrc/grouped_linear.cpp, built on first use for this CPU and cached): the same groups, scales and
+minimums in fp16, and fp32 activations, sums and outputs, as fast as torch's bf16 kernel at one to
+eight rows (benchmarks/README.md). Its answers are those of an fp32 matmul on the dequantized
+weights up to summation order, so on weights that are 4-bit already (a Q4_1 import, a `chatforge
+quantize --to int4` checkpoint) it is exact, and `--decode-weights auto` uses it there
+(dtypes.inference_mode).
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import warnings
+from pathlib import Path
+
+import ninja
 import torch
 import torch.nn.functional as F
+from torch.utils import cpp_extension
 
+from .config import cache_dir
+from .console import say
 from .dtypes import QUANT_KERNELS
 
 
@@ -38,6 +58,8 @@ def check_kernel(fmt: str, device: torch.device) -> None:
     op = QUANT_KERNELS[fmt]
     if device.type != "cpu":
         raise ValueError(f"{fmt} decode weights use a CPU kernel (torch.{op}); on {device} use bf16 or fp16 decode weights")
+    if fmt == "int4" and native_kernels() is None:
+        return
     if not hasattr(torch.ops.aten, op):
         raise ValueError(f"torch {torch.__version__} has no {op} kernel; upgrade torch or use bf16/fp16 decode weights")
 
@@ -110,3 +132,105 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
                 group: int = INT4_GROUP) -> torch.Tensor:
     """x @ dequantized(packed).T + bias, in x's dtype; activations in scales_zeros's dtype (as int8_linear)."""
     return _kernel_rows(x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros), bias, scales_zeros.dtype)
+
+
+NATIVE_SOURCE = Path(__file__).parent / "csrc" / "grouped_linear.cpp"
+
+
+def _cpu_key() -> str:
+    """What a -march=native build depends on: the CPU's feature flags (a cache shared by machines of
+    other kinds must not hand one a binary with instructions it lacks)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.cache
+def native_kernels() -> str | None:
+    """Load the project's fp32-activation decode kernels (csrc/grouped_linear.cpp: int4 groups,
+    and 8-bit groups for an output layer that is exactly that), compiling them on first use (~20 s
+    on 2 cores; cached under cache_dir()/native, keyed by the source, the CPU's flags and torch's
+    version). None when they are loaded, else why they could not be (no compiler, say), once:
+    callers then use torch's bf16 int4 kernel or other copies."""
+    source = NATIVE_SOURCE.read_bytes()
+    key = hashlib.sha256(source + _cpu_key().encode() + torch.__version__.encode()).hexdigest()[:12]
+    name = f"chatforge_native_{key}"
+    build = cache_dir() / "native" / key
+    if shutil.which("ninja") is None:  # the ninja package's binary, where its bin folder is not on PATH (an unactivated venv)
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    try:
+        build.mkdir(parents=True, exist_ok=True)
+        if not (build / f"{name}.so").exists():
+            say("quantize", f"building the int4 decode kernel for this CPU (once, ~20 s) in {build}")
+        cpp_extension.load(name=name, sources=[str(NATIVE_SOURCE)], build_directory=str(build),
+                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+    except Exception as e:  # a missing compiler, a failed build: the reason, not a crash
+        why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+        warnings.warn(f"the int4 decode kernel ({NATIVE_SOURCE.name}) could not be built: {why}; int4 decode copies use "
+                      "torch's bf16 kernel and --decode-weights auto uses fp16 copies")
+        return why
+    for op in ("q4_linear", "q8_linear"):
+        torch.library.register_fake(f"chatforge_native::{op}")(_grouped_linear_shape)
+    return None
+
+
+def _grouped_linear_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def int4_native_weights(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An (out, in) weight in the native kernel's layout: (out, in/2) uint8, each group's 16 bytes
+    holding its first 16 codes in the low nibbles and the last 16 in the high ones, and (out,
+    in/group, 2) fp16 scale and minimum; None where in is not a multiple of the group or the
+    scales leave fp16's range."""
+    out_f, in_f = w.shape
+    if in_f % group:
+        return None
+    q, scale, lo = int4_groups(w, group)
+    scales_mins = torch.stack([scale, lo], dim=-1).half()
+    if not torch.isfinite(scales_mins).all():
+        return None
+    qg = q.reshape(out_f, in_f // group, group)
+    packed = (qg[..., : group // 2] | (qg[..., group // 2 :] << 4)).reshape(out_f, in_f // 2).contiguous()
+    return packed, scales_mins.contiguous()
+
+
+def int4_native_dequantized(packed: torch.Tensor, scales_mins: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """The fp32 weights that int4_native_linear multiplies by."""
+    out_f, half = packed.shape
+    p = packed.reshape(out_f, -1, group // 2)
+    q = torch.cat([p & 15, p >> 4], dim=-1).float()  # (out, groups, group)
+    sm = scales_mins.float()
+    return (q * sm[..., :1] + sm[..., 1:]).reshape(out_f, 2 * half)
+
+
+def int4_native_linear(x: torch.Tensor, packed: torch.Tensor, scales_mins: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ int4_native_dequantized(packed, scales_mins).T + bias, in x's dtype, with fp32 arithmetic."""
+    return _kernel_rows(x, lambda x2: torch.ops.chatforge_native.q4_linear(x2, packed, scales_mins), bias, torch.float32)
+
+
+def int8_exact_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(out, in) int8 codes and (out, in/group) fp16 scales (w = q * scale, symmetric, GGUF Q8_0's
+    blocks) of a weight that is exactly of that form already (a Q8_0 matrix of a GGUF import), else
+    None: used only where it changes no weight."""
+    out_f, in_f = w.shape
+    if in_f % group:
+        return None
+    wg = w.detach().float().reshape(out_f, in_f // group, group)
+    scale = (wg.abs().amax(dim=-1) / 127).half()
+    if not torch.isfinite(scale).all():
+        return None
+    s = scale.float().clamp(min=1e-30)[..., None]
+    q = torch.round(wg / s).clamp(-127, 127)
+    if (q * s - wg).abs().amax() > 1e-6 * wg.abs().amax():
+        return None
+    return q.to(torch.int8).reshape(out_f, in_f), scale.contiguous()
+
+
+def int8_groups_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ (q * scales per group).T + bias on the native kernel, fp32 arithmetic."""
+    return _kernel_rows(x, lambda x2: torch.ops.chatforge_native.q8_linear(x2, q, scales), bias, torch.float32)

@@ -79,11 +79,12 @@ KERNEL_ACT = torch.bfloat16
 
 class _Quantized:
     """An int8/int4 decode copy's forward, and `emulate`, the same arithmetic as one fp32 matmul on
-    its dequantized weights (made on first use): the kernels are made for a few rows and crawl at
-    the thousands a whole text has when Engine.score measures the decode path."""
+    its dequantized weights (`dequantized()`, made on first use) with activations in `act`: the
+    kernels are made for a few rows and crawl at the thousands a whole text has when Engine.score
+    measures the decode path."""
 
-    def __init__(self, kernel: Callable, w: torch.Tensor, b: torch.Tensor | None, fmt: str):
-        self.kernel, self.w, self.b, self.fmt = kernel, w, b, fmt
+    def __init__(self, kernel: Callable, dequantized: Callable[[], torch.Tensor], b: torch.Tensor | None, act: torch.dtype):
+        self.kernel, self.dequantized, self.b, self.act = kernel, dequantized, b, act
         self.deq: torch.Tensor | None = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -91,8 +92,8 @@ class _Quantized:
 
     def emulate(self, x: torch.Tensor) -> torch.Tensor:
         if self.deq is None:
-            self.deq = (quantize.int4_dequantized if self.fmt == "int4" else quantize.int8_dequantized)(self.w, KERNEL_ACT)
-        return quantize.emulated_linear(x, self.deq, self.b, KERNEL_ACT)
+            self.deq = self.dequantized()
+        return quantize.emulated_linear(x, self.deq, self.b, self.act)
 
 
 class FastLinears:
@@ -108,11 +109,13 @@ class FastLinears:
     - Few rows (decode steps of at most FEW_ROWS streams), with `decode_weights`: copies in bf16,
       fp16, int8 (one scale per output channel) or int4 (a scale and minimum per 32 weights;
       quantize.py), the output layer excepted in an fp32 model (fp32 logits: half-precision ones
-      flip near-tied tokens; in a bf16 model it goes to int8 with int4 copies). The int8/int4
-      kernels take bf16 activations. One decode step reads every weight once, so its time is
-      the bytes read (per-CPU figures: benchmarks/README.md). Answers of decode steps then carry
-      that rounding (int4 copies of weights that are 4-bit already, as a GGUF Q4_1 import's
-      blocks are, only the bf16 rounding of their scales); prefills stay exact.
+      flip near-tied tokens; it decodes on 8-bit groups only where its weights are exactly that,
+      as a GGUF import's Q8_0 output layer is; in a bf16 model it goes to int8 with int4 copies).
+      The int4 copies run the project's kernel with fp32 activations where it builds (else
+      torch's, with bf16 ones, as the int8 kernel does). One decode step reads every weight
+      once, so its time is the bytes read (per-CPU figures: benchmarks/README.md). Answers of
+      decode steps then carry that rounding (int4 copies of weights that are 4-bit already, as a
+      GGUF Q4_1 import's blocks are, none on the project's kernel); prefills stay exact.
 
     Memory: the packed copies hold as much as the weights they copy (fp32 ones for a bf16 model
     without native bf16: twice its weight memory), and decode copies half (fp16, bf16), a quarter
@@ -186,18 +189,33 @@ class FastLinears:
         if output and self.dtype == torch.float32:
             # The output layer keeps the model's fp32 weights: the logits are where rounding flips
             # near-tied tokens (SmolLM2's "The"/"L" at 25.33/25.24 after "capital of France?"),
-            # and `chatforge eval fidelity` measured half-precision logits out of its bounds.
-            return many
+            # and `chatforge eval fidelity` measured half-precision logits out of its bounds. Only
+            # where its weights are 8-bit groups already (a GGUF import's Q8_0 output layer) does
+            # it decode on those codes, the same weights in a quarter of the bytes.
+            exact = quantize.int8_exact_groups(w) if quantize.native_kernels() is None else None
+            if exact is None:
+                return many
+            q, scales = exact
+            few = _Quantized(functools.partial(quantize.int8_groups_linear, q=q, scales=scales, bias=b), lambda: w, b, torch.float32)
+            return functools.partial(self._route, many=many, few=few)
         if self.decode == torch.int8 or (self.decode == torch.quint4x2 and output):
             # int4 copies of a half-precision model keep the output layer in int8 (GGUF files
             # keep it at 8 bits or more too: SmolLM2's Q4_1 file has it in Q8_0)
             q, scale = quantize.int8_weights(w)
-            few = _Quantized(functools.partial(quantize.int8_linear, qweight=q, qscale=scale.to(KERNEL_ACT), bias=b), w, b, "int8")
-        elif self.decode == torch.quint4x2:
-            packed = quantize.int4_weights(w)
-            if packed is None:  # a shape the int4 kernel does not take: this layer decodes on its own weights
+            few = _Quantized(functools.partial(quantize.int8_linear, qweight=q, qscale=scale.to(KERNEL_ACT), bias=b),
+                             functools.partial(quantize.int8_dequantized, w, KERNEL_ACT), b, KERNEL_ACT)
+        elif self.decode == torch.quint4x2 and quantize.native_kernels() is None:  # the project's kernel: fp32 activations
+            packed = quantize.int4_native_weights(w)
+            if packed is None:  # a shape the kernel does not take: this layer decodes on its own weights
                 return many
-            few = _Quantized(functools.partial(quantize.int4_linear, packed=packed[0], scales_zeros=packed[1].to(KERNEL_ACT), bias=b), w, b, "int4")
+            few = _Quantized(functools.partial(quantize.int4_native_linear, packed=packed[0], scales_mins=packed[1], bias=b),
+                             functools.partial(quantize.int4_native_dequantized, *packed), b, torch.float32)
+        elif self.decode == torch.quint4x2:  # no compiler here: torch's kernel, bf16 activations
+            packed = quantize.int4_weights(w)
+            if packed is None:
+                return many
+            few = _Quantized(functools.partial(quantize.int4_linear, packed=packed[0], scales_zeros=packed[1].to(KERNEL_ACT), bias=b),
+                             functools.partial(quantize.int4_dequantized, w, KERNEL_ACT), b, KERNEL_ACT)
         else:
             hw, hb = w.to(self.decode), None if b is None else b.to(self.decode)
             if self.available(self.device, self.decode):

