@@ -1,9 +1,11 @@
-"""Why serving one client decodes at half the engine's speed: the same single-stream decode of
-SmolLM2-135M-Instruct (default mode) timed in the main thread, in a second Python thread, and
-through EngineLoop (the server's engine thread), alternating; then one OpenMP-parallel kernel
-(the int4 decode matmul, 1536 x 576) timed the same way. With torch's libgomp build, parallel
-regions started from a thread other than the process's first run at about one thread's speed
-here (benchmarks/README.md), and every decode step is ~120 such regions.
+"""Why the server makes its engine on the engine thread: the same single-stream decode of
+SmolLM2-135M-Instruct (default mode) timed through EngineLoop(make_engine) (first, while no other
+thread of the process has run a parallel torch op: what `chatforge serve` does), then with the
+engine made on the main thread: in the main thread, in a second Python thread, and through
+EngineLoop(engine); then one OpenMP-parallel kernel (the int4 decode matmul, 1536 x 576) in the
+main and a second thread. With torch's libgomp build, once two threads have run parallel ops,
+each parallel op runs at about one thread's speed here (benchmarks/README.md), and every decode
+step is ~120 of them.
 
 Run: python benchmarks/engine_thread.py [--rounds 3] [--new-tokens 64]
 """
@@ -38,23 +40,32 @@ def main() -> None:
 
     path = resolve("smollm2-135m-instruct")
     dt, copies = dtypes.inference_mode("auto", "auto", "cpu", checkpoint.exact_int4(path))
-    ck = checkpoint.load(path, dtype=dtypes.torch_dtype(dt))
-    ids = ck.tokenizer.encode("Request 1: write a few sentences about tea. " * 3)
-    engine = Engine(ck.model.eval(), ck.tokenizer, max_batch=8, max_seq_len=512, decode_weights=copies)
-    sp = SamplingParams(temperature=0, max_new_tokens=a.new_tokens, ignore_eos=True)
+
+    def make_engine() -> Engine:
+        ck = checkpoint.load(path, dtype=dtypes.torch_dtype(dt))
+        return Engine(ck.model.eval(), ck.tokenizer, max_batch=8, max_seq_len=512, decode_weights=copies)
 
     def ms_per_token(events) -> float:
         ts = [time.perf_counter() for _ in events]
         return (ts[-1] - ts[1]) / (len(ts) - 2) * 1000
 
+    sp = SamplingParams(temperature=0, max_new_tokens=a.new_tokens, ignore_eos=True)
+    rows = {}
+    loop = EngineLoop(make_engine)
+    ids = loop.engine.tok.encode("Request 1: write a few sentences about tea. " * 3)
+    ms_per_token(loop.submit(ids, sp))
+    rows["EngineLoop(make_engine): serve"] = [ms_per_token(loop.submit(ids, sp)) for _ in range(a.rounds)]
+    loop.close()  # its thread ends, and with it that thread's OpenMP pool
+
+    engine = make_engine()  # on the main thread from here on
     direct = lambda: ms_per_token(engine.generate([ids], sp))  # noqa: E731
     direct()
-    rows = {"main thread": [], "second thread": []}
+    rows.update({"main thread": [], "second thread": []})
     for _ in range(a.rounds):
         rows["main thread"].append(direct())
         rows["second thread"].append(in_thread(direct))
     loop = EngineLoop(engine)
-    rows["EngineLoop (serve)"] = [ms_per_token(loop.submit(ids, sp)) for _ in range(a.rounds)]
+    rows["EngineLoop(engine made on the main thread)"] = [ms_per_token(loop.submit(ids, sp)) for _ in range(a.rounds)]
     loop.close()
 
     if quantize.native_kernels() is None:

@@ -636,6 +636,31 @@ def test_logprobs_in_a_mixed_batch(tok):
         assert (mine[0].top_logprobs is not None) == (i == 1)
 
 
+def test_engine_loop_makes_its_engine_on_its_thread(tok):
+    """Guards EngineLoop(make_engine): the function runs on the loop's own thread (the one that
+    then steps the engine: torch's parallel ops stay on one thread, benchmarks/engine_thread.py),
+    the loop serves what it made, and a failure comes back to the caller, no thread left behind."""
+    made_on = []
+
+    def make():
+        made_on.append(threading.current_thread())
+        return Engine(tiny(tok), tok, max_batch=2)
+
+    loop = EngineLoop(make)
+    assert made_on == [loop._thread] and made_on[0] is not threading.current_thread()
+    sp = SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True)
+    p = tok.encode("hello")
+    assert [ev.token_id for ev in loop.submit(p, sp) if ev.token_id is not None] == sample_tokens(tiny(tok), p, 5, temperature=0)
+    loop.close()
+
+    def broken():
+        raise ValueError("no such checkpoint: /nope")
+
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        EngineLoop(broken)
+    assert not any(t.name == "chatforge-engine" and t.is_alive() and t is not loop._thread for t in threading.enumerate())
+
+
 def test_engine_loop_asyncio_sink_close_and_bound(tok):
     """Guards the server's side of the loop: `async for` over a handle on an event loop, events
     to a sink callback, the waiting-queue bound, and close() ending requests that still wait

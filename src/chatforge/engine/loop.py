@@ -97,16 +97,27 @@ class EngineLoop:
     callers can answer 503/429 instead of growing a queue without bound. `queue_depth` and
     `active_slots` are for metrics."""
 
-    def __init__(self, engine: Engine, max_waiting: int = 64):
+    def __init__(self, engine: Engine | Callable[[], Engine], max_waiting: int = 64):
+        """`engine`, or a function that makes one: then it runs on the loop's own thread (loading
+        weights, making copies, compiling), which returns once it has, raising what it raised. With
+        torch's OpenMP (libgomp), once two threads of a process have run parallel ops, every
+        parallel op runs at about one thread's speed (`python benchmarks/engine_thread.py`: 21.7
+        vs 35.2 ms per token), so a server makes its engine here and its other threads run none."""
         if max_waiting < 0:
             raise ValueError(f"max_waiting={max_waiting} must be >= 0")
-        self.engine, self.max_waiting = engine, max_waiting
+        self.max_waiting = max_waiting
+        self.engine: Engine = engine if isinstance(engine, Engine) else None  # type: ignore[assignment]
         self.handles: dict[int, RequestHandle] = {}
         self._wake = threading.Event()
         self._stop = False
         self._submit_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="chatforge-engine", daemon=True)
+        made: list[BaseException | None] = []
+        ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(engine, made, ready), name="chatforge-engine", daemon=True)
         self._thread.start()
+        ready.wait()
+        if made and made[0] is not None:
+            raise made[0]
 
     @property
     def queue_depth(self) -> int:
@@ -148,7 +159,16 @@ class EngineLoop:
         for h in handles:
             h.events.put(e)
 
-    def _run(self) -> None:
+    def _run(self, engine: Engine | Callable[[], Engine], made: list, ready: threading.Event) -> None:
+        try:
+            if self.engine is None:
+                self.engine = engine()
+            made.append(None)
+        except BaseException as e:  # noqa: BLE001 (raised again by __init__ on the caller's thread)
+            made.append(e)
+            return
+        finally:
+            ready.set()
         while not self._stop:
             if not self.engine.has_work:
                 self._wake.wait(0.05)

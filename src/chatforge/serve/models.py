@@ -87,19 +87,25 @@ def load_model(
     `compile_decode`, after compiling every slot bucket of its decode step)."""
     path = resolve(name_or_path, install=install)
     dt, copies = dtypes.inference_mode(dtype, decode_weights, device, checkpoint.exact_int4(path))
-    ck = checkpoint.load(path, device=device, dtype=dtypes.torch_dtype(dt, device))
-    snapshot = ck.meta.get("snapshot") or checkpoint.snapshot_id(path)
     name = name_or_path if name_or_path in KNOWN else Path(path).resolve().name
-    engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
-                    decode_weights=copies,
-                    prefix_cache=prefix_cache, compile_decode=compile_decode, prefill_chunk=prefill_chunk)
-    if compile_decode:
-        print(f"{name}: compiling the decode step for up to {max_batch} streams ...", file=sys.stderr, flush=True)
-        print(f"{name}: decode step {warm_report(engine.warm())}", file=sys.stderr, flush=True)
-    created = int(calendar.timegm(time.strptime(ck.meta["created"], "%Y-%m-%dT%H:%M:%SZ"))) if "created" in ck.meta else int(time.time())
+    meta: dict = {}
+
+    def make_engine() -> Engine:  # on the engine loop's thread: the only one that runs torch's parallel ops (EngineLoop)
+        ck = checkpoint.load(path, device=device, dtype=dtypes.torch_dtype(dt, device))
+        meta.update(ck.meta)
+        engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
+                        decode_weights=copies,
+                        prefix_cache=prefix_cache, compile_decode=compile_decode, prefill_chunk=prefill_chunk)
+        if compile_decode:
+            print(f"{name}: compiling the decode step for up to {max_batch} streams ...", file=sys.stderr, flush=True)
+            print(f"{name}: decode step {warm_report(engine.warm())}", file=sys.stderr, flush=True)
+        return engine
+
     # The engine loop's own bound on its waiting list is only a backstop (capacity_left is checked first).
-    loop = EngineLoop(engine, max_waiting=max_batch + max_waiting)
-    return ServedModel(name=name, snapshot=snapshot, engine=engine, loop=loop, created=created, path=Path(path), max_waiting=max_waiting)
+    loop = EngineLoop(make_engine, max_waiting=max_batch + max_waiting)
+    snapshot = meta.get("snapshot") or checkpoint.snapshot_id(path)
+    created = int(calendar.timegm(time.strptime(meta["created"], "%Y-%m-%dT%H:%M:%SZ"))) if "created" in meta else int(time.time())
+    return ServedModel(name=name, snapshot=snapshot, engine=loop.engine, loop=loop, created=created, path=Path(path), max_waiting=max_waiting)
 
 
 class ModelRegistry:
