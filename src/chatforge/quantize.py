@@ -220,15 +220,21 @@ def int8_exact_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.T
     out_f, in_f = w.shape
     if in_f % group:
         return None
-    wg = w.detach().float().reshape(out_f, in_f // group, group)
-    scale = (wg.abs().amax(dim=-1) / 127).half()
-    if not torch.isfinite(scale).all():
-        return None
-    s = scale.float().clamp(min=1e-30)[..., None]
-    q = torch.round(wg / s).clamp(-127, 127)
-    if (q * s - wg).abs().amax() > 1e-6 * wg.abs().amax():
-        return None
-    return q.to(torch.int8).reshape(out_f, in_f), scale.contiguous()
+
+    def codes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        wg = rows.detach().float().reshape(rows.shape[0], in_f // group, group)
+        scale = (wg.abs().amax(dim=-1) / 127).half()
+        if not torch.isfinite(scale).all():
+            return None
+        s = scale.float().clamp(min=1e-30)[..., None]
+        q = torch.round(wg / s).clamp(-127, 127)
+        if (q * s - wg).abs().amax() > 1e-6 * wg.abs().amax():
+            return None
+        return q.to(torch.int8).reshape(rows.shape), scale.contiguous()
+
+    # the first row decides most weights (any trained fp32 matrix) before a pass over all of them,
+    # which engine copies would otherwise pay at every refresh (PPO: every optimizer step)
+    return codes(w) if codes(w[:1]) is not None else None
 
 
 def int8_groups_linear(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -111,13 +111,13 @@ class EngineLoop:
         self._wake = threading.Event()
         self._stop = False
         self._submit_lock = threading.Lock()
-        made: list[BaseException | None] = []
+        self._start_error: BaseException | None = None
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(engine, made, ready), name="chatforge-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(engine, ready), name="chatforge-engine", daemon=True)
         self._thread.start()
         ready.wait()
-        if made and made[0] is not None:
-            raise made[0]
+        if self._start_error is not None:
+            raise self._start_error
 
     @property
     def queue_depth(self) -> int:
@@ -159,13 +159,12 @@ class EngineLoop:
         for h in handles:
             h.events.put(e)
 
-    def _run(self, engine: Engine | Callable[[], Engine], made: list, ready: threading.Event) -> None:
+    def _run(self, engine: Engine | Callable[[], Engine], ready: threading.Event) -> None:
         try:
             if self.engine is None:
                 self.engine = engine()
-            made.append(None)
         except BaseException as e:  # noqa: BLE001 (raised again by __init__ on the caller's thread)
-            made.append(e)
+            self._start_error = e
             return
         finally:
             ready.set()
