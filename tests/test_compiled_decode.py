@@ -141,6 +141,29 @@ def test_int4_copies_compiled_equal_eager_after_warm(tok):
     assert compiled.compiled.compiles == {1: 1}
 
 
+def test_trusted_buckets_recompile_for_new_weight_copies(tok):
+    """Guards the guard skipping (a bucket with one graph runs it without dynamo's guards while
+    the weight copies it was compiled with are installed): weights changed in place (a training
+    step) make new copies, and the next step goes through the guards again, recompiles, and
+    decodes with the new weights, not the graph's old ones."""
+    m = tiny(tok)
+    eager = Engine(m, tok, max_batch=1, decode_weights="fp16")
+    compiled = Engine(m, tok, max_batch=1, decode_weights="fp16", compile_decode=True)
+    p = [tok.encode(TEXTS[1])]
+    assert greedy(compiled, p, 8) == greedy(eager, p, 8)
+    assert greedy(compiled, p, 8) == greedy(eager, p, 8) and compiled.compiled.compiles == {1: 1}
+    before = greedy(eager, p, 8)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for w in m.parameters():
+            w.add_(torch.randn_like(w) * 0.5)
+    after = greedy(eager, p, 8)
+    assert after != before
+    with pytest.warns(UserWarning, match="compiled again"):
+        assert greedy(compiled, p, 8) == after
+    assert compiled.compiled.compiles == {1: 2}
+
+
 def test_compile_failure_decodes_eagerly(tok, monkeypatch):
     """Guards the fallback: a bucket that fails to compile warns once and the engine decodes
     eagerly, with the same tokens."""

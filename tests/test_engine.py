@@ -362,6 +362,39 @@ def test_native_kernels_linear():
     torch.testing.assert_close(compiled(x), int4_native_linear(x, packed, sm, None))
 
 
+def test_native_decode_attention():
+    """Guards the project's decode-attention kernel (csrc/decode_attention.cpp), which fp32 engines
+    on the CPU decode with: against model.attend (torch's fused kernel) for grouped and plain
+    heads, head sizes that are and are not a multiple of the vector width, keys read through the
+    slot cache's strided slices, per-row masks (rows at different positions), one row that may
+    attend to nothing (zeros, not NaN), and under torch.compile (the compiled decode step)."""
+    from chatforge.engine.cache import attend_decode_native, native_decode_attention
+    from chatforge.model import attend
+
+    assert native_decode_attention(torch.device("cpu"), torch.float32)
+    assert not native_decode_attention(torch.device("cpu"), torch.bfloat16)
+    torch.manual_seed(0)
+    for B, H, K, S, D in [(1, 9, 3, 300, 64), (4, 8, 8, 17, 40), (3, 6, 2, 5, 8), (5, 4, 1, 70, 24)]:
+        kc, vc = torch.randn(B + 2, K, S + 9, D), torch.randn(B + 2, K, S + 9, D)
+        k, v = kc[:B, :, :S], vc[:B, :, :S]  # strided, as SlotCache.update hands them out
+        q = torch.randn(B, H, 1, D) * 3
+        pos = torch.randint(0, S, (B,))
+        pos[0] = S - 1
+        mask = (torch.arange(S)[None, :] <= pos[:, None])[:, None, None, :]
+        for m in (None, mask):
+            y = attend_decode_native(q, k, v, m)
+            assert y.shape == (B, H, 1, D)
+            torch.testing.assert_close(y, attend(q, k, v, m), atol=2e-6, rtol=1e-5)
+    mask[1] = False
+    y = attend_decode_native(q, k, v, mask)
+    assert (y[1] == 0).all() and torch.isfinite(y).all()
+    torch.testing.assert_close(y[2:], attend(q, k, v, mask)[2:], atol=2e-6, rtol=1e-5)
+    compiled = torch.compile(attend_decode_native, fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, None), attend(q, k, v, None), atol=2e-6, rtol=1e-5)
+    prefill = torch.randn(1, 4, 6, 8), torch.randn(1, 4, 6, 8), torch.randn(1, 4, 6, 8)  # T > 1: torch's kernel
+    torch.testing.assert_close(attend_decode_native(*prefill, None), attend(*prefill, None))
+
+
 def test_exact_low_bit_weights_decode_as_fp32(tok):
     """Guards the exact int4 path (what --decode-weights auto runs on a Q4_1 import): a model whose
     block matrices are 4-bit groups and whose output layer is 8-bit groups (as a GGUF Q4_1 file

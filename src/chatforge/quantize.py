@@ -134,7 +134,8 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     return _kernel_rows(x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros), bias, scales_zeros.dtype)
 
 
-NATIVE_SOURCE = Path(__file__).parent / "csrc" / "grouped_linear.cpp"
+NATIVE_DIR = Path(__file__).parent / "csrc"
+NATIVE_SOURCES = ("grouped_linear.cpp", "decode_attention.cpp")  # and the header they share, simd.h
 
 
 def _cpu_key() -> str:
@@ -151,13 +152,13 @@ def _cpu_key() -> str:
 
 @functools.cache
 def native_kernels() -> str | None:
-    """Load the project's fp32-activation decode kernels (csrc/grouped_linear.cpp: int4 groups,
-    and 8-bit groups for an output layer that is exactly that), compiling them on first use (~20 s
-    on 2 cores; cached under cache_dir()/native, keyed by the source, the CPU's flags and torch's
-    version). None when they are loaded, else why they could not be (no compiler, say), once:
-    callers then use torch's bf16 int4 kernel or other copies."""
-    source = NATIVE_SOURCE.read_bytes()
-    key = hashlib.sha256(source + _cpu_key().encode() + torch.__version__.encode()).hexdigest()[:12]
+    """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups and 8-bit
+    groups for an output layer that is exactly that; decode_attention.cpp), compiling them on first
+    use (~30 s on 2 cores; cached under cache_dir()/native, keyed by the sources, the CPU's flags
+    and torch's version). None when they are loaded, else why they could not be (no compiler, say),
+    once: callers then use torch's own kernels."""
+    files = sorted(NATIVE_DIR.glob("*.cpp")) + sorted(NATIVE_DIR.glob("*.h"))
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in files) + _cpu_key().encode() + torch.__version__.encode()).hexdigest()[:12]
     name = f"chatforge_native_{key}"
     build = cache_dir() / "native" / key
     if shutil.which("ninja") is None:  # the ninja package's binary, where its bin folder is not on PATH (an unactivated venv)
@@ -165,21 +166,26 @@ def native_kernels() -> str | None:
     try:
         build.mkdir(parents=True, exist_ok=True)
         if not (build / f"{name}.so").exists():
-            say("quantize", f"building the int4 decode kernel for this CPU (once, ~20 s) in {build}")
-        cpp_extension.load(name=name, sources=[str(NATIVE_SOURCE)], build_directory=str(build),
+            say("quantize", f"building the decode kernels for this CPU (once, ~30 s) in {build}")
+        cpp_extension.load(name=name, sources=[str(NATIVE_DIR / f) for f in NATIVE_SOURCES], build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # a missing compiler, a failed build: the reason, not a crash
         why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        warnings.warn(f"the int4 decode kernel ({NATIVE_SOURCE.name}) could not be built: {why}; int4 decode copies use "
-                      "torch's bf16 kernel and --decode-weights auto uses fp16 copies")
+        warnings.warn(f"the decode kernels ({NATIVE_DIR}) could not be built: {why}; int4 decode copies use torch's bf16 "
+                      "kernel, --decode-weights auto uses fp16 copies, and decode attention torch's fused kernel")
         return why
     for op in ("q4_linear", "q8_linear"):
         torch.library.register_fake(f"chatforge_native::{op}")(_grouped_linear_shape)
+    torch.library.register_fake("chatforge_native::decode_attention")(_decode_attention_shape)
     return None
 
 
 def _grouped_linear_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _decode_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return q.new_empty(q.shape)
 
 
 def int4_native_weights(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -5,58 +5,70 @@
 // nibbles are q of inputs 32g..32g+15 and high nibbles q of inputs 32g+16..32g+31; scale and
 // minimum as fp16 pairs (N, K/32, 2).
 // q8_linear: w = q * scale, q in -127..127 (int8, (N, K)), one fp16 scale per group (N, K/32).
-// Each weight is decoded to fp32 once per call and multiplied into every row of x, so a call of
-// a few rows reads the weights once; the time is their bytes.
+//
+// Each weight is made in fp32 once per call (exactly, so the sums are those of an fp32 matmul on
+// the same weights up to their order) and multiplied into every row of x, so a call of a few rows
+// reads the weights once. Making the weights from their codes is most of the time, so it is
+// written for AVX-512 and AVX2 (the build is -march=native), with a plain loop for other CPUs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <vector>
+
+#include "simd.h"
+
 namespace {
+
+using chatforge_simd::Simd;
 
 constexpr int64_t kGroup = 32;
 constexpr int64_t kMaxRows = 8;  // rows per pass over the weights (more rows: another pass)
 
-struct Q4 {  // one group of a q4 row: its fp32 weights
-  static constexpr int64_t kBytes = kGroup / 2, kScales = 2;
-  static void decode(const uint8_t* b, const c10::Half* s, float* d) {
-    const float scale = static_cast<float>(s[0]), lo = static_cast<float>(s[1]);
-    for (int j = 0; j < kGroup / 2; ++j) {
-      d[j] = static_cast<float>(b[j] & 15) * scale + lo;
-      d[j + kGroup / 2] = static_cast<float>(b[j] >> 4) * scale + lo;
-    }
-  }
+struct Q4 {
+  static constexpr int64_t kBytes = kGroup / 2, kScales = 2;  // fp16 scale and minimum
+  static void codes(const uint8_t* b, Simd::V* d) { Simd::q4(b, d); }
 };
 
 struct Q8 {
   static constexpr int64_t kBytes = kGroup, kScales = 1;
-  static void decode(const uint8_t* b, const c10::Half* s, float* d) {
-    const float scale = static_cast<float>(s[0]);
-    const int8_t* q = reinterpret_cast<const int8_t*>(b);
-    for (int j = 0; j < kGroup; ++j) d[j] = static_cast<float>(q[j]) * scale;
-  }
+  static void codes(const uint8_t* b, Simd::V* d) { Simd::q8(b, d); }
 };
 
+// y[r, n] for n in [n0, n1) and R rows of x: each group's weights are made in fp32 (exactly: a
+// small integer times an fp16 scale plus an fp16 minimum) and multiplied into every row
 template <typename F, int R>
 void rows_times_weights(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm, float* y,
                         int64_t N, int64_t n0, int64_t n1) {
+  constexpr int P = kGroup / Simd::kLanes;  // vectors per group
   const int64_t G = K / kGroup;
+  std::vector<float> s(G * F::kScales);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wn = w + n * G * F::kBytes;
-    const c10::Half* sn = sm + n * G * F::kScales;
-    float acc[R][kGroup] = {};
+    Simd::halves(sm + n * G * F::kScales, G * F::kScales, s.data());
+    Simd::V acc[R][P];
+    for (int r = 0; r < R; ++r)
+      for (int p = 0; p < P; ++p) acc[r][p] = Simd::zero();
     for (int64_t g = 0; g < G; ++g) {
-      float d[kGroup];
-      F::decode(wn + g * F::kBytes, sn + g * F::kScales, d);
+      Simd::V q[P];
+      F::codes(wn + g * F::kBytes, q);
+      const Simd::V scale = Simd::set1(s[g * F::kScales]);
+      if constexpr (F::kScales == 2) {
+        const Simd::V lo = Simd::set1(s[g * 2 + 1]);
+        for (int p = 0; p < P; ++p) q[p] = Simd::fmadd(q[p], scale, lo);
+      } else {
+        for (int p = 0; p < P; ++p) q[p] = Simd::mul(q[p], scale);
+      }
       for (int r = 0; r < R; ++r) {
         const float* xg = x + r * K + g * kGroup;
-        for (int j = 0; j < kGroup; ++j) acc[r][j] += d[j] * xg[j];
+        for (int p = 0; p < P; ++p) acc[r][p] = Simd::fmadd(q[p], Simd::load(xg + p * Simd::kLanes), acc[r][p]);
       }
     }
     for (int r = 0; r < R; ++r) {
-      float s = 0.f;
-      for (int j = 0; j < kGroup; ++j) s += acc[r][j];
-      y[r * N + n] = s;
+      Simd::V t = acc[r][0];
+      for (int p = 1; p < P; ++p) t = Simd::add(t, acc[r][p]);
+      y[r * N + n] = Simd::sum(t);
     }
   }
 }
@@ -72,9 +84,9 @@ at::Tensor grouped_linear(const char* name, const at::Tensor& x, const at::Tenso
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, name, ": x must be a 2-D fp32 tensor");
   TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kByte || w.scalar_type() == at::kChar) && w.is_contiguous(),
               name, ": w must be contiguous 2-D uint8/int8");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / kGroup;
   TORCH_CHECK(K % kGroup == 0 && w.size(1) * kGroup == K * F::kBytes, name, ": x has ", K, " inputs, w has ", w.size(1), " bytes per row");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * (K / kGroup) * F::kScales,
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * G * F::kScales,
               name, ": scales must be contiguous fp16, ", F::kScales, " per group of ", kGroup);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
@@ -86,7 +98,7 @@ at::Tensor grouped_linear(const char* name, const at::Tensor& x, const at::Tenso
     float* yp = y.data_ptr<float>() + r0 * N;
     const Kernel kernel = kKernels<F>[rows - 1];
     // grain: ~16 KB of weights per task, so two threads split even the smallest matrices
-    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / (K / kGroup * F::kBytes)), [&](int64_t n0, int64_t n1) {
+    at::parallel_for(0, N, std::max<int64_t>(1, 16384 / (G * F::kBytes)), [&](int64_t n0, int64_t n1) {
       kernel(xp, K, wp, sp, yp, N, n0, n1);
     });
   }

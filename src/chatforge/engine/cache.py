@@ -6,8 +6,10 @@ kernel that reads the slot cache.
   compiled decode step, compiled.py, writes each in place): grouped-query aware.
   Active requests always occupy slots 0..n-1, so a decode step attends to a plain slice of the
   cache (no gather); a finished request's slot is refilled by moving the last one into it.
-- Decode attention: model.attend's fused kernel, or plain matmuls where those run faster
-  (`matmul_decode_attention_wins`); the engine chooses and sets it on its own modules.
+- Decode attention: in fp32 on the CPU, the project's kernel (csrc/decode_attention.cpp: one task
+  per row and query head, where torch's fused kernel spends a decode step's call on set-up);
+  bf16 batches as plain matmuls where those beat the fused kernel (`matmul_decode_attention_wins`);
+  else model.attend's fused kernel. The engine chooses and sets it on its own modules.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import quantize
 from ..dtypes import fast_bf16
 from ..model import GPT, attend
 
@@ -50,6 +53,24 @@ def attend_decode_by_matmuls(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
         scores = scores.masked_fill(~mask, float("-inf"))
     y = torch.matmul(torch.softmax(scores, dim=-1).to(v_BKSD.dtype), v_BKSD)
     return y.reshape(B, H, 1, D)
+
+
+def native_decode_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode steps of a model in `dtype` on `device` take attend_decode_native (builds the
+    project's kernels once if needed; False, with a warning, where they cannot be built)."""
+    return device.type == "cpu" and dtype == torch.float32 and quantize.native_kernels() is None
+
+
+def attend_decode_native(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
+    """model.attend, with one-token decode steps in fp32 on the project's kernel; other calls
+    (prefills, other dtypes, masks of other shapes) on model.attend's."""
+    B, H, T, D = q_BHTD.shape
+    S = k_BKSD.shape[2]
+    fits = T == 1 and q_BHTD.dtype == k_BKSD.dtype == torch.float32 and q_BHTD.device.type == "cpu"
+    if not fits or (mask is not None and tuple(mask.shape) != (B, 1, 1, S)):
+        return attend(q_BHTD, k_BKSD, v_BKSD, mask)
+    m = None if mask is None else mask.reshape(B, S)
+    return torch.ops.chatforge_native.decode_attention(q_BHTD.reshape(B, H, D), k_BKSD, v_BKSD, m, 1 / math.sqrt(D)).view(B, H, 1, D)
 
 
 class SlotCache:

@@ -42,7 +42,7 @@ from torch import nn
 from ..console import StatusLine
 from ..model import GPT, Attention
 from ..tokenizer import Tokenizer
-from .cache import PrefixCache, SlotCache, attend_decode_by_matmuls, matmul_decode_attention_wins
+from .cache import PrefixCache, SlotCache, attend_decode_by_matmuls, attend_decode_native, matmul_decode_attention_wins, native_decode_attention
 from .compiled import CompiledDecode, CompileFailed
 from .linears import FastLinears
 from .sampling import Request, SamplingParams, sample_next
@@ -129,12 +129,14 @@ class Engine:
             raise ValueError(f"device={device!r}, but the model is on {p.device}: the engine runs the model where it is; move it first")
         self.device, self.dtype = p.device, p.dtype
         self.model, self.tok = own_modules(model).eval(), tokenizer
-        # Batched bf16 decode attention as plain matmuls where they beat the fused kernel.
+        # Decode attention (cache.py): fp32 on the project's kernel; batched bf16 as plain
+        # matmuls where they beat the fused kernel.
         matmuls = self.dtype == torch.bfloat16 and matmul_decode_attention_wins(self.device.type)
-        if matmuls:
+        decode_attend = attend_decode_by_matmuls if matmuls else attend_decode_native if native_decode_attention(self.device, self.dtype) else None
+        if decode_attend is not None:
             for m in self.model.modules():
                 if isinstance(m, Attention):
-                    m.attend = attend_decode_by_matmuls
+                    m.attend = decode_attend
         self.max_len = min(max_seq_len or 2048, model.cfg.max_seq_len)
         self.cache = SlotCache(self.model, max_batch, self.max_len, self.device, self.dtype, contiguous_decode=matmuls)
         if prefix_cache < 0:
@@ -160,7 +162,8 @@ class Engine:
             self.fast.refresh()  # now rather than in the first request's time to first token
         self.compiled = None
         if compile_decode:
-            self.compiled = CompiledDecode(self.model, self.cache, self.head, max_batch, self.fast.few_rows if self.fast else 0)
+            self.compiled = CompiledDecode(self.model, self.cache, self.head, max_batch, self.fast.few_rows if self.fast else 0,
+                                           copies=(lambda: self.fast.generation) if self.fast else (lambda: 0))
         self.active: list[Request] = []
         self.waiting: list[Request] = []
         self._ids = itertools.count()

@@ -151,6 +151,7 @@ class FastLinears:
         self._signature: list | None = None
         self.forwards: list[Callable] = []  # per linear in self.linears, and head for the output layer: made by refresh()
         self.head: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.generation = 0  # counts the times refresh() made new copies
 
     @staticmethod
     @functools.cache
@@ -238,6 +239,7 @@ class FastLinears:
             self.forwards = [self._linear(m.weight, m.bias) for m in self.linears]
             self.head = self._linear(self.model.output_weight(), None, output=True)
             self._signature = sig
+            self.generation += 1
 
     def drop_copies(self) -> None:
         """Decode on the model's own weights from now on (the copies stay installed if they were)."""

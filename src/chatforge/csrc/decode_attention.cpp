@@ -1,0 +1,103 @@
+// Attention of one new query per row over a slot cache, in fp32: a decode step's attention.
+// torch's fused kernel spends most of such a call on set-up for query blocks that a decode step
+// does not have (benchmarks/README.md); here each (row, query head) is one task: scores against
+// its key/value head's cached keys, a softmax, and the weighted sum of values.
+//
+// decode_attention(q (B, H, D), k and v (B, Hkv, S, D) with any strides but the last, mask (B, S)
+// bool or None (True: may attend), scale) -> (B, H, D); query head h reads key/value head
+// h / (H / Hkv). A row that may attend to nothing gets zeros.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "simd.h"
+
+namespace {
+
+using chatforge_simd::Simd;
+
+float dot(const float* a, const float* b, int64_t n) {
+  Simd::V acc = Simd::zero();
+  int64_t i = 0;
+  for (; i + Simd::kLanes <= n; i += Simd::kLanes) acc = Simd::fmadd(Simd::load(a + i), Simd::load(b + i), acc);
+  float s = Simd::sum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
+  int64_t i = 0;
+  for (; i + Simd::kLanes <= n; i += Simd::kLanes) Simd::store(y + i, Simd::fmadd(Simd::set1(a), Simd::load(x + i), Simd::load(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+float softmax_numerators(float* p, int64_t n, float top) {  // p = exp(p - top) (0 where -inf); their sum
+  Simd::V acc = Simd::zero();
+  int64_t i = 0;
+  for (; i + Simd::kLanes <= n; i += Simd::kLanes) {
+    const Simd::V e = Simd::exp(Simd::add(Simd::load(p + i), Simd::set1(-top)));
+    Simd::store(p + i, e);
+    acc = Simd::add(acc, e);
+  }
+  float total = Simd::sum(acc);
+  for (; i < n; ++i) total += (p[i] = p[i] - top >= chatforge_simd::kExpMin ? std::exp(p[i] - top) : 0.f);
+  return total;
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "decode_attention: q (B, H, D), k and v (B, Hkv, S, D)");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "decode_attention: fp32 tensors only");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "decode_attention: q ", q.sizes(), " does not match k ", k.sizes(), " / v ", v.sizes());
+  TORCH_CHECK(k.stride(3) == 1 && v.stride(3) == 1, "decode_attention: keys and values must be contiguous along D");
+  const at::Tensor qc = q.contiguous();
+  at::Tensor m;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(0) == B && mask->size(1) == S,
+                "decode_attention: mask must be (B, S) bool");
+    m = mask->contiguous();
+  }
+  at::Tensor out = at::zeros({B, H, D}, q.options());
+  const float* qp = qc.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / Hkv;
+  const float sc = static_cast<float>(scale), none = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(S);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H, kh = h / group;
+      const float* qt = qp + t * D;
+      const float* kt = kp + b * k.stride(0) + kh * k.stride(1);
+      const float* vt = vp + b * v.stride(0) + kh * v.stride(1);
+      const bool* mt = mp ? mp + b * S : nullptr;
+      float top = none;
+      for (int64_t s = 0; s < S; ++s) {
+        p[s] = (mt && !mt[s]) ? none : dot(qt, kt + s * k.stride(2), D) * sc;
+        top = std::max(top, p[s]);
+      }
+      if (top == none) continue;  // nothing to attend to: zeros
+      const float total = softmax_numerators(p.data(), S, top);
+      float* ot = op + t * D;
+      for (int64_t s = 0; s < S; ++s)
+        if (p[s] != 0.f) axpy(p[s] / total, vt + s * v.stride(2), ot, D);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(chatforge_native, m) {
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(chatforge_native, CPU, m) { m.impl("decode_attention", &decode_attention); }
