@@ -6,15 +6,17 @@ engine's.
 
 Modes: the exact fp32 engine (oneDNN-packed), fp32 + fp16 decode copies, fp32 + int4 decode copies
 and `auto` (what chat, generate and serve run here: dtypes.inference_mode). `--ablations` adds the
-two parts of the int4 path taken away: fp16 copies with the fp32 output layer (the default before
-the exact 8-bit output layer), and int4 copies on torch's bf16-activation kernel (the int4 path
-before the project's own kernel; what runs where it cannot be built).
+parts of the int4 path taken away: fp16 copies with the fp32 output layer (the default before
+the exact 8-bit output layer), int4 copies on torch's bf16-activation kernel (the int4 path
+before the project's own kernel; what runs where it cannot be built), and `auto` with torch's
+fused attention kernel instead of the project's decode-attention kernel. `--compiled` adds `auto`
+with the compiled decode step (`--compile-decode`; its compilation is done before the rounds).
 
 llama.cpp: llama-cpp-python (`pip install llama-cpp-python`, see ../shared/docs/benchmarks.md for
 a portable build; LLAMA_CPP_LIB_PATH may point at a separately built libllama), its own greedy
 sampler; skipped with a message when it is not importable.
 
-Run: python benchmarks/decode_modes.py [--rounds 3] [--new-tokens 128] [--threads 2] [--ablations]
+Run: python benchmarks/decode_modes.py [--rounds 3] [--new-tokens 128] [--threads 2] [--ablations] [--compiled]
 """
 
 from __future__ import annotations
@@ -35,15 +37,19 @@ def ablation(name: str):
     """Engines made (and first run) inside take the int4 path without one of its parts."""
     from chatforge import quantize
 
-    saved = quantize.int8_exact_groups, quantize.native_kernels
+    from chatforge.engine import engine
+
+    saved = quantize.int8_exact_groups, quantize.native_kernels, engine.native_decode_attention
     if name == "fp32 head":
         quantize.int8_exact_groups = lambda w, group=32: None
     elif name == "aten int4":
         quantize.native_kernels = lambda: "ablation"
+    elif name == "sdpa":
+        engine.native_decode_attention = lambda device, dtype: False
     try:
         yield
     finally:
-        quantize.int8_exact_groups, quantize.native_kernels = saved
+        quantize.int8_exact_groups, quantize.native_kernels, engine.native_decode_attention = saved
 
 
 def main() -> None:
@@ -52,6 +58,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--compiled", action="store_true", help="add auto with the compiled decode step")
     ap.add_argument("--install", action="store_true", help="download SmolLM2's package if it is not cached")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -68,16 +75,22 @@ def main() -> None:
     ids = tok.encode(text)[:PROMPT_TOKENS]
     new = a.new_tokens
     auto = dtypes.inference_mode("auto", "auto", "cpu", checkpoint.exact_int4(path))[1]
-    modes = {"fp32 (exact)": (None, ""), "fp32 + fp16 copies": ("fp16", ""), "fp32 + int4 copies": ("int4", ""),
-             f"auto (fp32 + {auto} copies)": (auto, "")}
+    modes = {"fp32 (exact)": (None, "", False), "fp32 + fp16 copies": ("fp16", "", False), "fp32 + int4 copies": ("int4", "", False),
+             f"auto (fp32 + {auto} copies)": (auto, "", False)}
+    if a.compiled:
+        modes["auto, compiled decode step"] = (auto, "", True)
     if a.ablations:
-        modes["ablation: fp16 copies, fp32 output layer"] = ("fp16", "fp32 head")
-        modes["ablation: int4 on torch's bf16 kernel, fp32 output layer"] = ("int4", "aten int4")
+        modes["ablation: fp16 copies, fp32 output layer"] = ("fp16", "fp32 head", False)
+        modes["ablation: int4 on torch's bf16 kernel, fp32 output layer"] = ("int4", "aten int4", False)
+        modes["ablation: auto on torch's attention kernel"] = (auto, "sdpa", False)
     engines = {}
-    for name, (copies, abl) in modes.items():
+    for name, (copies, abl, compile_decode) in modes.items():
         with ablation(abl):
-            e = Engine(model, tok, max_batch=1, max_seq_len=len(ids) + new + 8, decode_weights=copies)
-            list(e.generate([ids], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)))  # copies made here
+            e = Engine(model, tok, max_batch=1, max_seq_len=len(ids) + new + 8, decode_weights=copies, compile_decode=compile_decode)
+            t = time.perf_counter()
+            list(e.generate([ids], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)))  # copies made (and compiled) here
+            if compile_decode:
+                print(f"{name}: compiled in {time.perf_counter() - t:.0f} s", flush=True)
         engines[name] = e
     sp = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
 

@@ -29,10 +29,32 @@ float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-void axpy(float a, const float* x, float* y, int64_t n) {  // y += a * x
-  int64_t i = 0;
-  for (; i + Simd::kLanes <= n; i += Simd::kLanes) Simd::store(y + i, Simd::fmadd(Simd::set1(a), Simd::load(x + i), Simd::load(y + i)));
-  for (; i < n; ++i) y[i] += a * x[i];
+// out (D, zeros) = scale * sum over s of p[s] * v[s]: the output row in registers (NV vectors)
+// while every value row streams past, where D is NV vectors; else a pass per value row
+template <int NV>
+void weighted_rows(const float* p, int64_t S, float scale, const float* v, int64_t stride, float* out) {
+  Simd::V acc[NV];
+  for (int j = 0; j < NV; ++j) acc[j] = Simd::zero();
+  for (int64_t s = 0; s < S; ++s) {
+    if (p[s] == 0.f) continue;  // masked
+    const Simd::V w = Simd::set1(p[s]);
+    for (int j = 0; j < NV; ++j) acc[j] = Simd::fmadd(w, Simd::load(v + s * stride + j * Simd::kLanes), acc[j]);
+  }
+  for (int j = 0; j < NV; ++j) Simd::store(out + j * Simd::kLanes, Simd::mul(acc[j], Simd::set1(scale)));
+}
+
+void weighted_sum(const float* p, int64_t S, float scale, const float* v, int64_t stride, int64_t D, float* out) {
+  if (D == Simd::kLanes * 8) return weighted_rows<8>(p, S, scale, v, stride, out);
+  if (D == Simd::kLanes * 4) return weighted_rows<4>(p, S, scale, v, stride, out);
+  if (D == Simd::kLanes * 2) return weighted_rows<2>(p, S, scale, v, stride, out);
+  for (int64_t s = 0; s < S; ++s) {
+    if (p[s] == 0.f) continue;
+    const float a = p[s] * scale;
+    int64_t i = 0;
+    for (; i + Simd::kLanes <= D; i += Simd::kLanes)
+      Simd::store(out + i, Simd::fmadd(Simd::set1(a), Simd::load(v + s * stride + i), Simd::load(out + i)));
+    for (; i < D; ++i) out[i] += a * v[s * stride + i];
+  }
 }
 
 float softmax_numerators(float* p, int64_t n, float top) {  // p = exp(p - top) (0 where -inf); their sum
@@ -87,9 +109,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       }
       if (top == none) continue;  // nothing to attend to: zeros
       const float total = softmax_numerators(p.data(), S, top);
-      float* ot = op + t * D;
-      for (int64_t s = 0; s < S; ++s)
-        if (p[s] != 0.f) axpy(p[s] / total, vt + s * v.stride(2), ot, D);
+      weighted_sum(p.data(), S, 1.f / total, vt, v.stride(2), D, op + t * D);
     }
   });
   return out;
