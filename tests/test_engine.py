@@ -395,6 +395,31 @@ def test_native_decode_attention():
     torch.testing.assert_close(attend_decode_native(*prefill, None), attend(*prefill, None))
 
 
+def test_native_rms_norm(tok):
+    """Guards the project's RMSNorm kernel (csrc/rms_norm.cpp) that fp32 engines on the CPU run
+    their norms on: equal to RMSNorm's forward for one row, a batch of decode rows, a prefill and
+    a width that is not a multiple of the vector width; calls that need gradients keep RMSNorm's
+    own (gradients flow); an fp32 engine's norms use it and the caller's model is untouched."""
+    from chatforge.engine.engine import native_rms_norm
+    from chatforge.model import RMSNorm
+
+    torch.manual_seed(0)
+    for shape in [(1, 1, 576), (4, 1, 64), (2, 37, 96), (3, 5, 40)]:
+        norm = RMSNorm(shape[-1], 1e-5)
+        with torch.no_grad():
+            norm.weight.normal_()
+            x = torch.randn(shape) * 3
+            torch.testing.assert_close(native_rms_norm(norm, x), norm(x), atol=2e-6, rtol=2e-6)
+    x = torch.randn(2, 3, 40, requires_grad=True)
+    native_rms_norm(norm, x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is not None
+    m = tiny(tok)
+    engine = Engine(m, tok)
+    norms = [mod for mod in engine.model.modules() if isinstance(mod, RMSNorm)]
+    assert norms and all(n.forward.func is native_rms_norm for n in norms)
+    assert not any("forward" in mod.__dict__ for mod in m.modules() if isinstance(mod, RMSNorm))
+
+
 def test_exact_low_bit_weights_decode_as_fp32(tok):
     """Guards the exact int4 path (what --decode-weights auto runs on a Q4_1 import): a model whose
     block matrices are 4-bit groups and whose output layer is 8-bit groups (as a GGUF Q4_1 file

@@ -135,7 +135,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
 
 
 NATIVE_DIR = Path(__file__).parent / "csrc"
-NATIVE_SOURCES = ("grouped_linear.cpp", "decode_attention.cpp")  # and the header they share, simd.h
+NATIVE_SOURCES = ("grouped_linear.cpp", "decode_attention.cpp", "rms_norm.cpp")  # and the header they share, simd.h
 
 
 def _cpu_key() -> str:
@@ -153,7 +153,7 @@ def _cpu_key() -> str:
 @functools.cache
 def native_kernels() -> str | None:
     """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups and 8-bit
-    groups for an output layer that is exactly that; decode_attention.cpp), compiling them on first
+    groups for an output layer that is exactly that; decode_attention.cpp; rms_norm.cpp), compiling them on first
     use (~30 s on 2 cores; cached under cache_dir()/native, keyed by the sources, the CPU's flags
     and torch's version). None when they are loaded, else why they could not be (no compiler, say),
     once: callers then use torch's own kernels."""
@@ -177,6 +177,7 @@ def native_kernels() -> str | None:
     for op in ("q4_linear", "q8_linear"):
         torch.library.register_fake(f"chatforge_native::{op}")(_grouped_linear_shape)
     torch.library.register_fake("chatforge_native::decode_attention")(_decode_attention_shape)
+    torch.library.register_fake("chatforge_native::rms_norm")(lambda x, w, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
     return None
 
 

@@ -27,6 +27,7 @@ scheduler in a background thread for the server.
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import threading
 import time
@@ -40,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..console import StatusLine
-from ..model import GPT, Attention
+from ..model import GPT, Attention, RMSNorm
 from ..tokenizer import Tokenizer
 from .cache import PrefixCache, SlotCache, attend_decode_by_matmuls, attend_decode_native, matmul_decode_attention_wins, native_decode_attention
 from .compiled import CompiledDecode, CompileFailed
@@ -82,6 +83,15 @@ def own_modules(model: nn.Module) -> nn.Module:
         return memo[id(m)]
 
     return view(model)
+
+
+def native_rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm.forward of an engine's fp32 model on the project's kernel (csrc/rms_norm.cpp: one
+    pass per row where torch's CPU norm runs ~8 small ops). Traced steps (the compiled decode
+    step, whose compiler fuses the norm itself) and calls that need gradients take RMSNorm's own."""
+    if torch.compiler.is_compiling() or x.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
+        return RMSNorm.forward(norm, x)
+    return torch.ops.chatforge_native.rms_norm(x, norm.weight, norm.eps)
 
 
 PREFILL_TOKENS = 8192  # padded tokens per prefill step (a single longer prompt still goes alone)
@@ -130,13 +140,15 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.model, self.tok = own_modules(model).eval(), tokenizer
         # Decode attention (cache.py): fp32 on the project's kernel; batched bf16 as plain
-        # matmuls where they beat the fused kernel.
+        # matmuls where they beat the fused kernel. fp32 RMSNorms on the project's kernel too.
         matmuls = self.dtype == torch.bfloat16 and matmul_decode_attention_wins(self.device.type)
-        decode_attend = attend_decode_by_matmuls if matmuls else attend_decode_native if native_decode_attention(self.device, self.dtype) else None
-        if decode_attend is not None:
-            for m in self.model.modules():
-                if isinstance(m, Attention):
-                    m.attend = decode_attend
+        native = native_decode_attention(self.device, self.dtype)
+        decode_attend = attend_decode_by_matmuls if matmuls else attend_decode_native if native else None
+        for m in self.model.modules():
+            if isinstance(m, Attention) and decode_attend is not None:
+                m.attend = decode_attend
+            if isinstance(m, RMSNorm) and native:
+                m.forward = functools.partial(native_rms_norm, m)  # an instance attribute shadows RMSNorm.forward
         self.max_len = min(max_seq_len or 2048, model.cfg.max_seq_len)
         self.cache = SlotCache(self.model, max_batch, self.max_len, self.device, self.dtype, contiguous_decode=matmuls)
         if prefix_cache < 0:
