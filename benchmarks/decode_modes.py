@@ -8,9 +8,10 @@ Modes: the exact fp32 engine (oneDNN-packed), fp32 + fp16 decode copies, fp32 + 
 and `auto` (what chat, generate and serve run here: dtypes.inference_mode). `--ablations` adds the
 parts of the int4 path taken away: fp16 copies with the fp32 output layer (the default before
 the exact 8-bit output layer), int4 copies on torch's bf16-activation kernel (the int4 path
-before the project's own kernel; what runs where it cannot be built), and `auto` with torch's
-fused attention and RMSNorm kernels instead of the project's (csrc/decode_attention.cpp, rms_norm.cpp). `--compiled` adds `auto`
-with the compiled decode step (`--compile-decode`; its compilation is done before the rounds).
+before the project's own kernel; what runs where it cannot be built), and `auto` on torch's fused
+attention and RMSNorm kernels instead of the project's (csrc/decode_attention.cpp, rms_norm.cpp).
+`--compiled` adds `auto` with the compiled decode step (`--compile-decode`; compiled before the
+rounds).
 
 llama.cpp: llama-cpp-python (`pip install llama-cpp-python`, see ../shared/docs/benchmarks.md for
 a portable build; LLAMA_CPP_LIB_PATH may point at a separately built libllama), its own greedy
