@@ -8,8 +8,9 @@ Modes: the exact fp32 engine (oneDNN-packed), fp32 + fp16 decode copies, fp32 + 
 and `auto` (what chat, generate and serve run here: dtypes.inference_mode). `--ablations` adds the
 parts of the int4 path taken away: fp16 copies with the fp32 output layer (the default before
 the exact 8-bit output layer), int4 copies on torch's bf16-activation kernel (the int4 path
-before the project's own kernel; what runs where it cannot be built), and `auto` on torch's fused
-attention and RMSNorm kernels instead of the project's (csrc/decode_attention.cpp, rms_norm.cpp).
+before the project's own kernel; what runs where it cannot be built), and `auto` on torch's own
+attention, RMSNorm, RoPE and SwiGLU instead of the project's kernels (csrc/decode_attention.cpp,
+pointwise.cpp).
 `--compiled` adds `auto` with the compiled decode step (`--compile-decode`; compiled before the
 rounds).
 
@@ -83,7 +84,7 @@ def main() -> None:
     if a.ablations:
         modes["ablation: fp16 copies, fp32 output layer"] = ("fp16", "fp32 head", False)
         modes["ablation: int4 on torch's bf16 kernel, fp32 output layer"] = ("int4", "aten int4", False)
-        modes["ablation: auto on torch's attention and RMSNorm kernels"] = (auto, "sdpa", False)
+        modes["ablation: auto on torch's attention, RMSNorm, RoPE and SwiGLU"] = (auto, "sdpa", False)
     engines = {}
     for name, (copies, abl, compile_decode) in modes.items():
         with ablation(abl):

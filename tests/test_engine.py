@@ -395,13 +395,14 @@ def test_native_decode_attention():
     torch.testing.assert_close(attend_decode_native(*prefill, None), attend(*prefill, None))
 
 
-def test_native_rms_norm(tok):
-    """Guards the project's RMSNorm kernel (csrc/rms_norm.cpp) that fp32 engines on the CPU run
-    their norms on: equal to RMSNorm's forward for one row, a batch of decode rows, a prefill and
-    a width that is not a multiple of the vector width; calls that need gradients keep RMSNorm's
-    own (gradients flow); an fp32 engine's norms use it and the caller's model is untouched."""
-    from chatforge.engine.engine import native_rms_norm
-    from chatforge.model import RMSNorm
+def test_native_pointwise_ops(tok):
+    """Guards the project's pointwise kernels (csrc/pointwise.cpp) that fp32 engines on the CPU run
+    their eager steps on: RMSNorm, RoPE (on the strided query/key view the attention makes, with
+    per-row and shared position tables) and SwiGLU (with gates far past exp's fp32 range) equal
+    the model's own functions; calls that need gradients keep the model's own (gradients flow);
+    an fp32 engine's modules use them and the caller's model is untouched."""
+    from chatforge.engine.engine import native_rms_norm, native_rope, native_swiglu
+    from chatforge.model import MLP, RMSNorm, apply_rope, rope_tables, swiglu
 
     torch.manual_seed(0)
     for shape in [(1, 1, 576), (4, 1, 64), (2, 37, 96), (3, 5, 40)]:
@@ -410,14 +411,31 @@ def test_native_rms_norm(tok):
             norm.weight.normal_()
             x = torch.randn(shape) * 3
             torch.testing.assert_close(native_rms_norm(norm, x), norm(x), atol=2e-6, rtol=2e-6)
+    cos, sin = rope_tables(16, 64, 10000.0)
+    for B, T in [(1, 1), (3, 1), (2, 7)]:
+        qk = torch.randn(B, T, 6, 16)[:, :, :5].transpose(1, 2)  # (B, H+K, T, D), strided
+        pos = torch.randint(0, 64, (B, T))
+        for c, s_ in ((cos[pos], sin[pos]), (cos[pos[:1]], sin[pos[:1]])):
+            with torch.no_grad():
+                y = native_rope(qk, c, s_)
+            assert y.is_contiguous()
+            torch.testing.assert_close(y, apply_rope(qk, c, s_), atol=1e-6, rtol=1e-6)
+    for shape in [(1, 1, 96), (4, 1, 64), (2, 9, 40), (1, 1, 6)]:
+        h = torch.randn(shape) * 6
+        h[..., 0], h[..., 1] = 100.0, -100.0
+        with torch.no_grad():
+            torch.testing.assert_close(native_swiglu(h), swiglu(h), atol=1e-6, rtol=1e-6)
     x = torch.randn(2, 3, 40, requires_grad=True)
     native_rms_norm(norm, x).sum().backward()
+    native_swiglu(x).sum().backward()
     assert x.grad is not None and norm.weight.grad is not None
     m = tiny(tok)
     engine = Engine(m, tok)
     norms = [mod for mod in engine.model.modules() if isinstance(mod, RMSNorm)]
     assert norms and all(n.forward.func is native_rms_norm for n in norms)
+    assert all(mod.act is native_swiglu for mod in engine.model.modules() if isinstance(mod, MLP))
     assert not any("forward" in mod.__dict__ for mod in m.modules() if isinstance(mod, RMSNorm))
+    assert all(mod.act is swiglu for mod in m.modules() if isinstance(mod, MLP))
 
 
 def test_exact_low_bit_weights_decode_as_fp32(tok):

@@ -176,9 +176,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, qkv_out, bias=cfg.bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
         self.rope = cfg.block == "llama"
-        # The attention kernel, a function like `attend`; the engine sets another one on the
-        # modules it runs where that kernel is faster (engine/cache.py).
+        # The attention kernel, a function like `attend`, and the rotation, like `apply_rope`; the
+        # engine sets others on the modules it runs where those run faster (engine/engine.py).
         self.attend = attend
+        self.rotate = apply_rope
 
     def forward(self, x_BTC, cos_BTD, sin_BTD, mask, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x_BTC.shape
@@ -186,7 +187,7 @@ class Attention(nn.Module):
         qk, v = self.qkv(x_BTC).split([(H + K) * D, K * D], dim=-1)
         qk = qk.view(B, T, H + K, D).transpose(1, 2)
         if self.rope:  # one rotation for the query and key heads together: half the small ops
-            qk = apply_rope(qk, cos_BTD, sin_BTD)
+            qk = self.rotate(qk, cos_BTD, sin_BTD)
         q, k = qk.split([H, K], dim=1)
         v = v.view(B, T, K, D).transpose(1, 2)
         if kv_cache is not None:
@@ -212,21 +213,28 @@ def attend(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
     return F.scaled_dot_product_attention(q_BHTD, k_BKSD, v_BKSD, attn_mask=mask)
 
 
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused [gate | up] projection."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")
+
+
 class MLP(nn.Module):
     """GELU MLP (gpt2) or SwiGLU (llama), the latter with gate and up fused into one matmul."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.swiglu = cfg.block == "llama"
-        self.fc = nn.Linear(cfg.d_model, (2 if self.swiglu else 1) * cfg.d_ff, bias=cfg.bias)
+        gated = cfg.block == "llama"
+        self.fc = nn.Linear(cfg.d_model, (2 if gated else 1) * cfg.d_ff, bias=cfg.bias)
         self.proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.act = swiglu if gated else gelu_tanh  # the engine may set another function (engine/engine.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        if self.swiglu:
-            gate, up = h.chunk(2, dim=-1)
-            return self.proj(F.silu(gate) * up)
-        return self.proj(F.gelu(h, approximate="tanh"))
+        return self.proj(self.act(self.fc(x)))
 
 
 class Block(nn.Module):

@@ -66,8 +66,11 @@ def check_kernel(fmt: str, device: torch.device) -> None:
 
 def _kernel_rows(x: torch.Tensor, kernel, bias: torch.Tensor | None, act: torch.dtype) -> torch.Tensor:
     """kernel(x as (rows, in) in `act`) -> (rows, out), back in x's shape and dtype, plus bias."""
-    rows = x.numel() // x.shape[-1]
-    y = kernel(x.reshape(rows, x.shape[-1]).to(act)).to(x.dtype).view(*x.shape[:-1], -1)
+    if x.dtype == act:  # no casts (fp32 decode steps: ~120 calls per token, each Python-bound)
+        y = kernel(x.reshape(-1, x.shape[-1]))
+        y = y.view(*x.shape[:-1], y.shape[-1])
+    else:
+        y = kernel(x.reshape(-1, x.shape[-1]).to(act)).to(x.dtype).view(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
 
@@ -135,7 +138,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
 
 
 NATIVE_DIR = Path(__file__).parent / "csrc"
-NATIVE_SOURCES = ("grouped_linear.cpp", "decode_attention.cpp", "rms_norm.cpp")  # and the header they share, simd.h
+NATIVE_SOURCES = ("grouped_linear.cpp", "decode_attention.cpp", "pointwise.cpp")  # and the header they share, simd.h
 
 
 def _cpu_key() -> str:
@@ -153,7 +156,7 @@ def _cpu_key() -> str:
 @functools.cache
 def native_kernels() -> str | None:
     """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups and 8-bit
-    groups for an output layer that is exactly that; decode_attention.cpp; rms_norm.cpp), compiling them on first
+    groups for an output layer that is exactly that; decode_attention.cpp; pointwise.cpp: RMSNorm, RoPE, SwiGLU), compiling them on first
     use (~30 s on 2 cores; cached under cache_dir()/native, keyed by the sources, the CPU's flags
     and torch's version). None when they are loaded, else why they could not be (no compiler, say),
     once: callers then use torch's own kernels."""
@@ -178,6 +181,8 @@ def native_kernels() -> str | None:
         torch.library.register_fake(f"chatforge_native::{op}")(_grouped_linear_shape)
     torch.library.register_fake("chatforge_native::decode_attention")(_decode_attention_shape)
     torch.library.register_fake("chatforge_native::rms_norm")(lambda x, w, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
+    torch.library.register_fake("chatforge_native::rope")(lambda x, cos, sin: torch.empty_like(x, memory_format=torch.contiguous_format))
+    torch.library.register_fake("chatforge_native::swiglu")(lambda h: h.new_empty((*h.shape[:-1], h.shape[-1] // 2)))
     return None
 
 

@@ -39,6 +39,8 @@ struct Simd {  // 16 fp32 lanes; a group is 2 vectors
   static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V div(V a, V b) { return _mm512_div_ps(a, b); }
+  static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V a) { return _mm512_reduce_add_ps(a); }
   static V exp_poly(V x, V n);
@@ -74,6 +76,8 @@ struct Simd {  // 8 fp32 lanes; a group is 4 vectors
   static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
+  static V div(V a, V b) { return _mm256_div_ps(a, b); }
+  static V min(V a, V b) { return _mm256_min_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static float sum(V a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -115,6 +119,8 @@ struct Simd {  // one lane: the compiler vectorizes what it can
   static void store(float* p, V a) { *p = a; }
   static V mul(V a, V b) { return a * b; }
   static V add(V a, V b) { return a + b; }
+  static V div(V a, V b) { return a / b; }
+  static V min(V a, V b) { return a < b ? a : b; }
   static V fmadd(V a, V b, V c) { return a * b + c; }
   static float sum(V a) { return a; }
   static V exp(V x) { return x >= kExpMin ? std::exp(x) : 0.f; }

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..console import StatusLine
-from ..model import GPT, Attention, RMSNorm
+from ..model import GPT, MLP, Attention, RMSNorm, apply_rope, swiglu
 from ..tokenizer import Tokenizer
 from .cache import PrefixCache, SlotCache, attend_decode_by_matmuls, attend_decode_native, matmul_decode_attention_wins, native_decode_attention
 from .compiled import CompiledDecode, CompileFailed
@@ -85,13 +85,32 @@ def own_modules(model: nn.Module) -> nn.Module:
     return view(model)
 
 
+def _eager_fp32(*tensors: torch.Tensor) -> bool:
+    """Whether an engine's pointwise op may run on the project's kernels (csrc/pointwise.cpp): fp32,
+    not traced (the compiled decode step's compiler fuses these ops itself) and needing no gradient."""
+    if torch.compiler.is_compiling() or any(t.dtype != torch.float32 for t in tensors):
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+
+
 def native_rms_norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
-    """RMSNorm.forward of an engine's fp32 model on the project's kernel (csrc/rms_norm.cpp: one
-    pass per row where torch's CPU norm runs ~8 small ops). Traced steps (the compiled decode
-    step, whose compiler fuses the norm itself) and calls that need gradients take RMSNorm's own."""
-    if torch.compiler.is_compiling() or x.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
+    """RMSNorm.forward on the project's kernel (one pass per row where torch's CPU norm runs ~8
+    small ops), where _eager_fp32; else RMSNorm's own."""
+    if not _eager_fp32(x, norm.weight):
         return RMSNorm.forward(norm, x)
     return torch.ops.chatforge_native.rms_norm(x, norm.weight, norm.eps)
+
+
+def native_rope(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+    """model.apply_rope in one op, where _eager_fp32."""
+    if not _eager_fp32(x_BHTD, cos_BTD, sin_BTD):
+        return apply_rope(x_BHTD, cos_BTD, sin_BTD)
+    return torch.ops.chatforge_native.rope(x_BHTD, cos_BTD, sin_BTD)
+
+
+def native_swiglu(h: torch.Tensor) -> torch.Tensor:
+    """model.swiglu in one op, where _eager_fp32."""
+    return torch.ops.chatforge_native.swiglu(h) if _eager_fp32(h) else swiglu(h)
 
 
 PREFILL_TOKENS = 8192  # padded tokens per prefill step (a single longer prompt still goes alone)
@@ -140,14 +159,19 @@ class Engine:
         self.device, self.dtype = p.device, p.dtype
         self.model, self.tok = own_modules(model).eval(), tokenizer
         # Decode attention (cache.py): fp32 on the project's kernel; batched bf16 as plain
-        # matmuls where they beat the fused kernel. fp32 RMSNorms on the project's kernel too.
+        # matmuls where they beat the fused kernel. An fp32 model's RMSNorms, RoPE and SwiGLU on
+        # the project's kernels too (csrc/pointwise.cpp; eager steps only).
         matmuls = self.dtype == torch.bfloat16 and matmul_decode_attention_wins(self.device.type)
         native = native_decode_attention(self.device, self.dtype)
         decode_attend = attend_decode_by_matmuls if matmuls else attend_decode_native if native else None
         for m in self.model.modules():
             if isinstance(m, Attention) and decode_attend is not None:
                 m.attend = decode_attend
-            if isinstance(m, RMSNorm) and native:
+            if native and isinstance(m, Attention) and m.rotate is apply_rope:
+                m.rotate = native_rope
+            if native and isinstance(m, MLP) and m.act is swiglu:
+                m.act = native_swiglu
+            if native and isinstance(m, RMSNorm):
                 m.forward = functools.partial(native_rms_norm, m)  # an instance attribute shadows RMSNorm.forward
         self.max_len = min(max_seq_len or 2048, model.cfg.max_seq_len)
         self.cache = SlotCache(self.model, max_batch, self.max_len, self.device, self.dtype, contiguous_decode=matmuls)
