@@ -65,7 +65,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from chatforge import checkpoint, dtypes
+    from chatforge import checkpoint
     from chatforge.convert.registry import resolve
     from chatforge.engine import Engine, SamplingParams
 
@@ -76,7 +76,7 @@ def main() -> None:
             "印刷术的历史可以追溯到很久以前，活字印刷改变了书籍的制作方式。") * 20
     ids = tok.encode(text)[:PROMPT_TOKENS]
     new = a.new_tokens
-    auto = dtypes.inference_mode("auto", "auto", "cpu", checkpoint.exact_int4(path))[1]
+    auto = checkpoint.inference_mode(path)[1]
     modes = {"fp32 (exact)": (None, "", False), "fp32 + fp16 copies": ("fp16", "", False), "fp32 + int4 copies": ("int4", "", False),
              f"auto (fp32 + {auto} copies)": (auto, "", False)}
     if a.compiled:

@@ -39,7 +39,7 @@ def main() -> None:
     from chatforge.engine import Engine, EngineLoop, SamplingParams
 
     path = resolve("smollm2-135m-instruct")
-    dt, copies = dtypes.inference_mode("auto", "auto", "cpu", checkpoint.exact_int4(path))
+    dt, copies = checkpoint.inference_mode(path)
 
     def make_engine() -> Engine:
         ck = checkpoint.load(path, dtype=dtypes.torch_dtype(dt))

@@ -935,6 +935,12 @@ def test_inference_mode_resolution(monkeypatch):
     assert dtypes.inference_mode("auto", "auto", "cpu", exact_int4=True) == ("fp32", "int4")
     assert dtypes.inference_mode("auto", "fp16", "cpu", exact_int4=True) == ("fp32", "fp16")
     assert dtypes.inference_mode("auto", "auto", "cuda", exact_int4=True) == ("fp32", None)
+    # checkpoint.inference_mode asks (building the CPU kernels) only where the answer is used
+    asked = []
+    assert dtypes.inference_mode("auto", "auto", "cpu", exact_int4=lambda: asked.append(1) or True) == ("fp32", "int4")
+    for args in (("auto", "auto", "cuda"), ("fp32", "auto", "cpu"), ("auto", "fp16", "cpu")):
+        dtypes.inference_mode(*args, exact_int4=lambda: asked.append(1) or True)
+    assert asked == [1]
     with pytest.raises(ValueError, match="decode_weights='q4'"):
         dtypes.inference_mode("auto", "q4")
 

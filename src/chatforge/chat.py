@@ -22,7 +22,7 @@ def load_engine(
     """An engine on a checkpoint folder or a known model name (imported on first use); with
     `compile_decode` its decode step is compiled here (the seconds go to stderr)."""
     path = resolve(model, install)
-    dt, copies = dtypes.inference_mode(dtype, decode_weights, "cpu", checkpoint.exact_int4(path))
+    dt, copies = checkpoint.inference_mode(path, dtype, decode_weights, "cpu")
     ck = checkpoint.load(path, dtype=dtypes.torch_dtype(dt))
     # Each turn sends the whole history again: the prefix cache computes only what is new.
     engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefix_cache=ck.model.cfg.max_seq_len,

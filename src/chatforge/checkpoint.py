@@ -50,6 +50,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from . import dtypes
 from .config import from_dict, load_json, save_json, to_dict
 from .model import GPT, GPTConfig, RewardModel, rope_tables
 from .quantize import int4_groups, int8_weights, native_kernels
@@ -173,6 +174,12 @@ def exact_int4(path_or_meta: str | Path | dict[str, Any]) -> bool:
     meta = path_or_meta if isinstance(path_or_meta, dict) else load_json(Path(path_or_meta) / "meta.json")
     four_bit = meta.get("weights") == "int4" or (meta.get("format") == "gguf" and meta.get("block_quantization") == ["Q4_1"])
     return four_bit and native_kernels() is None
+
+
+def inference_mode(path_or_meta: str | Path | dict[str, Any], dtype: str = "auto", decode: str = "auto", device="cpu") -> tuple[str, str | None]:
+    """dtypes.inference_mode for this checkpoint: whether its weights are exactly int4 (which
+    builds the CPU kernels) is asked only where the answer is used, a CPU's default mode."""
+    return dtypes.inference_mode(dtype, decode, device, lambda: exact_int4(path_or_meta))
 
 
 def save(

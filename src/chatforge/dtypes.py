@@ -13,6 +13,7 @@ copies that read fewer bytes (a decode step's time is the weight bytes it reads)
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 NAMES = ("auto", "bf16", "fp32", "fp16")  # torch is imported only when a dtype is resolved (fast --help)
 DECODE_NAMES = ("auto", "same", "bf16", "fp16", "int8", "int4")  # `--decode-weights`: see inference_mode()
@@ -54,7 +55,8 @@ def torch_dtype(name: str, device="cpu"):
     return {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[resolve(name, device)]
 
 
-def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu", exact_int4: bool = False) -> tuple[str, str | None]:
+def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu",
+                   exact_int4: bool | Callable[[], bool] = False) -> tuple[str, str | None]:
     """(dtype name, decode copies or None) that chat, generate, serve and eval tasks run for
     `--dtype dtype --decode-weights decode` on `device`.
 
@@ -66,8 +68,9 @@ def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu", exac
     fp32 activations ("auto" -> "fp32", unlike training's `resolve`) and, on a CPU, decodes a few
     streams on fp16 copies of the weights: half of fp32's bytes, and a decode step's time is the
     weight bytes it reads. Where the checkpoint's weights are 4-bit groups already and the project's
-    fp32-activation int4 kernel is built (`exact_int4`: checkpoint.exact_int4), int4 copies hold
-    the very same weights in a quarter of fp16's bytes, and "auto" decodes on them. An explicit
+    fp32-activation int4 kernel is built (`exact_int4`, or a function that says so, asked only in
+    that case: checkpoint.inference_mode), int4 copies hold the very same weights in a quarter of
+    fp16's bytes, and "auto" decodes on them. An explicit
     --dtype runs exactly as asked (fp32: the exact reference)."""
     check_name(dtype)
     check_name(decode, "decode_weights", DECODE_NAMES)
@@ -76,4 +79,4 @@ def inference_mode(dtype: str = "auto", decode: str = "auto", device="cpu", exac
         return dt, None if decode == "same" else decode
     if dtype != "auto" or str(device).split(":")[0] != "cpu":
         return dt, None
-    return dt, "int4" if exact_int4 else "fp16"
+    return dt, "int4" if (exact_int4() if callable(exact_int4) else exact_int4) else "fp16"

@@ -16,7 +16,7 @@ scales.
 
 Where a C++ compiler is at hand, int4 decode copies use the project's own kernel instead
 (csrc/grouped_linear.cpp, built on first use for this CPU and cached): the same groups, scales and
-minimums in fp16, and fp32 activations, sums and outputs, as fast as torch's bf16 kernel at one to
+minimums in fp16, and fp32 activations, sums and outputs, faster than torch's bf16 kernel at one to
 eight rows (benchmarks/README.md). Its answers are those of an fp32 matmul on the dequantized
 weights up to summation order, so on weights that are 4-bit already (a Q4_1 import, a `chatforge
 quantize --to int4` checkpoint) it is exact, and `--decode-weights auto` uses it there
@@ -137,8 +137,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     return _kernel_rows(x, lambda x2: torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, group, scales_zeros), bias, scales_zeros.dtype)
 
 
-NATIVE_DIR = Path(__file__).parent / "csrc"
-NATIVE_SOURCES = ("grouped_linear.cpp", "decode_attention.cpp", "pointwise.cpp")  # and the header they share, simd.h
+NATIVE_DIR = Path(__file__).parent / "csrc"  # every .cpp there is one library; simd.h is their shared header
 
 
 def _cpu_key() -> str:
@@ -156,11 +155,12 @@ def _cpu_key() -> str:
 @functools.cache
 def native_kernels() -> str | None:
     """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups and 8-bit
-    groups for an output layer that is exactly that; decode_attention.cpp; pointwise.cpp: RMSNorm, RoPE, SwiGLU), compiling them on first
-    use (~30 s on 2 cores; cached under cache_dir()/native, keyed by the sources, the CPU's flags
-    and torch's version). None when they are loaded, else why they could not be (no compiler, say),
-    once: callers then use torch's own kernels."""
-    files = sorted(NATIVE_DIR.glob("*.cpp")) + sorted(NATIVE_DIR.glob("*.h"))
+    groups for an output layer that is exactly that; decode_attention.cpp; pointwise.cpp: RMSNorm,
+    RoPE, SwiGLU), compiling them on first use (~30 s on 2 cores; cached under cache_dir()/native,
+    keyed by the sources, the CPU's flags and torch's version). None when they are loaded, else
+    why they could not be (no compiler, say), once: callers then use torch's own kernels."""
+    sources = sorted(NATIVE_DIR.glob("*.cpp"))
+    files = sources + sorted(NATIVE_DIR.glob("*.h"))
     key = hashlib.sha256(b"".join(f.read_bytes() for f in files) + _cpu_key().encode() + torch.__version__.encode()).hexdigest()[:12]
     name = f"chatforge_native_{key}"
     build = cache_dir() / "native" / key
@@ -170,12 +170,12 @@ def native_kernels() -> str | None:
         build.mkdir(parents=True, exist_ok=True)
         if not (build / f"{name}.so").exists():
             say("quantize", f"building the decode kernels for this CPU (once, ~30 s) in {build}")
-        cpp_extension.load(name=name, sources=[str(NATIVE_DIR / f) for f in NATIVE_SOURCES], build_directory=str(build),
+        cpp_extension.load(name=name, sources=[str(f) for f in sources], build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # a missing compiler, a failed build: the reason, not a crash
         why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
         warnings.warn(f"the decode kernels ({NATIVE_DIR}) could not be built: {why}; int4 decode copies use torch's bf16 "
-                      "kernel, --decode-weights auto uses fp16 copies, and decode attention torch's fused kernel")
+                      "kernel, --decode-weights auto uses fp16 copies, and decode attention and pointwise ops torch's own")
         return why
     for op in ("q4_linear", "q8_linear"):
         torch.library.register_fake(f"chatforge_native::{op}")(_grouped_linear_shape)

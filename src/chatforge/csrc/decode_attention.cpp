@@ -18,16 +18,8 @@
 
 namespace {
 
+using chatforge_simd::dot;
 using chatforge_simd::Simd;
-
-float dot(const float* a, const float* b, int64_t n) {
-  Simd::V acc = Simd::zero();
-  int64_t i = 0;
-  for (; i + Simd::kLanes <= n; i += Simd::kLanes) acc = Simd::fmadd(Simd::load(a + i), Simd::load(b + i), acc);
-  float s = Simd::sum(acc);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
 
 // out (D, zeros) = scale * sum over s of p[s] * v[s]: the output row in registers (NV vectors)
 // while every value row streams past, where D is NV vectors; else a pass per value row

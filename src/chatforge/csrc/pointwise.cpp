@@ -32,14 +32,10 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = xp + r * C;
       float* yr = yp + r * C;
-      Simd::V acc = Simd::zero();
-      int64_t i = 0;
-      for (; i + Simd::kLanes <= C; i += Simd::kLanes) acc = Simd::fmadd(Simd::load(xr + i), Simd::load(xr + i), acc);
-      float ss = Simd::sum(acc);
-      for (; i < C; ++i) ss += xr[i] * xr[i];
-      const float rstd = 1.f / std::sqrt(ss / static_cast<float>(C) + static_cast<float>(eps));
+      const float rstd = 1.f / std::sqrt(chatforge_simd::dot(xr, xr, C) / static_cast<float>(C) + static_cast<float>(eps));
       const Simd::V rv = Simd::set1(rstd);
-      for (i = 0; i + Simd::kLanes <= C; i += Simd::kLanes) Simd::store(yr + i, Simd::mul(Simd::mul(Simd::load(xr + i), rv), Simd::load(wp + i)));
+      int64_t i = 0;
+      for (; i + Simd::kLanes <= C; i += Simd::kLanes) Simd::store(yr + i, Simd::mul(Simd::mul(Simd::load(xr + i), rv), Simd::load(wp + i)));
       for (; i < C; ++i) yr[i] = xr[i] * rstd * wp[i];
     }
   });

@@ -1,7 +1,7 @@
 // One fp32 vector type for the project's CPU kernels, chosen at build time (-march=native):
 // AVX-512 (16 lanes), AVX2 with FMA and F16C (8 lanes), else one lane for the compiler to
 // vectorize as it can. q4 / q8 turn one group of 32 codes into fp32 vectors (grouped_linear.cpp
-// gives their layouts); halves converts fp16 scales.
+// gives their layouts); halves converts fp16 scales; dot is a dot product of n floats.
 #pragma once
 
 #include <c10/util/Half.h>
@@ -43,10 +43,9 @@ struct Simd {  // 16 fp32 lanes; a group is 2 vectors
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V a) { return _mm512_reduce_add_ps(a); }
-  static V exp_poly(V x, V n);
   static V exp(V x) {  // exp_poly_of above; 0 for x < kExpMin (-inf: a masked score)
     const __m512i n = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT));
-    const V p = exp_poly(x, _mm512_cvtepi32_ps(n));
+    const V p = exp_poly_of<Simd>(x, _mm512_cvtepi32_ps(n));
     const V y = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(n, 23)));
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, set1(kExpMin), _CMP_GE_OQ), y);
   }
@@ -84,10 +83,9 @@ struct Simd {  // 8 fp32 lanes; a group is 4 vectors
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
-  static V exp_poly(V x, V n);
   static V exp(V x) {
     const V nf = _mm256_round_ps(_mm256_mul_ps(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const V p = exp_poly(x, nf);
+    const V p = exp_poly_of<Simd>(x, nf);
     const V y = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), _mm256_slli_epi32(_mm256_cvtps_epi32(nf), 23)));
     return _mm256_and_ps(y, _mm256_cmp_ps(x, set1(kExpMin), _CMP_GE_OQ));
   }
@@ -136,8 +134,13 @@ struct Simd {  // one lane: the compiler vectorizes what it can
 };
 #endif
 
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
-inline Simd::V Simd::exp_poly(V x, V n) { return exp_poly_of<Simd>(x, n); }
-#endif
+inline float dot(const float* a, const float* b, int64_t n) {  // sum of a[i] * b[i]
+  Simd::V acc = Simd::zero();
+  int64_t i = 0;
+  for (; i + Simd::kLanes <= n; i += Simd::kLanes) acc = Simd::fmadd(Simd::load(a + i), Simd::load(b + i), acc);
+  float s = Simd::sum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
 
 }  // namespace chatforge_simd

@@ -311,7 +311,7 @@ def main(cfg: FidelityConfig) -> dict:
             models[dt] = ckpt_io.load(path, dtype=dtypes.torch_dtype(dt)).model
         return models[dt]
 
-    auto = dtypes.inference_mode("auto", "auto", "cpu", ckpt_io.exact_int4(path))  # what chat/generate/serve run by default here
+    auto = ckpt_io.inference_mode(path)  # what chat/generate/serve run by default here
 
     def runner(mode: str):
         if mode.startswith("gguf:"):

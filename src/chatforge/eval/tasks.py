@@ -195,7 +195,7 @@ def score(items: list[TaskItem], responses: list[str]) -> dict:
 def main(cfg: TaskEvalConfig) -> dict:
     items = load_items(cfg.data, cfg.max_per_task, cfg.seed, cfg.families)
     path = resolve(cfg.model, install=cfg.install)
-    dt, copies = dtypes.inference_mode(cfg.dtype, "auto", "cpu", ckpt_io.exact_int4(path))
+    dt, copies = ckpt_io.inference_mode(path, cfg.dtype, "auto", "cpu")
     ck = ckpt_io.load(path, dtype=dtypes.torch_dtype(dt))
     longest = max(len(ck.tokenizer.render(it.messages, add_generation_prompt=True)[0]) for it in items)
     engine = Engine(ck.model, ck.tokenizer, max_batch=cfg.batch, max_seq_len=min(ck.model.cfg.max_seq_len, longest + cfg.max_new_tokens + 1),

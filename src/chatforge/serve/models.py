@@ -86,7 +86,7 @@ def load_model(
     """Resolve a checkpoint folder or known model name, load it and start its engine loop (with
     `compile_decode`, after compiling every slot bucket of its decode step)."""
     path = resolve(name_or_path, install=install)
-    dt, copies = dtypes.inference_mode(dtype, decode_weights, device, checkpoint.exact_int4(path))
+    dt, copies = checkpoint.inference_mode(path, dtype, decode_weights, device)
     name = name_or_path if name_or_path in KNOWN else Path(path).resolve().name
     meta: dict = {}
 
