@@ -10,7 +10,8 @@ parts of the int4 path taken away: fp16 copies with the fp32 output layer (the d
 the exact 8-bit output layer), int4 copies on torch's bf16-activation kernel (the int4 path
 before the project's own kernel; what runs where it cannot be built), and `auto` on torch's own
 attention, RMSNorm, RoPE and SwiGLU instead of the project's kernels (csrc/decode_attention.cpp,
-pointwise.cpp).
+pointwise.cpp), and `auto` step by step from Python instead of the one-call step
+(engine/fused.py, csrc/decode_step.cpp).
 `--compiled` adds `auto` with the compiled decode step (`--compile-decode`; compiled before the
 rounds).
 
@@ -41,8 +42,10 @@ def ablation(name: str):
 
     from chatforge.engine import engine
 
-    saved = quantize.int8_exact_groups, quantize.native_kernels, engine.native_decode_attention
-    if name == "fp32 head":
+    saved = quantize.int8_exact_groups, quantize.native_kernels, engine.native_decode_attention, engine.FusedDecode.applies
+    if name == "stepwise":
+        engine.FusedDecode.applies = staticmethod(lambda model, fast: False)
+    elif name == "fp32 head":
         quantize.int8_exact_groups = lambda w, group=32: None
     elif name == "aten int4":
         quantize.native_kernels = lambda: "ablation"
@@ -51,7 +54,7 @@ def ablation(name: str):
     try:
         yield
     finally:
-        quantize.int8_exact_groups, quantize.native_kernels, engine.native_decode_attention = saved
+        quantize.int8_exact_groups, quantize.native_kernels, engine.native_decode_attention, engine.FusedDecode.applies = saved
 
 
 def main() -> None:
@@ -84,7 +87,8 @@ def main() -> None:
     if a.ablations:
         modes["ablation: fp16 copies, fp32 output layer"] = ("fp16", "fp32 head", False)
         modes["ablation: int4 on torch's bf16 kernel, fp32 output layer"] = ("int4", "aten int4", False)
-        modes["ablation: auto on torch's attention, RMSNorm, RoPE and SwiGLU"] = (auto, "sdpa", False)
+        modes["ablation: auto step by step from Python (no one-call step)"] = (auto, "stepwise", False)
+        modes["ablation: auto on torch's attention, RMSNorm, RoPE and SwiGLU (step by step)"] = (auto, "sdpa", False)
     engines = {}
     for name, (copies, abl, compile_decode) in modes.items():
         with ablation(abl):

@@ -472,6 +472,47 @@ def test_exact_low_bit_weights_decode_as_fp32(tok):
     assert "few" not in getattr(engine.fast.head, "keywords", {})
 
 
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_fused_decode_step_equals_eager(tok, qkv_bias):
+    """Guards the one-call decode step (engine/fused.py, csrc/decode_step.cpp) that int4 engines on
+    the CPU decode few streams with: its greedy tokens and log-probs equal the eager step's bit
+    for bit (streams at different positions, joining and leaving; grouped-query heads; Qwen2's
+    q|k|v bias), and it steps aside for a forward hook (a LoRA adapter) and for more rows than
+    the copies' FEW_ROWS."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128, qkv_bias=qkv_bias)
+    m = GPT(cfg)
+    m.init_weights(0)
+    if qkv_bias:
+        with torch.no_grad():
+            for blk in m.blocks:
+                blk.attn.qkv.bias.normal_(0, 0.1)
+    m.eval()
+    prompts = [tok.encode(t) for t in ("The quick brown fox", "床前明月光，疑是地上霜", "a", "Once upon a time there was")]
+    sps = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True, logprobs=True) for n in (9, 14, 5, 11)]
+    eager = Engine(m, tok, decode_weights="int4", max_batch=4)
+    eager.fused = None
+    fused = Engine(m, tok, decode_weights="int4", max_batch=4)
+    assert fused.fused is not None
+    one_call, calls = fused.fused, []
+    fused.fused = lambda ids, pos: calls.append(len(pos)) or one_call(ids, pos)
+
+    def events(engine):
+        return [(e.request_id, e.token_id, e.logprob) for e in engine.generate(prompts, sps) if e.token_id is not None]
+
+    want = events(eager)
+    assert events(fused) == want
+    assert sorted(set(calls)) == [1, 2, 3, 4]  # every step of 1-4 streams took the call
+    handle = m.blocks[1].mlp.register_forward_hook(lambda mod, args, out: out * 2)  # the caller's model: shared hooks
+    try:
+        assert one_call([1], [0]) is None
+        assert events(fused) != want  # the hook took part in the eager steps
+    finally:
+        handle.remove()
+    assert one_call([1] * (fused.fast.few_rows + 1), [0] * (fused.fast.few_rows + 1)) is None
+    assert events(fused) == want
+
+
 def test_int4_without_the_native_kernel(tok, monkeypatch, tmp_path):
     """Guards the fallback where the kernel cannot be built (no compiler): native_kernels names the
     reason with a warning instead of raising, int4 copies then run torch's bf16 kernel (rounded
@@ -511,7 +552,7 @@ def test_decode_weights_round_only_decode_steps(tok, fmt, block):
 
     m = tiny(tok, block)  # gpt2 blocks: linears with biases
     before = copy.deepcopy(m.state_dict())
-    p = tok.encode("The quick brown fox jumps over the lazy dog, 床前明月光")
+    p = tok.encode("The quick brown fox jumps over the lazy dog, 床前明月光，疑是地上霜。 She sells sea shells by the sea shore.")
     assert len(p) > max(FEW_ROWS.values())
     sp = SamplingParams(temperature=0, max_new_tokens=8, ignore_eos=True, logprobs=True)
     engine = Engine(m, tok, decode_weights=fmt)

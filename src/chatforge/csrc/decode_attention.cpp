@@ -14,6 +14,7 @@
 #include <limits>
 #include <vector>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace {
@@ -49,6 +50,25 @@ void weighted_sum(const float* p, int64_t S, float scale, const float* v, int64_
   }
 }
 
+// p[s] = scale * (q . k[s]) for s < S: kLanes keys at a time, each key's products summed as a
+// vector and the kLanes vectors reduced together (Simd::sums), not one horizontal sum per key
+void scores(const float* q, const float* k, int64_t stride, int64_t S, int64_t D, float scale, float* p) {
+  int64_t s = 0;
+  if (D % Simd::kLanes == 0 && Simd::kLanes > 1) {
+    Simd::V acc[Simd::kLanes];
+    for (; s + Simd::kLanes <= S; s += Simd::kLanes) {
+      for (int j = 0; j < Simd::kLanes; ++j) {
+        const float* kj = k + (s + j) * stride;
+        Simd::V a = Simd::mul(Simd::load(q), Simd::load(kj));
+        for (int64_t i = Simd::kLanes; i < D; i += Simd::kLanes) a = Simd::fmadd(Simd::load(q + i), Simd::load(kj + i), a);
+        acc[j] = a;
+      }
+      Simd::store(p + s, Simd::mul(Simd::sums(acc), Simd::set1(scale)));
+    }
+  }
+  for (; s < S; ++s) p[s] = dot(q, k + s * stride, D) * scale;
+}
+
 float softmax_numerators(float* p, int64_t n, float top) {  // p = exp(p - top) (0 where -inf); their sum
   Simd::V acc = Simd::zero();
   int64_t i = 0;
@@ -61,6 +81,10 @@ float softmax_numerators(float* p, int64_t n, float top) {  // p = exp(p - top) 
   for (; i < n; ++i) total += (p[i] = p[i] - top >= chatforge_simd::kExpMin ? std::exp(p[i] - top) : 0.f);
   return total;
 }
+
+}  // namespace
+
+namespace chatforge_native {
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                             double scale) {
@@ -94,9 +118,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
       const float* kt = kp + b * k.stride(0) + kh * k.stride(1);
       const float* vt = vp + b * v.stride(0) + kh * v.stride(1);
       const bool* mt = mp ? mp + b * S : nullptr;
+      scores(qt, kt, k.stride(2), S, D, sc, p.data());
       float top = none;
       for (int64_t s = 0; s < S; ++s) {
-        p[s] = (mt && !mt[s]) ? none : dot(qt, kt + s * k.stride(2), D) * sc;
+        if (mt && !mt[s]) p[s] = none;
         top = std::max(top, p[s]);
       }
       if (top == none) continue;  // nothing to attend to: zeros
@@ -107,9 +132,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
-}  // namespace
+}  // namespace chatforge_native
 
 TORCH_LIBRARY_FRAGMENT(chatforge_native, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(chatforge_native, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(chatforge_native, CPU, m) { m.impl("decode_attention", &chatforge_native::decode_attention); }

@@ -17,6 +17,7 @@
 
 #include <vector>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace {
@@ -105,6 +106,10 @@ at::Tensor grouped_linear(const char* name, const at::Tensor& x, const at::Tenso
   return y;
 }
 
+}  // namespace
+
+namespace chatforge_native {
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_mins) {
   return grouped_linear<Q4>("q4_linear", x, w, scales_mins);
 }
@@ -113,13 +118,13 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return grouped_linear<Q8>("q8_linear", x, w, scales);
 }
 
-}  // namespace
+}  // namespace chatforge_native
 
 TORCH_LIBRARY(chatforge_native, m) {
   m.def("q4_linear(Tensor x, Tensor w, Tensor scales_mins) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(chatforge_native, CPU, m) {
-  m.impl("q4_linear", &q4_linear);
-  m.impl("q8_linear", &q8_linear);
+  m.impl("q4_linear", &chatforge_native::q4_linear);
+  m.impl("q8_linear", &chatforge_native::q8_linear);
 }

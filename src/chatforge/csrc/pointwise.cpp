@@ -11,11 +11,16 @@
 #include <cmath>
 #include <vector>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace {
 
 using chatforge_simd::Simd;
+
+}  // namespace
+
+namespace chatforge_native {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: fp32 x and weight only");
@@ -100,7 +105,7 @@ at::Tensor swiglu(const at::Tensor& h) {
   return y;
 }
 
-}  // namespace
+}  // namespace chatforge_native
 
 TORCH_LIBRARY_FRAGMENT(chatforge_native, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
@@ -108,7 +113,7 @@ TORCH_LIBRARY_FRAGMENT(chatforge_native, m) {
   m.def("swiglu(Tensor h) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(chatforge_native, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("rope", &rope);
-  m.impl("swiglu", &swiglu);
+  m.impl("rms_norm", &chatforge_native::rms_norm);
+  m.impl("rope", &chatforge_native::rope);
+  m.impl("swiglu", &chatforge_native::swiglu);
 }

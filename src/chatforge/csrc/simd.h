@@ -1,7 +1,8 @@
 // One fp32 vector type for the project's CPU kernels, chosen at build time (-march=native):
 // AVX-512 (16 lanes), AVX2 with FMA and F16C (8 lanes), else one lane for the compiler to
 // vectorize as it can. q4 / q8 turn one group of 32 codes into fp32 vectors (grouped_linear.cpp
-// gives their layouts); halves converts fp16 scales; dot is a dot product of n floats.
+// gives their layouts); halves converts fp16 scales; sums reduces kLanes vectors to one vector of
+// their sums; dot is a dot product of n floats.
 #pragma once
 
 #include <c10/util/Half.h>
@@ -43,6 +44,16 @@ struct Simd {  // 16 fp32 lanes; a group is 2 vectors
   static V min(V a, V b) { return _mm512_min_ps(a, b); }
   static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static float sum(V a) { return _mm512_reduce_add_ps(a); }
+  static V sums(const V* a) {  // lane j = sum(a[j]) for 16 vectors: a transpose-and-add tree
+    V b[8], c[4];
+    for (int i = 0; i < 8; ++i) b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)  // per 128-bit chunk: partial sums of a[4i..4i+3]
+      c[i] = _mm512_add_ps(_mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_ps(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const V e0 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+    const V e1 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(c[2], c[3], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(e0, e1, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
   static V exp(V x) {  // exp_poly_of above; 0 for x < kExpMin (-inf: a masked score)
     const __m512i n = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT));
     const V p = exp_poly_of<Simd>(x, _mm512_cvtepi32_ps(n));
@@ -83,6 +94,11 @@ struct Simd {  // 8 fp32 lanes; a group is 4 vectors
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
   }
+  static V sums(const V* a) {  // lane j = sum(a[j]) for 8 vectors
+    const V c0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));  // per 128-bit half: a[0..3]
+    const V c1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(c0, c1, 0x20), _mm256_permute2f128_ps(c0, c1, 0x31));
+  }
   static V exp(V x) {
     const V nf = _mm256_round_ps(_mm256_mul_ps(x, set1(kLog2e)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const V p = exp_poly_of<Simd>(x, nf);
@@ -121,6 +137,7 @@ struct Simd {  // one lane: the compiler vectorizes what it can
   static V min(V a, V b) { return a < b ? a : b; }
   static V fmadd(V a, V b, V c) { return a * b + c; }
   static float sum(V a) { return a; }
+  static V sums(const V* a) { return a[0]; }
   static V exp(V x) { return x >= kExpMin ? std::exp(x) : 0.f; }
   static void q4(const uint8_t* b, V* d) {
     for (int j = 0; j < 16; ++j) d[j] = static_cast<float>(b[j] & 15), d[j + 16] = static_cast<float>(b[j] >> 4);

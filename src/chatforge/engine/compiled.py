@@ -81,8 +81,11 @@ class CompiledDecode:
     `few_rows`: steps of at most this many rows multiply by the decode copies (FastLinears)."""
 
     def __init__(self, model: GPT, cache: SlotCache, head: Callable[[torch.Tensor], torch.Tensor], max_batch: int, few_rows: int = 0,
-                 copies: Callable[[], int] = lambda: 0):
+                 copies: Callable[[], int] = lambda: 0, warm_above: int = 0):
         self.model, self.cache, self.head = model, cache, head
+        # warm() leaves buckets of at most this many rows to first use: the engine's one-call step
+        # (fused.py) takes those steps, and only steps it aside from would compile them
+        self.warm_above = warm_above
         self.copies = copies  # which weight copies are installed (FastLinears.generation): a bucket's graph is made for one
         self._made_for: dict[int, int] = {}  # bucket -> the copies its one graph was compiled with
         self.device = cache.k[0].device
@@ -159,18 +162,20 @@ class CompiledDecode:
         return logits[:n]
 
     def warm(self) -> dict[int, float]:
-        """Compile every bucket not compiled yet (with dummy steps that write only position 1 of
-        the first slots: call it on an idle engine); the seconds each took."""
+        """Compile every bucket not compiled yet above `warm_above` rows (with dummy steps that
+        write only position 1 of the first slots: call it on an idle engine); the seconds each took."""
         out = {}
         for b in self.buckets:
-            if self.compiles[b] == 0:
+            if self.compiles[b] == 0 and b > self.warm_above:
                 self._run(b, [0] * b, [1] * b)
                 out[b] = self.compile_seconds[b]
         return out
 
 
-def warm_report(seconds: dict[int, float]) -> str:
+def warm_report(seconds: dict[int, float] | None) -> str:
     """Engine.warm's result in words (for the commands that print it)."""
-    if not seconds:
+    if seconds is None:
         return "not compiled: decoding eagerly (see the warning)"
+    if not seconds:
+        return "nothing to compile: the one-call step (engine/fused.py) takes these steps"
     return "compiled for " + ", ".join(f"{b} stream{'s' * (b > 1)} in {s:.0f} s" for b, s in seconds.items())

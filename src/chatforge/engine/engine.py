@@ -8,6 +8,9 @@
   that may span tokens, max_new_tokens, and the end of the context window.
 - Incremental detokenization never emits half a UTF-8 character.
 - Linear layers run on copies of the weights made for speed (linears.FastLinears).
+- Decode steps of a few streams on int4 copies (an fp32 Llama-block model on the CPU) run as one
+  call into the project's kernels (fused.FusedDecode): the same answers bit for bit, without
+  ~15 ops per block dispatched from Python.
 - Optionally (`compile_decode`) decode steps run as torch.compile'd graphs, one per slot bucket
   (compiled.CompiledDecode); prefills stay eager.
 - Optionally (`prefill_chunk`) a prompt longer than the chunk is prefilled a chunk per step,
@@ -45,6 +48,7 @@ from ..model import GPT, MLP, Attention, RMSNorm, apply_rope, swiglu
 from ..tokenizer import Tokenizer
 from .cache import PrefixCache, SlotCache, attend_decode_by_matmuls, attend_decode_native, matmul_decode_attention_wins, native_decode_attention
 from .compiled import CompiledDecode, CompileFailed
+from .fused import FusedDecode
 from .linears import FastLinears
 from .sampling import Request, SamplingParams, sample_next
 
@@ -196,20 +200,24 @@ class Engine:
         self.fast = FastLinears(self.model, pack, decode_weights) if pack or decode_weights is not None else None
         if self.fast is not None:
             self.fast.refresh()  # now rather than in the first request's time to first token
+        # decode steps of a few streams on int4 copies: one call into the project's kernels (fused.py)
+        self.fused = FusedDecode(self.model, self.cache, self.fast) if native and FusedDecode.applies(self.model, self.fast) else None
         self.compiled = None
         if compile_decode:
             self.compiled = CompiledDecode(self.model, self.cache, self.head, max_batch, self.fast.few_rows if self.fast else 0,
-                                           copies=(lambda: self.fast.generation) if self.fast else (lambda: 0))
+                                           copies=(lambda: self.fast.generation) if self.fast else (lambda: 0),
+                                           warm_above=self.fast.few_rows if self.fused is not None else 0)
         self.active: list[Request] = []
         self.waiting: list[Request] = []
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
     @torch.inference_mode()
-    def warm(self) -> dict[int, float]:
+    def warm(self) -> dict[int, float] | None:
         """Compile the decode step's slot buckets now rather than in the first requests' time
-        (compile_decode=True engines; an idle engine): the seconds per bucket compiled here.
-        {} when compilation failed (then the engine decodes eagerly, with a warning)."""
+        (compile_decode=True engines; an idle engine): the seconds per bucket compiled here ({}:
+        none needed it; those of up to FEW_ROWS streams are left out where the one-call step takes
+        them). None when compilation failed (then the engine decodes eagerly, with a warning)."""
         if self.compiled is None:
             raise RuntimeError("warm() is for an engine made with compile_decode=True")
         if self.has_work:
@@ -219,7 +227,7 @@ class Engine:
                 return self.compiled.warm()
             except CompileFailed as e:
                 self._compile_failed(e)
-                return {}
+                return None
 
     def _compile_failed(self, e: CompileFailed) -> None:
         warnings.warn(f"{e}; this engine decodes eagerly from now on")
@@ -475,6 +483,8 @@ class Engine:
         last_ids = [r.out[-1] for r in reqs]
 
         def forward() -> torch.Tensor:
+            if self.fused is not None and (h := self.fused(last_ids, positions)) is not None:
+                return self.head(h).float()
             # A compiled step's dummy rows write into the free slots, the chunked prompt's among them.
             if self.compiled is not None and self.chunking is None:
                 return self.compiled(last_ids, positions)

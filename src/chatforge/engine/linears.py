@@ -68,8 +68,10 @@ def _cast_linear(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], dt
 
 DECODE_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.quint4x2}
 # Matmuls of at most this many rows (decode steps of that many streams) use the decode copies:
-# where they stop paying, measured by `python benchmarks/decode_matmuls.py` (benchmarks/README.md).
-FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 4, "int4": 8}
+# where they stop paying, measured by `python benchmarks/decode_matmuls.py` and, for int4 on the
+# project's kernel with the one-call step (fused.py), by whole engine steps (benchmarks/README.md).
+FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 4, "int4": 16}
+TORCH_INT4_FEW_ROWS = 8  # int4 on torch's kernel (where the project's cannot be built)
 
 
 # The int8/int4 kernels' activations: bf16 (inputs and outputs rounded to it, fp32 sums). With fp32
@@ -143,6 +145,8 @@ class FastLinears:
             if self.compute is None:
                 raise ValueError(f"packed linears need the CPU and oneDNN; got {self.device}, {self.dtype}")
         self.few_rows = FEW_ROWS[decode_weights] if self.decode is not None else 0
+        if self.decode == torch.quint4x2 and quantize.native_kernels() is not None:
+            self.few_rows = TORCH_INT4_FEW_ROWS
         own = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype)
         if self.decode is None and self.compute not in (None, self.dtype) and own:
             self.few_rows = FEW_ROWS[own]  # few rows keep the model's own half-precision weights: bandwidth-bound, half the bytes
@@ -150,6 +154,9 @@ class FastLinears:
         self.force_few = False  # every matmul on the few-row path (set by installed(force_few=True))
         self._signature: list | None = None
         self.forwards: list[Callable] = []  # per linear in self.linears, and head for the output layer: made by refresh()
+        # the int4 copies on the project's kernel (codes, scales and minimums, bias) by linear module,
+        # for the one-call decode step (engine/fused.py): made by refresh()
+        self.native_int4: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.head: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.generation = 0  # counts the times refresh() made new copies
 
@@ -169,15 +176,16 @@ class FastLinears:
             return False
 
     def _current(self) -> list:
-        def sig(t: torch.Tensor | None):
-            if t is None:
-                return None
-            return (t.data_ptr(), t.dtype, None if t.is_inference() else t._version)
+        """Where each copied weight lives and its version counter. Asked before every step, so
+        written for speed (the modules' parameter dicts read directly: ~4x faster than attribute
+        access and per-tensor helpers, ~50 us for SmolLM2's 211 linears)."""
+        ps = [m._parameters for m in self.linears]
+        ts = [p["weight"] for p in ps] + [p["bias"] for p in ps if p["bias"] is not None] + [self.model.output_weight()]
+        return [(t.data_ptr(), t.dtype, None if t.is_inference() else t._version) for t in ts]
 
-        return [(sig(m.weight), sig(m.bias)) for m in self.linears] + [sig(self.model.output_weight())]
-
-    def _linear(self, w: torch.Tensor, b: torch.Tensor | None, output: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The forward of one linear layer on its copies; `output` = the output layer (logits)."""
+    def _linear(self, w: torch.Tensor, b: torch.Tensor | None, output: bool = False,
+                module: nn.Linear | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The forward of one linear layer (`module`, or the output layer with `output`) on its copies."""
         w, b = w.detach(), None if b is None else b.detach()
         many = functools.partial(F.linear, weight=w, bias=b)
         if self.compute is not None:
@@ -211,6 +219,8 @@ class FastLinears:
                 return many
             few = _Quantized(functools.partial(quantize.int4_native_linear, packed=packed[0], scales_mins=packed[1], bias=b),
                              functools.partial(quantize.int4_native_dequantized, *packed), b, torch.float32)
+            if module is not None:
+                self.native_int4[module] = (*packed, b)
         elif self.decode == torch.quint4x2:  # no compiler here: torch's kernel, bf16 activations
             packed = quantize.int4_weights(w)
             if packed is None:
@@ -236,7 +246,8 @@ class FastLinears:
         """Copy again whatever weights changed since the last copies were made."""
         sig = self._current()
         if sig != self._signature:
-            self.forwards = [self._linear(m.weight, m.bias) for m in self.linears]
+            self.native_int4 = {}
+            self.forwards = [self._linear(m.weight, m.bias, module=m) for m in self.linears]
             self.head = self._linear(self.model.output_weight(), None, output=True)
             self._signature = sig
             self.generation += 1

@@ -174,10 +174,10 @@ class EngineRunner:
             raise Unavailable(str(e)) from e
         self.decode_path = self.engine.fast is not None and self.engine.fast.few_rows > 0
         self.describe = f"{dtype_name} activations" + (f", {decode} decode copies" if decode else "")
-        self.compile_s: dict[int, float] = {}
+        self.compile_s: dict[int, float] | None = {}
         if compile_decode:
             self.compile_s = self.engine.warm()
-            if not self.compile_s:
+            if self.compile_s is None:
                 raise Unavailable("the decode step did not compile (see the warning)")
             self.describe += f", compiled decode step ({warm_report(self.compile_s)})"
 
