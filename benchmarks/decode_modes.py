@@ -13,13 +13,16 @@ attention, RMSNorm, RoPE and SwiGLU instead of the project's kernels (csrc/decod
 pointwise.cpp), and `auto` step by step from Python instead of the one-call step
 (engine/fused.py, csrc/decode_step.cpp).
 `--compiled` adds `auto` with the compiled decode step (`--compile-decode`; compiled before the
-rounds).
+rounds). `--streams 4 16` adds `auto` decoding that many streams at once (prompts of 250, 249, ...
+tokens), as aggregate tokens/s against llama.cpp's single stream; its greedy-token column is
+the first stream's (the full prompt).
 
 llama.cpp: llama-cpp-python (`pip install llama-cpp-python`, see ../shared/docs/benchmarks.md for
 a portable build; LLAMA_CPP_LIB_PATH may point at a separately built libllama), its own greedy
 sampler; skipped with a message when it is not importable.
 
 Run: python benchmarks/decode_modes.py [--rounds 3] [--new-tokens 128] [--threads 2] [--ablations] [--compiled]
+     [--streams 4 16]
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--compiled", action="store_true", help="add auto with the compiled decode step")
     ap.add_argument("--install", action="store_true", help="download SmolLM2's package if it is not cached")
+    ap.add_argument("--streams", type=int, nargs="*", default=[], help="add auto at these numbers of streams (aggregate tok/s)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -80,19 +84,22 @@ def main() -> None:
     ids = tok.encode(text)[:PROMPT_TOKENS]
     new = a.new_tokens
     auto = checkpoint.inference_mode(path)[1]
-    modes = {"fp32 (exact)": (None, "", False), "fp32 + fp16 copies": ("fp16", "", False), "fp32 + int4 copies": ("int4", "", False),
-             f"auto (fp32 + {auto} copies)": (auto, "", False)}
+    # name -> (decode copies, ablation, compile_decode, streams)
+    modes = {"fp32 (exact)": (None, "", False, 1), "fp32 + fp16 copies": ("fp16", "", False, 1),
+             "fp32 + int4 copies": ("int4", "", False, 1), f"auto (fp32 + {auto} copies)": (auto, "", False, 1)}
     if a.compiled:
-        modes["auto, compiled decode step"] = (auto, "", True)
+        modes["auto, compiled decode step"] = (auto, "", True, 1)
+    for n in a.streams:
+        modes[f"auto, {n} streams (aggregate)"] = (auto, "", False, n)
     if a.ablations:
-        modes["ablation: fp16 copies, fp32 output layer"] = ("fp16", "fp32 head", False)
-        modes["ablation: int4 on torch's bf16 kernel, fp32 output layer"] = ("int4", "aten int4", False)
-        modes["ablation: auto step by step from Python (no one-call step)"] = (auto, "stepwise", False)
-        modes["ablation: auto on torch's attention, RMSNorm, RoPE and SwiGLU (step by step)"] = (auto, "sdpa", False)
+        modes["ablation: fp16 copies, fp32 output layer"] = ("fp16", "fp32 head", False, 1)
+        modes["ablation: int4 on torch's bf16 kernel, fp32 output layer"] = ("int4", "aten int4", False, 1)
+        modes["ablation: auto step by step from Python (no one-call step)"] = (auto, "stepwise", False, 1)
+        modes["ablation: auto on torch's attention, RMSNorm, RoPE and SwiGLU (step by step)"] = (auto, "sdpa", False, 1)
     engines = {}
-    for name, (copies, abl, compile_decode) in modes.items():
+    for name, (copies, abl, compile_decode, n) in modes.items():
         with ablation(abl):
-            e = Engine(model, tok, max_batch=1, max_seq_len=len(ids) + new + 8, decode_weights=copies, compile_decode=compile_decode)
+            e = Engine(model, tok, max_batch=n, max_seq_len=len(ids) + new + 8, decode_weights=copies, compile_decode=compile_decode)
             t = time.perf_counter()
             list(e.generate([ids], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)))  # copies made (and compiled) here
             if compile_decode:
@@ -100,15 +107,18 @@ def main() -> None:
         engines[name] = e
     sp = SamplingParams(temperature=0, max_new_tokens=new, ignore_eos=True)
 
-    def run_engine(e):
+    def run_engine(e, n):
+        """Aggregate decode tok/s of n streams started together (after the step that prefilled
+        them all), and the first stream's tokens."""
         times, toks = [], []
         t0 = time.perf_counter()
-        for ev in e.generate([ids], sp):
+        for ev in e.generate([ids[: len(ids) - i] for i in range(n)], sp):
             times.append(time.perf_counter() - t0)
-            toks.append(ev.token_id)
-        return (len(times) - 1) / (times[-1] - times[0]), toks
+            if ev.request_id == 0:
+                toks.append(ev.token_id)
+        return (len(times) - n) / (times[-1] - times[n - 1]), toks
 
-    runners = {name: (lambda e=e: run_engine(e)) for name, e in engines.items()}
+    runners = {name: (lambda e=e, n=modes[name][3]: run_engine(e, n)) for name, e in engines.items()}
     llm = None
     try:
         from llama_cpp import Llama
