@@ -478,7 +478,7 @@ def test_fused_decode_step_equals_eager(tok, qkv_bias):
     the CPU decode few streams with: its greedy tokens and log-probs equal the eager step's bit
     for bit (streams at different positions, joining and leaving; grouped-query heads; Qwen2's
     q|k|v bias), and it steps aside for a forward hook (a LoRA adapter) and for more rows than
-    the copies' FEW_ROWS."""
+    the copies' FEW_ROWS; a norm weight replaced by a new tensor is read, not the old one."""
     torch.manual_seed(0)
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=2, d_model=64, max_seq_len=128, qkv_bias=qkv_bias)
     m = GPT(cfg)
@@ -511,6 +511,9 @@ def test_fused_decode_step_equals_eager(tok, qkv_bias):
         handle.remove()
     assert one_call([1] * (fused.fast.few_rows + 1), [0] * (fused.fast.few_rows + 1)) is None
     assert events(fused) == want
+    m.blocks[0].norm2.weight = torch.nn.Parameter(m.blocks[0].norm2.weight.detach() * 1.5)  # a new tensor, not an update
+    want = events(eager)
+    assert events(fused) == want and calls[-1] == 1
 
 
 def test_int4_without_the_native_kernel(tok, monkeypatch, tmp_path):

@@ -35,7 +35,10 @@ class FusedDecode:
         # the hook dicts are shared with the caller's model (engine.own_modules): hooks added later show here
         self._hooks = [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
         self._weights: list[torch.Tensor] | None = None
-        self._made_for = -1  # the FastLinears.generation _weights were collected from
+        # what _weights were collected from: the FastLinears.generation (the int4 copies) and the
+        # norms' weight tensors (not copied: an in-place update shows, a new Parameter must not be missed)
+        self._made_for: tuple[int, list[torch.Tensor]] | None = None
+        self._norms = [n for blk in model.blocks for n in (blk.norm1, blk.norm2)] + [model.norm_f]
 
     @staticmethod
     def applies(model: GPT, fast: FastLinears | None) -> bool:
@@ -67,8 +70,9 @@ class FusedDecode:
         if len(positions) > self.fast.few_rows or self.fast.force_few or any(self._hooks) \
                 or nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks:
             return None
-        if self._made_for != self.fast.generation:
-            self._weights, self._made_for = self._collect(), self.fast.generation
+        norms = [n._parameters["weight"] for n in self._norms]
+        if self._made_for is None or self._made_for[0] != self.fast.generation or any(a is not b for a, b in zip(norms, self._made_for[1])):
+            self._weights, self._made_for = self._collect(), (self.fast.generation, norms)
         if self._weights is None:
             return None
         cfg, model = self.model.cfg, self.model
