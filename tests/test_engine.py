@@ -514,6 +514,17 @@ def test_fused_decode_step_equals_eager(tok, qkv_bias):
     m.blocks[0].norm2.weight = torch.nn.Parameter(m.blocks[0].norm2.weight.detach() * 1.5)  # a new tensor, not an update
     want = events(eager)
     assert events(fused) == want and calls[-1] == 1
+    # more streams than FEW_ROWS: those steps go step by step, and as streams finish the rest take the call
+    n = fused.fast.few_rows + 2
+    many = [prompts[i % 4][: 2 + i % 5] for i in range(n)]
+    many_sps = [SamplingParams(temperature=0, max_new_tokens=3 + i % 6, ignore_eos=True, logprobs=True) for i in range(n)]
+    big_eager, big_fused = Engine(m, tok, decode_weights="int4", max_batch=n), Engine(m, tok, decode_weights="int4", max_batch=n)
+    big_eager.fused = None
+    big_call, tried = big_fused.fused, []
+    big_fused.fused = lambda ids, pos: tried.append(len(pos)) or big_call(ids, pos)
+    got = [[(e.request_id, e.token_id, e.logprob) for e in eng.generate(many, many_sps)] for eng in (big_eager, big_fused)]
+    assert got[0] == got[1]
+    assert max(tried) == n and min(tried) <= fused.fast.few_rows  # both kinds of step ran
 
 
 def test_int4_without_the_native_kernel(tok, monkeypatch, tmp_path):
