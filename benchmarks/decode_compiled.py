@@ -7,6 +7,10 @@ Each stream count is measured `--repeats` times, eager and compiled alternating,
 the ratio compiled / eager of each pair (its spread shows how noisy the machine was), with each
 bucket's compile seconds and whether both steps produced the same greedy tokens.
 
+Where the weight mode is int4 copies on the project's kernel (SmolLM2's default here), steps of
+up to FEW_ROWS streams take the one-call step (engine/fused.py) in both engines, so the ratio
+there is ~1 and nothing compiles for them; the compiled step shows at more streams (`--streams 32`).
+
 The model: SmolLM2-135M-Instruct where its package is cached (or `--install`), else (or with
 `--random`) a preset of about its size with random weights and a throwaway tokenizer, said so.
 
