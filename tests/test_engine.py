@@ -329,8 +329,9 @@ def test_native_kernels_linear():
     activations equals an fp64 matmul on its dequantized weights to fp32 rounding at every row
     count (1-8 in one pass over the weights, more in several), weights already 4-bit per group
     come back exactly (fp16 scales and minimums), other weights within half a step, shapes it does
-    not take are declined, and torch.compile traces it (the compiled decode step)."""
-    from chatforge.quantize import INT4_GROUP, int4_native_dequantized, int4_native_linear, int4_native_weights, native_kernels
+    not take are declined, and torch.compile traces it (the compiled decode step); its fp16-weight
+    path (fp16 decode copies) equals an fp64 matmul on the same fp16 weights."""
+    from chatforge.quantize import INT4_GROUP, f16_native_linear, int4_native_dequantized, int4_native_linear, int4_native_weights, native_kernels
 
     assert native_kernels() is None, native_kernels()
     torch.manual_seed(0)
@@ -360,6 +361,11 @@ def test_native_kernels_linear():
     compiled = torch.compile(lambda x: int4_native_linear(x, packed, sm, None), fullgraph=True)
     x = torch.randn(2, in_f)
     torch.testing.assert_close(compiled(x), int4_native_linear(x, packed, sm, None))
+    w16 = g.half()  # fp16 copies: the same kernel's fp16 path, fp32 activations and sums
+    for rows in (1, 9):
+        x = torch.randn(rows, in_f) * 100
+        ref = (x.double() @ w16.double().t() + bias.double()).float()
+        torch.testing.assert_close(f16_native_linear(x, w16, bias), ref, atol=2e-4, rtol=1e-5)
 
 
 def test_native_decode_attention():
@@ -472,10 +478,10 @@ def test_exact_low_bit_weights_decode_as_fp32(tok):
     assert "few" not in getattr(engine.fast.head, "keywords", {})
 
 
-@pytest.mark.parametrize("qkv_bias", [False, True])
-def test_fused_decode_step_equals_eager(tok, qkv_bias):
-    """Guards the one-call decode step (engine/fused.py, csrc/decode_step.cpp) that int4 engines on
-    the CPU decode few streams with: its greedy tokens and log-probs equal the eager step's bit
+@pytest.mark.parametrize("decode,qkv_bias", [("int4", False), ("int4", True), ("fp16", False)])
+def test_fused_decode_step_equals_eager(tok, decode, qkv_bias):
+    """Guards the one-call decode step (engine/fused.py, csrc/decode_step.cpp) that int4 and fp16
+    engines on the CPU decode few streams with: its greedy tokens and log-probs equal the eager step's bit
     for bit (streams at different positions, joining and leaving; grouped-query heads; Qwen2's
     q|k|v bias), and it steps aside for a forward hook (a LoRA adapter) and for more rows than
     the copies' FEW_ROWS; a norm weight replaced by a new tensor is read, not the old one."""
@@ -490,9 +496,9 @@ def test_fused_decode_step_equals_eager(tok, qkv_bias):
     m.eval()
     prompts = [tok.encode(t) for t in ("The quick brown fox", "床前明月光，疑是地上霜", "a", "Once upon a time there was")]
     sps = [SamplingParams(temperature=0, max_new_tokens=n, ignore_eos=True, logprobs=True) for n in (9, 14, 5, 11)]
-    eager = Engine(m, tok, decode_weights="int4", max_batch=4)
+    eager = Engine(m, tok, decode_weights=decode, max_batch=4)
     eager.fused = None
-    fused = Engine(m, tok, decode_weights="int4", max_batch=4)
+    fused = Engine(m, tok, decode_weights=decode, max_batch=4)
     assert fused.fused is not None
     one_call, calls = fused.fused, []
     fused.fused = lambda ids, pos: calls.append(len(pos)) or one_call(ids, pos)
@@ -518,7 +524,7 @@ def test_fused_decode_step_equals_eager(tok, qkv_bias):
     n = fused.fast.few_rows + 2
     many = [prompts[i % 4][: 2 + i % 5] for i in range(n)]
     many_sps = [SamplingParams(temperature=0, max_new_tokens=3 + i % 6, ignore_eos=True, logprobs=True) for i in range(n)]
-    big_eager, big_fused = Engine(m, tok, decode_weights="int4", max_batch=n), Engine(m, tok, decode_weights="int4", max_batch=n)
+    big_eager, big_fused = Engine(m, tok, decode_weights=decode, max_batch=n), Engine(m, tok, decode_weights=decode, max_batch=n)
     big_eager.fused = None
     big_call, tried = big_fused.fused, []
     big_fused.fused = lambda ids, pos: tried.append(len(pos)) or big_call(ids, pos)

@@ -154,8 +154,8 @@ def _cpu_key() -> str:
 
 @functools.cache
 def native_kernels() -> str | None:
-    """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups and 8-bit
-    groups for an output layer that is exactly that; decode_attention.cpp; pointwise.cpp: RMSNorm,
+    """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups, 8-bit
+    groups for an output layer that is exactly that, and fp16 weights; decode_attention.cpp; pointwise.cpp: RMSNorm,
     RoPE, SwiGLU), compiling them on first use (~30 s on 2 cores; cached under cache_dir()/native,
     keyed by the sources, the CPU's flags and torch's version). None when they are loaded, else
     why they could not be (no compiler, say), once: callers then use torch's own kernels."""
@@ -179,6 +179,7 @@ def native_kernels() -> str | None:
         return why
     for op in ("q4_linear", "q8_linear"):
         torch.library.register_fake(f"chatforge_native::{op}")(_grouped_linear_shape)
+    torch.library.register_fake("chatforge_native::f16_linear")(lambda x, w: x.new_empty((x.shape[0], w.shape[0])))
     torch.library.register_fake("chatforge_native::decode_attention")(_decode_attention_shape)
     torch.library.register_fake("chatforge_native::rms_norm")(lambda x, w, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
     torch.library.register_fake("chatforge_native::rope")(lambda x, cos, sin: torch.empty_like(x, memory_format=torch.contiguous_format))
@@ -223,6 +224,11 @@ def int4_native_dequantized(packed: torch.Tensor, scales_mins: torch.Tensor, gro
 def int4_native_linear(x: torch.Tensor, packed: torch.Tensor, scales_mins: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x @ int4_native_dequantized(packed, scales_mins).T + bias, in x's dtype, with fp32 arithmetic."""
     return _kernel_rows(x, lambda x2: torch.ops.chatforge_native.q4_linear(x2, packed, scales_mins), bias, torch.float32)
+
+
+def f16_native_linear(x: torch.Tensor, w16: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x @ w16.T + bias on the project's kernel: fp16 weights made fp32 exactly, fp32 activations and sums."""
+    return _kernel_rows(x, lambda x2: torch.ops.chatforge_native.f16_linear(x2, w16), bias, torch.float32)
 
 
 def int8_exact_groups(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor] | None:

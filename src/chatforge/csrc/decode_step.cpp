@@ -1,4 +1,4 @@
-// One fp32 decode step of a Llama-block model on int4 weight copies, every block in one call: the
+// One fp32 decode step of a Llama-block model on int4 or fp16 weight copies, every block in one call: the
 // ops an eager step runs from Python (~15 per block, each a dispatch and a few allocations
 // around a few microseconds of work) called here directly, in the same order on the same
 // kernels, so the answers are the eager step's bit for bit.
@@ -8,7 +8,7 @@
 // rows of the RoPE tables at pos, n_head, n_kv_head, eps) -> (B, C) final-norm hidden states.
 // Row b is slot b: its new key and value go to position pos[b], and it attends to positions
 // 0..pos[b] (all rows over the batch's longest span, the later positions masked, as the eager
-// step does). A bias of no elements is no bias.
+// step does). A bias of no elements is no bias; fp16 weights come with scales of no elements.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,10 +21,14 @@
 namespace {
 
 // per block: norm1, qkv codes, qkv scales, qkv bias, out codes, out scales, norm2, gate|up codes,
-// gate|up scales, down codes, down scales
+// gate|up scales, down codes, down scales (codes: int4 in uint8 with their scales, or fp16 weights)
 constexpr int64_t kWeights = 11;
 
 at::Tensor with_bias(at::Tensor y, const at::Tensor& b) { return b.numel() ? y + b : y; }
+
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  return w.scalar_type() == at::kHalf ? chatforge_native::f16_linear(x, w) : chatforge_native::q4_linear(x, w, scales);
+}
 
 at::Tensor decode_layers(const at::Tensor& x0, at::TensorList w, at::TensorList k_cache, at::TensorList v_cache, const at::Tensor& pos,
                          const at::Tensor& cos, const at::Tensor& sin, int64_t n_head, int64_t n_kv_head, double eps) {
@@ -58,7 +62,7 @@ at::Tensor decode_layers(const at::Tensor& x0, at::TensorList w, at::TensorList 
   at::Tensor x = x0.contiguous();
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* lw = w.data() + l * kWeights;
-    const at::Tensor qkv = with_bias(chatforge_native::q4_linear(chatforge_native::rms_norm(x, lw[0], eps), lw[1], lw[2]), lw[3]);
+    const at::Tensor qkv = with_bias(linear(chatforge_native::rms_norm(x, lw[0], eps), lw[1], lw[2]), lw[3]);
     TORCH_CHECK(qkv.size(1) == (H + 2 * Hkv) * D, "decode_layers: block ", l, "'s q|k|v projection has ", qkv.size(1),
                 " outputs, not ", (H + 2 * Hkv) * D);
     // query and key heads rotated together, as model.Attention does
@@ -71,9 +75,9 @@ at::Tensor decode_layers(const at::Tensor& x0, at::TensorList w, at::TensorList 
     }
     const at::Tensor y = chatforge_native::decode_attention(qk.narrow(1, 0, H).reshape({B, H, D}), k_cache[l].narrow(0, 0, B).narrow(2, 0, S),
                                                             v_cache[l].narrow(0, 0, B).narrow(2, 0, S), mask, scale);
-    x = x + chatforge_native::q4_linear(y.view({B, H * D}), lw[4], lw[5]);
-    const at::Tensor h = chatforge_native::swiglu(chatforge_native::q4_linear(chatforge_native::rms_norm(x, lw[6], eps), lw[7], lw[8]));
-    x = x + chatforge_native::q4_linear(h, lw[9], lw[10]);
+    x = x + linear(y.view({B, H * D}), lw[4], lw[5]);
+    const at::Tensor h = chatforge_native::swiglu(linear(chatforge_native::rms_norm(x, lw[6], eps), lw[7], lw[8]));
+    x = x + linear(h, lw[9], lw[10]);
   }
   return chatforge_native::rms_norm(x, w[L * kWeights], eps);
 }

@@ -5,6 +5,7 @@
 // nibbles are q of inputs 32g..32g+15 and high nibbles q of inputs 32g+16..32g+31; scale and
 // minimum as fp16 pairs (N, K/32, 2).
 // q8_linear: w = q * scale, q in -127..127 (int8, (N, K)), one fp16 scale per group (N, K/32).
+// f16_linear: w in fp16 (N, K), K a multiple of 32 (fp16 decode copies: exact conversion to fp32).
 //
 // Each weight is made in fp32 once per call (exactly, so the sums are those of an fp32 matmul on
 // the same weights up to their order) and multiplied into every row of x, so a call of a few rows
@@ -37,6 +38,11 @@ struct Q8 {
   static void codes(const uint8_t* b, Simd::V* d) { Simd::q8(b, d); }
 };
 
+struct F16 {  // plain fp16 weights: no scales
+  static constexpr int64_t kBytes = kGroup * 2, kScales = 0;
+  static void codes(const uint8_t* b, Simd::V* d) { Simd::f16(reinterpret_cast<const c10::Half*>(b), d); }
+};
+
 // y[r, n] for n in [n0, n1) and R rows of x: each group's weights are made in fp32 (exactly: a
 // small integer times an fp16 scale plus an fp16 minimum) and multiplied into every row
 template <typename F, int R>
@@ -47,18 +53,18 @@ void rows_times_weights(const float* x, int64_t K, const uint8_t* w, const c10::
   std::vector<float> s(G * F::kScales);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wn = w + n * G * F::kBytes;
-    Simd::halves(sm + n * G * F::kScales, G * F::kScales, s.data());
+    if constexpr (F::kScales > 0) Simd::halves(sm + n * G * F::kScales, G * F::kScales, s.data());
     Simd::V acc[R][P];
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p) acc[r][p] = Simd::zero();
     for (int64_t g = 0; g < G; ++g) {
       Simd::V q[P];
       F::codes(wn + g * F::kBytes, q);
-      const Simd::V scale = Simd::set1(s[g * F::kScales]);
       if constexpr (F::kScales == 2) {
-        const Simd::V lo = Simd::set1(s[g * 2 + 1]);
+        const Simd::V scale = Simd::set1(s[g * 2]), lo = Simd::set1(s[g * 2 + 1]);
         for (int p = 0; p < P; ++p) q[p] = Simd::fmadd(q[p], scale, lo);
-      } else {
+      } else if constexpr (F::kScales == 1) {
+        const Simd::V scale = Simd::set1(s[g]);
         for (int p = 0; p < P; ++p) q[p] = Simd::mul(q[p], scale);
       }
       for (int r = 0; r < R; ++r) {
@@ -83,16 +89,16 @@ constexpr Kernel kKernels[kMaxRows] = {rows_times_weights<F, 1>, rows_times_weig
 template <typename F>
 at::Tensor grouped_linear(const char* name, const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, name, ": x must be a 2-D fp32 tensor");
-  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kByte || w.scalar_type() == at::kChar) && w.is_contiguous(),
-              name, ": w must be contiguous 2-D uint8/int8");
+  TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kByte || w.scalar_type() == at::kChar || w.scalar_type() == at::kHalf) &&
+                  w.is_contiguous(), name, ": w must be contiguous 2-D uint8/int8/fp16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / kGroup;
-  TORCH_CHECK(K % kGroup == 0 && w.size(1) * kGroup == K * F::kBytes, name, ": x has ", K, " inputs, w has ", w.size(1), " bytes per row");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * G * F::kScales,
+  TORCH_CHECK(K % kGroup == 0 && w.size(1) * static_cast<int64_t>(w.element_size()) * kGroup == K * F::kBytes, name, ": x has ", K, " inputs, w has ", w.size(1), " bytes per row");
+  TORCH_CHECK(F::kScales == 0 || (scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * G * F::kScales),
               name, ": scales must be contiguous fp16, ", F::kScales, " per group of ", kGroup);
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
-  const c10::Half* sp = scales.data_ptr<c10::Half>();
+  const c10::Half* sp = F::kScales ? scales.data_ptr<c10::Half>() : nullptr;
   for (int64_t r0 = 0; r0 < M; r0 += kMaxRows) {
     const int64_t rows = std::min(kMaxRows, M - r0);
     const float* xp = xc.data_ptr<float>() + r0 * K;
@@ -118,13 +124,17 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
   return grouped_linear<Q8>("q8_linear", x, w, scales);
 }
 
+at::Tensor f16_linear(const at::Tensor& x, const at::Tensor& w) { return grouped_linear<F16>("f16_linear", x, w, at::Tensor()); }
+
 }  // namespace chatforge_native
 
 TORCH_LIBRARY(chatforge_native, m) {
   m.def("q4_linear(Tensor x, Tensor w, Tensor scales_mins) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("f16_linear(Tensor x, Tensor w) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(chatforge_native, CPU, m) {
   m.impl("q4_linear", &chatforge_native::q4_linear);
   m.impl("q8_linear", &chatforge_native::q8_linear);
+  m.impl("f16_linear", &chatforge_native::f16_linear);
 }

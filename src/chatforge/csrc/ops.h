@@ -10,6 +10,7 @@ namespace chatforge_native {
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_mins);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales);
+at::Tensor f16_linear(const at::Tensor& x, const at::Tensor& w);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor swiglu(const at::Tensor& h);

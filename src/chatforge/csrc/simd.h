@@ -1,7 +1,7 @@
 // One fp32 vector type for the project's CPU kernels, chosen at build time (-march=native):
 // AVX-512 (16 lanes), AVX2 with FMA and F16C (8 lanes), else one lane for the compiler to
-// vectorize as it can. q4 / q8 turn one group of 32 codes into fp32 vectors (grouped_linear.cpp
-// gives their layouts); halves converts fp16 scales; sums reduces kLanes vectors to one vector of
+// vectorize as it can. q4 / q8 / f16 turn one group of 32 codes or halves into fp32 vectors
+// (grouped_linear.cpp gives their layouts); halves converts fp16 scales; sums reduces kLanes vectors to one vector of
 // their sums; dot is a dot product of n floats.
 #pragma once
 
@@ -69,6 +69,10 @@ struct Simd {  // 16 fp32 lanes; a group is 2 vectors
     d[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b))));
     d[1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16))));
   }
+  static void f16(const c10::Half* h, V* d) {
+    d[0] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
+    d[1] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + 16)));
+  }
   static void halves(const c10::Half* h, int64_t n, float* f) {
     int64_t i = 0;
     for (; i + 16 <= n; i += 16)
@@ -117,6 +121,9 @@ struct Simd {  // 8 fp32 lanes; a group is 4 vectors
     const __m128i b1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16));
     d[0] = i8(b0), d[1] = i8(_mm_srli_si128(b0, 8)), d[2] = i8(b1), d[3] = i8(_mm_srli_si128(b1, 8));
   }
+  static void f16(const c10::Half* h, V* d) {
+    for (int j = 0; j < 4; ++j) d[j] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 8 * j)));
+  }
   static void halves(const c10::Half* h, int64_t n, float* f) {
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(f + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
@@ -144,6 +151,9 @@ struct Simd {  // one lane: the compiler vectorizes what it can
   }
   static void q8(const uint8_t* b, V* d) {
     for (int j = 0; j < 32; ++j) d[j] = static_cast<float>(reinterpret_cast<const int8_t*>(b)[j]);
+  }
+  static void f16(const c10::Half* h, V* d) {
+    for (int j = 0; j < 32; ++j) d[j] = static_cast<float>(h[j]);
   }
   static void halves(const c10::Half* h, int64_t n, float* f) {
     for (int64_t i = 0; i < n; ++i) f[i] = static_cast<float>(h[i]);

@@ -1,6 +1,7 @@
 """A decode step of a few streams as one call into the project's kernels (csrc/decode_step.cpp),
-for an fp32 Llama-block model on the CPU whose block matmuls decode on int4 copies on the
-project's kernel (`--decode-weights int4`, and `auto` for a 4-bit GGUF import).
+for an fp32 Llama-block model on the CPU whose block matmuls decode on int4 or fp16 copies on the
+project's kernels (`auto`: int4 for a 4-bit GGUF import, fp16 for other checkpoints; or
+`--decode-weights int4 / fp16`).
 
 The eager step runs ~15 ops per block from Python, each a dispatch and an allocation or two around
 a few microseconds of work; at SmolLM2-135M's 30 blocks that costs about as much as the matmuls
@@ -10,8 +11,8 @@ layer stay here. The call writes every block's new keys and values into the slot
 
 It steps aside (returns None; the engine runs its compiled or eager step) for more rows than the
 copies' FEW_ROWS (those take the many-row matmuls), while any module has a forward hook (a LoRA
-adapter) or a global one is set, and for a model any of whose block matmuls has no int4 copy on
-the kernel (an input width that is not a multiple of the group).
+adapter) or a global one is set, and for a model any of whose block matmuls has no copy on the
+kernels (an input width that is not a multiple of 32).
 """
 
 from __future__ import annotations
@@ -27,15 +28,15 @@ from .linears import FastLinears
 
 
 class FusedDecode:
-    """One-call decode steps of `model` (the engine's own modules) over `cache`, on the int4
-    copies of `fast` (module docstring)."""
+    """One-call decode steps of `model` (the engine's own modules) over `cache`, on the int4 or
+    fp16 copies of `fast` (module docstring)."""
 
     def __init__(self, model: GPT, cache: SlotCache, fast: FastLinears):
         self.model, self.cache, self.fast = model, cache, fast
         # the hook dicts are shared with the caller's model (engine.own_modules): hooks added later show here
         self._hooks = [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
         self._weights: list[torch.Tensor] | None = None
-        # what _weights were collected from: the FastLinears.generation (the int4 copies) and the
+        # what _weights were collected from: the FastLinears.generation (the copies) and the
         # norms' weight tensors (not copied: an in-place update shows, a new Parameter must not be missed)
         self._made_for: tuple[int, list[torch.Tensor]] | None = None
         self._norms = [n for blk in model.blocks for n in (blk.norm1, blk.norm2)] + [model.norm_f]
@@ -45,22 +46,22 @@ class FusedDecode:
         """Whether an engine over `model` with these weight copies may take the one-call step."""
         p = next(model.parameters())
         return (model.cfg.block == "llama" and p.device.type == "cpu" and p.dtype == torch.float32 and fast is not None
-                and fast.decode == torch.quint4x2 and quantize.native_kernels() is None)
+                and fast.decode in (torch.quint4x2, torch.float16) and quantize.native_kernels() is None)
 
     def _collect(self) -> list[torch.Tensor] | None:
         """The op's weight list (csrc/decode_step.cpp's order), or None where a block cannot take it."""
-        int4, none = self.fast.native_int4, torch.empty(0)
+        copies, none = self.fast.native, torch.empty(0)
         out: list[torch.Tensor] = []
         for blk in self.model.blocks:
             a, m = blk.attn, blk.mlp
             linears = (a.qkv, a.proj, m.fc, m.proj)
-            if not (all(x in int4 for x in linears) and isinstance(blk.norm1, RMSNorm) and isinstance(blk.norm2, RMSNorm) and a.rope):
+            if not (all(x in copies for x in linears) and isinstance(blk.norm1, RMSNorm) and isinstance(blk.norm2, RMSNorm) and a.rope):
                 return None
-            if any(int4[x][2] is not None for x in linears[1:]):  # Llama blocks: a bias only on q|k|v (Qwen2)
+            if any(copies[x][2] is not None for x in linears[1:]):  # Llama blocks: a bias only on q|k|v (Qwen2)
                 return None
-            qkv_bias = int4[a.qkv][2]
-            out += [blk.norm1.weight.detach(), *int4[a.qkv][:2], none if qkv_bias is None else qkv_bias, *int4[a.proj][:2],
-                    blk.norm2.weight.detach(), *int4[m.fc][:2], *int4[m.proj][:2]]
+            qkv_bias = copies[a.qkv][2]
+            out += [blk.norm1.weight.detach(), *copies[a.qkv][:2], none if qkv_bias is None else qkv_bias, *copies[a.proj][:2],
+                    blk.norm2.weight.detach(), *copies[m.fc][:2], *copies[m.proj][:2]]
         return out + [self.model.norm_f.weight.detach()]
 
     def __call__(self, last_ids: list[int], positions: list[int]) -> torch.Tensor | None:

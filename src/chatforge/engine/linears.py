@@ -68,10 +68,12 @@ def _cast_linear(x: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor], dt
 
 DECODE_WEIGHTS = {"bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.int8, "int4": torch.quint4x2}
 # Matmuls of at most this many rows (decode steps of that many streams) use the decode copies:
-# where they stop paying, measured by `python benchmarks/decode_matmuls.py` and, for int4 on the
-# project's kernel with the one-call step (fused.py), by whole engine steps (benchmarks/README.md).
-FEW_ROWS = {"bf16": 2, "fp16": 2, "int8": 4, "int4": 16}
-TORCH_INT4_FEW_ROWS = 8  # int4 on torch's kernel (where the project's cannot be built)
+# where they stop paying, measured by `python benchmarks/decode_matmuls.py` and, for int4 and fp16
+# copies on the project's kernels with the one-call step (fused.py), by whole engine steps
+# (benchmarks/README.md). TORCH_FEW_ROWS: the same copies on torch's kernels (where the project's
+# cannot be built; fp16 copies of a half-precision model).
+FEW_ROWS = {"bf16": 2, "fp16": 8, "int8": 4, "int4": 16}
+TORCH_FEW_ROWS = {"fp16": 2, "int4": 8}
 
 
 # The int8/int4 kernels' activations: bf16 (inputs and outputs rounded to it, fp32 sums). With fp32
@@ -113,8 +115,9 @@ class FastLinears:
       quantize.py), the output layer excepted in an fp32 model (fp32 logits: half-precision ones
       flip near-tied tokens; it decodes on 8-bit groups only where its weights are exactly that,
       as a GGUF import's Q8_0 output layer is; in a bf16 model it goes to int8 with int4 copies).
-      The int4 copies run the project's kernel with fp32 activations where it builds (else
-      torch's, with bf16 ones, as the int8 kernel does). One decode step reads every weight
+      The int4 copies, and fp16 copies of an fp32 model, run the project's kernels with fp32
+      activations where they build (else torch's: bf16 activations for int4, as for int8; fp16
+      ones for fp16). One decode step reads every weight
       once, so its time is the bytes read (per-CPU figures: benchmarks/README.md). Answers of
       decode steps then carry that rounding (int4 copies of weights that are 4-bit already, as a
       GGUF Q4_1 import's blocks are, none on the project's kernel); prefills stay exact.
@@ -145,20 +148,29 @@ class FastLinears:
             if self.compute is None:
                 raise ValueError(f"packed linears need the CPU and oneDNN; got {self.device}, {self.dtype}")
         self.few_rows = FEW_ROWS[decode_weights] if self.decode is not None else 0
-        if self.decode == torch.quint4x2 and quantize.native_kernels() is not None:
-            self.few_rows = TORCH_INT4_FEW_ROWS
+        if self.decode is not None and not self._on_project_kernels():
+            self.few_rows = TORCH_FEW_ROWS.get(decode_weights, self.few_rows)
         own = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype)
         if self.decode is None and self.compute not in (None, self.dtype) and own:
-            self.few_rows = FEW_ROWS[own]  # few rows keep the model's own half-precision weights: bandwidth-bound, half the bytes
+            # few rows keep the model's own half-precision weights: bandwidth-bound, half the bytes
+            self.few_rows = TORCH_FEW_ROWS.get(own, FEW_ROWS[own])
         self.linears = [m for m in model.modules() if type(m) is nn.Linear]
         self.force_few = False  # every matmul on the few-row path (set by installed(force_few=True))
         self._signature: list | None = None
         self.forwards: list[Callable] = []  # per linear in self.linears, and head for the output layer: made by refresh()
-        # the int4 copies on the project's kernel (codes, scales and minimums, bias) by linear module,
-        # for the one-call decode step (engine/fused.py): made by refresh()
-        self.native_int4: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        # the copies on the project's kernels by linear module, for the one-call decode step
+        # (engine/fused.py): int4 (codes, scales and minimums, bias) or fp16 (weights, an empty
+        # tensor, bias); made by refresh()
+        self.native: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.head: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.generation = 0  # counts the times refresh() made new copies
+
+    def _on_project_kernels(self) -> bool:
+        """Whether the decode copies run on the project's kernels (quantize.native_kernels): int4
+        copies, and fp16 copies of an fp32 model."""
+        if quantize.native_kernels() is not None:
+            return False
+        return self.decode == torch.quint4x2 or (self.decode == torch.float16 and self.dtype == torch.float32)
 
     @staticmethod
     @functools.cache
@@ -220,13 +232,19 @@ class FastLinears:
             few = _Quantized(functools.partial(quantize.int4_native_linear, packed=packed[0], scales_mins=packed[1], bias=b),
                              functools.partial(quantize.int4_native_dequantized, *packed), b, torch.float32)
             if module is not None:
-                self.native_int4[module] = (*packed, b)
+                self.native[module] = (*packed, b)
         elif self.decode == torch.quint4x2:  # no compiler here: torch's kernel, bf16 activations
             packed = quantize.int4_weights(w)
             if packed is None:
                 return many
             few = _Quantized(functools.partial(quantize.int4_linear, packed=packed[0], scales_zeros=packed[1].to(KERNEL_ACT), bias=b),
                              functools.partial(quantize.int4_dequantized, w, KERNEL_ACT), b, KERNEL_ACT)
+        elif self.decode == torch.float16 and self._on_project_kernels() and w.shape[1] % quantize.INT4_GROUP == 0:
+            # the project's kernel: fp32 activations (torch's fp16 matmul rounds them too), only the weights rounded
+            hw = w.to(torch.float16).contiguous()
+            few = _Quantized(functools.partial(quantize.f16_native_linear, w16=hw, bias=b), hw.float, b, torch.float32)
+            if module is not None:
+                self.native[module] = (hw, torch.empty(0), b)
         else:
             hw, hb = w.to(self.decode), None if b is None else b.to(self.decode)
             if self.available(self.device, self.decode):
@@ -246,7 +264,7 @@ class FastLinears:
         """Copy again whatever weights changed since the last copies were made."""
         sig = self._current()
         if sig != self._signature:
-            self.native_int4 = {}
+            self.native = {}
             self.forwards = [self._linear(m.weight, m.bias, module=m) for m in self.linears]
             self.head = self._linear(self.model.output_weight(), None, output=True)
             self._signature = sig
