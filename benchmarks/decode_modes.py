@@ -46,9 +46,9 @@ def ablation(name: str):
     from chatforge.engine import engine
 
     saved = quantize.int8_exact_groups, quantize.native_kernels, engine.native_decode_attention, engine.FusedDecode.applies
-    if name == "stepwise":
+    if name in ("stepwise", "sdpa"):  # the one-call step runs the project's kernels, so "sdpa" goes step by step too
         engine.FusedDecode.applies = staticmethod(lambda model, fast: False)
-    elif name == "fp32 head":
+    if name == "fp32 head":
         quantize.int8_exact_groups = lambda w, group=32: None
     elif name == "aten int4":
         quantize.native_kernels = lambda: "ablation"

@@ -155,8 +155,8 @@ def _cpu_key() -> str:
 @functools.cache
 def native_kernels() -> str | None:
     """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups, 8-bit
-    groups for an output layer that is exactly that, and fp16 weights; decode_attention.cpp; pointwise.cpp: RMSNorm,
-    RoPE, SwiGLU), compiling them on first use (~30 s on 2 cores; cached under cache_dir()/native,
+    groups for an output layer that is exactly that, and fp16 weights; decode_attention.cpp;
+    pointwise.cpp: RMSNorm, RoPE, SwiGLU; decode_step.cpp: a whole decode step on those), compiling them on first use (~30 s on 2 cores; cached under cache_dir()/native,
     keyed by the sources, the CPU's flags and torch's version). None when they are loaded, else
     why they could not be (no compiler, say), once: callers then use torch's own kernels."""
     sources = sorted(NATIVE_DIR.glob("*.cpp"))
@@ -177,9 +177,8 @@ def native_kernels() -> str | None:
         warnings.warn(f"the decode kernels ({NATIVE_DIR}) could not be built: {why}; int4 decode copies use torch's bf16 "
                       "kernel, --decode-weights auto uses fp16 copies, and decode attention and pointwise ops torch's own")
         return why
-    for op in ("q4_linear", "q8_linear"):
+    for op in ("q4_linear", "q8_linear", "f16_linear"):
         torch.library.register_fake(f"chatforge_native::{op}")(_grouped_linear_shape)
-    torch.library.register_fake("chatforge_native::f16_linear")(lambda x, w: x.new_empty((x.shape[0], w.shape[0])))
     torch.library.register_fake("chatforge_native::decode_attention")(_decode_attention_shape)
     torch.library.register_fake("chatforge_native::rms_norm")(lambda x, w, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
     torch.library.register_fake("chatforge_native::rope")(lambda x, cos, sin: torch.empty_like(x, memory_format=torch.contiguous_format))
@@ -187,7 +186,7 @@ def native_kernels() -> str | None:
     return None
 
 
-def _grouped_linear_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _grouped_linear_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((x.shape[0], w.shape[0]))
 
 

@@ -44,7 +44,8 @@ struct F16 {  // plain fp16 weights: no scales
 };
 
 // y[r, n] for n in [n0, n1) and R rows of x: each group's weights are made in fp32 (exactly: a
-// small integer times an fp16 scale plus an fp16 minimum) and multiplied into every row
+// small integer times an fp16 scale, plus an fp16 minimum for q4; or an fp16 weight) and
+// multiplied into every row
 template <typename F, int R>
 void rows_times_weights(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm, float* y,
                         int64_t N, int64_t n0, int64_t n1) {
@@ -92,7 +93,8 @@ at::Tensor grouped_linear(const char* name, const at::Tensor& x, const at::Tenso
   TORCH_CHECK(w.dim() == 2 && (w.scalar_type() == at::kByte || w.scalar_type() == at::kChar || w.scalar_type() == at::kHalf) &&
                   w.is_contiguous(), name, ": w must be contiguous 2-D uint8/int8/fp16");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), G = K / kGroup;
-  TORCH_CHECK(K % kGroup == 0 && w.size(1) * static_cast<int64_t>(w.element_size()) * kGroup == K * F::kBytes, name, ": x has ", K, " inputs, w has ", w.size(1), " bytes per row");
+  TORCH_CHECK(K % kGroup == 0 && w.size(1) * static_cast<int64_t>(w.element_size()) * kGroup == K * F::kBytes, name, ": x has ", K,
+              " inputs, w has ", w.size(1) * w.element_size(), " bytes per row");
   TORCH_CHECK(F::kScales == 0 || (scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == N * G * F::kScales),
               name, ": scales must be contiguous fp16, ", F::kScales, " per group of ", kGroup);
   const at::Tensor xc = x.contiguous();

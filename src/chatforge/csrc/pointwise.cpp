@@ -14,13 +14,9 @@
 #include "ops.h"
 #include "simd.h"
 
-namespace {
+namespace chatforge_native {
 
 using chatforge_simd::Simd;
-
-}  // namespace
-
-namespace chatforge_native {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: fp32 x and weight only");

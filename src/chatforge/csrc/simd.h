@@ -1,8 +1,8 @@
 // One fp32 vector type for the project's CPU kernels, chosen at build time (-march=native):
 // AVX-512 (16 lanes), AVX2 with FMA and F16C (8 lanes), else one lane for the compiler to
 // vectorize as it can. q4 / q8 / f16 turn one group of 32 codes or halves into fp32 vectors
-// (grouped_linear.cpp gives their layouts); halves converts fp16 scales; sums reduces kLanes vectors to one vector of
-// their sums; dot is a dot product of n floats.
+// (grouped_linear.cpp gives their layouts); halves converts fp16 scales; sums reduces kLanes
+// vectors to one vector of their sums; dot is a dot product of n floats.
 #pragma once
 
 #include <c10/util/Half.h>

@@ -8,7 +8,7 @@
   that may span tokens, max_new_tokens, and the end of the context window.
 - Incremental detokenization never emits half a UTF-8 character.
 - Linear layers run on copies of the weights made for speed (linears.FastLinears).
-- Decode steps of a few streams on int4 copies (an fp32 Llama-block model on the CPU) run as one
+- Decode steps of a few streams on int4 or fp16 copies (an fp32 Llama-block model on the CPU) run as one
   call into the project's kernels (fused.FusedDecode): the same answers bit for bit, without
   ~15 ops per block dispatched from Python.
 - Optionally (`compile_decode`) decode steps run as torch.compile'd graphs, one per slot bucket
@@ -200,8 +200,8 @@ class Engine:
         self.fast = FastLinears(self.model, pack, decode_weights) if pack or decode_weights is not None else None
         if self.fast is not None:
             self.fast.refresh()  # now rather than in the first request's time to first token
-        # decode steps of a few streams on int4 copies: one call into the project's kernels (fused.py)
-        self.fused = FusedDecode(self.model, self.cache, self.fast) if native and FusedDecode.applies(self.model, self.fast) else None
+        # decode steps of a few streams on int4 or fp16 copies: one call into the project's kernels (fused.py)
+        self.fused = FusedDecode(self.model, self.cache, self.fast) if FusedDecode.applies(self.model, self.fast) else None
         self.compiled = None
         if compile_decode:
             self.compiled = CompiledDecode(self.model, self.cache, self.head, max_batch, self.fast.few_rows if self.fast else 0,

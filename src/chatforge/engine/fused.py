@@ -21,7 +21,6 @@ import torch
 import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
-from .. import quantize
 from ..model import GPT, RMSNorm
 from .cache import SlotCache
 from .linears import FastLinears
@@ -46,7 +45,7 @@ class FusedDecode:
         """Whether an engine over `model` with these weight copies may take the one-call step."""
         p = next(model.parameters())
         return (model.cfg.block == "llama" and p.device.type == "cpu" and p.dtype == torch.float32 and fast is not None
-                and fast.decode in (torch.quint4x2, torch.float16) and quantize.native_kernels() is None)
+                and fast.on_project_kernels())
 
     def _collect(self) -> list[torch.Tensor] | None:
         """The op's weight list (csrc/decode_step.cpp's order), or None where a block cannot take it."""

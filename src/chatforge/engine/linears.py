@@ -148,7 +148,7 @@ class FastLinears:
             if self.compute is None:
                 raise ValueError(f"packed linears need the CPU and oneDNN; got {self.device}, {self.dtype}")
         self.few_rows = FEW_ROWS[decode_weights] if self.decode is not None else 0
-        if self.decode is not None and not self._on_project_kernels():
+        if self.decode is not None and not self.on_project_kernels():
             self.few_rows = TORCH_FEW_ROWS.get(decode_weights, self.few_rows)
         own = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype)
         if self.decode is None and self.compute not in (None, self.dtype) and own:
@@ -165,7 +165,7 @@ class FastLinears:
         self.head: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.generation = 0  # counts the times refresh() made new copies
 
-    def _on_project_kernels(self) -> bool:
+    def on_project_kernels(self) -> bool:
         """Whether the decode copies run on the project's kernels (quantize.native_kernels): int4
         copies, and fp16 copies of an fp32 model."""
         if quantize.native_kernels() is not None:
@@ -239,7 +239,7 @@ class FastLinears:
                 return many
             few = _Quantized(functools.partial(quantize.int4_linear, packed=packed[0], scales_zeros=packed[1].to(KERNEL_ACT), bias=b),
                              functools.partial(quantize.int4_dequantized, w, KERNEL_ACT), b, KERNEL_ACT)
-        elif self.decode == torch.float16 and self._on_project_kernels() and w.shape[1] % quantize.INT4_GROUP == 0:
+        elif self.decode == torch.float16 and self.on_project_kernels() and w.shape[1] % quantize.INT4_GROUP == 0:
             # the project's kernel: fp32 activations (torch's fp16 matmul rounds them too), only the weights rounded
             hw = w.to(torch.float16).contiguous()
             few = _Quantized(functools.partial(quantize.f16_native_linear, w16=hw, bias=b), hw.float, b, torch.float32)
