@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -86,6 +87,32 @@ float softmax_numerators(float* p, int64_t n, float top) {  // p = exp(p - top) 
 
 namespace chatforge_native {
 
+void decode_attention_into(const float* q, const CacheView& k, const CacheView& v, const bool* mask, int64_t B, int64_t H,
+                           int64_t Hkv, int64_t S, int64_t D, float scale, float* out) {
+  const int64_t group = H / Hkv;
+  const float none = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(S);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / H, h = t % H, kh = h / group;
+      const float* kt = k.data + b * k.row + kh * k.head;
+      const float* vt = v.data + b * v.row + kh * v.head;
+      const bool* mt = mask ? mask + b * S : nullptr;
+      float* ot = out + t * D;
+      std::fill(ot, ot + D, 0.f);
+      scores(q + t * D, kt, k.pos, S, D, scale, p.data());
+      float top = none;
+      for (int64_t s = 0; s < S; ++s) {
+        if (mt && !mt[s]) p[s] = none;
+        top = std::max(top, p[s]);
+      }
+      if (top == none) continue;  // nothing to attend to: zeros
+      const float total = softmax_numerators(p.data(), S, top);
+      weighted_sum(p.data(), S, 1.f / total, vt, v.pos, D, ot);
+    }
+  });
+}
+
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                             double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "decode_attention: q (B, H, D), k and v (B, Hkv, S, D)");
@@ -102,33 +129,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                 "decode_attention: mask must be (B, S) bool");
     m = mask->contiguous();
   }
-  at::Tensor out = at::zeros({B, H, D}, q.options());
-  const float* qp = qc.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* vp = v.data_ptr<float>();
-  const bool* mp = m.defined() ? m.data_ptr<bool>() : nullptr;
-  float* op = out.data_ptr<float>();
-  const int64_t group = H / Hkv;
-  const float sc = static_cast<float>(scale), none = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(S);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H, kh = h / group;
-      const float* qt = qp + t * D;
-      const float* kt = kp + b * k.stride(0) + kh * k.stride(1);
-      const float* vt = vp + b * v.stride(0) + kh * v.stride(1);
-      const bool* mt = mp ? mp + b * S : nullptr;
-      scores(qt, kt, k.stride(2), S, D, sc, p.data());
-      float top = none;
-      for (int64_t s = 0; s < S; ++s) {
-        if (mt && !mt[s]) p[s] = none;
-        top = std::max(top, p[s]);
-      }
-      if (top == none) continue;  // nothing to attend to: zeros
-      const float total = softmax_numerators(p.data(), S, top);
-      weighted_sum(p.data(), S, 1.f / total, vt, v.stride(2), D, op + t * D);
-    }
-  });
+  at::Tensor out = at::empty({B, H, D}, q.options());
+  decode_attention_into(qc.data_ptr<float>(), {k.data_ptr<float>(), k.stride(0), k.stride(1), k.stride(2)},
+                        {v.data_ptr<float>(), v.stride(0), v.stride(1), v.stride(2)}, m.defined() ? m.data_ptr<bool>() : nullptr, B, H,
+                        Hkv, S, D, static_cast<float>(scale), out.data_ptr<float>());
   return out;
 }
 

@@ -17,4 +17,20 @@ at::Tensor swiglu(const at::Tensor& h);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
                             double scale);
 
+// The same kernels on raw rows, for decode_step.cpp's buffers (their callers check the shapes).
+// block_linear_into: y (M, N) = x (M, K) @ W.T on a block's int4 codes with their scales, or on
+// fp16 weights (scales unused); check_block_linear checks such weights for K inputs, N outputs.
+void check_block_linear(const char* name, int64_t K, int64_t N, const at::Tensor& w, const at::Tensor& scales);
+void block_linear_into(const float* x, int64_t M, int64_t K, const at::Tensor& w, const at::Tensor& scales, float* y);
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t C, float eps);
+void rope_row(const float* x, const float* cos, const float* sin, float* y, int64_t D);
+void swiglu_rows(const float* h, float* y, int64_t rows, int64_t F);
+struct CacheView {  // keys or values (B, Hkv, S, D), contiguous along D: the first three strides
+  const float* data;
+  int64_t row, head, pos;
+};
+// out (B, H, D) contiguous; mask (B, S) or null
+void decode_attention_into(const float* q, const CacheView& k, const CacheView& v, const bool* mask, int64_t B, int64_t H,
+                           int64_t Hkv, int64_t S, int64_t D, float scale, float* out);
+
 }  // namespace chatforge_native

@@ -18,6 +18,42 @@ namespace chatforge_native {
 
 using chatforge_simd::Simd;
 
+void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64_t C, float eps) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    const float rstd = 1.f / std::sqrt(chatforge_simd::dot(xr, xr, C) / static_cast<float>(C) + eps);
+    const Simd::V rv = Simd::set1(rstd);
+    int64_t i = 0;
+    for (; i + Simd::kLanes <= C; i += Simd::kLanes) Simd::store(yr + i, Simd::mul(Simd::mul(Simd::load(xr + i), rv), Simd::load(w + i)));
+    for (; i < C; ++i) yr[i] = xr[i] * rstd * w[i];
+  }
+}
+
+void rope_row(const float* x, const float* c, const float* s, float* y, int64_t D) {
+  const int64_t half = D / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    y[i] = x[i] * c[i] - x[i + half] * s[i];
+    y[i + half] = x[i + half] * c[i + half] + x[i] * s[i + half];
+  }
+}
+
+void swiglu_rows(const float* h, float* y, int64_t rows, int64_t F) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* g = h + r * 2 * F;
+    const float* u = g + F;
+    float* yr = y + r * F;
+    int64_t i = 0;
+    for (; i + Simd::kLanes <= F; i += Simd::kLanes) {
+      const Simd::V gv = Simd::load(g + i);
+      // exp(-g) for -g up to 88 (beyond, fp32's exp overflows; silu is ~0 there anyway)
+      const Simd::V e = Simd::exp(Simd::min(Simd::mul(gv, Simd::set1(-1.f)), Simd::set1(88.f)));
+      Simd::store(yr + i, Simd::mul(Simd::div(gv, Simd::add(Simd::set1(1.f), e)), Simd::load(u + i)));
+    }
+    for (; i < F; ++i) yr[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  }
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat, "rms_norm: fp32 x and weight only");
   const int64_t C = x.size(-1);
@@ -30,15 +66,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   float* yp = y.data_ptr<float>();
   // rows of a few thousand floats: one thread unless there are many (a prefill)
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * C;
-      float* yr = yp + r * C;
-      const float rstd = 1.f / std::sqrt(chatforge_simd::dot(xr, xr, C) / static_cast<float>(C) + static_cast<float>(eps));
-      const Simd::V rv = Simd::set1(rstd);
-      int64_t i = 0;
-      for (; i + Simd::kLanes <= C; i += Simd::kLanes) Simd::store(yr + i, Simd::mul(Simd::mul(Simd::load(xr + i), rv), Simd::load(wp + i)));
-      for (; i < C; ++i) yr[i] = xr[i] * rstd * wp[i];
-    }
+    rms_norm_rows(xp + r0 * C, wp, yp + r0 * C, r1 - r0, C, static_cast<float>(eps));
   });
   return y;
 }
@@ -46,7 +74,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
 // x (B, N, T, D) with a contiguous last dimension, cos and sin (B or 1, T, D) -> contiguous (B, N, T, D)
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 4 && x.scalar_type() == at::kFloat && x.stride(3) == 1, "rope: fp32 x (B, N, T, D), contiguous along D");
-  const int64_t B = x.size(0), N = x.size(1), T = x.size(2), D = x.size(3), half = D / 2;
+  const int64_t B = x.size(0), N = x.size(1), T = x.size(2), D = x.size(3);
   TORCH_CHECK(D % 2 == 0 && cos.sizes() == sin.sizes() && cos.dim() == 3 && (cos.size(0) == B || cos.size(0) == 1) &&
               cos.size(1) == T && cos.size(2) == D && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
               "rope: cos and sin must be fp32 (B or 1, T, D) for x ", x.sizes());
@@ -63,11 +91,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
       const float* xr = xp + b * x.stride(0) + n * x.stride(1) + t * x.stride(2);
       const float* cr = cp + b * cb + t * D;
       const float* sr = sp + b * cb + t * D;
-      float* yr = yp + r * D;
-      for (int64_t i = 0; i < half; ++i) {
-        yr[i] = xr[i] * cr[i] - xr[i + half] * sr[i];
-        yr[i + half] = xr[i + half] * cr[i + half] + xr[i] * sr[i + half];
-      }
+      rope_row(xr, cr, sr, yp + r * D, D);
     }
   });
   return y;
@@ -83,21 +107,8 @@ at::Tensor swiglu(const at::Tensor& h) {
   at::Tensor y = at::empty(shape, hc.options());
   const float* hp = hc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* g = hp + r * 2 * F;
-      const float* u = g + F;
-      float* yr = yp + r * F;
-      int64_t i = 0;
-      for (; i + Simd::kLanes <= F; i += Simd::kLanes) {
-        const Simd::V gv = Simd::load(g + i);
-        // exp(-g) for -g up to 88 (beyond, fp32's exp overflows; silu is ~0 there anyway)
-        const Simd::V e = Simd::exp(Simd::min(Simd::mul(gv, Simd::set1(-1.f)), Simd::set1(88.f)));
-        Simd::store(yr + i, Simd::mul(Simd::div(gv, Simd::add(Simd::set1(1.f), e)), Simd::load(u + i)));
-      }
-      for (; i < F; ++i) yr[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    }
-  });
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)),
+                   [&](int64_t r0, int64_t r1) { swiglu_rows(hp + r0 * 2 * F, yp + r0 * F, r1 - r0, F); });
   return y;
 }
 
