@@ -9,7 +9,7 @@
 //
 // Each weight is made in fp32 once per call (exactly, so the sums are those of an fp32 matmul on
 // the same weights up to their order) and multiplied into every row of x, so a call of a few rows
-// reads the weights once. Making the weights from their codes is most of the time, so it is
+// reads the weights once; a single row on int4 takes q4_one_row's shorter sum instead. Making the weights from their codes is most of the time, so it is
 // written for AVX-512 and AVX2 (the build is -march=native), with a plain loop for other CPUs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -43,12 +43,50 @@ struct F16 {  // plain fp16 weights: no scales
   static void codes(const uint8_t* b, Simd::V* d) { Simd::f16(reinterpret_cast<const c10::Half*>(b), d); }
 };
 
+// One row of x on int4 weights (a single stream's decode step): per group, scale * (sum of q x)
+// + minimum * (sum of x), the second a dot product of the (scale, minimum) pairs with (0, group
+// sum of x) after the loop. That is one multiply-add per vector fewer than making each weight
+// first (AVX-512: 3 instead of 4 per group; AVX2: 5 instead of 8), where the weights' making is
+// not shared by other rows. Its sums round differently from rows_times_weights' (below; both are
+// fp32 sums of the same weights). (The int8 output layer gained nothing so: it waits on memory.)
+void q4_one_row(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm, float* y, int64_t n0, int64_t n1) {
+  constexpr int P = kGroup / Simd::kLanes;
+  const int64_t G = K / kGroup;
+  std::vector<float> s(G * 2), z(G * 2, 0.f);
+  for (int64_t g = 0; g < G; ++g) {
+    Simd::V t = Simd::load(x + g * kGroup);
+    for (int p = 1; p < P; ++p) t = Simd::add(t, Simd::load(x + g * kGroup + p * Simd::kLanes));
+    z[g * 2 + 1] = Simd::sum(t);
+  }
+  const auto group = [&](const uint8_t* wn, int64_t g) {  // sum of q x over group g, as a vector
+    Simd::V q[P];
+    Q4::codes(wn + g * Q4::kBytes, q);
+    const float* xg = x + g * kGroup;
+    Simd::V t = Simd::mul(q[P - 1], Simd::load(xg + (P - 1) * Simd::kLanes));
+    for (int p = P - 2; p >= 0; --p) t = Simd::fmadd(q[p], Simd::load(xg + p * Simd::kLanes), t);
+    return t;
+  };
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wn = w + n * G * Q4::kBytes;
+    Simd::halves(sm + n * G * 2, G * 2, s.data());
+    Simd::V a = Simd::zero(), b = Simd::zero();  // two chains: the multiply-adds' latency
+    int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+      a = Simd::fmadd(group(wn, g), Simd::set1(s[g * 2]), a);
+      b = Simd::fmadd(group(wn, g + 1), Simd::set1(s[g * 2 + 2]), b);
+    }
+    if (g < G) a = Simd::fmadd(group(wn, g), Simd::set1(s[g * 2]), a);
+    y[n] = Simd::sum(Simd::add(a, b)) + chatforge_simd::dot(s.data(), z.data(), G * 2);
+  }
+}
+
 // y[r, n] for n in [n0, n1) and R rows of x: each group's weights are made in fp32 (exactly: a
 // small integer times an fp16 scale, plus an fp16 minimum for q4; or an fp16 weight) and
 // multiplied into every row
 template <typename F, int R>
 void rows_times_weights(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm, float* y,
                         int64_t N, int64_t n0, int64_t n1) {
+  if constexpr (R == 1 && F::kScales == 2) return q4_one_row(x, K, w, sm, y, n0, n1);
   constexpr int P = kGroup / Simd::kLanes;  // vectors per group
   const int64_t G = K / kGroup;
   std::vector<float> s(G * F::kScales);
@@ -78,44 +116,6 @@ void rows_times_weights(const float* x, int64_t K, const uint8_t* w, const c10::
       for (int p = 1; p < P; ++p) t = Simd::add(t, acc[r][p]);
       y[r * N + n] = Simd::sum(t);
     }
-  }
-}
-
-// One row of x on int4 weights (a single stream's decode step): per group, s * (sum of q x) + m * (sum
-// of x), the second a dot product of the (scale, minimum) pairs with (0, group sum of x) after the
-// loop. That is one multiply-add per vector fewer than making each weight first (AVX-512: 3 instead
-// of 4 per group; AVX2: 5 instead of 8), where the weights' making is not shared by other rows.
-// Its sums round differently from rows_times_weights' (both are fp32 sums of the same weights).
-template <>
-void rows_times_weights<Q4, 1>(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm, float* y, int64_t,
-                               int64_t n0, int64_t n1) {
-  constexpr int P = kGroup / Simd::kLanes;
-  const int64_t G = K / kGroup;
-  std::vector<float> s(G * 2), z(G * 2, 0.f);
-  for (int64_t g = 0; g < G; ++g) {
-    Simd::V t = Simd::load(x + g * kGroup);
-    for (int p = 1; p < P; ++p) t = Simd::add(t, Simd::load(x + g * kGroup + p * Simd::kLanes));
-    z[g * 2 + 1] = Simd::sum(t);
-  }
-  const auto group = [&](const uint8_t* wn, int64_t g) {  // sum of q x over group g, as a vector
-    Simd::V q[P];
-    Q4::codes(wn + g * Q4::kBytes, q);
-    const float* xg = x + g * kGroup;
-    Simd::V t = Simd::mul(q[P - 1], Simd::load(xg + (P - 1) * Simd::kLanes));
-    for (int p = P - 2; p >= 0; --p) t = Simd::fmadd(q[p], Simd::load(xg + p * Simd::kLanes), t);
-    return t;
-  };
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wn = w + n * G * Q4::kBytes;
-    Simd::halves(sm + n * G * 2, G * 2, s.data());
-    Simd::V a = Simd::zero(), b = Simd::zero();  // two chains: the multiply-adds' latency
-    int64_t g = 0;
-    for (; g + 2 <= G; g += 2) {
-      a = Simd::fmadd(group(wn, g), Simd::set1(s[g * 2]), a);
-      b = Simd::fmadd(group(wn, g + 1), Simd::set1(s[g * 2 + 2]), b);
-    }
-    if (g < G) a = Simd::fmadd(group(wn, g), Simd::set1(s[g * 2]), a);
-    y[n] = Simd::sum(Simd::add(a, b)) + chatforge_simd::dot(s.data(), z.data(), G * 2);
   }
 }
 
