@@ -335,7 +335,7 @@ def test_native_kernels_linear():
 
     assert native_kernels() is None, native_kernels()
     torch.manual_seed(0)
-    out_f, in_f = 40, 96
+    out_f, in_f = 41, 96  # an odd count: the kernels that take output rows in pairs have one left over
     q = torch.randint(0, 16, (out_f, in_f // INT4_GROUP, INT4_GROUP))
     q[..., 0], q[..., 1] = 0, 15  # every group spans the full 4-bit range, as Q4_1's quantizer makes it
     scale = (torch.rand(out_f, in_f // INT4_GROUP, 1) * 0.01 + 0.001).half().float()  # Q4_1 keeps them in fp16
@@ -351,6 +351,16 @@ def test_native_kernels_linear():
         assert y.shape == (rows, 1, out_f) and y.dtype == torch.float32
         ref = (x.double() @ w.double().t() + bias.double()).float()
         torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-5)  # fp32 sums, no bf16 anywhere
+    big, threads = int4_native_weights(torch.randn(1001, in_f)), torch.get_num_threads()
+    for rows in (1, 8, 11):  # split between two threads in parts of odd sizes, or not split: the same sums
+        x = torch.randn(rows, in_f)
+        torch.set_num_threads(2)
+        y = int4_native_linear(x, *big, None)
+        torch.set_num_threads(1)
+        try:
+            assert torch.equal(int4_native_linear(x, *big, None), y)
+        finally:
+            torch.set_num_threads(threads)
     g = torch.randn(out_f, in_f)
     deq = int4_native_dequantized(*int4_native_weights(g))
     groups = g.reshape(out_f, -1, INT4_GROUP)
@@ -372,8 +382,9 @@ def test_native_decode_attention():
     """Guards the project's decode-attention kernel (csrc/decode_attention.cpp), which fp32 engines
     on the CPU decode with: against model.attend (torch's fused kernel) for grouped and plain
     heads, head sizes that are and are not a multiple of the vector width, keys read through the
-    slot cache's strided slices, per-row masks (rows at different positions), one row that may
-    attend to nothing (zeros, not NaN), and under torch.compile (the compiled decode step)."""
+    slot cache's strided slices, per-row masks (rows at different positions), contexts of several
+    chunks (some all masked) whose sums do not depend on the thread count, one row that may attend
+    to nothing (zeros, not NaN), and under torch.compile (the compiled decode step)."""
     from chatforge.engine.cache import attend_decode_native, native_decode_attention
     from chatforge.model import attend
 
@@ -391,6 +402,12 @@ def test_native_decode_attention():
             y = attend_decode_native(q, k, v, m)
             assert y.shape == (B, H, 1, D)
             torch.testing.assert_close(y, attend(q, k, v, m), atol=2e-6, rtol=1e-5)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1 if threads > 1 else 2)
+            try:
+                assert torch.equal(attend_decode_native(q, k, v, m), y)
+            finally:
+                torch.set_num_threads(threads)
     mask[1] = False
     y = attend_decode_native(q, k, v, mask)
     assert (y[1] == 0).all() and torch.isfinite(y).all()

@@ -1,7 +1,11 @@
 // Attention of one new query per row over a slot cache, in fp32: a decode step's attention.
 // torch's fused kernel spends most of such a call on set-up for query blocks that a decode step
-// does not have (benchmarks/README.md); here each (row, query head) is one task: scores against
-// its key/value head's cached keys, a softmax, and the weighted sum of values.
+// does not have (benchmarks/README.md). Here a task is one row's key/value head over a chunk of
+// kChunk positions: for each query head of its group, scores against the chunk's keys, their
+// softmax numerators and the weighted sum of values, so the group reads the chunk from memory once
+// (at long contexts the fp32 cache outweighs the model's int4 weights); then each (row, query
+// head) adds its chunks up under their common top score. The chunks are fixed, not one per thread,
+// so the sums do not depend on the thread count.
 //
 // decode_attention(q (B, H, D), k and v (B, Hkv, S, D) with any strides but the last, mask (B, S)
 // bool or None (True: may attend), scale) -> (B, H, D); query head h reads key/value head
@@ -22,6 +26,8 @@ namespace {
 
 using chatforge_simd::dot;
 using chatforge_simd::Simd;
+
+constexpr int64_t kChunk = 128;  // positions per task
 
 // out (D, zeros) = scale * sum over s of p[s] * v[s]: the output row in registers (NV vectors)
 // while every value row streams past, where D is NV vectors; else a pass per value row
@@ -89,26 +95,52 @@ namespace chatforge_native {
 
 void decode_attention_into(const float* q, const CacheView& k, const CacheView& v, const bool* mask, int64_t B, int64_t H,
                            int64_t Hkv, int64_t S, int64_t D, float scale, float* out) {
-  const int64_t group = H / Hkv;
+  const int64_t group = H / Hkv, chunks = (S + kChunk - 1) / kChunk, W = D + 2;
   const float none = -std::numeric_limits<float>::infinity();
-  at::parallel_for(0, B * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> p(S);
+  // per (row, query head, chunk): the chunk's top score, its softmax numerators' sum, and their
+  // weighted sum of values (D floats)
+  std::vector<float> part(B * H * chunks * W);
+  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> p(kChunk);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / H, h = t % H, kh = h / group;
-      const float* kt = k.data + b * k.row + kh * k.head;
-      const float* vt = v.data + b * v.row + kh * v.head;
-      const bool* mt = mask ? mask + b * S : nullptr;
-      float* ot = out + t * D;
-      std::fill(ot, ot + D, 0.f);
-      scores(q + t * D, kt, k.pos, S, D, scale, p.data());
-      float top = none;
-      for (int64_t s = 0; s < S; ++s) {
-        if (mt && !mt[s]) p[s] = none;
-        top = std::max(top, p[s]);
+      const int64_t b = t / (Hkv * chunks), kh = t / chunks % Hkv, c = t % chunks, s0 = c * kChunk, n = std::min(kChunk, S - s0);
+      const float* kt = k.data + b * k.row + kh * k.head + s0 * k.pos;
+      const float* vt = v.data + b * v.row + kh * v.head + s0 * v.pos;
+      const bool* mt = mask ? mask + b * S + s0 : nullptr;
+      for (int64_t h = kh * group; h < (kh + 1) * group; ++h) {  // the chunk's keys and values stay in cache for the group
+        float* pr = part.data() + ((b * H + h) * chunks + c) * W;
+        scores(q + (b * H + h) * D, kt, k.pos, n, D, scale, p.data());
+        float top = none;
+        for (int64_t s = 0; s < n; ++s) {
+          if (mt && !mt[s]) p[s] = none;
+          top = std::max(top, p[s]);
+        }
+        pr[0] = top;
+        if (top == none) continue;  // nothing to attend to in this chunk
+        pr[1] = softmax_numerators(p.data(), n, top);
+        std::fill(pr + 2, pr + W, 0.f);
+        weighted_sum(p.data(), n, 1.f, vt, v.pos, D, pr + 2);
       }
-      if (top == none) continue;  // nothing to attend to: zeros
-      const float total = softmax_numerators(p.data(), S, top);
-      weighted_sum(p.data(), S, 1.f / total, vt, v.pos, D, ot);
+    }
+  });
+  // each row and head: its chunks' sums brought to a common top score, divided by their total (a
+  // second parallel region only where there are many: its start costs more than a few rows' sums)
+  at::parallel_for(0, B * H, std::max<int64_t>(1, 65536 / (chunks * D)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* pr = part.data() + r * chunks * W;
+      float* o = out + r * D;
+      std::fill(o, o + D, 0.f);
+      float top = none, total = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) top = std::max(top, pr[c * W]);
+      if (top == none) continue;  // a row that may attend to nothing: zeros
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (pr[c * W] == none) continue;
+        const float e = std::exp(pr[c * W] - top);
+        total += e * pr[c * W + 1];
+        for (int64_t i = 0; i < D; ++i) o[i] += e * pr[c * W + 2 + i];
+      }
+      const float inv = 1.f / total;
+      for (int64_t i = 0; i < D; ++i) o[i] *= inv;
     }
   });
 }
