@@ -50,7 +50,7 @@ from .cache import PrefixCache, SlotCache, attend_decode_by_matmuls, attend_deco
 from .compiled import CompiledDecode, CompileFailed
 from .fused import FusedDecode
 from .linears import FastLinears
-from .sampling import Request, SamplingParams, sample_next
+from .sampling import Request, SamplingParams, argmax_rows, sample_next
 
 
 @dataclass
@@ -516,7 +516,7 @@ class Engine:
 
     def _sample(self, reqs: list[Request], logits_BV: torch.Tensor) -> list[Event]:
         events = []
-        greedy = logits_BV.argmax(-1).tolist() if any(r.sp.plain_greedy for r in reqs) else None
+        greedy = argmax_rows(logits_BV) if any(r.sp.plain_greedy for r in reqs) else None
         want = [i for i, r in enumerate(reqs) if r.sp.logprobs or r.sp.top_logprobs]
         logp = torch.log_softmax(logits_BV[want], dim=-1) if want else None
         for i, r in enumerate(reqs):
