@@ -23,6 +23,7 @@ import torch
 from .. import quantize
 from ..dtypes import fast_bf16
 from ..model import GPT, attend
+from . import pages
 
 MATMUL_ATTENTION_ROWS = 4  # decode steps of at least this many rows take the matmul kernel where it wins
 
@@ -80,9 +81,17 @@ class SlotCache:
 
     def __init__(self, model: GPT, slots: int, max_len: int, device, dtype, contiguous_decode: bool = False):
         c = model.cfg
-        shape = (slots, c.n_kv_head, max_len, c.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        shape, L = (slots, c.n_kv_head, max_len, c.head_dim), c.n_layer
+        n = math.prod(shape)
+        # on the CPU, every block's keys then values in one buffer on 2 MB pages (pages.py)
+        buf = pages.huge_page_buffer(2 * L * n * dtype.itemsize) if torch.device(device).type == "cpu" else None
+        if buf is None:
+            self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(L)]
+            self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(L)]
+        else:
+            flat = buf.view(dtype).zero_()
+            self.k = [flat[2 * i * n:(2 * i + 1) * n].view(shape) for i in range(L)]
+            self.v = [flat[(2 * i + 1) * n:(2 * i + 2) * n].view(shape) for i in range(L)]
         self.max_len = max_len
         self.contiguous_decode = contiguous_decode
         self._rows = slice(0, 0)

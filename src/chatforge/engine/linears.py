@@ -19,6 +19,7 @@ from torch import nn
 
 from .. import quantize
 from ..model import GPT
+from . import pages
 
 
 def _mkldnn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -163,6 +164,7 @@ class FastLinears:
         # tensor, bias); made by refresh()
         self.native: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.head: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._placed: list[torch.Tensor] = []  # copies made by this refresh() for pages.onto_huge_pages
         self.generation = 0  # counts the times refresh() made new copies
 
     def on_project_kernels(self) -> bool:
@@ -217,6 +219,7 @@ class FastLinears:
             if exact is None:
                 return many
             q, scales = exact
+            self._placed += [q, scales]
             few = _Quantized(functools.partial(quantize.int8_groups_linear, q=q, scales=scales, bias=b), lambda: w, b, torch.float32)
             return functools.partial(self._route, many=many, few=few)
         if self.decode == torch.int8 or (self.decode == torch.quint4x2 and output):
@@ -231,6 +234,7 @@ class FastLinears:
                 return many
             few = _Quantized(functools.partial(quantize.int4_native_linear, packed=packed[0], scales_mins=packed[1], bias=b),
                              functools.partial(quantize.int4_native_dequantized, *packed), b, torch.float32)
+            self._placed += packed
             if module is not None:
                 self.native[module] = (*packed, b)
         elif self.decode == torch.quint4x2:  # no compiler here: torch's kernel, bf16 activations
@@ -242,6 +246,7 @@ class FastLinears:
         elif self.decode == torch.float16 and self.on_project_kernels() and w.shape[1] % quantize.INT4_GROUP == 0:
             # the project's kernel: fp32 activations (torch's fp16 matmul rounds them too), only the weights rounded
             hw = w.to(torch.float16).contiguous()
+            self._placed.append(hw)
             few = _Quantized(functools.partial(quantize.f16_native_linear, w16=hw, bias=b), hw.float, b, torch.float32)
             if module is not None:
                 self.native[module] = (hw, torch.empty(0), b)
@@ -264,9 +269,13 @@ class FastLinears:
         """Copy again whatever weights changed since the last copies were made."""
         sig = self._current()
         if sig != self._signature:
-            self.native = {}
+            self.native, self._placed = {}, []
             self.forwards = [self._linear(m.weight, m.bias, module=m) for m in self.linears]
             self.head = self._linear(self.model.output_weight(), None, output=True)
+            # the project's kernels' copies, in the order a decode step reads them, on 2 MB pages
+            with torch.inference_mode(any(t.is_inference() for t in self._placed)):
+                pages.onto_huge_pages(self._placed)
+            self._placed = []
             self._signature = sig
             self.generation += 1
 
