@@ -1173,3 +1173,36 @@ def test_chunked_prefill_interleaves_with_decoding(tok):
     assert not eng.has_work
     outs, _, _ = run(eng, [short], SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True))
     assert outs[0] == run(Engine(m, tok, max_batch=2), [short], SamplingParams(temperature=0, max_new_tokens=5, ignore_eos=True))[0][0]
+
+
+def test_decode_memory_on_huge_pages(tok):
+    """Guards engine/pages.py: tensors moved onto a huge-page buffer keep their values and move in
+    place (a holder of the tensor reads the new memory), each on a 64-byte boundary after the
+    previous one; a CPU slot cache of 2 MB or more sits on one such buffer, its blocks' keys and
+    values apart and zero; less than a huge page moves nothing. (Placement is Linux's; elsewhere
+    nothing moves.)"""
+    import sys
+
+    from chatforge.engine import pages
+    from chatforge.engine.cache import SlotCache
+
+    torch.manual_seed(0)
+    ts = [torch.randn(1000, 600), torch.randint(0, 255, (1001,), dtype=torch.uint8), torch.randn(3, 5000).half()]
+    want, holder = [t.clone() for t in ts], {"w": ts[0]}
+    moved = pages.onto_huge_pages(ts)
+    assert moved == (sys.platform == "linux")
+    assert all(torch.equal(a, b) for a, b in zip(ts, want))
+    if moved:
+        assert ts[0].data_ptr() % pages.HUGE_PAGE == 0 and holder["w"].data_ptr() == ts[0].data_ptr()
+        assert ts[1].data_ptr() == ts[0].data_ptr() + 1000 * 600 * 4 and ts[2].data_ptr() == ts[1].data_ptr() + 1024
+        ts[0][0, 0] = 5.0
+        assert holder["w"][0, 0] == 5.0
+    small = [torch.randn(10)]
+    assert not pages.onto_huge_pages(small) and pages.huge_page_buffer(1000) is None
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=3, n_head=4, n_kv_head=2, d_model=64, max_seq_len=2048)
+    cache = SlotCache(GPT(cfg), slots=4, max_len=2048, device="cpu", dtype=torch.float32)
+    starts = sorted(t.data_ptr() for t in cache.k + cache.v)
+    size = cache.k[0].numel() * 4
+    assert all(b - a >= size for a, b in zip(starts, starts[1:])) and all((t == 0).all() for t in cache.k + cache.v)
+    if moved:
+        assert starts[0] % pages.HUGE_PAGE == 0 and starts[-1] - starts[0] == 5 * size
