@@ -1,8 +1,8 @@
 """Single-stream decode speed of SmolLM2-135M-Instruct in each inference mode, against llama.cpp on
-the GGUF it was imported from, in one run: alternating rounds (every mode, then llama.cpp), each
-reported as its median tokens/s and the median and range of its ratio to llama.cpp's in the same
-round, with how many of its greedy tokens come before the first that differs from the exact fp32
-engine's.
+the GGUF it was imported from, in one run: alternating rounds (llama.cpp, then every mode; llama.cpp
+once more after the last round), each mode reported as its median tokens/s and the median and
+range of its ratio to the mean of the two llama.cpp runs around its round, with how many of its
+greedy tokens come before the first that differs from the exact fp32 engine's.
 
 Modes: the exact fp32 engine (oneDNN-packed), fp32 + fp16 decode copies, fp32 + int4 decode copies
 and `auto` (what chat, generate and serve run here: dtypes.inference_mode). `--ablations` adds the
@@ -21,7 +21,7 @@ llama.cpp: llama-cpp-python (`pip install llama-cpp-python`, see ../shared/docs/
 a portable build; LLAMA_CPP_LIB_PATH may point at a separately built libllama), its own greedy
 sampler; skipped with a message when it is not importable.
 
-Run: python benchmarks/decode_modes.py [--rounds 3] [--new-tokens 128] [--threads 2] [--ablations] [--compiled]
+Run: python benchmarks/decode_modes.py [--rounds 5] [--new-tokens 128] [--threads 2] [--ablations] [--compiled]
      [--streams 4 16]
 """
 
@@ -62,7 +62,7 @@ def ablation(name: str):
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ablations", action="store_true")
@@ -139,16 +139,25 @@ def main() -> None:
                 break
         return (new - 1) / (time.perf_counter() - t1), toks
 
-    if llm is not None:
-        runners["llama.cpp, the Q4_1 GGUF"] = run_llama
-        run_llama()  # warm up
     rates = {k: [] for k in runners}
     toks = {}
+    # llama.cpp runs at the start of every round and once after the last, and each round's
+    # ratios are against the mean of the runs that bracket it: this VM's speed drifts between rounds
+    peer_runs: list[float] = []
+    if llm is not None:
+        run_llama()  # warm up
+        peer_runs.append(run_llama()[0])
     for r in range(a.rounds):
         for name, fn in runners.items():
             rate, toks[name] = fn()
             rates[name].append(rate)
-        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items()), flush=True)
+        if llm is not None:
+            rate, toks["llama.cpp, the Q4_1 GGUF"] = run_llama()
+            peer_runs.append(rate)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rates.items())
+              + (f", llama.cpp {peer_runs[-2]:.1f} / {peer_runs[-1]:.1f}" if llm is not None else ""), flush=True)
+    if llm is not None:
+        rates["llama.cpp, the Q4_1 GGUF"] = [(x + y) / 2 for x, y in zip(peer_runs, peer_runs[1:])]
     one, five, _ = os.getloadavg()
     print(f"\nSmolLM2-135M-Instruct, {len(ids)}-token prompt, {new} new tokens, greedy, {a.threads} threads, {a.rounds} rounds; "
           f"torch {torch.__version__}; load {one:.1f}/{five:.1f}")
