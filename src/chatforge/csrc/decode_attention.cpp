@@ -125,7 +125,7 @@ void decode_attention_into(const float* q, const CacheView& k, const CacheView& 
   });
   // each row and head: its chunks' sums brought to a common top score, divided by their total (a
   // second parallel region only where there are many: its start costs more than a few rows' sums)
-  at::parallel_for(0, B * H, std::max<int64_t>(1, 65536 / (chunks * D)), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, B * H, std::max<int64_t>(1, 65536 / std::max<int64_t>(chunks * D, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* pr = part.data() + r * chunks * W;
       float* o = out + r * D;

@@ -103,7 +103,7 @@ at::Tensor decode_layers(const at::Tensor& x0, at::TensorList w, at::TensorList 
     add_to_x();
     chatforge_native::rms_norm_rows(xp, lw[6].data_ptr<float>(), hn, B, C, static_cast<float>(eps));
     chatforge_native::block_linear_into(hn, B, C, lw[7], lw[8], gu);
-    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / F), [&](int64_t r0, int64_t r1) {  // swiglu's grain
+    at::parallel_for(0, B, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), [&](int64_t r0, int64_t r1) {  // swiglu's grain
       chatforge_native::swiglu_rows(gu + r0 * 2 * F, hid + r0 * F, r1 - r0, F);
     });
     chatforge_native::block_linear_into(hid, B, F, lw[9], lw[10], out);
