@@ -156,8 +156,9 @@ def _cpu_key() -> str:
 def native_kernels() -> str | None:
     """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups, 8-bit
     groups for an output layer that is exactly that, and fp16 weights; decode_attention.cpp;
-    pointwise.cpp: RMSNorm, RoPE, SwiGLU; decode_step.cpp: a whole decode step on those), compiling them on first use (~30 s on 2 cores; cached under cache_dir()/native,
-    keyed by the sources, the CPU's flags and torch's version). None when they are loaded, else
+    pointwise.cpp: RMSNorm, RoPE, SwiGLU; decode_step.cpp: a whole decode step on those),
+    compiling them on first use (~30 s on 2 cores; cached under cache_dir()/native, keyed by the
+    sources, the CPU's flags and torch's version). None when they are loaded, else
     why they could not be (no compiler, say), once: callers then use torch's own kernels."""
     sources = sorted(NATIVE_DIR.glob("*.cpp"))
     files = sources + sorted(NATIVE_DIR.glob("*.h"))

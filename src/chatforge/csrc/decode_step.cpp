@@ -45,7 +45,8 @@ at::Tensor decode_layers(const at::Tensor& x0, at::TensorList w, at::TensorList 
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor& k = k_cache[l];
     TORCH_CHECK(k.dim() == 4 && k.size(0) >= B && k.size(1) == Hkv && k.size(2) > hi && k.size(3) == D && k.sizes() == v_cache[l].sizes() &&
-                    k.scalar_type() == at::kFloat && v_cache[l].scalar_type() == at::kFloat && k.stride(3) == 1 && v_cache[l].stride(3) == 1,
+                    k.scalar_type() == at::kFloat && v_cache[l].scalar_type() == at::kFloat && k.stride(3) == 1 &&
+                    v_cache[l].stride(3) == 1,
                 "decode_layers: block ", l, "'s cache ", k.sizes(), " does not hold ", B, " rows of ", Hkv, " heads up to position ", hi);
     const at::Tensor* lw = w.data() + l * kWeights;
     for (const int i : {0, 6})
@@ -93,8 +94,10 @@ at::Tensor decode_layers(const at::Tensor& x0, at::TensorList w, at::TensorList 
     for (int64_t b = 0; b < B; ++b) {
       const float* r = qkv + b * QKV;
       // query and key heads rotated together, as model.Attention does; the new key and value straight into the cache
-      for (int64_t n = 0; n < H + Hkv; ++n)
-        chatforge_native::rope_row(r + n * D, cp + b * D, sp + b * D, n < H ? q + (b * H + n) * D : kc + b * kv.row + (n - H) * kv.head + pp[b] * kv.pos, D);
+      for (int64_t n = 0; n < H + Hkv; ++n) {
+        float* to = n < H ? q + (b * H + n) * D : kc + b * kv.row + (n - H) * kv.head + pp[b] * kv.pos;
+        chatforge_native::rope_row(r + n * D, cp + b * D, sp + b * D, to, D);
+      }
       for (int64_t h = 0; h < Hkv; ++h) std::copy_n(r + (H + Hkv + h) * D, D, vc + b * vv.row + h * vv.head + pp[b] * vv.pos);
     }
     chatforge_native::decode_attention_into(q, kv, vv, mask.empty() ? nullptr : reinterpret_cast<const bool*>(mask.data()), B, H, Hkv, S,

@@ -9,8 +9,9 @@
 //
 // Each weight is made in fp32 once per call (exactly, so the sums are those of an fp32 matmul on
 // the same weights up to their order) and multiplied into every row of x, so a call of a few rows
-// reads the weights once; a single row on int4 takes q4_one_row's shorter sum instead. Making the weights from their codes is most of the time, so it is
-// written for AVX-512 and AVX2 (the build is -march=native), with a plain loop for other CPUs.
+// reads the weights once; a single row on int4 takes q4_one_row's shorter sum instead. Making the
+// weights from their codes is most of the time, so it is written for AVX-512 and AVX2 (the build
+// is -march=native), with a plain loop for other CPUs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -87,8 +88,7 @@ void q4_one_row(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm
 // int8 output layer, it was no faster or slower). A row's sums do not depend on NB, so neither on
 // how threads split the rows.
 template <int R, int NB>
-void q4_rows_pairs(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm, float* y, int64_t N, int64_t n0,
-                             int64_t n1) {
+void q4_rows_pairs(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm, float* y, int64_t N, int64_t n0, int64_t n1) {
   constexpr int P = kGroup / Simd::kLanes;
   const int64_t G = K / kGroup;
   std::vector<float> s(NB * G * 2);

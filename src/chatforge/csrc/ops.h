@@ -1,23 +1,14 @@
-// The project's CPU ops as C++ functions (each file registers its own with torch), so that
-// decode_step.cpp can run a whole step on them without a dispatch per op.
+// The project's CPU kernels as C++ functions for decode_step.cpp, which runs a whole step on
+// them without a dispatch per op (each file registers its tensor ops with torch itself).
 #pragma once
 
 #include <ATen/ATen.h>
 
-#include <optional>
-
 namespace chatforge_native {
 
-at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales_mins);
-at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales);
-at::Tensor f16_linear(const at::Tensor& x, const at::Tensor& w);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);
-at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
-at::Tensor swiglu(const at::Tensor& h);
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& mask,
-                            double scale);
 
-// The same kernels on raw rows, for decode_step.cpp's buffers (their callers check the shapes).
+// The kernels on raw rows, for decode_step.cpp's buffers (their callers check the shapes).
 // block_linear_into: y (M, N) = x (M, K) @ W.T on a block's int4 codes with their scales, or on
 // fp16 weights (scales unused); check_block_linear checks such weights for K inputs, N outputs.
 void check_block_linear(const char* name, int64_t K, int64_t N, const at::Tensor& w, const at::Tensor& scales);

@@ -65,8 +65,8 @@ struct Simd {  // 16 fp32 lanes; a group is 2 vectors
 #if defined(__AVX512VBMI__)
     // byte j to the low byte of lane j (the rest zeroed) in one permute, both nibbles taken from
     // it: one cross-lane op where two widenings took two (5-8% on the single-row kernel)
-    const __m512i r = _mm512_maskz_permutexvar_epi8(0x1111111111111111ULL, _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                    _mm512_castsi128_si512(bytes));
+    const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    const __m512i r = _mm512_maskz_permutexvar_epi8(0x1111111111111111ULL, lanes, _mm512_castsi128_si512(bytes));
     d[0] = _mm512_cvtepi32_ps(_mm512_and_si512(r, _mm512_set1_epi32(15)));
     d[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(r, 4));
 #else
