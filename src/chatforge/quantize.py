@@ -153,6 +153,13 @@ def _cpu_key() -> str:
 
 
 @functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (avx512_bf16, amx_bf16, ...); empty where unknown."""
+    key = _cpu_key()
+    return frozenset(key.split(":", 1)[1].split()) if ":" in key else frozenset()
+
+
+@functools.cache
 def native_kernels() -> str | None:
     """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups, 8-bit
     groups for an output layer that is exactly that, and fp16 weights; decode_attention.cpp;
@@ -184,11 +191,27 @@ def native_kernels() -> str | None:
     torch.library.register_fake("chatforge_native::rms_norm")(lambda x, w, eps: torch.empty_like(x, memory_format=torch.contiguous_format))
     torch.library.register_fake("chatforge_native::rope")(lambda x, cos, sin: torch.empty_like(x, memory_format=torch.contiguous_format))
     torch.library.register_fake("chatforge_native::swiglu")(lambda h: h.new_empty((*h.shape[:-1], h.shape[-1] // 2)))
+    torch.library.register_fake("chatforge_native::causal_attention_fwd")(_causal_attention_shapes)
+    torch.library.register_fake("chatforge_native::causal_attention_bwd")(_causal_attention_grad_shapes)
     return None
 
 
 def _grouped_linear_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
     return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _heads_last(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """An empty (B, heads, T, D) tensor like x whose memory is (B, T, heads, D), as the kernel returns."""
+    B, _, T, D = x.shape
+    return x.new_empty((B, T, heads, D)).permute(0, 2, 1, 3)
+
+
+def _causal_attention_shapes(q, k, v, scale):
+    return _heads_last(q, q.shape[1]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _causal_attention_grad_shapes(grad_out, q, k, v, out, lse, scale):
+    return _heads_last(q, q.shape[1]), _heads_last(k, k.shape[1]), _heads_last(v, v.shape[1])
 
 
 def _decode_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
