@@ -15,7 +15,7 @@ SRC = ROOT / "src" / "chatforge"
 
 # Lowest first. A module may import its own layer or any layer below it, never one above.
 LAYERS = [
-    ("config", "dtypes", "console", "quantize", "plots"),
+    ("config", "dtypes", "console", "quantize", "causal_attention", "plots"),
     ("tokenizer",),
     ("data",),
     ("model",),
