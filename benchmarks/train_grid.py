@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compile", action="store_true", help="also time the torch.compile'd step (pretrain --compile on; auto picks it when measured faster)")
     ap.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"])
+    ap.add_argument("--ablate-attention", action="store_true",
+                    help="also time the eager step on torch's attention instead of the project's kernel (chatforge/causal_attention.py)")
     a = ap.parse_args()
     for w in a.widths:
         if w not in DEPTH:
@@ -50,6 +52,8 @@ def main() -> None:
     print(f"{dt} matmul peak here: {peak / 1e9:.0f} GFLOP/s ({a.threads} threads); {a.tokens} tokens/step, "
           f"{a.rounds} alternating rounds of {a.steps} steps", flush=True)
     head = "| width | layers | params | window | batch | chatforge tok/s | MFU | HF tok/s | MFU | chatforge/HF (range) |"
+    if a.ablate_attention:
+        head += " on torch's attention tok/s | kernel/torch attention (range) |"
     if a.compile:
         head += " `--compile` tok/s | MFU | compile/HF (range) | compile/eager | compile s |"
     print(head + "\n|" + "---|" * (head.count("|") - 1), flush=True)
@@ -57,12 +61,15 @@ def main() -> None:
         for t in a.windows:
             cfg = GPTConfig(vocab_size=a.vocab, n_layer=DEPTH[w], d_model=w, n_head=w // 64, max_seq_len=t)
             batch = a.tokens // t
-            r = measure(cfg, batch, t, dt, a.rounds, a.steps, compile=a.compile)
+            r = measure(cfg, batch, t, dt, a.rounds, a.steps, compile=a.compile, ablate_attention=a.ablate_attention)
             fpt = flops_per_token(cfg, t)
             ours, hf = statistics.median(r["chatforge"]), statistics.median(r["hf"])
             ratios = [o / h for o, h in zip(r["chatforge"], r["hf"])]
             row = (f"| {w} | {DEPTH[w]} | {r['params'] / 1e6:.1f}M | {t} | {batch} | {ours:,.0f} | {100 * ours * fpt / peak:.1f}% | {hf:,.0f} | "
                    f"{100 * hf * fpt / peak:.1f}% | {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) |")
+            if a.ablate_attention:
+                ka = [o / t for o, t in zip(r["chatforge"], r["torch_attention"])]
+                row += f" {statistics.median(r['torch_attention']):,.0f} | {statistics.median(ka):.2f}x ({min(ka):.2f}-{max(ka):.2f}) |"
             if a.compile:
                 comp = statistics.median(r["compiled"])
                 cr = [c / h for c, h in zip(r["compiled"], r["hf"])]

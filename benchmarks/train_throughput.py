@@ -27,10 +27,13 @@ def hf_model(cfg):
     return LlamaForCausalLM._from_config(hc, attn_implementation="sdpa")
 
 
-def measure(cfg, batch: int, seq: int, dt: str, rounds: int, steps: int, compile: bool = True) -> dict:
+def measure(cfg, batch: int, seq: int, dt: str, rounds: int, steps: int, compile: bool = True, ablate_attention: bool = False) -> dict:
     """tokens/s of chatforge's eager step, its compiled step (when `compile`) and HF's, each timed
-    in `rounds` alternating rounds of `steps` optimizer steps, on one random (batch, seq) batch.
-    Returns {"chatforge": [tok/s per round], "compiled": [...], "hf": [...], "compile_s": s, "params": n}."""
+    in `rounds` alternating rounds of `steps` optimizer steps, on one random (batch, seq) batch;
+    with `ablate_attention` also the eager step on torch's attention instead of the project's
+    kernel (chatforge/causal_attention.py). Returns {"chatforge": [tok/s per round], "compiled":
+    [...], "hf": [...], "torch_attention": [...], "compile_s": s, "params": n}."""
+    from chatforge import causal_attention
     from chatforge.model import GPT
     from chatforge.train import common as C
 
@@ -55,6 +58,14 @@ def measure(cfg, batch: int, seq: int, dt: str, rounds: int, steps: int, compile
     def step_compiled():
         C.train_step(compiled, [(x, y)], C.lm_loss, opt_ours, dist, dt, 1.0)
 
+    def step_torch_attention():
+        fits = causal_attention.fits
+        causal_attention.fits = lambda *a: False
+        try:
+            step_ours()
+        finally:
+            causal_attention.fits = fits
+
     def step_theirs():
         with C.autocast(dist.device, dt):
             logits = theirs(input_ids=x).logits
@@ -72,6 +83,8 @@ def measure(cfg, batch: int, seq: int, dt: str, rounds: int, steps: int, compile
         step_compiled()
         compile_s = time.perf_counter() - t0
         systems.insert(1, ("compiled", step_compiled))
+    if ablate_attention:
+        systems.insert(1, ("torch_attention", step_torch_attention))
     for _, f in systems:  # warm up allocator and kernels
         f()
     times: dict = {name: [] for name, _ in systems}

@@ -1,12 +1,13 @@
-"""Causal self-attention in bf16 on the project's CPU kernel (csrc/causal_attention.cpp), forward and
-backward: what a bf16-autocast training step's attention runs on a CPU with AVX-512 BF16.
+"""Causal self-attention on the project's CPU kernel (csrc/causal_attention.cpp), forward and
+backward, in bf16 (under bf16 autocast) or fp32: what a training step's attention runs on the CPU.
 
-torch's CPU flash kernel runs its block products through general bf16 GEMM calls; on such a CPU the
-project's kernel measured 2.0-2.9x faster forward + backward at training shapes, with errors against
-an fp64 reference no larger than torch's (benchmarks/README.md). `model.attend` takes it for plainly
-causal attention (no mask, as many keys as queries) where `fits` says so; everything else, and every
-other CPU or device, keeps torch's scaled_dot_product_attention. CPUs with AMX are left to torch too:
-its kernels use the tile unit there, which this kernel does not (not measured against it).
+torch's CPU flash kernel runs its block products through general GEMM calls; at training shapes the
+project's kernel measured 2.0-3.1x faster forward + backward in bf16 on an AVX-512 BF16 CPU, and
+1.4-1.8x in fp32 (AVX-512, and an AVX2 build), with errors against fp64 of torch's size
+(benchmarks/README.md). `model.attend` takes it for plainly causal attention (no mask, as many keys
+as queries) where `fits` says so; masks, decode steps, CUDA and other dtypes keep torch's
+scaled_dot_product_attention. bf16 on CPUs with AMX stays on torch's too: its kernels use the tile
+unit there, which this kernel does not (not measured against it).
 """
 
 from __future__ import annotations
@@ -18,51 +19,68 @@ import torch
 
 from .quantize import cpu_flags, native_kernels
 
+BF16, FP32 = 1, 2  # the bits of paths()
+
 
 @torch.compiler.assume_constant_result  # a compiled step asks once, as it traces (no file reads in its graph)
-def available() -> bool:
-    """Whether the kernel is built here with its vdpbf16ps products (and its autograd registered)."""
+def paths() -> int:
+    """Which dtypes the kernel takes here (and its autograd registered): bit 1 bf16 (vdpbf16ps, on a
+    CPU without AMX), bit 2 fp32 (AVX2 or AVX-512 multiply-adds); 0 where it is not built."""
     return _probe()
 
 
 @functools.cache
-def _probe() -> bool:
-    flags = cpu_flags()
-    if "avx512_bf16" not in flags or "amx_bf16" in flags or native_kernels() is not None:
-        return False
-    if not torch.ops.chatforge_native.causal_attention_native():
-        return False
-    torch.library.register_autograd("chatforge_native::causal_attention_fwd", _backward, setup_context=_save)
-    return True
+def _probe() -> int:
+    if native_kernels() is not None:
+        return 0
+    found = int(torch.ops.chatforge_native.causal_attention_native())
+    if "amx_bf16" in cpu_flags():  # torch's bf16 kernel runs on the tile unit there
+        found &= ~BF16
+    if found:
+        torch.library.register_autograd("chatforge_native::causal_attention_fwd", _backward, setup_context=_save)
+    return found
 
 
 def _save(ctx, inputs, output) -> None:
-    q, k, v, scale = inputs
+    q, k, v, mask, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, mask)
     ctx.scale = scale
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, mask = ctx.saved_tensors
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
-    dq, dk, dv = torch.ops.chatforge_native.causal_attention_bwd(grad_out, q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+    dq, dk, dv = torch.ops.chatforge_native.causal_attention_bwd(grad_out, q, k, v, out, lse, mask, ctx.scale)
+    return dq, dk, dv, None, None
 
 
-def fits(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor) -> bool:
-    """Whether causal attention of these queries over as many keys runs on the kernel: CPU tensors,
-    bf16 (or under bf16 autocast), a head dim that is a multiple of 16, more than one position."""
-    if q_BHTD.device.type != "cpu" or q_BHTD.shape[2] < 2 or q_BHTD.shape[2] != k_BKSD.shape[2] or q_BHTD.shape[-1] % 16:
+def fits(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, mask: torch.Tensor | None = None) -> bool:
+    """Whether attention of these queries over as many keys runs on the kernel: CPU tensors, more
+    than one position, a head dim that is a multiple of 16, bf16 (or bf16 autocast) or fp32 where
+    paths() has it, and no mask or a boolean (B or 1, H or 1, T, T) one (packed rows' block-diagonal
+    causal mask; any pattern is exact, the kernel skips blocks nothing may see)."""
+    B, H, T, D = q_BHTD.shape
+    if q_BHTD.device.type != "cpu" or T < 2 or T != k_BKSD.shape[2] or D % 16:
         return False
-    bf16 = q_BHTD.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-    return bf16 and available()
+    if mask is not None and not (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[2:] == (T, T)
+                                 and mask.shape[0] in (1, B) and mask.shape[1] in (1, H)):
+        return False
+    if torch.is_autocast_enabled("cpu"):  # autocast casts q, k and v as it would for torch's kernel
+        want = BF16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 else 0
+    else:
+        want = {torch.bfloat16: BF16, torch.float32: FP32}.get(q_BHTD.dtype, 0) if k_BKSD.dtype == q_BHTD.dtype else 0
+    return bool(want and paths() & want)
 
 
-def attend(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(D), causal) v in bf16 (as torch's kernel under bf16 autocast); query
+def attend(q_BHTD: torch.Tensor, k_BKSD: torch.Tensor, v_BKSD: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) v over the keys each query may see (causal without a mask, else
+    where `mask` is True), in bf16 under bf16 autocast (as torch's kernel), else in q's dtype; query
     head h reads key/value head h / (H / K). The result's memory is (B, T, H, D)."""
-    bf = torch.bfloat16
-    out, _ = torch.ops.chatforge_native.causal_attention_fwd(q_BHTD.to(bf), k_BKSD.to(bf), v_BKSD.to(bf), 1.0 / math.sqrt(q_BHTD.shape[-1]))
+    dt = torch.bfloat16 if torch.is_autocast_enabled("cpu") else q_BHTD.dtype
+    if mask is not None and mask.stride(-1) != 1:
+        mask = mask.contiguous()
+    out, _ = torch.ops.chatforge_native.causal_attention_fwd(q_BHTD.to(dt), k_BKSD.to(dt), v_BKSD.to(dt), mask,
+                                                             1.0 / math.sqrt(q_BHTD.shape[-1]))
     return out

@@ -201,8 +201,8 @@ class Attention(nn.Module):
 def attend(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
     """Scaled dot-product attention with grouped-query heads; `mask` None means causal over T=S."""
     H, K = q_BHTD.shape[1], k_BKSD.shape[1]
-    if mask is None and causal_attention.fits(q_BHTD, k_BKSD):  # bf16 training on a CPU with AVX-512 BF16
-        return causal_attention.attend(q_BHTD, k_BKSD, v_BKSD)
+    if causal_attention.fits(q_BHTD, k_BKSD, mask):  # causal or packed rows, T = S, on the CPU: the project's kernel
+        return causal_attention.attend(q_BHTD, k_BKSD, v_BKSD, mask)
     if H != K:
         if q_BHTD.shape[2] == 1:
             # Decoding one token: fold the query heads of a group into the time axis instead of

@@ -161,10 +161,10 @@ def cpu_flags() -> frozenset[str]:
 
 @functools.cache
 def native_kernels() -> str | None:
-    """Load the project's fp32 decode kernels (csrc/: grouped_linear.cpp, int4 groups, 8-bit
-    groups for an output layer that is exactly that, and fp16 weights; decode_attention.cpp;
-    pointwise.cpp: RMSNorm, RoPE, SwiGLU; decode_step.cpp: a whole decode step on those),
-    compiling them on first use (~30 s on 2 cores; cached under cache_dir()/native, keyed by the
+    """Load the project's CPU kernels (csrc/: grouped_linear.cpp, int4 groups, 8-bit groups for
+    an output layer that is exactly that, and fp16 weights; decode_attention.cpp; pointwise.cpp:
+    RMSNorm, RoPE, SwiGLU; decode_step.cpp: a whole decode step on those; causal_attention.cpp:
+    training attention), compiling them on first use (~60 s on 2 cores; cached under cache_dir()/native, keyed by the
     sources, the CPU's flags and torch's version). None when they are loaded, else
     why they could not be (no compiler, say), once: callers then use torch's own kernels."""
     sources = sorted(NATIVE_DIR.glob("*.cpp"))
@@ -177,13 +177,13 @@ def native_kernels() -> str | None:
     try:
         build.mkdir(parents=True, exist_ok=True)
         if not (build / f"{name}.so").exists():
-            say("quantize", f"building the decode kernels for this CPU (once, ~30 s) in {build}")
+            say("quantize", f"building the project's CPU kernels (decode, training attention) for this CPU (once, ~60 s) in {build}")
         cpp_extension.load(name=name, sources=[str(f) for f in sources], build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # a missing compiler, a failed build: the reason, not a crash
         why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-        warnings.warn(f"the decode kernels ({NATIVE_DIR}) could not be built: {why}; int4 decode copies use torch's bf16 "
-                      "kernel, --decode-weights auto uses fp16 copies, and decode attention and pointwise ops torch's own")
+        warnings.warn(f"the project's CPU kernels ({NATIVE_DIR}) could not be built: {why}; int4 decode copies use torch's bf16 "
+                      "kernel, --decode-weights auto uses fp16 copies, and attention and pointwise ops torch's own")
         return why
     for op in ("q4_linear", "q8_linear", "f16_linear"):
         torch.library.register_fake(f"chatforge_native::{op}")(_grouped_linear_shape)
@@ -206,11 +206,11 @@ def _heads_last(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.new_empty((B, T, heads, D)).permute(0, 2, 1, 3)
 
 
-def _causal_attention_shapes(q, k, v, scale):
+def _causal_attention_shapes(q, k, v, mask, scale):
     return _heads_last(q, q.shape[1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _causal_attention_grad_shapes(grad_out, q, k, v, out, lse, scale):
+def _causal_attention_grad_shapes(grad_out, q, k, v, out, lse, mask, scale):
     return _heads_last(q, q.shape[1]), _heads_last(k, k.shape[1]), _heads_last(v, v.shape[1])
 
 
