@@ -258,8 +258,8 @@ void check(const at::Tensor& x, const char* name, at::ScalarType dtype) {
 
 // Which keys each query may see: causal (no mask: key <= query), or a boolean mask (T x T per
 // sequence and, optionally, head; True = may attend; any pattern). Per 64 x 64 block a state: kNone
-// (skipped), kAll (every real key of every query: no test) or kSome (a test per score). Keys past T
-// (the padding of the last block) are never seen.
+// (skipped), kAll (every real key of every query: no test) or kSome (a test per score). No real
+// query sees a key past T (the padding of the last block).
 enum : uint8_t { kNone = 0, kAll = 1, kSome = 2 };
 
 struct Visible {
