@@ -1,13 +1,14 @@
-"""Causal self-attention on the project's CPU kernel (csrc/causal_attention.cpp), forward and
-backward, in bf16 (under bf16 autocast) or fp32: what a training step's attention runs on the CPU.
+"""Self-attention of T queries over the same T keys on the project's CPU kernel
+(csrc/causal_attention.cpp), forward and backward, in bf16 (under bf16 autocast) or fp32: what a
+training step's attention runs on the CPU.
 
 torch's CPU flash kernel runs its block products through general GEMM calls; at training shapes the
-project's kernel measured 2.0-3.1x faster forward + backward in bf16 on an AVX-512 BF16 CPU, and
-1.4-1.8x in fp32 (AVX-512, and an AVX2 build), with errors against fp64 of torch's size
-(benchmarks/README.md). `model.attend` takes it for plainly causal attention (no mask, as many keys
-as queries) where `fits` says so; masks, decode steps, CUDA and other dtypes keep torch's
-scaled_dot_product_attention. bf16 on CPUs with AMX stays on torch's too: its kernels use the tile
-unit there, which this kernel does not (not measured against it).
+project's kernel measured 2.0-3.1x faster forward + backward in bf16 on an AVX-512 BF16 CPU,
+1.5-1.9x in fp32 and 4-6x on packed rows' block-diagonal mask (it skips the blocks a mask hides),
+with errors against fp64 of torch's size (benchmarks/README.md). `model.attend` takes it where
+`fits` says so: causal without a mask, or a boolean mask of any pattern. Additive masks, decode
+steps, CUDA and other dtypes keep torch's scaled_dot_product_attention; so does bf16 on CPUs with
+AMX, whose tiles torch's kernel uses and this one does not (not measured against it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import math
 
 import torch
 
-from .quantize import cpu_flags, native_kernels
+from .dtypes import amx_tiles
+from .quantize import native_kernels
 
 BF16, FP32 = 1, 2  # the bits of paths()
 
@@ -34,7 +36,7 @@ def _probe() -> int:
     if native_kernels() is not None:
         return 0
     found = int(torch.ops.chatforge_native.causal_attention_native())
-    if "amx_bf16" in cpu_flags():  # torch's bf16 kernel runs on the tile unit there
+    if amx_tiles():  # torch's bf16 kernel runs on the tile unit there
         found &= ~BF16
     if found:
         torch.library.register_autograd("chatforge_native::causal_attention_fwd", _backward, setup_context=_save)

@@ -40,6 +40,17 @@ def fast_bf16(device_type: str) -> bool:
     return False
 
 
+@functools.cache
+def amx_tiles() -> bool:
+    """Whether this CPU has AMX tiles that torch's CPU kernels use (its fused attention among them):
+    where they do, the project's own CPU attention kernels are not taken (engine/cache.py,
+    causal_attention.py)."""
+    import torch
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # absent in older torch builds: no AMX kernels there either
+    return bool(amx is not None and amx())
+
+
 def resolve(name: str, device="cpu") -> str:
     """The concrete dtype name for `name` on `device` (a torch.device or a string such as
     "cuda:1"): "auto" becomes "bf16" or "fp32"."""

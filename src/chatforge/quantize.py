@@ -153,19 +153,12 @@ def _cpu_key() -> str:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them (avx512_bf16, amx_bf16, ...); empty where unknown."""
-    key = _cpu_key()
-    return frozenset(key.split(":", 1)[1].split()) if ":" in key else frozenset()
-
-
-@functools.cache
 def native_kernels() -> str | None:
     """Load the project's CPU kernels (csrc/: grouped_linear.cpp, int4 groups, 8-bit groups for
     an output layer that is exactly that, and fp16 weights; decode_attention.cpp; pointwise.cpp:
     RMSNorm, RoPE, SwiGLU; decode_step.cpp: a whole decode step on those; causal_attention.cpp:
-    training attention), compiling them on first use (~60 s on 2 cores; cached under cache_dir()/native, keyed by the
-    sources, the CPU's flags and torch's version). None when they are loaded, else
+    training attention), compiling them on first use (~60 s on 2 cores; cached under
+    cache_dir()/native, keyed by the sources, the CPU's flags and torch's version). None when they are loaded, else
     why they could not be (no compiler, say), once: callers then use torch's own kernels."""
     sources = sorted(NATIVE_DIR.glob("*.cpp"))
     files = sources + sorted(NATIVE_DIR.glob("*.h"))
@@ -200,18 +193,18 @@ def _grouped_linear_shape(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
-def _heads_last(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """An empty (B, heads, T, D) tensor like x whose memory is (B, T, heads, D), as the kernel returns."""
-    B, _, T, D = x.shape
-    return x.new_empty((B, T, heads, D)).permute(0, 2, 1, 3)
+def _heads_last(x: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped as x (B, heads, T, D) whose memory is (B, T, heads, D), as the kernel returns."""
+    B, H, T, D = x.shape
+    return x.new_empty((B, T, H, D)).permute(0, 2, 1, 3)
 
 
 def _causal_attention_shapes(q, k, v, mask, scale):
-    return _heads_last(q, q.shape[1]), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _heads_last(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def _causal_attention_grad_shapes(grad_out, q, k, v, out, lse, mask, scale):
-    return _heads_last(q, q.shape[1]), _heads_last(k, k.shape[1]), _heads_last(v, v.shape[1])
+    return _heads_last(q), _heads_last(k), _heads_last(v)
 
 
 def _decode_attention_shape(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:

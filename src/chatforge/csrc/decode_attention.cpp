@@ -25,6 +25,7 @@
 namespace {
 
 using chatforge_simd::dot;
+using chatforge_simd::softmax_numerators;
 using chatforge_simd::Simd;
 
 constexpr int64_t kChunk = 128;  // positions per task
@@ -76,19 +77,6 @@ void scores(const float* q, const float* k, int64_t stride, int64_t S, int64_t D
   for (; s < S; ++s) p[s] = dot(q, k + s * stride, D) * scale;
 }
 
-float softmax_numerators(float* p, int64_t n, float top) {  // p = exp(p - top) (0 where -inf); their sum
-  Simd::V acc = Simd::zero();
-  int64_t i = 0;
-  for (; i + Simd::kLanes <= n; i += Simd::kLanes) {
-    const Simd::V e = Simd::exp(Simd::add(Simd::load(p + i), Simd::set1(-top)));
-    Simd::store(p + i, e);
-    acc = Simd::add(acc, e);
-  }
-  float total = Simd::sum(acc);
-  for (; i < n; ++i) total += (p[i] = p[i] - top >= chatforge_simd::kExpMin ? std::exp(p[i] - top) : 0.f);
-  return total;
-}
-
 }  // namespace
 
 namespace chatforge_native {
@@ -117,7 +105,7 @@ void decode_attention_into(const float* q, const CacheView& k, const CacheView& 
         }
         pr[0] = top;
         if (top == none) continue;  // nothing to attend to in this chunk
-        pr[1] = softmax_numerators(p.data(), n, top);
+        pr[1] = softmax_numerators(p.data(), n, 1.f, top, p.data());  // scores scaled already
         std::fill(pr + 2, pr + W, 0.f);
         weighted_sum(p.data(), n, 1.f, vt, v.pos, D, pr + 2);
       }

@@ -171,6 +171,25 @@ struct Simd {  // one lane: the compiler vectorizes what it can
 };
 #endif
 
+// p[i] = exp(s[i] * scale - top), 0 where that is below kExpMin (a -inf score: a masked one, or
+// any score against top = +inf); returns their sum. p may be s.
+inline float softmax_numerators(const float* s, int64_t n, float scale, float top, float* p) {
+  const Simd::V sc = Simd::set1(scale), sh = Simd::set1(-top);
+  Simd::V acc = Simd::zero();
+  int64_t i = 0;
+  for (; i + Simd::kLanes <= n; i += Simd::kLanes) {
+    const Simd::V e = Simd::exp(Simd::fmadd(Simd::load(s + i), sc, sh));
+    Simd::store(p + i, e);
+    acc = Simd::add(acc, e);
+  }
+  float total = Simd::sum(acc);
+  for (; i < n; ++i) {
+    const float x = s[i] * scale - top;
+    total += (p[i] = x >= kExpMin ? std::exp(x) : 0.f);
+  }
+  return total;
+}
+
 inline float dot(const float* a, const float* b, int64_t n) {  // sum of a[i] * b[i]
   Simd::V acc = Simd::zero();
   int64_t i = 0;

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import quantize
-from ..dtypes import fast_bf16
+from ..dtypes import amx_tiles, fast_bf16
 from ..model import GPT, attend
 from . import pages
 
@@ -34,10 +34,7 @@ def matmul_decode_attention_wins(device_type: str) -> bool:
     fused SDPA kernel here: on a CPU with native bf16 but no AMX tiles. Not with AMX (whose fused
     kernel multiplies on the tiles), on AVX2 (emulated bf16) or on CUDA. Measurements:
     benchmarks/README.md."""
-    if device_type != "cpu" or not fast_bf16("cpu"):
-        return False
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return not (amx is not None and amx())
+    return device_type == "cpu" and fast_bf16("cpu") and not amx_tiles()
 
 
 def attend_decode_by_matmuls(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
