@@ -11,7 +11,8 @@ the exact 8-bit output layer), int4 copies on torch's bf16-activation kernel (th
 before the project's own kernel; what runs where it cannot be built), and `auto` on torch's own
 attention, RMSNorm, RoPE and SwiGLU instead of the project's kernels (csrc/decode_attention.cpp,
 pointwise.cpp), and `auto` step by step from Python instead of the one-call step
-(engine/fused.py, csrc/decode_step.cpp).
+(engine/fused.py, csrc/decode_step.cpp), and `auto` with a single row's int4 matmuls on the fp32
+kernel instead of integer dot products (AVX-512 VNNI CPUs; elsewhere the same as auto).
 `--compiled` adds `auto` with the compiled decode step (`--compile-decode`; compiled before the
 rounds). `--streams 4 16` adds `auto` decoding that many streams at once (prompts of 250, 249, ...
 tokens), as aggregate tokens/s against llama.cpp's single stream; its greedy-token column is
@@ -96,6 +97,7 @@ def main() -> None:
         modes["ablation: int4 on torch's bf16 kernel, fp32 output layer"] = ("int4", "aten int4", False, 1)
         modes["ablation: auto step by step from Python (no one-call step)"] = (auto, "stepwise", False, 1)
         modes["ablation: auto on torch's attention, RMSNorm, RoPE and SwiGLU (step by step)"] = (auto, "sdpa", False, 1)
+        modes["ablation: auto, one row's int4 matmuls in fp32 (no integer dot products)"] = (auto, "fp32 rows", False, 1)
     engines = {}
     for name, (copies, abl, compile_decode, n) in modes.items():
         with ablation(abl):
@@ -118,7 +120,17 @@ def main() -> None:
                 toks.append(ev.token_id)
         return (len(times) - n) / (times[-1] - times[n - 1]), toks
 
+    def fp32_rows(run):
+        """run with single int4 rows on the fp32 kernel: a switch in the kernel, so around each run"""
+        was = torch.ops.chatforge_native.q4_integer_rows(False)
+        try:
+            return run()
+        finally:
+            torch.ops.chatforge_native.q4_integer_rows(was)
+
     runners = {name: (lambda e=e, n=modes[name][3]: run_engine(e, n)) for name, e in engines.items()}
+    for name in [k for k, v in modes.items() if v[1] == "fp32 rows"]:
+        runners[name] = lambda run=runners[name]: fp32_rows(run)
     llm = None
     try:
         from llama_cpp import Llama

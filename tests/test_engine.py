@@ -378,6 +378,51 @@ def test_native_kernels_linear():
         torch.testing.assert_close(f16_native_linear(x, w16, bias), ref, atol=2e-4, rtol=1e-5)
 
 
+def test_native_int4_one_row():
+    """Guards one row of x on int4 copies (a single stream's decode step; on a CPU with AVX-512
+    VNNI, integer dot products with x held in three bytes per input): for every count of groups
+    left after blocks of 4 and 16, and inputs with an outlier, a zero group or a group near fp32's
+    smallest normals (those take the fp32 kernel), y is within 2^-22 of |W| @ (each input's group
+    maximum |x|) of an fp64 matmul, as the fp32 kernels are (x held in two bytes would not be);
+    NaN or inf in x gives no finite output. Both single-row kernels where the integer one is built."""
+    from chatforge.quantize import native_kernels
+
+    assert native_kernels() is None, native_kernels()
+    integer = torch.ops.chatforge_native.q4_integer_rows(True)
+    try:
+        for on in {integer, False}:
+            torch.ops.chatforge_native.q4_integer_rows(on)
+            _int4_one_row_cases()
+    finally:
+        torch.ops.chatforge_native.q4_integer_rows(integer)
+
+
+def _int4_one_row_cases():
+    from chatforge.quantize import int4_native_dequantized, int4_native_linear, int4_native_weights
+
+    torch.manual_seed(0)
+    for in_f in (32, 96, 128, 544, 576, 608, 1536):
+        packed, sm = int4_native_weights(torch.randn(67, in_f) * 0.05)
+        deq = int4_native_dequantized(packed, sm).double()
+        for kind in ("normal", "outlier", "zeros", "tiny"):
+            x = torch.randn(1, in_f)
+            if kind == "outlier":
+                x[0, 5], x[0, -1] = 1e4, -3e3
+            elif kind == "zeros":
+                x[0, :32] = 0
+            elif kind == "tiny":
+                x[0, -32:] *= 1e-33
+            group_max = x.abs().reshape(1, -1, 32).amax(-1, keepdim=True).expand(1, -1, 32).reshape(1, -1)
+            bound = 2 ** -22 * (group_max.double() @ deq.abs().t())
+            for rows in (1, 2):  # 2: the fp32 kernel, for comparison
+                y = int4_native_linear(x.expand(rows, -1), packed, sm, None)[:1]
+                err = (y.double() - x.double() @ deq.t()).abs()
+                assert (err <= bound).all(), (in_f, kind, rows, (err / bound).max().item())
+        for bad in (float("nan"), float("inf")):
+            x = torch.randn(1, in_f)
+            x[0, 3] = bad
+            assert not int4_native_linear(x, packed, sm, None).isfinite().any()
+
 def test_native_decode_attention():
     """Guards the project's decode-attention kernel (csrc/decode_attention.cpp), which fp32 engines
     on the CPU decode with: against model.attend (torch's fused kernel) for grouped and plain

@@ -9,14 +9,18 @@
 //
 // Each weight is made in fp32 once per call (exactly, so the sums are those of an fp32 matmul on
 // the same weights up to their order) and multiplied into every row of x, so a call of a few rows
-// reads the weights once; a single row on int4 takes q4_one_row's shorter sum instead. Making the
-// weights from their codes is most of the time, so it is written for AVX-512 and AVX2 (the build
-// is -march=native), with a plain loop for other CPUs.
+// reads the weights once; a single row on int4 takes q4_one_row's shorter sum instead, or, on a
+// CPU with AVX-512 VNNI, integer dot products of the codes with x split into three bytes per input
+// (q4_row_vnni: sums as close to exact as the fp32 ones). Making the weights from their codes is
+// most of the time, so it is written for AVX-512 and AVX2 (the build is -march=native), with a
+// plain loop for other CPUs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <cmath>
 #include <vector>
 
 #include "ops.h"
@@ -80,6 +84,114 @@ void q4_one_row(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm
     y[n] = Simd::sum(Simd::add(a, b)) + chatforge_simd::dot(s.data(), z.data(), G * 2);
   }
 }
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// One row of x on int4 weights with integer dot products (vpdpbusd: 4 products of unsigned by
+// signed bytes per 32-bit lane). Making fp32 weights from the codes bound the fp32 kernels (~4
+// vector ops per group); here a group of 32 codes takes ~2 and the kernel waits on memory instead.
+// x goes in as three signed bytes per input, x ~ d (q1 + q2 / 256 + q3 / 32768) with d = max|x| /
+// 127 over its group of 32, so a sum is exact in 32 bits (|S| < 2.006e9 at the extremes) and x is
+// held to d / 65536 (2^-23 of its group's largest |x|; fp32 holds each input to 2^-24 of itself);
+// the minimums' share uses the groups' fp32 sums of x. A row with a group whose largest |x| is
+// below kTiny but not 0 (d would leave fp32's normal range), or not finite, takes q4_one_row.
+constexpr int64_t kPieces = 3, kPieceBytes = 2 * kPieces * 64;  // per 4 groups: low-nibble and high-nibble halves
+constexpr float kPieceScale = 32768.f, kTiny = 0x1p-100f;  // q1's weight in S
+std::atomic<bool> integer_rows{true};  // off: single rows on q4_one_row (q4_integer_rows: tests, ablations)
+
+// lane 4k + m of the result: the sum of chunk k (lanes 4k..4k+3) of v[m]. With v[m] holding groups
+// 4m..4m+3 of a block of 16 in 4 lanes each, lane L ends up with group kLaneGroup[L].
+inline __m512i quad_sums(const __m512i* v) {
+  const __m512i t1 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[0], v[1]), _mm512_unpackhi_epi32(v[0], v[1]));
+  const __m512i t2 = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2], v[3]), _mm512_unpackhi_epi32(v[2], v[3]));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(t1, t2), _mm512_unpackhi_epi64(t1, t2));
+}
+constexpr int kLaneGroup[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};  // its own inverse
+
+struct XPieces {  // one row of x, made once per call and shared by the threads
+  int64_t G;
+  bool usable = true;
+  std::vector<int8_t> q;     // per 4 groups, 64 bytes each: piece 1 of the groups' first halves, of their second halves, piece 2, ...
+  std::vector<float> d, z;   // per block of 16 groups in kLaneGroup order: d / kPieceScale, sum of x
+  XPieces(const float* x, int64_t G_) : G(G_), q((G_ + 3) / 4 * kPieceBytes, 0), d((G_ + 15) / 16 * 16, 0.f), z(d.size(), 0.f) {
+    const __m512 k127 = _mm512_set1_ps(127.f), m127 = _mm512_set1_ps(-127.f);
+    const auto round = [](__m512 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); };
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 a = _mm512_loadu_ps(x + g * kGroup), b = _mm512_loadu_ps(x + g * kGroup + 16);
+      const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
+      const int64_t lane = g / 16 * 16 + kLaneGroup[g % 16];
+      z[lane] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+      if (!std::isfinite(z[lane]) || (m != 0.f && m < kTiny)) {
+        usable = false;
+        return;
+      }
+      d[lane] = m / 127.f / kPieceScale;
+      const __m512 inv = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
+      int8_t* qg = q.data() + g / 4 * kPieceBytes + g % 4 * 16;
+      for (int h = 0; h < 2; ++h) {  // r1 - t and the scalings by 256 and 128 are exact
+        const __m512 t = _mm512_mul_ps(h ? b : a, inv), r1 = round(t);
+        const __m512 t2 = _mm512_mul_ps(_mm512_sub_ps(t, r1), _mm512_set1_ps(256.f));
+        const __m512 r2 = _mm512_max_ps(_mm512_min_ps(round(t2), k127), m127);
+        const __m512 r3 = _mm512_max_ps(_mm512_min_ps(round(_mm512_mul_ps(_mm512_sub_ps(t2, r2), _mm512_set1_ps(128.f))), k127), m127);
+        const __m512 r[kPieces] = {r1, r2, r3};
+        for (int k = 0; k < kPieces; ++k)
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qg + (2 * k + h) * 64), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r[k])));
+      }
+    }
+  }
+};
+
+// y[n] for n in [n0, n1): NB output rows at a time share the loads of x's pieces; per block of
+// 16 groups, 4 loads of 4 groups' codes, their integer sums (lanes of 4 products), one vector of
+// the 16 groups' sums, scaled in fp32
+template <int NB>
+void q4_row_vnni(const XPieces& xp, const uint8_t* w, const c10::Half* sm, float* y, int64_t n0, int64_t n1) {
+  const int64_t G = xp.G;
+  const __m512i m15 = _mm512_set1_epi8(15);
+  alignas(64) int32_t is[16], im[16];  // (scale, minimum) pairs of 16 groups to kLaneGroup order
+  for (int l = 0; l < 16; ++l) is[l] = 2 * kLaneGroup[l], im[l] = 2 * kLaneGroup[l] + 1;
+  const __m512i scales = _mm512_load_si512(is), mins = _mm512_load_si512(im);
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) {
+    // the rows a few KB on, into L2: the hardware's prefetch alone left the kernel ~20% slower
+    for (int64_t i = 0; i < NB * G * 16; i += 64) _mm_prefetch(reinterpret_cast<const char*>(w + n * G * 16 + 4096 + i), _MM_HINT_T1);
+    for (int64_t i = 0; i < NB * G * 4; i += 64) _mm_prefetch(reinterpret_cast<const char*>(sm + n * G * 2) + 1024 + i, _MM_HINT_T1);
+    __m512 acc[NB];
+    for (int r = 0; r < NB; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+      __m512i v[NB][4];
+      for (int j = 0; j < 4; ++j) {
+        const int64_t gj = g0 + 4 * j, ng = std::min<int64_t>(4, G - gj);
+        if (ng <= 0) {
+          for (int r = 0; r < NB; ++r) v[r][j] = _mm512_setzero_si512();
+          continue;
+        }
+        const __mmask64 mk = ng == 4 ? ~0ULL : (1ULL << (ng * 16)) - 1;
+        const int8_t* qx = xp.q.data() + gj / 4 * kPieceBytes;
+        __m512i xq[2 * kPieces];
+        for (int k = 0; k < 2 * kPieces; ++k) xq[k] = _mm512_loadu_si512(qx + k * 64);
+        for (int r = 0; r < NB; ++r) {
+          const __m512i c = _mm512_maskz_loadu_epi8(mk, w + ((n + r) * G + gj) * 16);
+          const __m512i lo = _mm512_and_si512(c, m15), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m15);
+          __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xq[0]), hi, xq[1]);
+          s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), lo, xq[2]), hi, xq[3]);
+          v[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 7), lo, xq[4]), hi, xq[5]);
+        }
+      }
+      const __m512 d = _mm512_loadu_ps(xp.d.data() + g0), z = _mm512_loadu_ps(xp.z.data() + g0);
+      const __mmask16 mg = static_cast<__mmask16>((1u << std::min<int64_t>(16, G - g0)) - 1);
+      for (int r = 0; r < NB; ++r) {
+        const __m512i pairs = _mm512_maskz_loadu_epi32(mg, sm + ((n + r) * G + g0) * 2);
+        const __m512 p0 = _mm512_cvtph_ps(_mm512_castsi512_si256(pairs)), p1 = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(pairs, 1));
+        const __m512 sd = _mm512_mul_ps(_mm512_permutex2var_ps(p0, scales, p1), d);
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(quad_sums(v[r])), sd, _mm512_fmadd_ps(_mm512_permutex2var_ps(p0, mins, p1), z, acc[r]));
+      }
+    }
+    for (int r = 0; r < NB; ++r) y[n + r] = _mm512_reduce_add_ps(acc[r]);
+  }
+  if constexpr (NB > 1)
+    if (n < n1) q4_row_vnni<1>(xp, w, sm, y, n, n1);
+}
+#endif
 
 // y[r, n] for R >= 6 rows of x on int4 weights, on AVX-512: as rows_times_weights (below), but NB
 // = 2 output rows at a time share each load of x, one accumulator per (row of x, output row). The
@@ -171,6 +283,16 @@ constexpr Kernel kKernels[kMaxRows] = {rows_times_weights<F, 1>, rows_times_weig
 template <typename F>
 void run(const float* xp, int64_t M, int64_t K, const uint8_t* wp, const c10::Half* sp, int64_t N, float* yp) {
   const int64_t G = K / kGroup, step = std::max<int64_t>(1, 16384 / (G * F::kBytes));
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  if constexpr (F::kScales == 2)
+    if (M == 1 && integer_rows.load(std::memory_order_relaxed)) {
+      const XPieces x1(xp, G);
+      if (x1.usable) {
+        at::parallel_for(0, N, step, [&](int64_t n0, int64_t n1) { q4_row_vnni<2>(x1, wp, sp, yp, n0, n1); });
+        return;
+      }
+    }
+#endif
   // grain: one such block, so two threads split even the smallest matrices
   at::parallel_for(0, N, step, [&](int64_t n0, int64_t n1) {
     for (int64_t b0 = n0; b0 < n1; b0 += step)
@@ -215,6 +337,17 @@ at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor&
 
 at::Tensor f16_linear(const at::Tensor& x, const at::Tensor& w) { return grouped_linear<F16>("f16_linear", x, w, at::Tensor()); }
 
+// Whether single rows on int4 take the integer kernel from now on (where the build has one; else
+// it stays false); returns the setting before.
+bool q4_integer_rows(bool on) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return integer_rows.exchange(on);
+#else
+  (void)on;
+  return false;
+#endif
+}
+
 void check_block_linear(const char* name, int64_t K, int64_t N, const at::Tensor& w, const at::Tensor& scales) {
   if (w.scalar_type() == at::kHalf)
     check<F16>(name, K, w, scales);
@@ -237,6 +370,7 @@ TORCH_LIBRARY(chatforge_native, m) {
   m.def("q4_linear(Tensor x, Tensor w, Tensor scales_mins) -> Tensor");
   m.def("q8_linear(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("f16_linear(Tensor x, Tensor w) -> Tensor");
+  m.def("q4_integer_rows(bool on) -> bool", &chatforge_native::q4_integer_rows);
 }
 TORCH_LIBRARY_IMPL(chatforge_native, CPU, m) {
   m.impl("q4_linear", &chatforge_native::q4_linear);
