@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import faulthandler
 import json
 import math
 import os
@@ -80,7 +81,12 @@ def teardown_dist() -> None:
     # (rank-0-only work at the end of a DDP run) left a 2-process RM run hanging once in CI.
     if torch_dist.is_initialized():
         torch_dist.barrier()
+        # Past the barrier nothing waits on work. A 2-process CI run hung here or at exit, rarely
+        # (after the checkpoint line): a rank still in destroy_process_group a minute on prints
+        # its threads' stacks to stderr, to say where.
+        faulthandler.dump_traceback_later(60)
         torch_dist.destroy_process_group()
+        faulthandler.cancel_dump_traceback_later()
 
 
 def all_reduce_sum(x: torch.Tensor, dist: Dist) -> torch.Tensor:
