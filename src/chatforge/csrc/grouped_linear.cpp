@@ -87,8 +87,8 @@ void q4_one_row(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // One row of x on int4 weights with integer dot products (vpdpbusd: 4 products of unsigned by
-// signed bytes per 32-bit lane). Making fp32 weights from the codes bound the fp32 kernels (~4
-// vector ops per group); here a group of 32 codes takes ~2 and the kernel waits on memory instead.
+// signed bytes per 32-bit lane). Making fp32 weights from the codes bound q4_one_row (~8 vector
+// ops per group of 32); here a group takes ~4 and the kernel waits on memory instead.
 // x goes in as three signed bytes per input, x ~ d (q1 + q2 / 256 + q3 / 32768) with d = max|x| /
 // 127 over its group of 32, so a sum is exact in 32 bits (|S| < 2.006e9 at the extremes) and x is
 // held to d / 65536 (2^-23 of its group's largest |x|; fp32 holds each input to 2^-24 of itself);
