@@ -380,11 +380,12 @@ def test_native_kernels_linear():
 
 def test_native_int4_one_row():
     """Guards one row of x on int4 copies (a single stream's decode step; on a CPU with AVX-512
-    VNNI, integer dot products with x held in three bytes per input): for every count of groups
-    left after blocks of 4 and 16, and inputs with an outlier, a zero group or a group near fp32's
-    smallest normals (those take the fp32 kernel), y is within 2^-22 of |W| @ (each input's group
-    maximum |x|) of an fp64 matmul, as the fp32 kernels are (x held in two bytes would not be);
-    NaN or inf in x gives no finite output. Both single-row kernels where the integer one is built."""
+    VNNI, integer dot products with x held in three bytes per input): at 1, 3, 4, 17, 18, 19 and 48
+    groups (partly filled loads of 4 groups and blocks of 16, and full ones), for inputs with an
+    outlier, a zero group or a group near fp32's smallest normals (those take the fp32 kernel), y
+    is within 2^-22 of |W| @ (each input's group maximum |x|) of an fp64 matmul, as the fp32
+    kernels are (x held in two bytes would not be); NaN or inf in x gives no finite output. Both
+    single-row kernels where the integer one is built."""
     from chatforge.quantize import native_kernels
 
     assert native_kernels() is None, native_kernels()
@@ -422,6 +423,7 @@ def _int4_one_row_cases():
             x = torch.randn(1, in_f)
             x[0, 3] = bad
             assert not int4_native_linear(x, packed, sm, None).isfinite().any()
+
 
 def test_native_decode_attention():
     """Guards the project's decode-attention kernel (csrc/decode_attention.cpp), which fp32 engines
