@@ -246,9 +246,13 @@ void rows_times_weights(const float* x, int64_t K, const uint8_t* w, const c10::
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wn = w + n * G * F::kBytes;
     if constexpr (F::kScales > 0) Simd::halves(sm + n * G * F::kScales, G * F::kScales, s.data());
-    Simd::V acc[R][P];
+    // accumulators per row of x: one per vector of a group where they and the group's weights fit in
+    // the registers, else 2 or 1 (AVX2's 16 registers held 8 rows x 4 only by spilling: 1.4x slower
+    // at 8-16 rows; 2 per row measured fastest at 3-5 rows)
+    constexpr int PA = R * P + P <= Simd::kRegs - 2 ? P : (R * 2 + P <= Simd::kRegs - 2 ? 2 : 1);
+    Simd::V acc[R][PA];
     for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p) acc[r][p] = Simd::zero();
+      for (int p = 0; p < PA; ++p) acc[r][p] = Simd::zero();
     for (int64_t g = 0; g < G; ++g) {
       Simd::V q[P];
       F::codes(wn + g * F::kBytes, q);
@@ -261,12 +265,12 @@ void rows_times_weights(const float* x, int64_t K, const uint8_t* w, const c10::
       }
       for (int r = 0; r < R; ++r) {
         const float* xg = x + r * K + g * kGroup;
-        for (int p = 0; p < P; ++p) acc[r][p] = Simd::fmadd(q[p], Simd::load(xg + p * Simd::kLanes), acc[r][p]);
+        for (int p = 0; p < P; ++p) acc[r][p % PA] = Simd::fmadd(q[p], Simd::load(xg + p * Simd::kLanes), acc[r][p % PA]);
       }
     }
     for (int r = 0; r < R; ++r) {
       Simd::V t = acc[r][0];
-      for (int p = 1; p < P; ++p) t = Simd::add(t, acc[r][p]);
+      for (int p = 1; p < PA; ++p) t = Simd::add(t, acc[r][p]);
       y[r * N + n] = Simd::sum(t);
     }
   }

@@ -33,7 +33,7 @@ typename S::V exp_poly_of(typename S::V x, typename S::V n) {  // exp(x - n ln2)
 #if defined(__AVX512F__)
 struct Simd {  // 16 fp32 lanes; a group is 2 vectors
   using V = __m512;
-  static constexpr int kLanes = 16;
+  static constexpr int kLanes = 16, kRegs = 32;  // kRegs: vector registers, for kernels that size their accumulators
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float a) { return _mm512_set1_ps(a); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -93,7 +93,7 @@ struct Simd {  // 16 fp32 lanes; a group is 2 vectors
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 struct Simd {  // 8 fp32 lanes; a group is 4 vectors
   using V = __m256;
-  static constexpr int kLanes = 8;
+  static constexpr int kLanes = 8, kRegs = 16;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float a) { return _mm256_set1_ps(a); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
@@ -143,7 +143,7 @@ struct Simd {  // 8 fp32 lanes; a group is 4 vectors
 #else
 struct Simd {  // one lane: the compiler vectorizes what it can
   using V = float;
-  static constexpr int kLanes = 1;
+  static constexpr int kLanes = 1, kRegs = 1 << 10;  // no limit to keep to
   static V zero() { return 0.f; }
   static V set1(float a) { return a; }
   static V load(const float* p) { return *p; }
