@@ -12,7 +12,7 @@ before the project's own kernel; what runs where it cannot be built), and `auto`
 attention, RMSNorm, RoPE and SwiGLU instead of the project's kernels (csrc/decode_attention.cpp,
 pointwise.cpp), and `auto` step by step from Python instead of the one-call step
 (engine/fused.py, csrc/decode_step.cpp), and `auto` with a single row's int4 matmuls on the fp32
-kernel instead of integer dot products (AVX-512 VNNI CPUs; elsewhere the same as auto).
+kernel instead of integer dot products (AVX-512 VNNI or AVX2 CPUs; elsewhere the same as auto).
 `--compiled` adds `auto` with the compiled decode step (`--compile-decode`; compiled before the
 rounds). `--streams 4 16` adds `auto` decoding that many streams at once (prompts of 250, 249, ...
 tokens), as aggregate tokens/s against llama.cpp's single stream; its greedy-token column is

@@ -1,6 +1,7 @@
-"""A single stream's int4 matmuls: the integer kernel (csrc/grouped_linear.cpp, q4_row_vnni: x in
-three bytes per input, vpdpbusd; CPUs with AVX-512 VNNI) against the fp32 one (q4_one_row) on the
-same weights, in alternating rounds, with paired differences.
+"""A single stream's int4 matmuls: the integer kernel (csrc/grouped_linear.cpp: q4_row_vnni, x in
+three bytes per input and vpdpbusd, on CPUs with AVX-512 VNNI; q4_row_avx2, x in two int16s and
+vpmaddwd, on AVX2 ones) against the fp32 one (q4_one_row) on the same weights, in alternating
+rounds, with paired differences.
 
 Every int4 matrix of one decode step of the model (its real weights, made int4 as
 `--decode-weights int4` makes them), one row of random activations each, caches cold (tens of MB
@@ -38,7 +39,7 @@ def main() -> None:
         raise SystemExit(f"the project's kernels are not built here: {quantize.native_kernels()}")
     switch = torch.ops.chatforge_native.q4_integer_rows
     if not switch(True):
-        print("this build has no integer kernel (no AVX-512 VNNI): both columns run the fp32 one")
+        print("this build has no integer kernel (neither AVX-512 VNNI nor AVX2): both columns run the fp32 one")
     ck = checkpoint.load(resolve(a.model), dtype=torch.float32)
     mats = [quantize.int4_native_weights(m.weight.detach()) for m in ck.model.modules() if type(m) is nn.Linear]
     mats = [m for m in mats if m is not None]
@@ -51,7 +52,7 @@ def main() -> None:
             torch.ops.chatforge_native.q4_linear(x, p, sm)
         return time.perf_counter() - t
 
-    kernels = {"integer (q4_row_vnni)": True, "fp32 (q4_one_row)": False}
+    kernels = {"integer (q4_row_vnni / q4_row_avx2)": True, "fp32 (q4_one_row)": False}
     times: dict[str, list[float]] = {k: [] for k in kernels}
     for r in range(a.rounds):
         for name in (list(kernels) if r % 2 == 0 else list(kernels)[::-1]):
@@ -80,7 +81,7 @@ def main() -> None:
     for name, v in times.items():
         med = statistics.median(v)
         print(f"| {name} | {med:.2f} ({min(v):.2f}-{max(v):.2f}) | {nbytes / med / 1e6:.1f} | {errs[name]:.2f} |")
-    new, old = times["integer (q4_row_vnni)"], times["fp32 (q4_one_row)"]
+    new, old = times["integer (q4_row_vnni / q4_row_avx2)"], times["fp32 (q4_one_row)"]
     d = [x - y for x, y in zip(new, old)]
     print(f"integer - fp32: {statistics.mean(d):+.2f} +- {statistics.stdev(d) / len(d) ** 0.5:.2f} ms per step "
           f"(mean, standard error over {len(d)} paired rounds); ratio of medians {statistics.median(old) / statistics.median(new):.2f}x")

@@ -380,11 +380,11 @@ def test_native_kernels_linear():
 
 def test_native_int4_one_row():
     """Guards one row of x on int4 copies (a single stream's decode step; on a CPU with AVX-512
-    VNNI, integer dot products with x held in three bytes per input): at 1, 3, 4, 17, 18, 19 and 48
+    VNNI or AVX2, integer dot products with x held in pieces per input): at 1, 3, 4, 17, 18, 19 and 48
     groups (partly filled loads of 4 groups and blocks of 16, and full ones), for inputs with an
     outlier, a zero group or a group near fp32's smallest normals (those take the fp32 kernel), y
     is within 2^-22 of |W| @ (each input's group maximum |x|) of an fp64 matmul, as the fp32
-    kernels are (x held in two bytes would not be); NaN or inf in x gives no finite output. Both
+    kernels are (x held to 2^-15 of it would not be); NaN or inf in x gives no finite output. Both
     single-row kernels where the integer one is built."""
     from chatforge.quantize import native_kernels
 

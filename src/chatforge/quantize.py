@@ -20,10 +20,10 @@ minimums in fp16, and fp32 activations, sums and outputs, faster than torch's bf
 eight rows (benchmarks/README.md). Its answers are those of an fp32 matmul on the dequantized
 weights up to summation order, so on weights that are 4-bit already (a Q4_1 import, a `chatforge
 quantize --to int4` checkpoint) it is exact, and `--decode-weights auto` uses it there
-(dtypes.inference_mode). On a CPU with AVX-512 VNNI a single row (one stream's decode step) takes
-integer dot products instead, with each input held to 2^-23 of its group's largest |x| (three
-signed bytes; fp32 holds it to 2^-24 of itself): its error bound is that of the fp32 sums
-(tests/test_engine.py), and it leaves the kernel waiting on memory rather than on arithmetic.
+(dtypes.inference_mode). On a CPU with AVX-512 VNNI or AVX2 a single row (one stream's decode
+step) takes integer dot products instead, with each input held to 2^-23 (VNNI: three signed bytes)
+or 2^-31 (AVX2: two int16s) of its group's largest |x| (fp32 holds it to 2^-24 of itself): its
+error bound is that of the fp32 sums (tests/test_engine.py), at fewer instructions per weight.
 """
 
 from __future__ import annotations
