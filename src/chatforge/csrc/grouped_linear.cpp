@@ -210,7 +210,8 @@ void q4_row_vnni(const XPieces& xp, const uint8_t* w, const c10::Half* sm, float
 // |x|); vpmaddwd multiplies the codes (widened to 16 bits) by them two to a 32-bit lane (the sums
 // stay below 2^24, so they are exact in fp32 too), the pieces meet in fp32, and each group's 8
 // lanes go into the row's accumulator times the group's scale * d: no per-group reduction.
-// Hot, ~20% fewer cycles per group than q4_one_row; in a cold step (emulated AVX2) ~9% less time.
+// Hot, ~20% fewer cycles per group than q4_one_row; cold, 3-10% less time (emulated AVX2;
+// benchmarks/README.md). Prefetching rows ahead, as q4_row_vnni does, made it slower there.
 struct XPieces {  // one row of x, made once per call and shared by the threads
   int64_t G;
   bool usable = true;
