@@ -597,6 +597,16 @@ def test_fused_decode_step_equals_eager(tok, decode, qkv_bias):
     assert max(tried) == n and min(tried) <= fused.fast.few_rows  # both kinds of step ran
 
 
+
+def test_native_kernels_march_is_checked(monkeypatch):
+    """Guards CHATFORGE_MARCH (the kernels built for another CPU kind, to measure its code paths
+    here): a value that is not a -march name is refused with the variable named, before a build."""
+    from chatforge import quantize
+
+    monkeypatch.setenv("CHATFORGE_MARCH", "native -O0; rm")
+    with pytest.raises(ValueError, match="CHATFORGE_MARCH='native -O0; rm': not a compiler -march name"):
+        quantize.native_kernels.__wrapped__()
+
 def test_int4_without_the_native_kernel(tok, monkeypatch, tmp_path):
     """Guards the fallback where the kernel cannot be built (no compiler): native_kernels names the
     reason with a warning instead of raising, int4 copies then run torch's bf16 kernel (rounded

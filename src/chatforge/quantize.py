@@ -32,6 +32,7 @@ import functools
 import hashlib
 import os
 import platform
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -165,7 +166,13 @@ def native_kernels() -> str | None:
     why they could not be (no compiler, say), once: callers then use torch's own kernels."""
     sources = sorted(NATIVE_DIR.glob("*.cpp"))
     files = sources + sorted(NATIVE_DIR.glob("*.h"))
-    key = hashlib.sha256(b"".join(f.read_bytes() for f in files) + _cpu_key().encode() + torch.__version__.encode()).hexdigest()[:12]
+    # CHATFORGE_MARCH builds for another CPU kind than this one (haswell: AVX2 without AVX-512), to
+    # measure that kind's code paths here (benchmarks/README.md); it must be one this CPU can run
+    march = os.environ.get("CHATFORGE_MARCH", "native")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", march):
+        raise ValueError(f"CHATFORGE_MARCH={march!r}: not a compiler -march name (e.g. native, haswell, x86-64-v3)")
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in files) + _cpu_key().encode() + march.encode()
+                         + torch.__version__.encode()).hexdigest()[:12]
     name = f"chatforge_native_{key}"
     build = cache_dir() / "native" / key
     if shutil.which("ninja") is None:  # the ninja package's binary, where its bin folder is not on PATH (an unactivated venv)
@@ -175,7 +182,7 @@ def native_kernels() -> str | None:
         if not (build / f"{name}.so").exists():
             say("quantize", f"building the project's CPU kernels (decode, training attention) for this CPU (once, ~60 s) in {build}")
         cpp_extension.load(name=name, sources=[str(f) for f in sources], build_directory=str(build),
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
+                           extra_cflags=["-O3", f"-march={march}", "-fopenmp"], extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as e:  # a missing compiler, a failed build: the reason, not a crash
         why = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
         warnings.warn(f"the project's CPU kernels ({NATIVE_DIR}) could not be built: {why}; int4 decode copies use torch's bf16 "
