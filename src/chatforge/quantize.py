@@ -162,7 +162,8 @@ def native_kernels() -> str | None:
     an output layer that is exactly that, and fp16 weights; decode_attention.cpp; pointwise.cpp:
     RMSNorm, RoPE, SwiGLU; decode_step.cpp: a whole decode step on those; causal_attention.cpp:
     training attention), compiling them on first use (~60 s on 2 cores; cached under
-    cache_dir()/native, keyed by the sources, the CPU's flags and torch's version). None when they are loaded, else
+    cache_dir()/native, keyed by the sources, the CPU's flags, the -march (CHATFORGE_MARCH) and
+    torch's version). None when they are loaded, else
     why they could not be (no compiler, say), once: callers then use torch's own kernels."""
     sources = sorted(NATIVE_DIR.glob("*.cpp"))
     files = sources + sorted(NATIVE_DIR.glob("*.h"))
