@@ -14,15 +14,17 @@ pointwise.cpp), and `auto` step by step from Python instead of the one-call step
 (engine/fused.py, csrc/decode_step.cpp), and `auto` with a single row's int4 matmuls on the fp32
 kernel instead of integer dot products (AVX-512 VNNI or AVX2 CPUs; elsewhere the same as auto).
 `--compiled` adds `auto` with the compiled decode step (`--compile-decode`; compiled before the
-rounds). `--streams 4 16` adds `auto` decoding that many streams at once (prompts of 250, 249, ...
-tokens), as aggregate tokens/s against llama.cpp's single stream; its greedy-token column is
-the first stream's (the full prompt).
+rounds). `--streams 4 16` adds `auto` decoding that many streams at once (prompts of the full
+length, one token shorter, ...), as aggregate tokens/s against llama.cpp's single stream; its
+greedy-token column is the first stream's (the full prompt). `--prompt-tokens` sets the prompt's
+length: each decode step reads the cache of every position so far, so long prompts weigh the
+attention and cache reads against the weights.
 
 llama.cpp: llama-cpp-python (`pip install llama-cpp-python`, see ../shared/docs/benchmarks.md for
 a portable build; LLAMA_CPP_LIB_PATH may point at a separately built libllama), its own greedy
 sampler; skipped with a message when it is not importable.
 
-Run: python benchmarks/decode_modes.py [--rounds 5] [--new-tokens 128] [--threads 2] [--ablations] [--compiled]
+Run: python benchmarks/decode_modes.py [--rounds 5] [--new-tokens 128] [--prompt-tokens 250] [--threads 2] [--ablations] [--compiled]
      [--streams 4 16]
 """
 
@@ -36,7 +38,6 @@ import time
 
 import torch
 
-PROMPT_TOKENS = 250
 
 
 @contextlib.contextmanager
@@ -65,6 +66,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--prompt-tokens", type=int, default=250, help="prompt length (the cache each step reads grows with it)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--compiled", action="store_true", help="add auto with the compiled decode step")
@@ -81,8 +83,8 @@ def main() -> None:
     ck = checkpoint.load(path, dtype=torch.float32)
     model, tok = ck.model.eval(), ck.tokenizer
     text = ("The history of the printing press begins in the fifteenth century, when movable type changed how books were made. "
-            "印刷术的历史可以追溯到很久以前，活字印刷改变了书籍的制作方式。") * 20
-    ids = tok.encode(text)[:PROMPT_TOKENS]
+            "印刷术的历史可以追溯到很久以前，活字印刷改变了书籍的制作方式。") * (a.prompt_tokens // 40 + 1)
+    ids = tok.encode(text)[: a.prompt_tokens]
     new = a.new_tokens
     auto = checkpoint.inference_mode(path)[1]
     # name -> (decode copies, ablation, compile_decode, streams)

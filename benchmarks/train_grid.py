@@ -42,7 +42,7 @@ def main() -> None:
             raise ValueError(f"--tokens {a.tokens} is not a multiple of window {t}")
     torch.set_num_threads(a.threads)
 
-    from chatforge import dtypes
+    from chatforge import causal_attention, dtypes
     from chatforge.model import GPTConfig, flops_per_token
     from chatforge.train import common as C
 
@@ -51,6 +51,9 @@ def main() -> None:
     peak = C.peak_flops(device, dt)
     print(f"{dt} matmul peak here: {peak / 1e9:.0f} GFLOP/s ({a.threads} threads); {a.tokens} tokens/step, "
           f"{a.rounds} alternating rounds of {a.steps} steps", flush=True)
+    causal_attention.paths()
+    if causal_attention.decision:  # measured here (a CPU with AMX): which attention the bf16 steps take
+        print(causal_attention.decision, flush=True)
     head = "| width | layers | params | window | batch | chatforge tok/s | MFU | HF tok/s | MFU | chatforge/HF (range) |"
     if a.ablate_attention:
         head += " on torch's attention tok/s | kernel/torch attention (range) |"

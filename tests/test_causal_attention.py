@@ -136,8 +136,41 @@ def test_fits_where_the_kernel_runs():
         assert not causal_attention.fits(q[:, :, :1], q)  # one query: a decode step
         assert not causal_attention.fits(q[:, :, :4], q)  # queries over a longer cache
         assert not causal_attention.fits(torch.randn(1, 2, 8, 24), torch.randn(1, 2, 8, 24))
-    if bf16:  # built with vdpbf16ps, and torch's kernel has no AMX tiles to use here
-        assert torch.ops.chatforge_native.causal_attention_native() & causal_attention.BF16 and not amx_tiles()
+    if bf16:  # built with vdpbf16ps, and torch's kernel has no AMX tiles to use here, or was measured slower
+        assert torch.ops.chatforge_native.causal_attention_native() & causal_attention.BF16
+        assert not amx_tiles() or "on the project's kernel" in causal_attention.decision
+
+
+def test_bf16_choice_on_amx_is_measured(monkeypatch):
+    """Guards the choice on a CPU with AMX (faked here): bf16 stays on torch's kernel unless the
+    measurement finds the project's clearly faster; the real measurement also runs when first asked
+    for while a step is being compiled (fullgraph), and the step's result is the same either way."""
+    if not torch.ops.chatforge_native.causal_attention_native() & causal_attention.BF16:
+        pytest.skip("the kernel has no bf16 path on this CPU")
+    monkeypatch.setattr(causal_attention, "amx_tiles", lambda: True)
+    real = causal_attention.measure_bf16
+    q = torch.randn(1, 2, 40, 32)
+    try:
+        for ratio, taken in ((1.2, False), (0.95, False), (0.5, True)):
+            monkeypatch.setattr(causal_attention, "measure_bf16", lambda: ratio)
+            causal_attention._probe.cache_clear()
+            assert bool(causal_attention.paths() & causal_attention.BF16) == taken
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert causal_attention.fits(q, q) == taken
+        monkeypatch.setattr(causal_attention, "measure_bf16", real)
+        causal_attention._probe.cache_clear()
+        state = torch.get_rng_state()
+
+        def step(x):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return attend(x, x, x, None)
+
+        compiled = torch.compile(step, fullgraph=True)(q)
+        assert "bf16 causal attention on" in causal_attention.decision
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.testing.assert_close(compiled.float(), step(q).float(), atol=0.02, rtol=0)
+    finally:
+        causal_attention._probe.cache_clear()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import importlib
+import os
 import sys
 import typing
 from pathlib import Path
@@ -624,6 +626,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         args.func(args)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Rarely one torchrun worker never exits after its work is saved (see
+            # train.common.teardown_dist); one still alive a minute on prints where it is.
+            faulthandler.dump_traceback_later(60)
     except ValueError as e:
         print(f"chatforge {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -43,8 +43,8 @@ def fast_bf16(device_type: str) -> bool:
 @functools.cache
 def amx_tiles() -> bool:
     """Whether this CPU has AMX tiles that torch's CPU kernels use (its fused attention among them):
-    where they do, the project's own CPU attention kernels are not taken (engine/cache.py,
-    causal_attention.py)."""
+    where they do, the project's decode attention is not taken (engine/cache.py) and its training
+    attention in bf16 only where measured faster (causal_attention.py)."""
     import torch
 
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # absent in older torch builds: no AMX kernels there either

@@ -29,8 +29,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.graph import increment_version
 
+from .. import causal_attention, dtypes
 from .. import checkpoint as ckpt_io
-from .. import dtypes
 from ..config import to_dict
 from ..convert.registry import resolve
 from ..data.loader import Shards, TrainBatches
@@ -80,11 +80,13 @@ def teardown_dist() -> None:
     # Ranks leave together: a rank that tears the group down while rank 0 still scores and saves
     # (rank-0-only work at the end of a DDP run) left a 2-process RM run hanging once in CI.
     if torch_dist.is_initialized():
+        # A 2-process CI run hung here or at exit, rarely (after the checkpoint line, one rank
+        # gone); a watchdog armed around destroy_process_group alone printed nothing, so it now
+        # spans the barrier too: a rank still here two minutes on prints its threads' stacks to
+        # stderr (rank-0-only work such as saving a large model can legitimately take that long;
+        # the dump is then only noise). The CLI keeps one armed through interpreter exit.
+        faulthandler.dump_traceback_later(120)
         torch_dist.barrier()
-        # Past the barrier nothing waits on work. A 2-process CI run hung here or at exit, rarely
-        # (after the checkpoint line): a rank still in destroy_process_group a minute on prints
-        # its threads' stacks to stderr, to say where.
-        faulthandler.dump_traceback_later(60)
         torch_dist.destroy_process_group()
         faulthandler.cancel_dump_traceback_later()
 
@@ -117,6 +119,16 @@ def autocast(device: torch.device, dtype: str):
     if dt == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dt)
+
+
+def attention_choice(device: torch.device, dtype: str) -> str:
+    """What was measured to choose the attention kernel of a bf16 step on this CPU (one with AMX:
+    causal_attention.measure_bf16, about a second, done here so the run's header says it); ""
+    where nothing needed measuring."""
+    if device.type != "cpu" or parse_dtype(dtype, device) != torch.bfloat16:
+        return ""
+    causal_attention.paths()
+    return causal_attention.decision
 
 
 # ---- FSDP2: weights, gradients and AdamW state sharded over processes ------------------------

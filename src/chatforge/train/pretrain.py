@@ -141,6 +141,8 @@ class PretrainStage:
             + (", FSDP" if self.sharded else ", DDP" if dist.world > 1 else "")
             + (f", resuming at step {self.start}" if cfg.resume else "")
         )
+        if note := C.attention_choice(dist.device, cfg.dtype):
+            self.log.print(f"pretrain: {note}")
 
     def begin(self) -> Loop:
         """The run's header line, the model in training mode, and the loop that drives it."""

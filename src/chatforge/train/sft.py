@@ -223,6 +223,8 @@ class SFTStage:
             + (f", LM mix lambda={cfg.lm_coef}" if cfg.lm_data else "")
             + (f", resuming at step {self.start}" if cfg.resume else "")
         )
+        if note := C.attention_choice(self.dist.device, cfg.dtype):
+            self.log.print(f"sft: {note}")
         if train.truncated or val.truncated or train.dropped or val.dropped:
             self.log.print(
                 f"sft: truncated to {cfg.seq_len + 1} tokens: {train.truncated} train / {val.truncated} val conversations; "
