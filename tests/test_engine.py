@@ -380,8 +380,9 @@ def test_native_kernels_linear():
 
 def test_native_int4_one_row():
     """Guards one row of x on int4 copies (a single stream's decode step; on a CPU with AVX-512
-    VNNI or AVX2, integer dot products with x held in pieces per input): at 1, 3, 4, 17, 18, 19 and 48
-    groups (partly filled loads of 4 groups and blocks of 16, and full ones), for inputs with an
+    VNNI or AVX2, integer dot products with x held in pieces per input): at 1, 3, 4, 5, 17, 18, 19,
+    24, 28 and 48 groups (partly filled loads of 4 groups, last blocks of up to 8 groups, which skip
+    the block's transpose, and of 12, which do not, and full ones), for inputs with an
     outlier, a zero group or a group near fp32's smallest normals (those take the fp32 kernel), y
     is within 2^-22 of |W| @ (each input's group maximum |x|) of an fp64 matmul, as the fp32
     kernels are (x held to 2^-15 of it would not be); NaN or inf in x gives no finite output. Both
@@ -402,7 +403,7 @@ def _int4_one_row_cases():
     from chatforge.quantize import int4_native_dequantized, int4_native_linear, int4_native_weights
 
     torch.manual_seed(0)
-    for in_f in (32, 96, 128, 544, 576, 608, 1536):
+    for in_f in (32, 96, 128, 160, 544, 576, 608, 768, 896, 1536):
         packed, sm = int4_native_weights(torch.randn(67, in_f) * 0.05)
         deq = int4_native_dequantized(packed, sm).double()
         for kind in ("normal", "outlier", "zeros", "tiny"):

@@ -88,7 +88,7 @@ void q4_one_row(const float* x, int64_t K, const uint8_t* w, const c10::Half* sm
 
 // Single rows on int4 take integer dot products where the CPU has them: q4_row_vnni (AVX-512 VNNI)
 // or q4_row_avx2 (AVX2 without AVX-512); elsewhere q4_one_row
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define CHATFORGE_Q4_ROW_VNNI 1
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__) && !defined(__AVX512F__)
 #define CHATFORGE_Q4_ROW_AVX2 1
@@ -125,7 +125,13 @@ struct XPieces {  // one row of x, made once per call and shared by the threads
   bool usable = true;
   std::vector<int8_t> q;     // per 4 groups, 64 bytes each: piece 1 of the groups' first halves, of their second halves, piece 2, ...
   std::vector<float> d, z;   // per block of 16 groups in kLaneGroup order: d / kPieceScale, sum of x
-  XPieces(const float* x, int64_t G_) : G(G_), q((G_ + 3) / 4 * kPieceBytes, 0), d((G_ + 15) / 16 * 16, 0.f), z(d.size(), 0.f) {
+  // A last block of at most 8 groups (576 inputs: 16 + 2) skips the block's transpose: its groups'
+  // sums stay spread over 4 lanes each, scaled by d repeated over the lanes, z in each group's first lane
+  int64_t full = G / 16 * 16;
+  bool short_tail = G % 16 != 0 && G % 16 <= 8;
+  std::vector<float> dt, zt;
+  XPieces(const float* x, int64_t G_)
+      : G(G_), q((G_ + 3) / 4 * kPieceBytes, 0), d((G_ + 15) / 16 * 16, 0.f), z(d.size(), 0.f), dt(32, 0.f), zt(32, 0.f) {
     const __m512 k127 = _mm512_set1_ps(127.f), m127 = _mm512_set1_ps(-127.f);
     const auto round = [](__m512 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); };
     for (int64_t g = 0; g < G; ++g) {
@@ -138,6 +144,10 @@ struct XPieces {  // one row of x, made once per call and shared by the threads
         return;
       }
       d[lane] = m / 127.f / kPieceScale;
+      if (short_tail && g >= full) {
+        for (int i = 0; i < 4; ++i) dt[(g - full) * 4 + i] = d[lane];
+        zt[(g - full) * 4] = z[lane];
+      }
       const __m512 inv = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
       int8_t* qg = q.data() + g / 4 * kPieceBytes + g % 4 * 16;
       for (int h = 0; h < 2; ++h) {  // r1 - t and the scalings by 256 and 128 are exact
@@ -163,6 +173,9 @@ void q4_row_vnni(const XPieces& xp, const uint8_t* w, const c10::Half* sm, float
   alignas(64) int32_t is[16], im[16];  // (scale, minimum) pairs of 16 groups to kLaneGroup order
   for (int l = 0; l < 16; ++l) is[l] = 2 * kLaneGroup[l], im[l] = 2 * kLaneGroup[l] + 1;
   const __m512i scales = _mm512_load_si512(is), mins = _mm512_load_si512(im);
+  // a short tail's lane 4m + i takes group m's (scale, minimum), entries 2m and 2m + 1 of its pairs
+  const __m512i tail_scales = _mm512_set_epi32(6, 6, 6, 6, 4, 4, 4, 4, 2, 2, 2, 2, 0, 0, 0, 0);
+  const __m512i tail_mins = _mm512_set_epi32(7, 7, 7, 7, 5, 5, 5, 5, 3, 3, 3, 3, 1, 1, 1, 1);
   int64_t n = n0;
   for (; n + NB <= n1; n += NB) {
     // the rows a few KB on, into L2: the hardware's prefetch alone left the kernel ~20% slower
@@ -170,7 +183,7 @@ void q4_row_vnni(const XPieces& xp, const uint8_t* w, const c10::Half* sm, float
     for (int64_t i = 0; i < NB * G * 4; i += 64) _mm_prefetch(reinterpret_cast<const char*>(sm + n * G * 2) + 1024 + i, _MM_HINT_T1);
     __m512 acc[NB];
     for (int r = 0; r < NB; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t g0 = 0; g0 < G; g0 += 16) {
+    for (int64_t g0 = 0; g0 < (xp.short_tail ? xp.full : G); g0 += 16) {
       __m512i v[NB][4];
       for (int j = 0; j < 4; ++j) {
         const int64_t gj = g0 + 4 * j, ng = std::min<int64_t>(4, G - gj);
@@ -199,6 +212,25 @@ void q4_row_vnni(const XPieces& xp, const uint8_t* w, const c10::Half* sm, float
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(quad_sums(v[r])), sd, _mm512_fmadd_ps(_mm512_permutex2var_ps(p0, mins, p1), z, acc[r]));
       }
     }
+    if (xp.short_tail)
+      for (int64_t gj = xp.full; gj < G; gj += 4) {  // chunks of 4 groups, lanes 4m..4m+3 for group gj + m
+        const int64_t ng = std::min<int64_t>(4, G - gj);
+        const __mmask64 mk = ng == 4 ? ~0ULL : (1ULL << (ng * 16)) - 1;
+        const int8_t* qx = xp.q.data() + gj / 4 * kPieceBytes;
+        __m512i xq[2 * kPieces];
+        for (int k = 0; k < 2 * kPieces; ++k) xq[k] = _mm512_loadu_si512(qx + k * 64);
+        const __m512 d = _mm512_loadu_ps(xp.dt.data() + (gj - xp.full) * 4), z = _mm512_loadu_ps(xp.zt.data() + (gj - xp.full) * 4);
+        for (int r = 0; r < NB; ++r) {
+          const __m512i c = _mm512_maskz_loadu_epi8(mk, w + ((n + r) * G + gj) * 16);
+          const __m512i lo = _mm512_and_si512(c, m15), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m15);
+          __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xq[0]), hi, xq[1]);
+          s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), lo, xq[2]), hi, xq[3]);
+          s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 7), lo, xq[4]), hi, xq[5]);
+          const __m512 p = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (2 * ng)) - 1), sm + ((n + r) * G + gj) * 2));
+          const __m512 sd = _mm512_mul_ps(_mm512_permutexvar_ps(tail_scales, p), d);
+          acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sd, _mm512_fmadd_ps(_mm512_permutexvar_ps(tail_mins, p), z, acc[r]));
+        }
+      }
     for (int r = 0; r < NB; ++r) y[n + r] = _mm512_reduce_add_ps(acc[r]);
   }
   if constexpr (NB > 1)
