@@ -12,7 +12,8 @@ before the project's own kernel; what runs where it cannot be built), and `auto`
 attention, RMSNorm, RoPE and SwiGLU instead of the project's kernels (csrc/decode_attention.cpp,
 pointwise.cpp), and `auto` step by step from Python instead of the one-call step
 (engine/fused.py, csrc/decode_step.cpp), and `auto` with a single row's int4 matmuls on the fp32
-kernel instead of integer dot products (AVX-512 VNNI or AVX2 CPUs; elsewhere the same as auto).
+kernel instead of integer dot products (AVX-512 VNNI or AVX2 CPUs; elsewhere the same as auto),
+and `auto` keeping keys and values in fp32 instead of fp16 (one stream, and the most `--streams`).
 `--compiled` adds `auto` with the compiled decode step (`--compile-decode`; compiled before the
 rounds). `--streams 4 16` adds `auto` decoding that many streams at once (prompts of the full
 length, one token shorter, ...), as aggregate tokens/s against llama.cpp's single stream; its
@@ -100,10 +101,14 @@ def main() -> None:
         modes["ablation: auto step by step from Python (no one-call step)"] = (auto, "stepwise", False, 1)
         modes["ablation: auto on torch's attention, RMSNorm, RoPE and SwiGLU (step by step)"] = (auto, "sdpa", False, 1)
         modes["ablation: auto, one row's int4 matmuls in fp32 (no integer dot products)"] = (auto, "fp32 rows", False, 1)
+        modes["ablation: auto with an fp32 KV cache"] = (auto, "fp32 kv", False, 1)
+        if a.streams:
+            modes[f"ablation: auto, {max(a.streams)} streams, fp32 KV cache"] = (auto, "fp32 kv", False, max(a.streams))
     engines = {}
     for name, (copies, abl, compile_decode, n) in modes.items():
         with ablation(abl):
-            e = Engine(model, tok, max_batch=n, max_seq_len=len(ids) + new + 8, decode_weights=copies, compile_decode=compile_decode)
+            e = Engine(model, tok, max_batch=n, max_seq_len=len(ids) + new + 8, decode_weights=copies, compile_decode=compile_decode,
+                       kv_cache="same" if abl == "fp32 kv" else "auto")
             t = time.perf_counter()
             list(e.generate([ids], SamplingParams(temperature=0, max_new_tokens=4, ignore_eos=True)))  # copies made (and compiled) here
             if compile_decode:

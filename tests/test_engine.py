@@ -431,15 +431,17 @@ def test_native_decode_attention():
     on the CPU decode with: against model.attend (torch's fused kernel) for grouped and plain
     heads, head sizes that are and are not a multiple of the vector width, keys read through the
     slot cache's strided slices, per-row masks (rows at different positions), contexts of several
-    chunks (some all masked) whose sums do not depend on the thread count, one row that may attend
-    to nothing (zeros, not NaN), and under torch.compile (the compiled decode step)."""
+    chunks (some all masked) whose sums do not depend on the thread count, query-head groups of 1
+    to 9 (summed several heads at a time), an fp16 cache, one row that may attend to nothing
+    (zeros, not NaN), and under torch.compile (the compiled decode step)."""
     from chatforge.engine.cache import attend_decode_native, native_decode_attention
     from chatforge.model import attend
 
     assert native_decode_attention(torch.device("cpu"), torch.float32)
     assert not native_decode_attention(torch.device("cpu"), torch.bfloat16)
     torch.manual_seed(0)
-    for B, H, K, S, D in [(1, 9, 3, 300, 64), (4, 8, 8, 17, 40), (3, 6, 2, 5, 8), (5, 4, 1, 70, 24)]:
+    for B, H, K, S, D in [(1, 9, 3, 300, 64), (4, 8, 8, 17, 40), (3, 6, 2, 5, 8), (2, 12, 2, 140, 128), (2, 8, 1, 260, 32), (1, 5, 1, 33, 16),
+                          (5, 4, 1, 70, 24)]:  # the last one's tensors are used below
         kc, vc = torch.randn(B + 2, K, S + 9, D), torch.randn(B + 2, K, S + 9, D)
         k, v = kc[:B, :, :S], vc[:B, :, :S]  # strided, as SlotCache.update hands them out
         q = torch.randn(B, H, 1, D) * 3
@@ -450,6 +452,9 @@ def test_native_decode_attention():
             y = attend_decode_native(q, k, v, m)
             assert y.shape == (B, H, 1, D)
             torch.testing.assert_close(y, attend(q, k, v, m), atol=2e-6, rtol=1e-5)
+            # an fp16 cache: the same sums over its values made fp32
+            k16, v16 = kc.half()[:B, :, :S], vc.half()[:B, :, :S]
+            torch.testing.assert_close(attend_decode_native(q, k16, v16, m), attend(q, k16.float(), v16.float(), m), atol=4e-6, rtol=1e-5)
             threads = torch.get_num_threads()
             torch.set_num_threads(1 if threads > 1 else 2)
             try:
@@ -1009,6 +1014,50 @@ def test_prefix_cache_gives_the_same_answers(tok, block):
     torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref_lps), rtol=1e-4, atol=1e-4)
     shared = len(tok.encode(head)) - 2
     assert eng.prefix.hit_tokens >= 4 * shared  # every group after the first starts from the cache
+
+
+def test_fp16_kv_cache(tok):
+    """Guards the fp16 keys and values that decode steps on weight copies keep on the CPU: taken
+    only there (exact engines, kv_cache="same" and bad names keep or refuse), the same greedy
+    tokens as an fp32 cache with log-probs within fp16's rounding, the same answers with a
+    prefix cache and chunked prefill as without (prefills attend to the stored values), and a key
+    beyond fp16's range held to its largest value rather than made infinite."""
+    from chatforge.engine.cache import SlotCache, native_decode_attention
+
+    if not native_decode_attention(torch.device("cpu"), torch.float32):
+        pytest.skip("the project's kernels are not built here")
+    m = tiny(tok, "llama")
+    half = Engine(m, tok, decode_weights="fp16", max_batch=4)
+    assert half.kv_dtype == torch.float16 and half.cache.k[0].dtype == torch.float16
+    same = Engine(m, tok, decode_weights="fp16", max_batch=4, kv_cache="same")
+    assert same.kv_dtype == torch.float32 and Engine(m, tok, max_batch=1).kv_dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache='fp16' needs"):
+        Engine(m, tok, max_batch=1, kv_cache="fp16")
+    with pytest.raises(ValueError, match="kv_cache='bf16'"):
+        Engine(m, tok, max_batch=1, decode_weights="fp16", kv_cache="bf16")
+    head = "<system> You are a careful assistant who answers briefly. </system> "
+    prompts = [tok.encode(head + t) for t in ["Hi", "A journey of a thousand miles", "学而时习之，不亦说乎？"]]
+    sp = SamplingParams(temperature=0, max_new_tokens=12, ignore_eos=True, logprobs=True)
+
+    def answers(engine):
+        evs = sorted((e for e in engine.generate(prompts, sp) if e.token_id is not None), key=lambda e: e.request_id)
+        return [e.token_id for e in evs], torch.tensor([e.logprob for e in evs])
+
+    ref_toks, ref_lps = answers(same)
+    toks, lps = answers(half)
+    assert toks == ref_toks
+    assert 0 < (lps - ref_lps).abs().max() < 2e-3  # rounded, slightly
+    for other in (Engine(m, tok, decode_weights="fp16", max_batch=4, prefix_cache=64),
+                  Engine(m, tok, decode_weights="fp16", max_batch=4, prefill_chunk=5)):
+        for _ in range(2):  # the second time from the prefix cache
+            got_toks, got_lps = answers(other)
+            assert got_toks == toks
+            torch.testing.assert_close(got_lps, lps, atol=1e-5, rtol=0)
+    cache = SlotCache(m, 1, 8, "cpu", torch.float16)
+    cache.prefill(0, 1)
+    k = torch.full((1, m.cfg.n_kv_head, 2, m.cfg.head_dim), 1e6)
+    got_k, _ = cache.update(0, k, -k)
+    assert (cache.k[0][0, :, :2] == 65504).all() and (cache.v[0][0, :, :2] == -65504).all() and torch.isfinite(got_k).all()
 
 
 @pytest.mark.parametrize("block", ["llama", "gpt2"])

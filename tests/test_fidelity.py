@@ -9,6 +9,7 @@ import torch
 
 from chatforge import checkpoint, dtypes
 from chatforge.engine import Engine, SamplingParams
+from chatforge.engine.cache import native_decode_attention
 from chatforge.eval import fidelity
 from chatforge.model import GPT, GPTConfig
 
@@ -87,6 +88,8 @@ def test_fidelity_table_and_default_mode_bounds(setup, tmp_path, capsys):
     assert rows["bf16"]["mean_kld"] > 1e-4  # the test model is sensitive enough to see rounding
     assert set(rows["fp32+int8"]["paths"]) == {"prefill", "decode"}  # decode copies are measured on the decode path
     assert rows["fp32+int8"]["paths"]["decode"]["mean_kld"] > rows["fp32+int8"]["paths"]["prefill"]["mean_kld"]
+    if native_decode_attention(torch.device("cpu"), torch.float32):  # copies on the CPU's fp32 path keep an fp16 cache
+        assert "fp16 keys and values" in rows["fp32+int8"]["describe"] and "fp16 keys" not in rows["fp32"]["describe"]
     auto = rows["auto"]
     assert auto["mean_kld"] <= MAX_MEAN_KLD and auto["agree24"] >= MIN_AGREE24
     saved = json.loads((tmp_path / "f.json").read_text(encoding="utf-8"))
@@ -113,6 +116,9 @@ def test_bad_input_names_it(setup, tmp_path, tok):
     ck, text, prompts = setup
     with pytest.raises(ValueError, match="unknown fidelity mode 'int3'"):
         fidelity.FidelityConfig(model=str(ck), modes=["int3"])
+    fidelity.FidelityConfig(model=str(ck), modes=["auto+fp32kv", "fp32+int4+fp32kv+compiled", "auto+compiled"])
+    with pytest.raises(ValueError, match="unknown fidelity mode 'auto\\+compiled\\+fp32kv'"):
+        fidelity.FidelityConfig(model=str(ck), modes=["auto+compiled+fp32kv"])
     with pytest.raises(ValueError, match="fewer than --min-tokens 100000"):
         fidelity.main(fidelity.FidelityConfig(model=str(ck), text=[str(text)], prompts=[str(prompts)], min_tokens=100000, window=64))
     short = tmp_path / "missing.txt"

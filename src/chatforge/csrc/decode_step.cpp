@@ -5,7 +5,8 @@
 // the eager step's bit for bit.
 //
 // decode_layers(x (B, C) embeddings, w: per block kWeights tensors then the final norm's weight,
-// k_cache and v_cache: per block (slots, Hkv, max_len, D), pos (B,) int64, cos and sin (B, 1, D)
+// k_cache and v_cache: per block (slots, Hkv, max_len, D), fp32 or fp16 (new keys and values
+// rounded to nearest, held to fp16's largest finite value), pos (B,) int64, cos and sin (B, 1, D)
 // rows of the RoPE tables at pos, n_head, n_kv_head, eps) -> (B, C) final-norm hidden states.
 // Row b is slot b: its new key and value go to position pos[b], and it attends to positions
 // 0..pos[b] (all rows over the batch's longest span, the later positions masked, as the eager
@@ -45,7 +46,7 @@ at::Tensor decode_layers(const at::Tensor& x0, at::TensorList w, at::TensorList 
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor& k = k_cache[l];
     TORCH_CHECK(k.dim() == 4 && k.size(0) >= B && k.size(1) == Hkv && k.size(2) > hi && k.size(3) == D && k.sizes() == v_cache[l].sizes() &&
-                    k.scalar_type() == at::kFloat && v_cache[l].scalar_type() == at::kFloat && k.stride(3) == 1 &&
+                    (k.scalar_type() == at::kFloat || k.scalar_type() == at::kHalf) && v_cache[l].scalar_type() == k.scalar_type() && k.stride(3) == 1 &&
                     v_cache[l].stride(3) == 1,
                 "decode_layers: block ", l, "'s cache ", k.sizes(), " does not hold ", B, " rows of ", Hkv, " heads up to position ", hi);
     const at::Tensor* lw = w.data() + l * kWeights;
@@ -78,12 +79,21 @@ at::Tensor decode_layers(const at::Tensor& x0, at::TensorList w, at::TensorList 
   const auto add_to_x = [&] {  // x = x + out: the eager step's residual add
     for (int64_t i = 0; i < B * C; ++i) xp[i] = xp[i] + out[i];
   };
+  // row b's new key or value of kv head h into the cache at pos[b]; to fp16 as torch's copy rounds
+  // (to nearest), but held to the largest finite fp16 rather than made infinite (as SlotCache does)
+  const auto put = [&](const chatforge_native::CacheView& cv, int64_t b, int64_t h, const float* from) {
+    const int64_t at = b * cv.row + h * cv.head + pp[b] * cv.pos;
+    if (!cv.fp16) {
+      std::copy_n(from, D, static_cast<float*>(const_cast<void*>(cv.data)) + at);
+      return;
+    }
+    c10::Half* to = static_cast<c10::Half*>(const_cast<void*>(cv.data)) + at;
+    for (int64_t i = 0; i < D; ++i) to[i] = c10::Half(std::clamp(from[i], -65504.f, 65504.f));
+  };
+  std::vector<float> key(D);
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor* lw = w.data() + l * kWeights;
-    float* kc = k_cache[l].data_ptr<float>();
-    float* vc = v_cache[l].data_ptr<float>();
-    const chatforge_native::CacheView kv{kc, k_cache[l].stride(0), k_cache[l].stride(1), k_cache[l].stride(2)},
-        vv{vc, v_cache[l].stride(0), v_cache[l].stride(1), v_cache[l].stride(2)};
+    const chatforge_native::CacheView kv = chatforge_native::cache_view(k_cache[l]), vv = chatforge_native::cache_view(v_cache[l]);
     chatforge_native::rms_norm_rows(xp, lw[0].data_ptr<float>(), hn, B, C, static_cast<float>(eps));
     chatforge_native::block_linear_into(hn, B, C, lw[1], lw[2], qkv);
     if (lw[3].numel()) {
@@ -95,10 +105,10 @@ at::Tensor decode_layers(const at::Tensor& x0, at::TensorList w, at::TensorList 
       const float* r = qkv + b * QKV;
       // query and key heads rotated together, as model.Attention does; the new key and value straight into the cache
       for (int64_t n = 0; n < H + Hkv; ++n) {
-        float* to = n < H ? q + (b * H + n) * D : kc + b * kv.row + (n - H) * kv.head + pp[b] * kv.pos;
-        chatforge_native::rope_row(r + n * D, cp + b * D, sp + b * D, to, D);
+        chatforge_native::rope_row(r + n * D, cp + b * D, sp + b * D, n < H ? q + (b * H + n) * D : key.data(), D);
+        if (n >= H) put(kv, b, n - H, key.data());
       }
-      for (int64_t h = 0; h < Hkv; ++h) std::copy_n(r + (H + Hkv + h) * D, D, vc + b * vv.row + h * vv.head + pp[b] * vv.pos);
+      for (int64_t h = 0; h < Hkv; ++h) put(vv, b, h, r + (H + Hkv + h) * D);
     }
     chatforge_native::decode_attention_into(q, kv, vv, mask.empty() ? nullptr : reinterpret_cast<const bool*>(mask.data()), B, H, Hkv, S,
                                             D, scale, att);

@@ -17,9 +17,11 @@ void rms_norm_rows(const float* x, const float* w, float* y, int64_t rows, int64
 void rope_row(const float* x, const float* cos, const float* sin, float* y, int64_t D);
 void swiglu_rows(const float* h, float* y, int64_t rows, int64_t F);
 struct CacheView {  // keys or values (B, Hkv, S, D), contiguous along D: the first three strides
-  const float* data;
+  const void* data;
   int64_t row, head, pos;
+  bool fp16 = false;  // c10::Half elements (a decode cache kept in half the bytes), else float
 };
+CacheView cache_view(const at::Tensor& t);  // of a (B, Hkv, S, D) fp32 or fp16 tensor
 // out (B, H, D) contiguous; mask (B, S) or null
 void decode_attention_into(const float* q, const CacheView& k, const CacheView& v, const bool* mask, int64_t B, int64_t H,
                            int64_t Hkv, int64_t S, int64_t D, float scale, float* out);

@@ -37,6 +37,7 @@ struct Simd {  // 16 fp32 lanes; a group is 2 vectors
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float a) { return _mm512_set1_ps(a); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load(const c10::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
   static void store(float* p, V a) { _mm512_storeu_ps(p, a); }
   static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
@@ -97,6 +98,7 @@ struct Simd {  // 8 fp32 lanes; a group is 4 vectors
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float a) { return _mm256_set1_ps(a); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load(const c10::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
   static void store(float* p, V a) { _mm256_storeu_ps(p, a); }
   static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static V add(V a, V b) { return _mm256_add_ps(a, b); }
@@ -147,6 +149,7 @@ struct Simd {  // one lane: the compiler vectorizes what it can
   static V zero() { return 0.f; }
   static V set1(float a) { return a; }
   static V load(const float* p) { return *p; }
+  static V load(const c10::Half* p) { return static_cast<float>(*p); }
   static void store(float* p, V a) { *p = a; }
   static V mul(V a, V b) { return a * b; }
   static V add(V a, V b) { return a + b; }

@@ -25,6 +25,7 @@ from ..dtypes import amx_tiles, fast_bf16
 from ..model import GPT, attend
 from . import pages
 
+FP16_MAX = 65504.0  # keys and values kept in fp16 are held to this
 MATMUL_ATTENTION_ROWS = 4  # decode steps of at least this many rows take the matmul kernel where it wins
 
 
@@ -60,15 +61,23 @@ def native_decode_attention(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def attend_decode_native(q_BHTD, k_BKSD, v_BKSD, mask) -> torch.Tensor:
-    """model.attend, with one-token decode steps in fp32 on the project's kernel; other calls
-    (prefills, other dtypes, masks of other shapes) on model.attend's."""
+    """model.attend, with one-token decode steps in fp32 on the project's kernel (keys and values
+    fp32 or fp16); other calls (prefills, other dtypes, masks of other shapes) on model.attend's."""
     B, H, T, D = q_BHTD.shape
     S = k_BKSD.shape[2]
-    fits = T == 1 and q_BHTD.dtype == k_BKSD.dtype == torch.float32 and q_BHTD.device.type == "cpu"
+    fits = T == 1 and q_BHTD.dtype == torch.float32 and k_BKSD.dtype in (torch.float32, torch.float16) and q_BHTD.device.type == "cpu"
     if not fits or (mask is not None and tuple(mask.shape) != (B, 1, 1, S)):
-        return attend(q_BHTD, k_BKSD, v_BKSD, mask)
+        return attend(q_BHTD, k_BKSD.to(q_BHTD.dtype), v_BKSD.to(q_BHTD.dtype), mask)
     m = None if mask is None else mask.reshape(B, S)
     return torch.ops.chatforge_native.decode_attention(q_BHTD.reshape(B, H, D), k_BKSD, v_BKSD, m, 1 / math.sqrt(D)).view(B, H, 1, D)
+
+
+def stored_kv(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x as a cache of `dtype` keeps it: fp16 rounded to nearest and held to its largest finite
+    value (as csrc/decode_step.cpp stores it), rather than made infinite."""
+    if dtype == torch.float16 and x.dtype != dtype:
+        return x.clamp(-FP16_MAX, FP16_MAX).to(dtype)
+    return x.to(dtype)
 
 
 class SlotCache:
@@ -119,10 +128,16 @@ class SlotCache:
 
     def update(self, layer: int, k_BKTD: torch.Tensor, v_BKTD: torch.Tensor):
         kc, vc = self.k[layer][self._rows], self.v[layer][self._rows]
+        half = kc.dtype == torch.float16 and k_BKTD.dtype != torch.float16
+        if half:
+            dt = k_BKTD.dtype
+            k_BKTD, v_BKTD = stored_kv(k_BKTD, kc.dtype), stored_kv(v_BKTD, kc.dtype)
         if self._prefill:
             o, T = self._offset, k_BKTD.shape[2]
             kc[:, :, o : o + T] = k_BKTD
             vc[:, :, o : o + T] = v_BKTD
+            if half:  # prefills attend to the stored values, as later steps will (a cached prefix or not: the same answers)
+                return kc[:, :, : o + T].to(dt), vc[:, :, : o + T].to(dt)
             if o == 0:  # from position 0: attend to just what was computed
                 return k_BKTD, v_BKTD
             return kc[:, :, : o + T], vc[:, :, : o + T]  # after a cached prefix: attend to it too

@@ -46,7 +46,8 @@ from torch import nn
 from ..console import StatusLine
 from ..model import GPT, MLP, Attention, RMSNorm, apply_rope, swiglu
 from ..tokenizer import Tokenizer
-from .cache import PrefixCache, SlotCache, attend_decode_by_matmuls, attend_decode_native, matmul_decode_attention_wins, native_decode_attention
+from .cache import (PrefixCache, SlotCache, attend_decode_by_matmuls, attend_decode_native, matmul_decode_attention_wins, native_decode_attention,
+                    stored_kv)
 from .compiled import CompiledDecode, CompileFailed
 from .fused import FusedDecode
 from .linears import FastLinears
@@ -117,12 +118,24 @@ def native_swiglu(h: torch.Tensor) -> torch.Tensor:
     return torch.ops.chatforge_native.swiglu(h) if _eager_fp32(h) else swiglu(h)
 
 
+KV_CACHE = ("auto", "same", "fp16")  # Engine(kv_cache=...)
 PREFILL_TOKENS = 8192  # padded tokens per prefill step (a single longer prompt still goes alone)
 
 
 def _same_device(asked: torch.device, have: torch.device) -> bool:
     """`have` is `asked` ("cuda" asks for whichever cuda device the model is on)."""
     return asked.type == have.type and asked.index in (None, have.index)
+
+
+class RoundedKV:
+    """A model.KVCache that stores nothing: the keys and values a forward attends to, rounded as a
+    slot cache of `dtype` would keep them (Engine.score's decode path)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return stored_kv(k, self.dtype).to(k.dtype), stored_kv(v, self.dtype).to(v.dtype)
 
 
 class Engine:
@@ -138,6 +151,7 @@ class Engine:
         prefix_cache: int = 0,
         compile_decode: bool = False,
         prefill_chunk: int = 0,
+        kv_cache: str = "auto",
     ):
         """`max_seq_len` bounds prompt + output per request (default: the model's context, at most
         2048); the KV cache holds max_batch x max_seq_len positions.
@@ -152,6 +166,11 @@ class Engine:
         on first use or by `warm()` (compiled.CompiledDecode): the same tokens, fewer small ops.
         `prefill_chunk` > 0 prefills a prompt of more tokens than that in chunks of that many, one
         per step, alternating with the running streams' decode steps; 0 prefills every prompt whole.
+        `kv_cache` "auto" keeps keys and values in fp16 where decode steps multiply weight copies
+        on the CPU's fp32 path with the project's attention kernel (eager steps: half the bytes
+        each step reads of the cache; measured in `chatforge eval fidelity`), else in the model's
+        dtype; "same" always in the model's dtype (the exact path), "fp16" asks for fp16 (an error
+        where that path is not taken).
         `device` is only checked: the model runs where it is (the engine never moves it)."""
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
@@ -178,7 +197,14 @@ class Engine:
             if native and isinstance(m, RMSNorm):
                 m.forward = functools.partial(native_rms_norm, m)  # an instance attribute shadows RMSNorm.forward
         self.max_len = min(max_seq_len or 2048, model.cfg.max_seq_len)
-        self.cache = SlotCache(self.model, max_batch, self.max_len, self.device, self.dtype, contiguous_decode=matmuls)
+        if kv_cache not in KV_CACHE:
+            raise ValueError(f"kv_cache={kv_cache!r}; expected one of {', '.join(KV_CACHE)}")
+        half_kv = native and self.dtype == torch.float32 and decode_weights is not None and not compile_decode
+        if kv_cache == "fp16" and not half_kv:
+            raise ValueError("kv_cache='fp16' needs decode steps on weight copies (decode_weights) in fp32 on the CPU with the project's "
+                             "kernels built, and no compile_decode")
+        self.kv_dtype = torch.float16 if half_kv and kv_cache != "same" else self.dtype
+        self.cache = SlotCache(self.model, max_batch, self.max_len, self.device, self.kv_dtype, contiguous_decode=matmuls)
         if prefix_cache < 0:
             raise ValueError(f"prefix_cache={prefix_cache} must be >= 0 tokens")
         if prefill_chunk < 0:
@@ -253,8 +279,10 @@ class Engine:
             raise RuntimeError("score() needs an idle engine")
         if ids_BT.shape[1] > self.model.cfg.max_seq_len:
             raise ValueError(f"{ids_BT.shape[1]} positions exceed the model's context ({self.model.cfg.max_seq_len})")
+        # decode steps attend to stored keys and values: rounded, where the cache is fp16
+        rounded = RoundedKV(self.kv_dtype) if decode_path and self.kv_dtype != self.dtype else None
         with self.fast.installed(force_few=decode_path) if self.fast is not None else nullcontext():
-            return self.head(self.model.hidden(ids_BT.to(self.device))).float()
+            return self.head(self.model.hidden(ids_BT.to(self.device), kv_cache=rounded)).float()
 
     # ---- requests ----------------------------------------------------------------------
     def add(self, prompt: Sequence[int], sampling: SamplingParams | None = None, request_id: int | None = None) -> int:

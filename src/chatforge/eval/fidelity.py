@@ -25,7 +25,9 @@ llama.cpp's Python bindings, where `llama_cpp` is importable). A mode this machi
 row marked unavailable, with the reason. Any engine mode + "+compiled" (e.g. "auto+compiled")
 decodes with the compiled decode step (engine/compiled.py, `--compile-decode`), its buckets
 compiled before anything is measured: its greedy answers and decode speed are the compiled step's,
-its text scores the same as the mode's own (scoring never runs the decode step).
+its text scores the same as the mode's own (scoring never runs the decode step). Any engine mode +
+"+fp32kv" (before "+compiled" if both) keeps its keys and values in the model's dtype where the
+engine would keep them in fp16 (Engine kv_cache="same"): what the fp16 cache costs in fidelity.
 """
 
 from __future__ import annotations
@@ -88,19 +90,27 @@ class FidelityConfig:
 
 
 COMPILED = "+compiled"  # the suffix of an engine mode decoding with the compiled step
+FP32_KV = "+fp32kv"  # the suffix of an engine mode keeping keys and values in the model's dtype
+
+
+def engine_suffixes(mode: str) -> tuple[str, bool, bool]:
+    """(the mode without its suffixes, +compiled, +fp32kv)."""
+    compiled = mode.endswith(COMPILED)
+    mode = mode.removesuffix(COMPILED)
+    return mode.removesuffix(FP32_KV), compiled, mode.endswith(FP32_KV)
 
 
 def check_mode(mode: str) -> None:
     """A ValueError naming `mode` unless it is one of the forms in the module docstring."""
     if mode.startswith("gguf:") and len(mode) > 5:
         return
-    engine_mode = mode.removesuffix(COMPILED)
+    engine_mode = engine_suffixes(mode)[0]
     if engine_mode == "auto" or engine_mode.startswith("ckpt:") and len(engine_mode) > 5:
         return
     base, _, copy = engine_mode.partition("+")
     if base not in BASE_MODES or (copy and copy not in COPIES):
         raise ValueError(f"unknown fidelity mode {mode!r}; expected DTYPE or DTYPE+COPY (DTYPE in {', '.join(BASE_MODES)}, "
-                         f"COPY in {', '.join(COPIES)}), auto, ckpt:PATH (any of these may end in {COMPILED}) or gguf:PATH")
+                         f"COPY in {', '.join(COPIES)}), auto, ckpt:PATH (any of these may end in {FP32_KV}, {COMPILED} or both) or gguf:PATH")
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -164,16 +174,17 @@ class EngineRunner:
     """A mode on chatforge's engine."""
 
     def __init__(self, name: str, model, tok, dtype_name: str, decode: str | None, max_len: int, packed: bool | None = None,
-                 compile_decode: bool = False):
+                 compile_decode: bool = False, fp32_kv: bool = False):
         self.name, self.tok = name, tok
         batch = FEW_ROWS[decode] if decode is not None else 8  # decode steps that use the copies
         try:
             self.engine = Engine(model, tok, max_batch=batch, max_seq_len=max_len, decode_weights=decode, packed=packed,
-                                 compile_decode=compile_decode)
+                                 compile_decode=compile_decode, kv_cache="same" if fp32_kv else "auto")
         except ValueError as e:  # a kernel this CPU or torch build lacks
             raise Unavailable(str(e)) from e
         self.decode_path = self.engine.fast is not None and self.engine.fast.few_rows > 0
-        self.describe = f"{dtype_name} activations" + (f", {decode} decode copies" if decode else "")
+        self.describe = (f"{dtype_name} activations" + (f", {decode} decode copies" if decode else "")
+                         + (", fp16 keys and values" if self.engine.kv_dtype == torch.float16 else ""))
         self.compile_s: dict[int, float] | None = {}
         if compile_decode:
             self.compile_s = self.engine.warm()
@@ -316,18 +327,18 @@ def main(cfg: FidelityConfig) -> dict:
     def runner(mode: str):
         if mode.startswith("gguf:"):
             return LlamaCppRunner(mode, mode[5:], tok, max_len)
-        engine_mode, compiled = mode.removesuffix(COMPILED), mode.endswith(COMPILED)
+        engine_mode, compiled, fp32_kv = engine_suffixes(mode)
         if engine_mode.startswith("ckpt:"):
             other = ckpt_io.load(engine_mode[5:], dtype=dtypes.torch_dtype(auto[0]))
             if other.tokenizer.encode(PROBE) != tok.encode(PROBE) or other.model.cfg.vocab_size != ref_ck.model.cfg.vocab_size:
                 raise ValueError(f"mode {mode}: its tokenizer or vocabulary differs from {path}'s; compare checkpoints of the same model")
-            return EngineRunner(mode, other.model, tok, *auto, max_len, compile_decode=compiled)
+            return EngineRunner(mode, other.model, tok, *auto, max_len, compile_decode=compiled, fp32_kv=fp32_kv)
         if engine_mode == "auto":
             dt, dec = auto
         else:
             dt, _, copy = engine_mode.partition("+")
             dec = copy or None
-        return EngineRunner(mode, model_in(dt), tok, dt, dec, max_len, compile_decode=compiled)
+        return EngineRunner(mode, model_in(dt), tok, dt, dec, max_len, compile_decode=compiled, fp32_kv=fp32_kv)
 
     # The reference: fp32 weights and activations, no copies. Its text scores come from the plain
     # forward; its greedy answers from the engine's fp32 path (oneDNN-packed copies of the same
