@@ -148,7 +148,7 @@ def start_chatforge(model: str, db: str, args, decode_weights: str, compiled: bo
     cmd = [sys.executable, "-m", "chatforge", "serve", model, "--port", str(port), "--db", db, "--dtype", args.dtype,
            "--max-batch", str(args.max_batch), "--max-waiting", str(max(64, args.requests)),
            "--max-concurrent-per-key", str(max(64, max(args.clients) + 1)), "--decode-weights", decode_weights,
-           *(["--compile-decode"] * compiled)]
+           "--kv-cache", args.kv_cache, *(["--compile-decode"] * compiled)]
     proc = subprocess.Popen(cmd, stdout=sys.stderr, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _wait_http(url + "/health", proc)
@@ -214,6 +214,7 @@ def main() -> None:
     ap.add_argument("--decode-weights", nargs="+", default=["auto"], choices=DECODE_NAMES,
                     help="chatforge's decode weight copies (serve --decode-weights); several: one run each")
     ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--kv-cache", default="auto", choices=["auto", "same", "fp16"], help="chatforge's keys and values (serve --kv-cache)")
     ap.add_argument("--compile-decode", action="store_true", help="also run each chatforge system with serve --compile-decode")
     ap.add_argument("--check-ledger", action="store_true", help="compare the usage ledger with what clients received")
     ap.add_argument("--llama-server", default=None, help="path to llama-server: also benchmark it on the same GGUF")

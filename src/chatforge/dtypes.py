@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 NAMES = ("auto", "bf16", "fp32", "fp16")  # torch is imported only when a dtype is resolved (fast --help)
 DECODE_NAMES = ("auto", "same", "bf16", "fp16", "int8", "int4")  # `--decode-weights`: see inference_mode()
+KV_CACHE_NAMES = ("auto", "same", "fp16")  # `--kv-cache`: engine.Engine's kv_cache
 QUANT_KERNELS = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}  # the aten CPU matmuls of int8/int4 decode copies
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..console import StatusLine
+from ..dtypes import KV_CACHE_NAMES, check_name
 from ..model import GPT, MLP, Attention, RMSNorm, apply_rope, swiglu
 from ..tokenizer import Tokenizer
 from .cache import (PrefixCache, SlotCache, attend_decode_by_matmuls, attend_decode_native, matmul_decode_attention_wins, native_decode_attention,
@@ -118,7 +119,6 @@ def native_swiglu(h: torch.Tensor) -> torch.Tensor:
     return torch.ops.chatforge_native.swiglu(h) if _eager_fp32(h) else swiglu(h)
 
 
-KV_CACHE = ("auto", "same", "fp16")  # Engine(kv_cache=...)
 PREFILL_TOKENS = 8192  # padded tokens per prefill step (a single longer prompt still goes alone)
 
 
@@ -197,8 +197,7 @@ class Engine:
             if native and isinstance(m, RMSNorm):
                 m.forward = functools.partial(native_rms_norm, m)  # an instance attribute shadows RMSNorm.forward
         self.max_len = min(max_seq_len or 2048, model.cfg.max_seq_len)
-        if kv_cache not in KV_CACHE:
-            raise ValueError(f"kv_cache={kv_cache!r}; expected one of {', '.join(KV_CACHE)}")
+        check_name(kv_cache, "kv_cache", KV_CACHE_NAMES)
         half_kv = native and self.dtype == torch.float32 and decode_weights is not None and not compile_decode
         if kv_cache == "fp16" and not half_kv:
             raise ValueError("kv_cache='fp16' needs decode steps on weight copies (decode_weights) in fp32 on the CPU with the project's "

@@ -76,7 +76,7 @@ def build(cfg: ServeConfig) -> tuple[FastAPI, ModelRegistry, Store]:
     try:
         for name in cfg.models:
             loaded.append(load_model(name, max_batch=cfg.max_batch, max_waiting=cfg.max_waiting, max_seq_len=cfg.max_seq_len or None,
-                                     dtype=cfg.dtype, device=cfg.device, decode_weights=cfg.decode_weights, install=cfg.install,
+                                     dtype=cfg.dtype, device=cfg.device, decode_weights=cfg.decode_weights, install=cfg.install, kv_cache=cfg.kv_cache,
                                      prefix_cache=cfg.prefix_cache, compile_decode=cfg.compile_decode, prefill_chunk=cfg.prefill_chunk))
         models = ModelRegistry(loaded)
     except BaseException:

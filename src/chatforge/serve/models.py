@@ -82,6 +82,7 @@ def load_model(
     prefix_cache: int = 1024,
     compile_decode: bool = False,
     prefill_chunk: int = 0,
+    kv_cache: str = "auto",
 ) -> ServedModel:
     """Resolve a checkpoint folder or known model name, load it and start its engine loop (with
     `compile_decode`, after compiling every slot bucket of its decode step)."""
@@ -95,7 +96,7 @@ def load_model(
         meta.update(ck.meta)
         engine = Engine(ck.model, ck.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, device=device,
                         decode_weights=copies,
-                        prefix_cache=prefix_cache, compile_decode=compile_decode, prefill_chunk=prefill_chunk)
+                        prefix_cache=prefix_cache, compile_decode=compile_decode, prefill_chunk=prefill_chunk, kv_cache=kv_cache)
         if compile_decode:
             print(f"{name}: compiling the decode step for up to {max_batch} streams ...", file=sys.stderr, flush=True)
             print(f"{name}: decode step {warm_report(engine.warm())}", file=sys.stderr, flush=True)
