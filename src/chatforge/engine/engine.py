@@ -278,8 +278,8 @@ class Engine:
             raise RuntimeError("score() needs an idle engine")
         if ids_BT.shape[1] > self.model.cfg.max_seq_len:
             raise ValueError(f"{ids_BT.shape[1]} positions exceed the model's context ({self.model.cfg.max_seq_len})")
-        # decode steps attend to stored keys and values: rounded, where the cache is fp16
-        rounded = RoundedKV(self.kv_dtype) if decode_path and self.kv_dtype != self.dtype else None
+        # prefills and decode steps attend to the stored keys and values: rounded, where the cache is fp16
+        rounded = RoundedKV(self.kv_dtype) if self.kv_dtype != self.dtype else None
         with self.fast.installed(force_few=decode_path) if self.fast is not None else nullcontext():
             return self.head(self.model.hidden(ids_BT.to(self.device), kv_cache=rounded)).float()
 
