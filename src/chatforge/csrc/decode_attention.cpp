@@ -6,8 +6,7 @@
 // softmax numerators; then the weighted sums of values, several heads per pass over the value
 // rows; so the group reads the chunk from memory once (at long contexts the cache outweighs the
 // model's int4 weights); then each (row, query head) adds its chunks up under their common top
-// score. The chunks are fixed, not one per thread,
-// so the sums do not depend on the thread count.
+// score. The chunks are fixed, not one per thread, so the sums do not depend on the thread count.
 //
 // decode_attention(q (B, H, D), k and v (B, Hkv, S, D) with any strides but the last, mask (B, S)
 // bool or None (True: may attend), scale) -> (B, H, D); query head h reads key/value head
@@ -224,7 +223,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
                             double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 4 && v.dim() == 4, "decode_attention: q (B, H, D), k and v (B, Hkv, S, D)");
   const auto cached = [](const at::Tensor& t) { return t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf; };
-  TORCH_CHECK(q.scalar_type() == at::kFloat && cached(k) && v.scalar_type() == k.scalar_type(), "decode_attention: q fp32, k and v both fp32 or both fp16");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && cached(k) && v.scalar_type() == k.scalar_type(),
+              "decode_attention: q fp32, k and v both fp32 or both fp16");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), Hkv = k.size(1), S = k.size(2);
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
               "decode_attention: q ", q.sizes(), " does not match k ", k.sizes(), " / v ", v.sizes());

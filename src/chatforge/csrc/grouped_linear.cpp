@@ -12,9 +12,8 @@
 // reads the weights once; a single row on int4 takes q4_one_row's shorter sum instead, or, where
 // the CPU has them, integer dot products of the codes with x split into pieces (q4_row_vnni:
 // AVX-512 VNNI, three bytes per input; q4_row_avx2: AVX2, two int16s; sums as close to exact as
-// the fp32 ones). Making the weights from their codes is
-// most of the time, so it is written for AVX-512 and AVX2 (the build is -march=native), with a
-// plain loop for other CPUs.
+// the fp32 ones). Making the weights from their codes is most of the time, so it is written for
+// AVX-512 and AVX2 (the build is -march=native), with a plain loop for other CPUs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -120,6 +119,17 @@ inline __m512i quad_sums(const __m512i* v) {
 }
 constexpr int kLaneGroup[16] = {0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15};  // its own inverse
 
+// The integer sums of 4 groups' codes c (64 bytes, the groups' missing ones zero) times x's pieces
+// xq (their 6 vectors; m15 is 15 in every byte): lanes 4m..4m+3 hold group m's sum in 4 parts,
+// exact in 32 bits
+__attribute__((always_inline)) inline __m512i piece_sums(const __m512i c, const __m512i* xq, const __m512i m15) {
+  const __m512i lo = _mm512_and_si512(c, m15), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m15);
+  __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xq[0]), hi, xq[1]);
+  s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), lo, xq[2]), hi, xq[3]);
+  return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 7), lo, xq[4]), hi, xq[5]);
+}
+inline __mmask64 groups_mask(int64_t ng) { return ng == 4 ? ~0ULL : (1ULL << (ng * 16)) - 1; }  // ng of 4 groups' 16 bytes
+
 struct XPieces {  // one row of x, made once per call and shared by the threads
   int64_t G;
   bool usable = true;
@@ -130,6 +140,10 @@ struct XPieces {  // one row of x, made once per call and shared by the threads
   int64_t full = G / 16 * 16;
   bool short_tail = G % 16 != 0 && G % 16 <= 8;
   std::vector<float> dt, zt;
+  // the pieces of groups g..g+3 (g a multiple of 4): 6 vectors
+  __attribute__((always_inline)) void pieces(int64_t g, __m512i* xq) const {
+    for (int k = 0; k < 2 * kPieces; ++k) xq[k] = _mm512_loadu_si512(q.data() + g / 4 * kPieceBytes + k * 64);
+  }
   XPieces(const float* x, int64_t G_)
       : G(G_), q((G_ + 3) / 4 * kPieceBytes, 0), d((G_ + 15) / 16 * 16, 0.f), z(d.size(), 0.f), dt(32, 0.f), zt(32, 0.f) {
     const __m512 k127 = _mm512_set1_ps(127.f), m127 = _mm512_set1_ps(-127.f);
@@ -191,17 +205,10 @@ void q4_row_vnni(const XPieces& xp, const uint8_t* w, const c10::Half* sm, float
           for (int r = 0; r < NB; ++r) v[r][j] = _mm512_setzero_si512();
           continue;
         }
-        const __mmask64 mk = ng == 4 ? ~0ULL : (1ULL << (ng * 16)) - 1;
-        const int8_t* qx = xp.q.data() + gj / 4 * kPieceBytes;
         __m512i xq[2 * kPieces];
-        for (int k = 0; k < 2 * kPieces; ++k) xq[k] = _mm512_loadu_si512(qx + k * 64);
-        for (int r = 0; r < NB; ++r) {
-          const __m512i c = _mm512_maskz_loadu_epi8(mk, w + ((n + r) * G + gj) * 16);
-          const __m512i lo = _mm512_and_si512(c, m15), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m15);
-          __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xq[0]), hi, xq[1]);
-          s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), lo, xq[2]), hi, xq[3]);
-          v[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 7), lo, xq[4]), hi, xq[5]);
-        }
+        xp.pieces(gj, xq);
+        const __mmask64 mk = groups_mask(ng);
+        for (int r = 0; r < NB; ++r) v[r][j] = piece_sums(_mm512_maskz_loadu_epi8(mk, w + ((n + r) * G + gj) * 16), xq, m15);
       }
       const __m512 d = _mm512_loadu_ps(xp.d.data() + g0), z = _mm512_loadu_ps(xp.z.data() + g0);
       const __mmask16 mg = static_cast<__mmask16>((1u << std::min<int64_t>(16, G - g0)) - 1);
@@ -215,17 +222,12 @@ void q4_row_vnni(const XPieces& xp, const uint8_t* w, const c10::Half* sm, float
     if (xp.short_tail)
       for (int64_t gj = xp.full; gj < G; gj += 4) {  // chunks of 4 groups, lanes 4m..4m+3 for group gj + m
         const int64_t ng = std::min<int64_t>(4, G - gj);
-        const __mmask64 mk = ng == 4 ? ~0ULL : (1ULL << (ng * 16)) - 1;
-        const int8_t* qx = xp.q.data() + gj / 4 * kPieceBytes;
         __m512i xq[2 * kPieces];
-        for (int k = 0; k < 2 * kPieces; ++k) xq[k] = _mm512_loadu_si512(qx + k * 64);
+        xp.pieces(gj, xq);
         const __m512 d = _mm512_loadu_ps(xp.dt.data() + (gj - xp.full) * 4), z = _mm512_loadu_ps(xp.zt.data() + (gj - xp.full) * 4);
+        const __mmask64 mk = groups_mask(ng);
         for (int r = 0; r < NB; ++r) {
-          const __m512i c = _mm512_maskz_loadu_epi8(mk, w + ((n + r) * G + gj) * 16);
-          const __m512i lo = _mm512_and_si512(c, m15), hi = _mm512_and_si512(_mm512_srli_epi16(c, 4), m15);
-          __m512i s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xq[0]), hi, xq[1]);
-          s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 8), lo, xq[2]), hi, xq[3]);
-          s = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(s, 7), lo, xq[4]), hi, xq[5]);
+          const __m512i s = piece_sums(_mm512_maskz_loadu_epi8(mk, w + ((n + r) * G + gj) * 16), xq, m15);
           const __m512 p = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << (2 * ng)) - 1), sm + ((n + r) * G + gj) * 2));
           const __m512 sd = _mm512_mul_ps(_mm512_permutexvar_ps(tail_scales, p), d);
           acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), sd, _mm512_fmadd_ps(_mm512_permutexvar_ps(tail_mins, p), z, acc[r]));

@@ -198,7 +198,7 @@ class Engine:
                 m.forward = functools.partial(native_rms_norm, m)  # an instance attribute shadows RMSNorm.forward
         self.max_len = min(max_seq_len or 2048, model.cfg.max_seq_len)
         check_name(kv_cache, "kv_cache", KV_CACHE_NAMES)
-        half_kv = native and self.dtype == torch.float32 and decode_weights is not None and not compile_decode
+        half_kv = native and decode_weights is not None and not compile_decode  # native: fp32 on the CPU, kernels built
         if kv_cache == "fp16" and not half_kv:
             raise ValueError("kv_cache='fp16' needs decode steps on weight copies (decode_weights) in fp32 on the CPU with the project's "
                              "kernels built, and no compile_decode")
